@@ -1,0 +1,2 @@
+import sys
+print("launcher: not yet implemented", file=sys.stderr)

