@@ -1,0 +1,98 @@
+"""Weight broadcaster: moves the learner's new weights to every live generator, then announces the version.
+
+It lives in the learner's process (so it reads the weights by reference) and speaks to generators
+over a tensor channel. A generator that is dead or too slow is dropped from this update, never
+waited for past the deadline; one that joins later gets the current weights at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import torch
+
+from actors import protocol as P
+from actors.base import Actor, handler
+
+log = logging.getLogger("actors.broadcaster")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded HF names and tensors (what SGLang and our generators load)."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+class WeightBroadcaster(Actor):
+    role = "broadcaster"
+
+    def __init__(self, bus_address: str, *, model: torch.nn.Module, version: int = 0,
+                 update_timeout: float = 120.0, name: str = P.BROADCASTER, **bus_kwargs):
+        super().__init__(name, self.role, bus_address, **bus_kwargs)
+        self.model, self.version = model, version
+        self.update_timeout = update_timeout
+        self._channels: dict[str, object] = {}
+        self._lock = asyncio.Lock()
+        self.current: set[str] = set()  # generators known to run self.version
+
+    async def on_start(self) -> None:
+        self.bus.subscribe(P.JOINED, self._on_joined)
+        self.bus.subscribe(P.LEFT, self._on_left)
+        await self.broadcast(self.version)  # generators may hold other weights (a resumed run)
+
+    async def _announce(self) -> None:
+        await self.bus.publish(P.WEIGHTS_VERSION, {"version": self.version, "generators": sorted(self.current)})
+
+    @handler("broadcaster_state")
+    async def on_state(self, body: dict, src: str) -> dict:
+        return {"version": self.version, "generators": sorted(self.current)}
+
+    async def on_stop(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+    def _channel(self, host: str):
+        from tensors.channels import choose_kind, open_channel
+        kind = choose_kind(same_process=False, same_host=host == socket.gethostname(), device="cpu")
+        if kind not in self._channels:
+            self._channels[kind] = open_channel(kind)
+        return self._channels[kind]
+
+    async def _push(self, gen, weights: dict[str, torch.Tensor], version: int) -> bool:
+        try:
+            desc = await self._channel(gen.host).send(weights, timeout=self.update_timeout)
+            reply = await self.bus.request(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
+                                           timeout=self.update_timeout)
+            return int(reply["version"]) == version
+        except Exception as exc:
+            log.warning("weight update v%d to %s failed, dropping it from this update: %s", version, gen.name, exc)
+            return False
+
+    async def broadcast(self, version: int) -> dict:
+        """Push the model's weights as ``version`` to all generators; returns {updated, failed, seconds}."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            self.version = version
+            weights = snapshot(self.model)
+            gens = await self.bus.actors(role="generator")
+            results = await asyncio.gather(*(self._push(g, weights, version) for g in gens))
+            self.current = {g.name for g, ok in zip(gens, results) if ok}
+            await self._announce()
+            ok = sum(results)
+            log.info("weights v%d reached %d of %d generators", version, ok, len(gens))
+            return {"updated": ok, "failed": len(gens) - ok, "seconds": loop.time() - t0}
+
+    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
+        if body.get("role") != "generator":
+            return
+        gens = [g for g in await self.bus.actors(role="generator") if g.name == body["name"]]
+        if gens:
+            async with self._lock:
+                if await self._push(gens[0], snapshot(self.model), self.version):
+                    log.info("late generator %s brought to v%d", body["name"], self.version)
+                    self.current.add(body["name"])
+                    await self._announce()
+
+    async def _on_left(self, topic: str, body: dict, src: str) -> None:
+        self.current.discard(body.get("name"))

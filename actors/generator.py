@@ -1,0 +1,133 @@
+"""Generator actor: turns prompts into scored-to-be rollouts with one of two backends (torch | sglang).
+
+The backend does the generating; this shell takes GENERATE messages, ships each finished group's
+tensors over a tensor channel (shared memory when the packer shares our host, zmq otherwise), hands
+the texts to a verifier, and applies weight updates between decode steps.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from actors import protocol as P
+from actors.base import Actor, handler
+from tensors.packed import PackedBatch
+
+log = logging.getLogger("actors.generator")
+
+
+@dataclass
+class Sample:
+    output_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str  # stop | length | abort
+
+
+class Backend(Protocol):
+    version: int
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def generate_group(self, rid: str, prompt_ids: list[int], n: int, sampling: dict) -> list[Sample]: ...
+    async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None: ...
+
+
+def rollout_batch(prompt_ids: list[int], samples: list[Sample]) -> PackedBatch:
+    """One group as a PackedBatch: prompt + response per sample, loss on the response only."""
+    seqs = []
+    for s in samples:
+        p, r = len(prompt_ids), len(s.output_ids)
+        seqs.append({
+            "input_ids": torch.tensor(prompt_ids + s.output_ids, dtype=torch.int64),
+            "loss_mask": torch.tensor([False] * p + [True] * r),
+            "logprobs": torch.tensor([0.0] * p + list(s.logprobs), dtype=torch.float32),
+            "versions": torch.tensor([-1] * p + list(s.versions), dtype=torch.int32),
+            "rewards": 0.0,
+            "group_ids": 0,
+        })
+    return PackedBatch.from_sequences(seqs)
+
+
+class Generator(Actor):
+    role = "generator"
+
+    def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
+                 transfer_timeout: float = 60.0, **bus_kwargs):
+        caps = {"backend": type(backend).__name__}
+        super().__init__(name, self.role, bus_address, capabilities=caps, **bus_kwargs)
+        self.backend, self.tokenizer = backend, tokenizer
+        self.transfer_timeout = transfer_timeout
+        self._verifiers = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self._channels: dict[str, object] = {}
+
+    async def on_start(self) -> None:
+        await self.backend.start()
+
+    async def on_stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await self.backend.close()
+        for ch in self._channels.values():
+            await ch.close()
+
+    async def _channel_to(self, role: str):
+        from tensors.channels import choose_kind, open_channel
+        peers = await self.bus.actors(role=role)
+        same_host = bool(peers) and all(p.host == socket.gethostname() for p in peers)
+        kind = choose_kind(same_process=False, same_host=same_host, device="cpu")
+        if kind not in self._channels:
+            self._channels[kind] = open_channel(kind)
+        return self._channels[kind]
+
+    @handler(P.GENERATE)
+    async def on_generate(self, body: dict, src: str) -> None:
+        task = asyncio.create_task(self._rollout(body, src))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rollout(self, body: dict, sampler: str) -> None:
+        rid = f"{body['batch']}:{body['qid']}"
+        try:
+            samples = await self.backend.generate_group(rid, body["prompt_ids"], body["n"], body["sampling"])
+            batch = rollout_batch(body["prompt_ids"], samples)
+            channel = await self._channel_to("packer")
+            desc = await channel.send(batch, timeout=self.transfer_timeout)
+            verifiers = sorted(a.name for a in await self.bus.actors(role="verifier"))
+            if not verifiers:
+                raise RuntimeError("no verifier is registered on the bus")
+            verifier = verifiers[next(self._verifiers) % len(verifiers)]
+            texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
+            versions = [v for s in samples for v in s.versions]
+            stats = {
+                "truncated": [s.finish_reason == "length" for s in samples],
+                "response_tokens": [len(s.output_ids) for s in samples],
+                "version_min": min(versions, default=self.backend.version),
+                "version_max": max(versions, default=self.backend.version),
+            }
+            await self.bus.send(verifier, P.SCORE, {
+                "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
+                "rollout": desc, "generator": self.name, "stats": stats})
+            await self.bus.send(sampler, P.GENERATED, {"batch": body["batch"], "qid": body["qid"],
+                                                       "verifier": verifier})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("rollout %s failed", rid)
+            await self.bus.send(sampler, P.REJECTED, {"batch": body["batch"], "qid": body["qid"],
+                                                      "reason": f"{self.name}: {exc}"})
+
+    @handler(P.UPDATE_WEIGHTS)
+    async def on_update_weights(self, body: dict, src: str) -> dict:
+        from tensors.channels import receive
+        weights = await receive(body["weights"], timeout=self.transfer_timeout)
+        await self.backend.update_weights(weights, int(body["version"]))
+        log.info("weights updated to version %d", self.backend.version)
+        return {"version": self.backend.version}

@@ -1,0 +1,121 @@
+"""Learner: trains on each packed batch in step order, bumps the version, checkpoints, hands weights on.
+
+Training math lives in policies.ppo; this shell only orders the steps, moves tensors, times things
+and reports. With max_staleness > 0 it recomputes proximal logprobs for the decoupled objective.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from actors import checkpoint
+from actors import protocol as P
+from actors.base import Actor, handler
+from actors.broadcaster import WeightBroadcaster
+from policies.ppo import PPOConfig, recompute_logprobs, train_step
+
+log = logging.getLogger("actors.learner")
+
+
+class Learner(Actor):
+    role = "learner"
+
+    def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig,
+                 broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
+                 start_step: int = 0, max_staleness: int = 0, checkpoint_every: int = 0,
+                 keep_checkpoints: int = 2, transfer_timeout: float = 120.0, name: str = P.LEARNER,
+                 **bus_kwargs):
+        super().__init__(name, self.role, bus_address, **bus_kwargs)
+        self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
+        self.broadcaster = broadcaster
+        self.run_dir = Path(run_dir)
+        self.total_steps, self.step = total_steps, start_step
+        self.max_staleness = max_staleness
+        self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
+        self.transfer_timeout = transfer_timeout
+        self.pending: dict[int, dict] = {}
+        self.trained_qids: list[list[str]] = []  # per step, for the exactly-once record
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self.finished = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self._worker = asyncio.create_task(self._train_loop())
+
+    async def on_stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+
+    @handler(P.TRAIN)
+    async def on_train(self, body: dict, src: str) -> None:
+        step = int(body["step"])
+        if step < self.step:
+            log.info("ignoring step %d: already trained up to %d", step, self.step)
+            return
+        self.pending[step] = body
+        self._wake.set()
+
+    @handler(P.LEARNER_STATE)
+    async def on_state(self, body: dict, src: str) -> dict:
+        return {"step": self.step, "version": self.step, "total_steps": self.total_steps,
+                "trained_qids": self.trained_qids}
+
+    @handler(P.CHECKPOINT)
+    async def on_checkpoint(self, body: dict, src: str) -> dict:
+        path = await self._checkpoint()
+        return {"step": self.step, "path": str(path)}
+
+    async def _checkpoint(self) -> Path:
+        path = await asyncio.to_thread(checkpoint.save, self.run_dir, self.step, self.model, self.tokenizer,
+                                       self.optimizer, keep=self.keep)
+        log.info("checkpoint written: %s", path)
+        return path
+
+    async def _train_loop(self) -> None:
+        while self.step < self.total_steps:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.step in self.pending:
+                await self._train_one(self.pending.pop(self.step))
+        self.finished.set()
+        await self.bus.publish(P.RUN_FINISHED, {"step": self.step})
+
+    async def _train_one(self, body: dict) -> None:
+        from tensors.channels import receive
+        step, t0 = int(body["step"]), time.perf_counter()
+        batch = None
+        if body["batch"] is not None:
+            batch = await receive(body["batch"], timeout=self.transfer_timeout)
+        t_recv = time.perf_counter()
+        stats: dict = {}
+        if batch is not None and batch.num_seqs:
+            prox = None
+            if self.max_staleness > 0:
+                prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo)
+            stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
+                                            proximal_logprobs=prox)
+            self.trained_qids.append(list(batch.meta.get("qids", [])))
+        else:
+            log.warning("step %d: no group carried a learning signal; weights unchanged", step)
+            self.trained_qids.append([])
+        t_train = time.perf_counter()
+        self.step = step + 1
+        if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
+            await self._checkpoint()
+        sync = await self.broadcaster.broadcast(self.step)
+        t_end = time.perf_counter()
+        tokens = batch.num_tokens if batch is not None else 0
+        metrics = {
+            "step": step, "version": self.step, **body.get("stats", {}),
+            **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+            "train_tokens": tokens,
+            "learner_tokens_per_s": tokens / max(1e-9, t_train - t_recv),
+            "time_recv_s": t_recv - t0, "time_train_s": t_train - t_recv, "time_sync_s": t_end - t_train,
+            "generators_updated": sync["updated"], "generators_failed": sync["failed"],
+        }
+        await self.bus.publish(P.METRICS, metrics)
+        log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,
+                 metrics.get("reward_mean", float("nan")), metrics.get("accuracy", float("nan")),
+                 f"{metrics['loss']:.4f}" if "loss" in metrics else "-", t_train - t_recv, t_end - t_train)

@@ -1,0 +1,136 @@
+"""Packer: gathers scored groups into the training batch of step b and ships it to the learner.
+
+Each group's tensors are pulled the moment its score arrives, so a generator that dies later
+cannot take an accepted group with it; a group seen twice (a re-dealt prompt) is dropped.
+Batches leave in step order, packed into one PackedBatch with no padding.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from actors import protocol as P
+from actors.base import Actor, handler
+from tensors.packed import PackedBatch
+
+log = logging.getLogger("actors.packer")
+
+
+@dataclass
+class _Group:
+    qid: str
+    batch: PackedBatch
+    correct: list[bool]
+    stats: dict
+
+
+def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
+    """What the release reports per step: reward, accuracy, truncation, staleness."""
+    rewards = [float(r) for g in groups for r in g.batch.rewards.tolist()]
+    correct = [c for g in groups for c in g.correct]
+    truncated = [t for g in groups for t in g.stats["truncated"]]
+    lengths = [n for g in groups for n in g.stats["response_tokens"]]
+    oldest = min((g.stats["version_min"] for g in groups), default=step)
+    return {
+        "reward_mean": sum(rewards) / max(1, len(rewards)),
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "truncation_rate": sum(truncated) / max(1, len(truncated)),
+        "response_len_mean": sum(lengths) / max(1, len(lengths)),
+        "response_tokens": sum(lengths),
+        "groups": len(groups),
+        "groups_dropped": dropped,
+        "max_staleness_seen": step - oldest,
+    }
+
+
+class Packer(Actor):
+    role = "packer"
+
+    def __init__(self, bus_address: str, *, batch_prompts: int, drop_uniform_groups: bool = False,
+                 start_step: int = 0, transfer_timeout: float = 60.0, name: str = P.PACKER, **bus_kwargs):
+        super().__init__(name, self.role, bus_address, **bus_kwargs)
+        self.batch_prompts = batch_prompts
+        self.drop_uniform = drop_uniform_groups
+        self.next_step = start_step
+        self.transfer_timeout = transfer_timeout
+        self.groups: dict[int, dict[str, _Group]] = {}
+        self.dropped: dict[int, int] = {}
+        self.ready: dict[int, tuple[dict, dict]] = {}  # step -> (descriptor, stats) not yet delivered
+        self._channel = None
+        self._fetching: set[tuple[int, str]] = set()
+
+    async def on_start(self) -> None:
+        self.bus.subscribe(P.JOINED, self._on_joined)
+
+    async def on_stop(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    @handler(P.SCORED)
+    async def on_scored(self, body: dict, src: str) -> None:
+        from tensors.channels import receive
+        step, qid = int(body["batch"]), body["qid"]
+        if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
+            return
+        if step < self.next_step or qid in self.groups.get(step, {}):
+            log.info("dropping a duplicate of %s in step %d", qid, step)
+            await self.bus.send(P.SAMPLER, P.ACCEPTED, {"batch": step, "qid": qid})
+            return
+        self._fetching.add((step, qid))
+        try:
+            batch = await receive(body["rollout"], timeout=self.transfer_timeout)
+        except Exception as exc:
+            log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
+            await self.bus.send(P.SAMPLER, P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
+            return
+        finally:
+            self._fetching.discard((step, qid))
+        batch.rewards = torch.tensor(body["rewards"], dtype=torch.float32)
+        self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"])
+        await self.bus.send(P.SAMPLER, P.ACCEPTED, {"batch": step, "qid": qid})
+        await self._pack_ready()
+
+    async def _pack_ready(self) -> None:
+        while len(self.groups.get(self.next_step, {})) >= self.batch_prompts:
+            step = self.next_step
+            groups = sorted(self.groups.pop(step).values(), key=lambda g: g.qid)
+            kept = [g for g in groups if not (self.drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
+            stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
+            parts = []
+            for gid, g in enumerate(kept):
+                g.batch.group_ids = torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)
+                g.batch.meta = {"qids": [g.qid] * g.batch.num_seqs}
+                parts.append(g.batch)
+            packed = PackedBatch.concat(parts) if parts else None
+            channel = await self._learner_channel()
+            desc = await channel.send(packed, timeout=self.transfer_timeout) if packed is not None else None
+            self.ready[step] = (desc, stats)
+            self.next_step += 1
+            log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
+                     len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
+        await self._deliver()
+
+    async def _learner_channel(self):
+        from tensors.channels import choose_kind, open_channel
+        if self._channel is None:
+            learners = await self.bus.actors(role="learner")
+            same_host = bool(learners) and learners[0].host == socket.gethostname()
+            self._channel = open_channel(choose_kind(same_process=False, same_host=same_host, device="cpu"))
+        return self._channel
+
+    async def _deliver(self) -> None:
+        for step in sorted(self.ready):
+            desc, stats = self.ready[step]
+            try:
+                await self.bus.send(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats})
+            except Exception as exc:
+                log.warning("learner unreachable, holding step %d: %s", step, exc)
+                return
+            del self.ready[step]
+
+    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
+        if body.get("role") == "learner":
+            await self._deliver()

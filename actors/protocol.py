@@ -1,0 +1,42 @@
+"""The messages the actors exchange over the bus, in one place.
+
+Bodies are plain msgpack maps. Token tensors never ride in them: a body carries a channel
+descriptor (``tensors.channels``) and the bytes travel over that channel.
+
+sampler     -> generator    GENERATE   {batch, qid, prompt_ids, n, sampling, answers}
+generator   -> verifier     SCORE      {batch, qid, texts, answers, rollout, generator, stats}
+generator   -> sampler      GENERATED  {batch, qid, verifier}
+verifier    -> packer       SCORED     {batch, qid, rewards, correct, rollout, generator, stats}
+packer      -> sampler      ACCEPTED   {batch, qid} | REJECTED {batch, qid, reason}
+packer      -> learner      TRAIN      {step, batch, stats}
+broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}
+learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WEIGHTS_VERSION {version}
+launcher    <- anyone       CONFIG (request) -> the run's config as a dict; LEARNER_STATE -> {step, version}
+"""
+
+GENERATE = "generate"
+SCORE = "score"
+GENERATED = "generated"
+SCORED = "scored"
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+TRAIN = "train"
+UPDATE_WEIGHTS = "update_weights"
+CHECKPOINT = "checkpoint"
+LEARNER_STATE = "learner_state"
+CONFIG = "config"
+SHUTDOWN = "shutdown"
+
+# pub/sub topics
+METRICS = "metrics"
+WEIGHTS_VERSION = "weights.version"
+RUN_FINISHED = "run.finished"
+JOINED = "joined"
+LEFT = "left"
+
+# well-known names of the single-instance actors
+SAMPLER = "sampler"
+PACKER = "packer"
+LEARNER = "learner"
+BROADCASTER = "broadcaster"
+LAUNCHER = "launcher"

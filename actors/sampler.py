@@ -1,0 +1,169 @@
+"""Prompt sampler: admits training batches under the staleness bound and deals prompts to generators.
+
+It owns the exactly-once guarantee on the sampling side: every prompt of an admitted batch stays
+"owed" until the packer says ACCEPTED. A prompt held by a generator or verifier that leaves is dealt
+again; the packer drops any duplicate that the dead peer had already sent on.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from actors import protocol as P
+from actors.base import Actor, handler
+from actors.data_order import batch_indices
+from actors.dataset import Problem
+
+log = logging.getLogger("actors.sampler")
+
+
+@dataclass
+class SamplerConfig:
+    batch_prompts: int = 8
+    group_size: int = 4
+    max_staleness: int = 0
+    total_batches: int = 10
+    seed: int = 1
+    sampling: dict = field(default_factory=dict)  # temperature, top_p, max_new_tokens, ...
+
+
+@dataclass
+class _Owed:
+    body: dict
+    holder: str | None = None  # the generator or verifier that has it now
+
+
+class PromptSampler(Actor):
+    role = "sampler"
+
+    def __init__(self, bus_address: str, *, problems: list[Problem], prompt_ids: list[list[int]],
+                 cfg: SamplerConfig, start_batch: int = 0, name: str = P.SAMPLER, **bus_kwargs):
+        super().__init__(name, self.role, bus_address, **bus_kwargs)
+        if len(problems) != len(prompt_ids):
+            raise ValueError("problems and prompt_ids differ in length")
+        self.problems, self.prompt_ids, self.cfg = problems, prompt_ids, cfg
+        self.next_batch = start_batch
+        self.version = start_batch  # the policy version the generators run; learner step == version
+        self.owed: dict[tuple[int, str], _Owed] = {}
+        self.queue: deque[tuple[int, str]] = deque()
+        self.generators: dict[str, int] = {}  # name -> prompts in flight there
+        self.done_batches: set[int] = set()
+
+    async def on_start(self) -> None:
+        self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
+        self.bus.subscribe(P.LEFT, self._on_left)
+        try:  # the broadcaster may have announced before we subscribed
+            state = await self.bus.request(P.BROADCASTER, "broadcaster_state", {}, timeout=5.0)
+            await self._on_version(P.WEIGHTS_VERSION, state, P.BROADCASTER)
+        except Exception as exc:
+            log.info("no broadcaster yet (%s); waiting for its first announcement", exc)
+        await self._pump()
+
+    # --- admission -------------------------------------------------------------------------
+    def admissible(self) -> bool:
+        return (self.next_batch < self.cfg.total_batches
+                and self.next_batch <= self.version + self.cfg.max_staleness)
+
+    def _admit(self, batch: int) -> None:
+        idx = batch_indices(len(self.problems), self.cfg.batch_prompts, self.cfg.seed, batch)
+        for i in idx:
+            prob = self.problems[i]
+            key = (batch, prob.id)
+            if key in self.owed:  # the same problem twice in one batch (tiny datasets)
+                key = (batch, f"{prob.id}#{sum(k[0] == batch for k in self.owed)}")
+            self.owed[key] = _Owed({
+                "batch": batch, "qid": key[1], "prompt_ids": self.prompt_ids[i],
+                "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
+            })
+            self.queue.append(key)
+        log.info("batch %d admitted (%d prompts, policy version %d, max_staleness %d)",
+                 batch, len(idx), self.version, self.cfg.max_staleness)
+
+    async def _pump(self) -> None:
+        while self.admissible():
+            self._admit(self.next_batch)
+            self.next_batch += 1
+        await self._deal()
+
+    async def _deal(self) -> None:
+        """Give queued prompts to the least-loaded live generator."""
+        while self.queue and self.generators:
+            key = self.queue.popleft()
+            owed = self.owed.get(key)
+            if owed is None or owed.holder is not None:
+                continue
+            gen = min(self.generators, key=lambda g: (self.generators[g], g))
+            owed.holder = gen
+            self.generators[gen] += 1
+            try:
+                await self.bus.send(gen, P.GENERATE, owed.body)
+            except Exception as exc:  # the generator vanished between listing and sending
+                log.warning("could not give %s to %s: %s", key, gen, exc)
+                self._release(key, gen)
+                self.generators.pop(gen, None)
+                self.queue.appendleft(key)
+
+    def _release(self, key: tuple[int, str], holder: str | None) -> None:
+        if holder in self.generators:
+            self.generators[holder] = max(0, self.generators[holder] - 1)
+
+    # --- events ----------------------------------------------------------------------------
+    async def _on_version(self, topic: str, body: dict, src: str) -> None:
+        """Only generators that run the announced version get new prompts."""
+        version = int(body["version"])
+        if version < self.version:
+            return
+        self.version = version
+        current = set(body.get("generators", ()))
+        for gone in set(self.generators) - current:
+            del self.generators[gone]  # prompts it holds stay with it; `left` re-deals them if it dies
+        for name in current - set(self.generators):
+            self.generators[name] = sum(o.holder == name for o in self.owed.values())
+            log.info("generator %s serves version %d", name, version)
+        await self._pump()
+
+    async def _on_left(self, topic: str, body: dict, src: str) -> None:
+        name = body.get("name")
+        self.generators.pop(name, None)
+        lost = [k for k, o in self.owed.items() if o.holder == name]
+        for key in lost:
+            self.owed[key].holder = None
+        if lost:
+            log.warning("%s left holding %d prompts: dealing them again", name, len(lost))
+            self.queue.extendleft(sorted(lost, reverse=True))
+            await self._deal()
+
+    @handler(P.GENERATED)
+    async def on_generated(self, body: dict, src: str) -> None:
+        key = (int(body["batch"]), body["qid"])
+        owed = self.owed.get(key)
+        if owed is not None and owed.holder == src:
+            self._release(key, src)
+            owed.holder = body["verifier"]
+        await self._deal()
+
+    @handler(P.ACCEPTED)
+    async def on_accepted(self, body: dict, src: str) -> None:
+        key = (int(body["batch"]), body["qid"])
+        owed = self.owed.pop(key, None)
+        if owed is not None and owed.holder in self.generators:
+            self._release(key, owed.holder)
+        await self._deal()
+
+    @handler(P.REJECTED)
+    async def on_rejected(self, body: dict, src: str) -> None:
+        key = (int(body["batch"]), body["qid"])
+        owed = self.owed.get(key)
+        if owed is None:
+            return
+        log.warning("%s rejected by the packer (%s): dealing it again", key, body.get("reason"))
+        self._release(key, owed.holder)
+        owed.holder = None
+        self.queue.appendleft(key)
+        await self._deal()
+
+    @handler("sampler_state")
+    async def on_state(self, body: dict, src: str) -> dict:
+        return {"next_batch": self.next_batch, "version": self.version, "owed": len(self.owed),
+                "generators": dict(self.generators)}

@@ -1,0 +1,189 @@
+"""One function per sub-command; each turns bad input into a one-line error and an exit code."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+
+from launcher.config import ConfigError, config_to_yaml, describe_mode, from_dict, load_config, ExperimentConfig
+
+log = logging.getLogger("launcher")
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(args) -> ExperimentConfig | None:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args) -> int:
+    try:
+        cfg = _load(args)
+    except (ConfigError, OSError) as exc:
+        return _die(str(exc))
+    print(f"# mode: {describe_mode(cfg)}")
+    print(config_to_yaml(cfg))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from launcher.hosts import HostsError, parse_hosts
+    from launcher.run import RunFailed, dry_run, run_job
+    try:
+        cfg = _load(args)
+        hosts = parse_hosts(args.hosts) if args.hosts else None
+        from launcher.config import check_trainable
+        check_trainable(cfg)
+    except (ConfigError, HostsError, OSError) as exc:
+        return _die(str(exc))
+    if hosts and any(not h.is_local for h in hosts) and cfg.bus.host in ("127.0.0.1", "localhost"):
+        return _die(f"{args.hosts} names remote hosts but bus.host is {cfg.bus.host}: set bus.host to an "
+                    f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
+    if args.dry_run:
+        print(f"# mode: {describe_mode(cfg)}")
+        print("\n".join(dry_run(cfg, hosts)))
+        return 0
+    try:
+        asyncio.run(run_job(cfg, hosts=hosts, resume=args.resume, echo=not args.quiet))
+    except RunFailed as exc:
+        return _die(f"run failed: {exc}", 1)
+    return 0
+
+
+def _run_actors(actors) -> None:
+    """Run actors in this process until SIGTERM/SIGINT, then stop them gracefully."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for a in actors:
+            await a.start()
+        await stop.wait()
+        for a in reversed(actors):
+            await a.stop()
+    try:
+        import uvloop
+        uvloop.run(go())
+    except ImportError:
+        asyncio.run(go())
+
+
+def cmd_actor(args) -> int:
+    from launcher.roles import Start, build, torch_threads
+    from launcher.run import bus_kwargs
+    cfg = load_config(args.config)
+    torch_threads()
+    start = Start(args.start_step, args.model_path, args.checkpoint)
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg))
+    _run_actors(actors)
+    return 0
+
+
+def _client_kwargs(keys_dir: str | None) -> dict:
+    if not keys_dir:
+        return {}
+    from bus.keys import load_keys
+    keys = load_keys(keys_dir)
+    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys()}
+
+
+def cmd_attach(args) -> int:
+    from actors import protocol as P
+    from bus.client import BusClient
+    from launcher.roles import Start, build, torch_threads
+
+    async def fetch_config() -> dict:
+        client = BusClient(args.bus, f"attach-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
+        await client.connect()
+        try:
+            return await client.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0)
+        finally:
+            await client.close()
+
+    try:
+        reply = asyncio.run(fetch_config())
+    except Exception as exc:
+        return _die(f"could not get the job's config from {args.bus}: {exc}")
+    cfg = from_dict(ExperimentConfig, reply["config"])
+    if args.backend:
+        cfg.actors.generator.backend = args.backend
+    if args.keys:
+        cfg.bus.keys_dir = args.keys
+    name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    torch_threads()
+    from launcher.run import bus_kwargs
+    actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
+    print(f"[attach] {name} joining {args.bus}", flush=True)
+    _run_actors(actors)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from bus.client import BusClient
+
+    async def listing():
+        client = BusClient(args.bus, f"status-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
+        await client.connect()
+        try:
+            return await client.actors()
+        finally:
+            await client.close()
+
+    try:
+        actors = asyncio.run(listing())
+    except Exception as exc:
+        return _die(f"could not list the actors on {args.bus}: {exc}")
+    import time
+    print(f"{'name':<28} {'role':<12} {'host':<20} {'pid':>8} {'heartbeat':>10}")
+    for a in sorted(actors, key=lambda a: (a.role, a.name)):
+        age = f"{time.time() - a.last_heartbeat:.1f}s ago" if a.last_heartbeat else "-"
+        print(f"{a.name:<28} {a.role:<12} {a.host:<20} {a.pid:>8} {age:>10}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from bus.keys import generate_keys
+    try:
+        path = generate_keys(args.dir, overwrite=args.force)
+    except (FileExistsError, OSError) as exc:
+        return _die(str(exc))
+    print(f"CurveZMQ keys written to {path}: give the whole directory to every host of the job "
+          f"and set bus.keys_dir to it")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from launcher.plot import plot_run
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except (OSError, ValueError) as exc:
+        return _die(str(exc))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from launcher.sft import run_sft
+    return run_sft(args)
+
+
+def cmd_eval(args) -> int:
+    from launcher.evaluate import run_eval_command
+    return run_eval_command(args)
+
+
+def cmd_filter(args) -> int:
+    from launcher.difficulty import run_filter_command
+    return run_filter_command(args)
+
+
+def cmd_main(args) -> int:
+    from launcher.demo import run_demo
+    return run_demo(args)

@@ -1,0 +1,39 @@
+"""Difficulty filter: sample k solutions per problem with the base model, keep those not always solved.
+
+Problems the model already solves every time carry no RL signal (all rewards equal), so the release
+drops them before training.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from actors.dataset import load_problems, write_jsonl
+from launcher.evaluate import EvalSettings, evaluate
+
+
+def keep_ids(per_problem: list[dict]) -> set[str]:
+    return {r["id"] for r in per_problem if r["correct"] < r["k"]}
+
+
+def run_filter_command(args) -> int:
+    from policies.models import load_model, load_tokenizer, smollm2_dir
+    path = str(smollm2_dir()) if args.model == "smollm2" else args.model
+    try:
+        problems = load_problems(args.data)
+        s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        model, tok = load_model(path), load_tokenizer(path)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}")
+        return 2
+    torch.manual_seed(args.seed)
+    result = evaluate(model, tok, problems, s, label="filter")
+    keep = keep_ids(result["per_problem"])
+    raw = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    by_id = {p.id: r for p, r in zip(problems, raw)}
+    write_jsonl(args.out, [by_id[p.id] for p in problems if p.id in keep])
+    print(f"kept {len(keep)} of {len(problems)} problems (dropped {len(problems) - len(keep)} always solved "
+          f"in {args.k} samples) -> {args.out}")
+    return 0

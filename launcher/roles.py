@@ -1,0 +1,149 @@
+"""Turn (role, config) into live actors: the only place that knows how each actor is built.
+
+Every actor process runs ``python -m launcher actor ROLE ...``, which lands here. The learner's
+process also hosts the weight broadcaster, so the broadcaster reads the weights by reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors import checkpoint
+from actors.base import Actor
+from launcher.config import ExperimentConfig
+
+log = logging.getLogger("launcher.roles")
+
+
+@dataclass
+class Start:
+    """Where a (possibly resumed) run starts: one step number for every actor, one set of weights."""
+    step: int
+    model_path: str
+    checkpoint: str | None = None
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run_dir or f"runs/{cfg.name}")
+
+
+def base_model_path(cfg: ExperimentConfig) -> str:
+    """The base model as a directory every process can load, made once by the launcher."""
+    from policies.models import save_checkpoint, smollm2_dir, tiny_model
+    if cfg.model.path == "smollm2":
+        return str(smollm2_dir())
+    if cfg.model.path == "tiny":
+        out = run_dir(cfg) / "base-model"
+        if not (out / "config.json").exists():
+            from policies.models import load_tokenizer
+            save_checkpoint(tiny_model(seed=cfg.seed), load_tokenizer(smollm2_dir()), out)
+        return str(out)
+    return cfg.model.path
+
+
+def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
+    if resume:
+        ckpt = checkpoint.latest(run_dir(cfg))
+        if ckpt is not None:
+            state = checkpoint.load_state(ckpt)
+            return Start(int(state["step"]), str(ckpt / "model"), str(ckpt))
+        log.warning("--resume: no checkpoint under %s, starting from step 0", run_dir(cfg))
+    return Start(0, base_model_path(cfg))
+
+
+def device_for(cfg: ExperimentConfig) -> str:
+    if cfg.model.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.model.device
+
+
+def _dtype(cfg: ExperimentConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
+def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:
+    r = cfg.rollout
+    return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
+            "stop_token_ids": stop_token_ids}
+
+
+def stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: Start,
+          bus_kwargs: dict) -> list[Actor]:
+    """The actors of one process (two for the learner: learner + broadcaster)."""
+    from actors.dataset import build_prompt, load_problems
+    from policies.models import load_model, load_tokenizer
+
+    seed = cfg.seed
+    torch.manual_seed(seed)
+    if role == "sampler":
+        from actors.sampler import PromptSampler, SamplerConfig
+        tok = load_tokenizer(start.model_path)
+        problems = load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed)
+        prompt_ids = [build_prompt(tok, p.prompt, cfg.data.prompt_directive, cfg.rollout.force_newline)
+                      for p in problems]
+        too_long = [p.id for p, ids in zip(problems, prompt_ids) if len(ids) > cfg.data.max_prompt_tokens]
+        if too_long:
+            raise ValueError(f"{cfg.data.train}: {len(too_long)} prompts exceed data.max_prompt_tokens="
+                             f"{cfg.data.max_prompt_tokens} (first: {too_long[0]})")
+        sc = SamplerConfig(batch_prompts=cfg.rollout.batch_prompts, group_size=cfg.rollout.group_size,
+                           max_staleness=cfg.rollout.max_staleness, total_batches=cfg.train.steps, seed=seed,
+                           sampling=sampling_params(cfg, stop_ids(tok)))
+        return [PromptSampler(bus_address, problems=problems, prompt_ids=prompt_ids, cfg=sc,
+                              start_batch=start.step, name=name, **bus_kwargs)]
+    if role == "generator":
+        from actors.generator import Generator
+        tok = load_tokenizer(start.model_path)
+        if cfg.actors.generator.backend == "sglang":
+            from actors.sglang_generator import make_sglang_backend
+            backend = make_sglang_backend(cfg, start)
+        else:
+            from actors.torch_backend import TorchBackend
+            model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
+            backend = TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)))
+            backend.engine.version = start.step
+        return [Generator(name, bus_address, backend=backend, tokenizer=tok, **bus_kwargs)]
+    if role == "verifier":
+        from actors.verifier import Verifier
+        return [Verifier(name, bus_address, workers=cfg.verifier.workers, timeout=cfg.verifier.timeout,
+                         reward_cfg=cfg.reward, **bus_kwargs)]
+    if role == "packer":
+        from actors.packer import Packer
+        return [Packer(bus_address, batch_prompts=cfg.rollout.batch_prompts,
+                       drop_uniform_groups=cfg.rollout.drop_uniform_groups, start_step=start.step, name=name,
+                       **bus_kwargs)]
+    if role == "learner":
+        from actors.broadcaster import WeightBroadcaster
+        from actors.learner import Learner
+        from policies.ppo import make_optimizer
+        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
+        tok = load_tokenizer(start.model_path)
+        opt = make_optimizer(model, cfg.ppo)
+        if start.checkpoint:
+            checkpoint.restore_optimizer(Path(start.checkpoint), opt)
+            checkpoint.restore_rng(Path(start.checkpoint))
+        bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
+        learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
+                          run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
+                          max_staleness=cfg.rollout.max_staleness, checkpoint_every=cfg.train.checkpoint_every,
+                          keep_checkpoints=cfg.train.keep_checkpoints, name=name, **bus_kwargs)
+        return [learner, bc]
+    raise ValueError(f"unknown role {role!r}")
+
+
+def torch_threads() -> None:
+    """Leave one core to the bus and the verifier pool where there are several."""
+    n = int(os.environ.get("BOBA_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+    torch.set_num_threads(n)

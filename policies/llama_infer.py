@@ -1,0 +1,224 @@
+"""A compact inference forward for HF Llama / Qwen2 causal LMs, with a per-row KV cache.
+
+Why not the HF forward: HF's DynamicCache concatenates the whole cache every step and a batch of
+samples must share one padded layout, so on a small CPU most of a decode step is copying. This
+module runs the same math (RMSNorm, rotary, GQA attention, SwiGLU, tied or untied head) straight on
+the HF model's own parameter tensors, so an in-place weight update of the HF model is seen at the
+next call, and keeps keys/values in a preallocated cache whose rows have their own lengths.
+
+Only architectures whose math is reproduced exactly are accepted (`check_supported`); anything
+else raises `UnsupportedModelError` rather than silently generating from a different model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# Rope types whose frequencies do not depend on the sequence length, so one table serves all positions.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one the compact forward reproduces exactly."""
+
+
+def check_supported(model: nn.Module) -> None:
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", None)
+    problems = []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model_type={model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (only 'silu')")
+    rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        problems.append(f"rope_type={rope_type!r} (supported: {', '.join(STATIC_ROPE_TYPES)})")
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types={sorted(set(layer_types))} (only full attention; no sliding window)")
+    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
+        problems.append(f"pretraining_tp={cfg.pretraining_tp} (only 1)")
+    if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model, "lm_head"):
+        problems.append(f"{type(model).__name__} lacks .model.layers / .lm_head")
+    if problems:
+        raise UnsupportedModelError(
+            f"GenerationEngine cannot run {type(model).__name__}: " + "; ".join(problems)
+        )
+
+
+def rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """HF's RMSNorm: normalise in fp32, cast back, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's apply_rotary_pos_emb for one tensor (rotate_half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def linear(x: Tensor, proj: nn.Linear) -> Tensor:
+    return F.linear(x, proj.weight, proj.bias)
+
+
+class KVCache:
+    """Keys and values of the active samples: per layer a [rows, kv_heads, T, head_dim] buffer.
+
+    Rows are samples (their order is the engine's); each row holds its own number of valid
+    positions. Buffers grow by doubling, so a long generation reallocates O(log T) times.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype, device):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.rows = 0  # allocated rows
+        self.positions = 0  # allocated positions per row
+
+    def reserve(self, rows: int, positions: int, *, used_rows: int, used_positions: int) -> None:
+        """Make room for `rows` x `positions`, keeping the first used_rows x used_positions entries."""
+        if rows <= self.rows and positions <= self.positions:
+            return
+        new_rows = max(rows, self.rows) if rows <= self.rows else max(rows, 2 * self.rows)
+        new_pos = self.positions if positions <= self.positions else max(positions, 2 * self.positions, 64)
+        shape = (new_rows, self.n_kv_heads, new_pos, self.head_dim)
+        for store in (self.k, self.v):
+            for layer in range(self.n_layers):
+                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if layer < len(store):
+                    fresh[:used_rows, :, :used_positions] = store[layer][:used_rows, :, :used_positions]
+                    store[layer] = fresh
+                else:
+                    store.append(fresh)
+        self.rows, self.positions = new_rows, new_pos
+
+    def write_prompt(self, first_row: int, n_rows: int, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Copy one prompt's keys/values ([kv_heads, P, head_dim] per layer) into n_rows rows."""
+        p = keys[0].shape[1]
+        for store, src in ((self.k, keys), (self.v, values)):
+            for buf, t in zip(store, src):
+                buf[first_row : first_row + n_rows, :, :p] = t
+
+    def move_rows(self, src: list[int], dst: list[int], positions: int) -> None:
+        """Copy rows src -> dst (the first `positions` entries), used to compact finished rows away."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for store in (self.k, self.v):
+            for buf in store:
+                buf[d, :, :positions] = buf[s, :, :positions]
+
+    def clear(self) -> None:
+        self.k, self.v, self.rows, self.positions = [], [], 0, 0
+
+
+class CompactDecoder:
+    """Prefill and batched decode for a HF Llama/Qwen2 model, reading its parameters in place."""
+
+    def __init__(self, model: nn.Module):
+        check_supported(model)
+        cfg = model.config
+        self.model = model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.max_positions = cfg.max_position_embeddings
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    @property
+    def layers(self):
+        return self.model.model.layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def rope(self, n: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [n, head_dim] for positions 0..n-1, computed by the model's own rotary module."""
+        if self._cos is None or self._cos.shape[0] < n or self._cos.dtype != self.dtype:
+            size = min(max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 256), max(n, self.max_positions))
+            x = torch.empty(1, dtype=self.dtype, device=self.device)
+            pos = torch.arange(size, device=self.device)[None]
+            cos, sin = self.model.model.rotary_emb(x, pos)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos, self._sin
+
+    def _qkv(self, layer, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = layer.self_attn
+        x = rms_norm(h, layer.input_layernorm)
+        q = linear(x, attn.q_proj).unflatten(-1, (self.n_heads, self.head_dim))
+        k = linear(x, attn.k_proj).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = linear(x, attn.v_proj).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return q, k, v
+
+    @staticmethod
+    def _mlp_residual(layer, h: Tensor, attn_out: Tensor) -> Tensor:
+        h = h + linear(attn_out, layer.self_attn.o_proj)
+        mlp = layer.mlp
+        x = rms_norm(h, layer.post_attention_layernorm)
+        return h + linear(F.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return linear(rms_norm(h, self.model.model.norm), self.model.lm_head)
+
+    def prefill(self, ids: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run one prompt [P]; returns (last-position logits [V], keys and values per layer as
+        [kv_heads, P, head_dim])."""
+        n = ids.shape[0]
+        cos, sin = self.rope(n)
+        cos, sin = cos[:n, None], sin[:n, None]  # [P, 1, D] broadcast over heads
+        h = self.model.model.embed_tokens(ids)
+        keys, values = [], []
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, h)  # [P, heads, D]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, P, D]
+            keys.append(k)
+            values.append(v)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k[None], v[None], is_causal=True, scale=self.scale, enable_gqa=True
+            )[0]  # [heads, P, D]
+            h = self._mlp_residual(layer, h, o.transpose(0, 1).flatten(-2))
+        return self.logits(h[-1:])[0], keys, values
+
+    def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """One token per row: tokens [B] at positions [B] (= the row's cached length); writes their
+        keys/values into cache rows 0..B-1 and returns logits [B, V]."""
+        b = tokens.shape[0]
+        span = int(positions.max()) + 1
+        cos, sin = self.rope(span)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, D]
+        rows = torch.arange(b, device=tokens.device)
+        visible = torch.arange(span, device=tokens.device)[None] <= positions[:, None]  # [B, span]
+        mask = torch.zeros(b, 1, 1, span, dtype=self.dtype, device=tokens.device)
+        mask.masked_fill_(~visible[:, None, None], float("-inf"))
+        group = self.n_heads // self.n_kv_heads
+        h = self.model.model.embed_tokens(tokens)  # [B, hidden]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h)  # q [B, H, D]; k, v [B, Hkv, D]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            q = q.view(b, self.n_kv_heads, group, self.head_dim)
+            scores = torch.matmul(q, kc[:b, :, :span].transpose(-1, -2)).mul_(self.scale)
+            scores = torch.softmax(scores.add_(mask), dim=-1, dtype=torch.float32).to(self.dtype)
+            o = torch.matmul(scores, vc[:b, :, :span])  # [B, Hkv, G, D]
+            h = self._mlp_residual(layer, h, o.reshape(b, -1))
+        return self.logits(h)

@@ -1,0 +1,219 @@
+"""The sender's outbox served over ZeroMQ, and the receiver's pull.
+
+Sender: a ROUTER socket served by its own thread (so a busy event loop, e.g. a training step, never
+stalls a transfer).  It holds frames per transfer id, answers ``GET <id>`` with
+``OK, *frames`` sent zero-copy, drops an entry after its readers pulled it or its time to live
+passed, and (for channels whose readers must say they are done, like CUDA IPC) waits for
+``DONE <id>`` before releasing.
+
+Receiver: a DEALER per pull with a socket monitor, so a sender that dies mid-transfer is noticed
+from the disconnect rather than by waiting out the whole timeout.  ZeroMQ delivers a multipart
+message whole or not at all, so a cut transfer never yields a half-filled payload.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from tensors.errors import TransferError
+
+log = logging.getLogger(__name__)
+_POLL_MS = 100
+
+
+@dataclass
+class _Entry:
+    frames: list[Any]
+    deadline: float
+    ttl: float
+    readers_left: int
+    needs_done: bool
+    on_release: Callable[[], None] | None
+    outstanding: int = 0  # pulled, DONE not yet received
+
+
+class Outbox:
+    """Frames waiting to be pulled, served by a background thread."""
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:0", advertise: str | None = None):
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.linger = 0
+        self._sock.sndhwm = 0  # never drop replies under load: memory is bounded by the outbox
+        try:
+            self._sock.bind(bind[:-2] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind)
+        except zmq.ZMQError:
+            self._sock.close()
+            self._ctx.term()
+            raise
+        self.endpoint = _connectable(self._sock.getsockopt_string(zmq.LAST_ENDPOINT), advertise)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"outbox {self.endpoint}", daemon=True)
+        self._thread.start()
+
+    def put(
+        self,
+        tid: str,
+        frames: list[Any],
+        *,
+        ttl: float,
+        readers: int,
+        needs_done: bool = False,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        with self._lock:
+            self._entries[tid] = _Entry(frames, time.monotonic() + ttl, ttl, readers, needs_done, on_release)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), {}
+        for e in entries:
+            _release(e)
+        self._ctx.term()
+
+    # ---- the serving thread ----
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(_POLL_MS):
+                    while True:
+                        try:
+                            msg = self._sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(msg)
+                self._expire()
+        except Exception:  # keep the reason in the log; pulls then time out with a clear error
+            log.exception("outbox %s stopped", self.endpoint)
+        finally:
+            self._sock.close(linger=0)
+
+    def _handle(self, msg: list[bytes]) -> None:
+        if len(msg) != 3:
+            return
+        ident, verb, raw_tid = msg
+        tid = raw_tid.decode(errors="replace")
+        released = None
+        with self._lock:
+            e = self._entries.get(tid)
+            if e is None:
+                reply = [b"ERR", b"unknown transfer id: expired, already pulled by all readers, or never sent"]
+            elif verb == b"GET" and e.readers_left > 0:
+                e.readers_left -= 1
+                e.outstanding += e.needs_done
+                e.deadline = max(e.deadline, time.monotonic() + e.ttl)  # room to finish and say DONE
+                reply = [b"OK", *e.frames]
+            elif verb == b"DONE" and e.outstanding > 0:
+                e.outstanding -= 1
+                reply = [b"OK"]
+            else:
+                reply = [b"ERR", b"bad request " + verb + b" for this transfer"]
+            if e is not None and e.readers_left == 0 and e.outstanding == 0:
+                released = self._entries.pop(tid)
+        self.send_reply(ident, reply)
+        if released is not None:
+            _release(released)
+
+    def send_reply(self, ident: bytes, frames: list[Any]) -> None:
+        """Send [ident, *frames], payload buffers zero-copy (a seam for fault-injection tests)."""
+        self._sock.send_multipart([ident, *frames], copy=False)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            gone = [t for t, e in self._entries.items() if e.deadline < now]
+            expired = [self._entries.pop(t) for t in gone]
+        for e in expired:
+            _release(e)
+
+
+def _release(e: _Entry) -> None:
+    e.frames = []
+    if e.on_release is not None:
+        try:
+            e.on_release()
+        except Exception:
+            log.exception("releasing an outbox entry failed")
+
+
+def _connectable(endpoint: str, advertise: str | None) -> str:
+    """Replace a wildcard bind address by one that peers can connect to."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if advertise:
+        host = advertise
+    elif host in ("0.0.0.0", "*", "[::]"):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"tcp://{host}:{port}"
+
+
+async def request(
+    ctx: zmq.asyncio.Context, endpoint: str, verb: bytes, tid: str, *, peer: str, timeout: float
+) -> list[zmq.Frame]:
+    """Send ``verb tid`` to an outbox and return the reply frames after ``OK``.
+
+    Raises TransferError naming the phase: "connect" (nobody answered), "pull" (the peer went away
+    or did not answer in time) or "refused" (the outbox does not have the transfer).
+    """
+    deadline = time.monotonic() + timeout
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    connected = False
+    try:
+        sock.connect(endpoint)
+        await sock.send_multipart([verb, tid.encode()])
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                phase = "pull" if connected else "connect"
+                raise TransferError(peer, tid, phase, f"no reply from {endpoint} within {timeout}s")
+            events = dict(await poller.poll(max(1, int(remaining * 1000))))
+            if sock in events:
+                frames = await sock.recv_multipart(copy=False)
+                break
+            if monitor in events:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    connected = True
+                elif event == zmq.EVENT_DISCONNECTED:
+                    if await sock.poll(50):  # the reply may have landed just before the close
+                        frames = await sock.recv_multipart(copy=False)
+                        break
+                    raise TransferError(
+                        peer, tid, "pull", f"{endpoint} disconnected before the reply was complete (sender died?)"
+                    )
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+    status = frames[0].bytes
+    if status != b"OK":
+        reason = frames[1].bytes.decode(errors="replace") if len(frames) > 1 else "no reason given"
+        raise TransferError(peer, tid, "refused", reason)
+    return frames[1:]
+

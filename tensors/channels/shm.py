@@ -1,0 +1,410 @@
+"""Same-host channel over shared-memory files: one copy on the sender, none on the receiver.
+
+The sender writes the wire header and buffers into a segment (a file in /dev/shm) and sets its
+state to READY last, so a half-written segment is never mistaken for a payload.  The receiver
+maps the segment and builds the tensors on the mapping (no pickling, no copy).
+
+Ownership and cleanup:
+* the sender owns its segments (files ``boba-shm-<pid>-<token>-<n>``) and reuses them, so their
+  pages are faulted in once rather than on every transfer;
+* a reader marks the segment taken (under an flock) and, when all the tensors it built are garbage
+  collected, released;
+* a segment is written again only when every reader released it, or its readers died, or the send's
+  time to live passed before all readers came (a late reader then gets TransferError "expired");
+* the sender unlinks its segments on close() and at interpreter exit; segments of a sender that was
+  killed (dead pid) are unlinked by sweep_orphans(), which every ShmChannel runs when created.
+Tensors received with readers > 1 share pages with the other readers: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import mmap
+import os
+import re
+import socket
+import struct
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tensors import wire
+from tensors.channels.base import (
+    Channel,
+    Descriptor,
+    Payload,
+    check_descriptor,
+    check_payload,
+    check_send_args,
+)
+from tensors.errors import TransferError, WireError
+
+PREFIX = "boba-shm"
+MAX_READERS = 16
+_MAGIC = b"BOBASHM1"
+_STATE = struct.Struct("<8sQIIIIQQ16I")  # magic gen state readers taken released header_len data_end pids
+_HEADER_OFFSET = 256
+_ALIGN = 64
+_WRITING, _READY = 1, 2
+_THREAD_BYTES = 8 << 20  # copies at least this big run in a worker thread, off the event loop
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the receiver's page tables in one call
+_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
+
+
+def shm_directory() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+@dataclass
+class _State:
+    gen: int = 0
+    state: int = _WRITING
+    readers: int = 0
+    taken: int = 0
+    released: int = 0
+    header_len: int = 0
+    data_end: int = 0
+    pids: list[int] = field(default_factory=lambda: [0] * MAX_READERS)
+
+    @classmethod
+    def read(cls, fd: int) -> _State | None:
+        raw = os.pread(fd, _STATE.size, 0)
+        if len(raw) < _STATE.size:
+            return None
+        magic, *vals = _STATE.unpack(raw)
+        if magic != _MAGIC:
+            return None
+        return cls(*vals[:7], pids=list(vals[7:]))
+
+    def write(self, fd: int) -> None:
+        vals = (self.gen, self.state, self.readers, self.taken, self.released, self.header_len, self.data_end)
+        os.pwrite(fd, _STATE.pack(_MAGIC, *vals, *self.pids), 0)
+
+
+@contextlib.contextmanager
+def _locked(fd: int, deadline: float) -> Iterator[None]:
+    """flock with a deadline (a process stopped while holding it must not hang us)."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError("segment lock held too long") from None
+            time.sleep(0.0005)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def layout(header_len: int, sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of the buffers after the header (each 64-byte aligned) and the end of the data."""
+    off, offsets = _align(_HEADER_OFFSET + header_len), []
+    for n in sizes:
+        offsets.append(off)
+        off = _align(off + n)
+    return offsets, off
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans(directory: str | None = None) -> list[str]:
+    """Unlink segments whose owning process is dead; returns their paths."""
+    directory = directory or shm_directory()
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            m = _NAME_RE.match(name)
+            if m and not _alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(os.path.join(directory, name))
+    return removed
+
+
+# ---- sender side -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Segment:
+    path: str
+    fd: int
+    mm: mmap.mmap
+    view: torch.Tensor  # uint8 over the whole mapping
+    capacity: int
+    ready_at: float = 0.0
+    ttl: float = 0.0
+    busy: bool = False  # a send of this process is writing it
+
+
+def _unlink_all(paths: set[str]) -> None:
+    for p in list(paths):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    paths.clear()
+
+
+def _write_segment(seg: _Segment, header: bytes, buffers: list[memoryview], offsets: list[int]) -> None:
+    seg.mm[_HEADER_OFFSET : _HEADER_OFFSET + len(header)] = header
+    for off, buf in zip(offsets, buffers):
+        if buf.nbytes:
+            seg.view[off : off + buf.nbytes].copy_(torch.frombuffer(buf, dtype=torch.uint8))
+
+
+class ShmChannel(Channel):
+    kind = "shm"
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        directory: str | None = None,
+        max_pool_bytes: int = 4 << 30,
+        checksum: bool = False,
+        max_cached_maps: int = 16,
+    ):
+        super().__init__(name)
+        self.directory = directory or shm_directory()
+        self.max_pool_bytes = max_pool_bytes
+        self.checksum = checksum
+        self._token = uuid.uuid4().hex[:8]
+        self._count = 0
+        self._segments: list[_Segment] = []
+        self._paths: set[str] = set()
+        self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
+        self._maps: collections.OrderedDict[str, tuple[int, mmap.mmap]] = collections.OrderedDict()
+        self._max_cached_maps = max_cached_maps
+        self._host = socket.gethostname()
+        sweep_orphans(self.directory)
+
+    # ---- send ----
+    async def send(self, payload: Payload, *, timeout: float, readers: int = 1) -> Descriptor:
+        check_payload(payload)
+        check_send_args(timeout, readers)
+        if readers > MAX_READERS:
+            raise ValueError(f"shm supports at most {MAX_READERS} readers per payload, got {readers}")
+        header, buffers = wire.encode(payload, checksum=self.checksum)
+        offsets, end = layout(len(header), [b.nbytes for b in buffers])
+        deadline = time.monotonic() + timeout
+        try:
+            seg, state = self._acquire(end, readers, deadline)
+        except TimeoutError:
+            raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
+        if end >= _THREAD_BYTES:
+            fut = asyncio.get_running_loop().run_in_executor(None, _write_segment, seg, header, buffers, offsets)
+            try:
+                await asyncio.shield(fut)
+            except BaseException:
+                fut.add_done_callback(lambda _: setattr(seg, "busy", False))  # free it once the copy stops
+                raise
+        else:
+            try:
+                _write_segment(seg, header, buffers, offsets)
+            except BaseException:
+                seg.busy = False
+                raise
+        state.state, state.header_len, state.data_end = _READY, len(header), end
+        with _locked(seg.fd, deadline):
+            state.write(seg.fd)  # READY is written last: a crash before this leaves a WRITING segment
+        seg.ready_at, seg.ttl, seg.busy = time.monotonic(), timeout, False
+        return {
+            "kind": self.kind,
+            "id": f"{os.path.basename(seg.path)}#{state.gen}",
+            "src": self.name,
+            "host": self._host,
+            "path": seg.path,
+            "gen": state.gen,
+            "nbytes": end,
+        }
+
+    def _acquire(self, size: int, readers: int, deadline: float) -> tuple[_Segment, _State]:
+        now = time.monotonic()
+        for seg in sorted((s for s in self._segments if not s.busy and s.capacity >= size), key=lambda s: s.capacity):
+            with _locked(seg.fd, deadline):
+                state = _State.read(seg.fd)
+                if state is not None and self._reusable(seg, state, now):
+                    state = _State(gen=state.gen + 1, state=_WRITING, readers=readers)
+                    state.write(seg.fd)
+                    seg.busy = True
+                    return seg, state
+        self._trim(size, now, deadline)
+        seg = self._create(size)
+        state = _State(gen=1, state=_WRITING, readers=readers)
+        state.write(seg.fd)
+        seg.busy = True
+        return seg, state
+
+    @staticmethod
+    def _reusable(seg: _Segment, s: _State, now: float) -> bool:
+        if seg.busy:
+            return False
+        if s.state != _READY:
+            return True  # a write that failed half-way
+        if s.taken < s.readers and now < seg.ready_at + seg.ttl:
+            return False  # readers still to come
+        if s.released >= s.taken:
+            return True
+        return not any(_alive(pid) for pid in s.pids[: s.taken])  # holders died
+
+    def _create(self, size: int) -> _Segment:
+        capacity = max(1 << 20, 1 << (size - 1).bit_length())  # sparse file: only written pages cost memory
+        self._count += 1
+        path = os.path.join(self.directory, f"{PREFIX}-{os.getpid()}-{self._token}-{self._count}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self._paths.add(path)
+        try:
+            os.ftruncate(fd, capacity)
+            mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self._drop_path(path)
+            raise
+        view = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8))
+        seg = _Segment(path, fd, mm, view, capacity)
+        self._segments.append(seg)
+        return seg
+
+    def _trim(self, incoming: int, now: float, deadline: float) -> None:
+        """Unlink reusable segments while the pool would exceed max_pool_bytes."""
+        for seg in sorted(self._segments, key=lambda s: -s.capacity):
+            if sum(s.capacity for s in self._segments) + incoming <= self.max_pool_bytes:
+                return
+            if seg.busy:
+                continue
+            with _locked(seg.fd, deadline):
+                state = _State.read(seg.fd)
+                if state is None or not self._reusable(seg, state, now):
+                    continue
+            self._discard(seg)
+
+    def _discard(self, seg: _Segment) -> None:
+        self._segments.remove(seg)
+        self._drop_path(seg.path)
+        seg.view = None  # type: ignore[assignment]
+        with contextlib.suppress(BufferError, ValueError):
+            seg.mm.close()
+        os.close(seg.fd)
+
+    def _drop_path(self, path: str) -> None:
+        self._paths.discard(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    # ---- receive ----
+    async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
+        peer, tid = check_descriptor(descriptor, self.kind, ("path", "gen", "host", "nbytes"), timeout)
+        if descriptor["nbytes"] >= _THREAD_BYTES:
+            return await asyncio.to_thread(self._recv, descriptor, peer, tid, timeout)
+        return self._recv(descriptor, peer, tid, timeout)
+
+    def _recv(self, d: Descriptor, peer: str, tid: str, timeout: float) -> Payload:
+        deadline = time.monotonic() + timeout
+        path, gen = d["path"], d["gen"]
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            where = "" if d["host"] == self._host else f" (it lives on host {d['host']}, this is {self._host})"
+            raise TransferError(
+                peer, tid, "open", f"segment {path} is gone: the sender closed or died and was swept{where}"
+            ) from None
+        try:
+            ino = os.fstat(fd).st_ino
+            try:
+                with _locked(fd, deadline):
+                    state = _State.read(fd)
+                    self._check_state(state, gen, peer, tid)
+                    state.pids[state.taken] = os.getpid()
+                    state.taken += 1
+                    state.write(fd)
+            except TimeoutError:
+                raise TransferError(peer, tid, "lock", f"segment lock not free within {timeout}s") from None
+            mm = self._mapping(path, fd, ino)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(_MADV_POPULATE_WRITE, 0, state.data_end)
+        arr = np.frombuffer(mm, dtype=np.uint8, count=state.data_end)
+        weakref.finalize(arr, _release, path, ino, gen)  # fires when the last tensor built on it dies
+        base = torch.from_numpy(arr)
+        try:
+            header = wire.parse_header(bytes(arr[_HEADER_OFFSET : _HEADER_OFFSET + state.header_len]))
+            offsets, end = layout(state.header_len, [e.nbytes for e in header.entries])
+            if end > state.data_end:
+                raise WireError("tensors", f"buffers end at byte {end} but the segment holds {state.data_end}")
+            return wire.decode(header, [base[o : o + e.nbytes] for o, e in zip(offsets, header.entries)])
+        except WireError as e:
+            raise TransferError(peer, tid, "decode", str(e)) from e
+
+    @staticmethod
+    def _check_state(state: _State | None, gen: int, peer: str, tid: str) -> None:
+        if state is None:
+            raise TransferError(peer, tid, "open", "not a boba shm segment (bad magic or truncated)")
+        if state.gen != gen:
+            raise TransferError(
+                peer, tid, "open", f"expired: the segment now holds generation {state.gen}, not {gen}"
+            )
+        if state.state != _READY:
+            raise TransferError(peer, tid, "open", "segment is half-written (the sender died while writing it)")
+        if state.taken >= state.readers:
+            raise TransferError(peer, tid, "open", f"already taken by all {state.readers} reader(s)")
+
+    def _mapping(self, path: str, fd: int, ino: int) -> mmap.mmap:
+        cached = self._maps.get(path)
+        if cached is not None and cached[0] == ino:
+            self._maps.move_to_end(path)
+            return cached[1]
+        mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._maps[path] = (ino, mm)
+        while len(self._maps) > self._max_cached_maps:
+            self._maps.popitem(last=False)  # tensors still using it keep it mapped
+        return mm
+
+    async def close(self) -> None:
+        self._maps.clear()
+        for seg in list(self._segments):
+            self._discard(seg)
+        self._finalizer()
+
+
+def _release(path: str, ino: int, gen: int) -> None:
+    """A reader's tensors are gone: count it released (best effort; the segment may be gone)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except Exception:  # gone, or the interpreter is shutting down
+        return
+    try:
+        if os.fstat(fd).st_ino != ino:
+            return
+        with _locked(fd, time.monotonic() + 5.0):
+            state = _State.read(fd)
+            if state is not None and state.gen == gen:
+                state.released += 1
+                state.write(fd)
+    except Exception:
+        pass
+    finally:
+        os.close(fd)

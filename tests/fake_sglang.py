@@ -1,0 +1,585 @@
+"""A small stand-in for an SGLang 0.5.23 HTTP server, for CI machines without a GPU.
+
+It speaks the real protocol (paths, bodies, replies and failure modes read from sglang 0.5.23's
+http_server.py, io_struct.py and tokenizer/scheduler code): 503 on /health while starting,
+/generate batches with n samples at index i*n+j, output_token_logprobs [[logprob, id, text]],
+finish_reason {type: stop|length|abort}, weight_version and weight_versions spans in meta_info;
+pause_generation abort|retract|in_place (new requests wait while paused); /flush_cache answers
+400 (plain text) while requests run; update_weights_from_distributed/tensor are refused outside
+begin/end_weight_update; control bodies ignore unknown fields as SGLang's pydantic schema does.
+
+"Generation" is a deterministic rule (fake_token below) so tests can predict every token: the
+next token hashes the weight version, the last tokens of the context and its length, so a
+request resumed with prompt + partial output continues exactly as an uninterrupted one would
+under the same weights. No NCCL: a distributed update records names/dtypes/shapes and bumps
+weight_version. Run it alone with `python tests/fake_sglang.py --model-path M --port P`.
+Only the standard library is imported, so it starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = "0.5.23"
+DTYPES = {"float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2",
+          "int64", "int32", "int16", "int8", "uint8", "bool"}
+SAMPLING_FIELDS = (  # SGLang's SamplingParams JSON contract rejects any other key
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
+    "n", "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
+    "sampling_seed", "custom_params", "beam_width", "watermark", "choice")
+NOT_IN_SESSION = ("{op} must run between begin_weight_update() and end_weight_update()")
+FLUSH_BUSY = ("Weights were updated, but the cache was not flushed because requests are still "
+              "running or queued. Retract or finish them, then call /flush_cache.")
+FLUSH_OK_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are "
+                 "running or waiting requests, the operation will not be performed.)\n")
+# route -> allowed methods (a subset of 0.5.23's routes, same paths and methods)
+ROUTES = {
+    "/health": ("GET",), "/health_generate": ("GET",), "/model_info": ("GET",),
+    "/get_model_info": ("GET",), "/generate": ("POST", "PUT"), "/flush_cache": ("GET", "POST"),
+    "/abort_request": ("POST",), "/pause_generation": ("POST",),
+    "/continue_generation": ("POST",), "/init_weights_update_group": ("POST",),
+    "/destroy_weights_update_group": ("POST",), "/begin_weight_update": ("POST",),
+    "/end_weight_update": ("POST",), "/update_weights_from_distributed": ("POST",),
+    "/update_weights_from_tensor": ("POST",), "/update_weights_from_disk": ("POST",),
+}
+FAKE_ROUTES = {"/_fake/calls": ("GET",)}  # introspection for tests; not an SGLang route
+
+
+def fake_token(context: list[int], version: str, vocab_size: int, salt: int = 0) -> int:
+    """The next token: a hash of the weights (version), the context's length and last 8 tokens,
+    and for a sample's first token its index j among the n samples (so samples differ)."""
+    return _hash(context, version, salt) % vocab_size
+
+
+def fake_logprob(context: list[int], version: str, salt: int = 0) -> float:
+    """Behaviour logprob of fake_token(context, ...): a value in [-8, -0.01]."""
+    return -0.01 - (_hash(context, version, salt + 7919) % 800) / 100.0
+
+
+def _hash(context: list[int], version: str, salt: int) -> int:
+    tail = context[-8:]
+    data = struct.pack(f"<qq{len(tail)}q", len(context), salt, *tail) + version.encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class BadRequest(Exception):
+    def __init__(self, payload: Any, status: int = 400):
+        self.payload, self.status = payload, status
+
+
+def _validation_error(msg: str) -> BadRequest:
+    # FastAPI's RequestValidationError as SGLang re-shapes it (400 instead of 422)
+    return BadRequest({"object": "error", "message": msg, "type": "Bad Request",
+                       "param": None, "code": 400})
+
+
+def _fields(body: Any, spec: dict[str, tuple[type | tuple, bool]]) -> dict:
+    """Check a control body like SGLang's pydantic schema: required fields and types are
+    enforced, unknown fields ignored."""
+    if not isinstance(body, dict):
+        raise _validation_error(f"body must be an object, got {type(body).__name__}")
+    for name, (types, required) in spec.items():
+        if name not in body:
+            if required:
+                raise _validation_error(f"[{{'type': 'missing', 'loc': ('body', '{name}'), "
+                                        f"'msg': 'Field required'}}]")
+            continue
+        v = body[name]
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool)
+                                                            and bool not in _tuple(types))):
+            raise _validation_error(f"[{{'loc': ('body', '{name}'), 'msg': 'Input should be "
+                                    f"{_tuple(types)[0].__name__}', 'input': {v!r}}}]")
+    return body
+
+
+def _tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt: list[int]
+    salt: int
+    params: dict
+    started: float = field(default_factory=time.monotonic)
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    events: list[tuple[str, int]] = field(default_factory=list)  # (old version, tokens so far)
+    abort_message: str | None = None
+    cached_tokens: int = 0
+
+
+class FakeSGLang:
+    """The fake server; run it in the test's event loop (start/stop) or as a process (main)."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, model_path: str = "fake-model",
+                 tp_size: int = 1, weight_version: str = "default", startup_delay: float = 0.0,
+                 token_delay: float = 0.002, vocab_size: int = 32000, update_delay: float = 0.0,
+                 init_group_timeout: float = 30.0):
+        self.host, self.port, self.model_path, self.tp_size = host, port, model_path, tp_size
+        self.weight_version = weight_version
+        self.startup_delay, self.token_delay = startup_delay, token_delay
+        self.vocab_size = vocab_size
+        self.update_delay, self.init_group_timeout = update_delay, init_group_timeout
+        self.calls: list[dict] = []  # every request but /health: method, path, body, status, reply
+        self.received: list[dict] = []  # buckets of update_weights_from_distributed
+        self.groups: dict[str, dict] = {}
+        self.session_open = False
+        self.update_in_flight = 0  # update_weights_from_distributed requests being served
+        self.pause_mode: str | None = None
+        self.running: dict[str, Req] = {}
+        self.reply_hook = None  # tests may set fn(path, payload) -> payload to corrupt replies
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._cache: set[tuple[int, ...]] = set()
+        self._rid_seq = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._started = time.monotonic()
+        self._conns: dict[asyncio.StreamWriter, asyncio.Task] = {}
+
+    # ---- lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> str:
+        self._started = time.monotonic()
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                  limit=1 << 24)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.url
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w, task in list(self._conns.items()):
+                w.close()
+                task.cancel()
+            await asyncio.gather(*self._conns.values(), return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    # ---- HTTP/1.1 on asyncio streams (keep-alive, Content-Length bodies)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns[writer] = asyncio.current_task()
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0"))
+                raw = await reader.readexactly(n) if n else b""
+                url = urllib.parse.urlsplit(target)
+                query = dict(urllib.parse.parse_qsl(url.query))
+                work = asyncio.ensure_future(self._dispatch(method, url.path, query, raw))
+                # a client that hangs up mid-request makes SGLang abort it ("type 3" abort)
+                eof = asyncio.ensure_future(reader.read(1))
+                done, _ = await asyncio.wait({work, eof}, return_when=asyncio.FIRST_COMPLETED)
+                if work not in done:
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+                    return
+                eof.cancel()
+                await asyncio.gather(eof, return_exceptions=True)
+                try:
+                    status, ctype, payload = work.result()
+                except Exception as e:  # a bug in the fake: answer like uvicorn would
+                    status, ctype = 500, "text/plain"
+                    payload = f"Internal Server Error: {e!r}".encode()
+                head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                        f"content-type: {ctype}\r\ncontent-length: {len(payload)}\r\n"
+                        f"server: fake-sglang/{VERSION}\r\n\r\n")
+                writer.write(head.encode("latin-1") + payload)
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError,
+                asyncio.CancelledError):  # a connection handler ends quietly when stopped
+            return
+        finally:
+            self._conns.pop(writer, None)
+            writer.close()
+
+    async def _dispatch(self, method: str, path: str, query: dict, raw: bytes):
+        routes = {**ROUTES, **FAKE_ROUTES}
+        if path not in routes:
+            return 404, "application/json", b'{"detail":"Not Found"}'
+        if method not in routes[path]:
+            return 405, "application/json", b'{"detail":"Method Not Allowed"}'
+        if path == "/_fake/calls":
+            return 200, "application/json", json.dumps(self.calls).encode()
+        if path in ("/health", "/health_generate"):
+            starting = time.monotonic() - self._started < self.startup_delay
+            return (503 if starting else 200), "text/plain", b""
+        try:
+            body = json.loads(raw) if raw else None
+        except json.JSONDecodeError as e:
+            body, status, payload = None, 400, _validation_error(f"JSON decode error: {e}").payload
+        else:
+            call = {"method": method, "path": path, "body": body}
+            self.calls.append(call)
+            handler = getattr(self, "_h_" + path.strip("/"))
+            try:
+                status, payload = await handler(body, query)
+            except BadRequest as e:
+                status, payload = e.status, e.payload
+            call.update(status=status, reply=payload)
+        if self.reply_hook is not None:
+            payload = self.reply_hook(path, payload)
+        if isinstance(payload, str):
+            return status, "text/plain; charset=utf-8", payload.encode()
+        if payload is None:
+            return status, "text/plain", b""
+        return status, "application/json", json.dumps(payload).encode()
+
+    # ---- info
+
+    def _model_info(self) -> dict:
+        return {"model_path": self.model_path, "served_model_name": self.model_path,
+                "tokenizer_path": self.model_path, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.weight_version,
+                "load_format": "auto", "reasoning_parser": None, "tool_call_parser": None,
+                "disaggregation_mode": "null", "has_image_understanding": False,
+                "has_audio_understanding": False, "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"]}
+
+    async def _h_model_info(self, body, query):
+        return 200, self._model_info()
+
+    _h_get_model_info = _h_model_info
+
+    # ---- generation
+
+    async def _h_generate(self, body, query):
+        if not isinstance(body, dict):
+            raise BadRequest({"error": "invalid type: expected struct GenerateRequest"})
+        ids = body.get("input_ids")
+        if ids is None:
+            raise BadRequest({"error": {"message": "Either text, input_ids or input_embeds "
+                                                   "should be provided."}})
+        single = bool(ids) and isinstance(ids[0], int)
+        prompts = [ids] if single else ids
+        if not prompts or any(not p for p in prompts):
+            raise BadRequest({"error": {"message": "input_ids cannot be empty."}})
+        sps = body.get("sampling_params") or {}
+        sp_list = sps if isinstance(sps, list) else [sps] * len(prompts)
+        for sp in sp_list:
+            unknown = [k for k in sp if k not in SAMPLING_FIELDS]
+            if unknown:
+                listed = ", ".join(f"`{f}`" for f in SAMPLING_FIELDS)
+                raise BadRequest({"error": f"unknown field `{unknown[0]}`, expected one of "
+                                           f"{listed}"})
+        if len(sp_list) != len(prompts):
+            raise BadRequest({"error": {"message": "sampling_params length mismatch"}})
+        n = sp_list[0].get("n", 1)
+        if any(sp.get("n", 1) != n for sp in sp_list):
+            raise BadRequest({"error": {"message": "The parallel_sample_num should be the same "
+                                                   "for all samples in sample params."}})
+        rid = body.get("rid")
+        if isinstance(rid, list) and len(rid) != len(prompts):
+            raise BadRequest({"error": {"message": "The specified rids length mismatch with the "
+                                                   "batch_size for batch processing."}})
+        await self._unpaused.wait()  # the tokenizer manager holds new requests while paused
+        reqs = []
+        for i, (p, sp) in enumerate(zip(prompts, sp_list)):
+            for j in range(n):
+                if n == 1 and rid is not None:
+                    r = rid[i] if isinstance(rid, list) else (rid if single else f"{rid}_{i}")
+                else:  # SGLang regenerates rids for parallel samples
+                    r = uuid.uuid4().hex
+                reqs.append(Req(r, list(p), j, sp))
+        for r in reqs:
+            r.cached_tokens = len(r.prompt) if tuple(r.prompt) in self._cache else 0
+            self.running[r.rid] = r
+        try:
+            results = await asyncio.gather(*(self._run(r) for r in reqs))
+        finally:
+            for r in reqs:
+                self.running.pop(r.rid, None)
+        for r in reqs:
+            self._cache.add(tuple(r.prompt))
+        return 200, (results[0] if single and n == 1 else results)
+
+    async def _run(self, r: Req) -> dict:
+        sp = r.params
+        max_new = sp.get("max_new_tokens", 128)
+        stops = set(sp.get("stop_token_ids") or [])
+        min_new = sp.get("min_new_tokens", 0)
+        finish: dict
+        while True:
+            if r.abort_message is not None:
+                finish = {"type": "abort", "message": r.abort_message, "status_code": None,
+                          "err_type": None}
+                break
+            if len(r.output) >= max_new:
+                finish = {"type": "length", "length": max_new}
+                break
+            await asyncio.sleep(self.token_delay)
+            while not self._unpaused.is_set() and r.abort_message is None:
+                await asyncio.sleep(0.005)  # retract / in_place: the scheduler does not step
+            if r.abort_message is not None:
+                continue
+            ctx = r.prompt + r.output
+            salt = r.salt if not r.output else 0
+            tok = fake_token(ctx, self.weight_version, self.vocab_size, salt)
+            r.output.append(tok)
+            r.logprobs.append(fake_logprob(ctx, self.weight_version, salt))
+            if tok in stops and not sp.get("ignore_eos") and len(r.output) >= min_new:
+                finish = {"type": "stop", "matched": tok}
+                break
+        spans = _spans(r.events, self.weight_version, len(r.output))
+        return {"text": "", "output_ids": list(r.output),
+                "meta_info": {"id": r.rid, "finish_reason": finish,
+                              "prompt_tokens": len(r.prompt),
+                              "weight_version": spans[-1]["version"], "num_retractions": 0,
+                              "output_token_logprobs": [[lp, t, None] for lp, t in
+                                                        zip(r.logprobs, r.output)],
+                              "reasoning_tokens": 0, "completion_tokens": len(r.output),
+                              "cached_tokens": r.cached_tokens, "weight_versions": spans,
+                              "e2e_latency": time.monotonic() - r.started}}
+
+    async def _h_abort_request(self, body, query):
+        _fields(body, {"rid": (str, False), "abort_all": (bool, False)})
+        for r in list(self.running.values()):
+            if body.get("abort_all") or (body.get("rid") and r.rid == body["rid"]):
+                r.abort_message = "Abort in waiting queue" if not r.output else "Aborted"
+        return 200, None
+
+    # ---- pause / continue / flush
+
+    async def _h_pause_generation(self, body, query):
+        _fields(body, {"mode": (str, False)})
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise _validation_error(f"Input should be 'abort', 'retract' or 'in_place': {mode!r}")
+        self.pause_mode = mode
+        self._unpaused.clear()
+        if mode == "abort":  # abort every request, then wait until none is left in flight
+            while self.running:
+                for r in self.running.values():
+                    r.abort_message = r.abort_message or "Aborted"
+                await asyncio.sleep(0.005)
+        return 200, {"message": "Generation paused successfully.", "status": "ok"}
+
+    async def _h_continue_generation(self, body, query):
+        _fields(body, {"torch_empty_cache": (bool, False)})
+        self.pause_mode = None
+        self._unpaused.set()
+        return 200, {"message": "Generation continued successfully.", "status": "ok"}
+
+    def _idle(self) -> bool:
+        # Scheduler.is_fully_idle(ignore_waiting=paused): retracted requests wait and do not count
+        return not self.running or self.pause_mode in ("abort", "retract")
+
+    def _flush(self) -> bool:
+        if not self._idle():
+            return False
+        self._cache.clear()
+        return True
+
+    async def _h_flush_cache(self, body, query):
+        timeout = float(query.get("timeout", 0.0))
+        deadline = time.monotonic() + timeout
+        while not self._idle() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._flush():
+            return 200, FLUSH_OK_TEXT
+        if timeout > 0:
+            return 400, "Timed out waiting for idle state."
+        return 400, "Flush cache failed.\n"
+
+    # ---- weight updates
+
+    async def _h_init_weights_update_group(self, body, query):
+        _fields(body, {"master_address": (str, True), "master_port": (int, True),
+                       "rank_offset": (int, True), "world_size": (int, True),
+                       "group_name": (str, False), "backend": (str, False)})
+        name = body.get("group_name", "weight_update_group")
+        first, world = body["rank_offset"], body["world_size"]
+        if first + self.tp_size > world:
+            return 400, {"success": False, "message": "Failed to initialize custom process "
+                         f"group: ranks {first}..{first + self.tp_size - 1} do not fit "
+                         f"world_size {world}."}
+        # NCCL rendezvous: SGLang blocks until the trainer (rank 0) hosts the store
+        deadline = time.monotonic() + self.init_group_timeout
+        while True:
+            try:
+                _, w = await asyncio.open_connection(body["master_address"], body["master_port"])
+                w.close()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    return 400, {"success": False, "message": "Failed to initialize custom "
+                                 f"process group: {e}."}
+                await asyncio.sleep(0.05)
+        self.groups[name] = dict(body)
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    async def _h_destroy_weights_update_group(self, body, query):
+        _fields(body, {"group_name": (str, False)})
+        name = body.get("group_name", "weight_update_group")
+        if self.groups.pop(name, None) is None:
+            return 400, {"success": False, "message": f"Group {name} not found."}
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+    async def _h_begin_weight_update(self, body, query):
+        _fields(body, {"selector": (str, False)})
+        if self.session_open:
+            return 400, {"success": False, "message": "a weight-update session is already "
+                                                      "open; call end_weight_update() first"}
+        self.session_open = True
+        return 200, {"success": True, "message": "Success"}
+
+    async def _h_end_weight_update(self, body, query):
+        _fields(body, {})
+        if not self.session_open:
+            return 400, {"success": False, "message": "no weight-update session is open; call "
+                                                      "begin_weight_update() first"}
+        self.session_open = False
+        return 200, {"success": True, "message": "Success"}
+
+    def _set_version(self, version: str | None) -> None:
+        if version is None or version == self.weight_version:
+            return
+        for r in self.running.values():  # Scheduler.record_weight_version_change
+            if r.output:
+                r.events.append((self.weight_version, len(r.output)))
+        self.weight_version = version
+
+    async def _h_update_weights_from_distributed(self, body, query):
+        _fields(body, {"names": (list, True), "dtypes": (list, True), "shapes": (list, True),
+                       "group_name": (str, False), "flush_cache": (bool, False),
+                       "abort_all_requests": (bool, False), "weight_version": (str, False),
+                       "load_format": (str, False), "selector": (str, False),
+                       "torch_empty_cache": (bool, False)})
+        if not self.session_open:
+            return 400, {"success": False,
+                         "message": NOT_IN_SESSION.format(op="update_weights_from_distributed")}
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        group = body.get("group_name", "weight_update_group")
+        problem = None
+        if group not in self.groups:
+            problem = f"process group {group!r} is not initialized"
+        elif not len(names) == len(dtypes) == len(shapes):
+            problem = f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes"
+        elif bad := [d for d in dtypes if d not in DTYPES]:
+            problem = f"module 'torch' has no attribute '{bad[0]}'"
+        elif any(not isinstance(s, list) or not all(isinstance(d, int) for d in s) for s in shapes):
+            problem = f"bad shapes {shapes!r}"
+        if problem:
+            return 400, {"success": False, "message": f"Failed to receive weights: {problem}"}
+        self.update_in_flight += 1
+        try:
+            await asyncio.sleep(self.update_delay)  # the NCCL receive of this bucket
+        finally:
+            self.update_in_flight -= 1
+        self.received.append({"names": names, "dtypes": dtypes, "shapes": shapes,
+                              "group_name": group, "weight_version": body.get("weight_version")})
+        return self._after_update(body, "Succeeded to update parameter online.")
+
+    def _after_update(self, body: dict, message: str, **extra):
+        version = body.get("weight_version")
+        if body.get("flush_cache", True) and not self._flush():
+            return 400, {"success": False, "message": FLUSH_BUSY, **extra}
+        self._set_version(version)
+        if version is not None:
+            message += f" Weight version updated to {version}."
+        return 200, {"success": True, "message": message, **extra}
+
+    async def _h_update_weights_from_tensor(self, body, query):
+        _fields(body, {"serialized_named_tensors": (list, True), "load_format": (str, False),
+                       "flush_cache": (bool, False), "abort_all_requests": (bool, False),
+                       "weight_version": (str, False), "selector": (str, False),
+                       "torch_empty_cache": (bool, False)})
+        if not self.session_open:
+            return 400, {"success": False,
+                         "message": NOT_IN_SESSION.format(op="update_weights_from_tensor")}
+        return self._after_update(body, "Success")
+
+    async def _h_update_weights_from_disk(self, body, query):
+        _fields(body, {"model_path": (str, True), "load_format": (str, False),
+                       "abort_all_requests": (bool, False), "weight_version": (str, False),
+                       "flush_cache": (bool, False)})
+        path = body["model_path"]
+        if not os.path.exists(path):
+            return 400, {"success": False, "num_paused_requests": 0,
+                         "message": f"Failed to get weights iterator: {path} (repository not "
+                                    "found)."}
+        while self.pause_mode is None and self.running:  # the model_update_lock writer waits
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(self.update_delay)
+        self.model_path = path
+        return self._after_update(body, "Succeeded to update model weights.",
+                                  num_paused_requests=0)
+
+
+def _spans(events: list[tuple[str, int]], current: str, n: int) -> list[dict]:
+    """sglang.srt.utils.weight_versions.compute_weight_version_spans, as JSON."""
+    spans: list[dict] = []
+    for version, end in [*events, (current, n)]:
+        end = min(end, n)
+        if spans and end <= spans[-1]["end"]:
+            continue
+        if spans and version == spans[-1]["version"]:
+            spans[-1]["end"] = end
+            continue
+        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
+    return spans
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="fake SGLang 0.5.23 server for tests")
+    ap.add_argument("--model-path", default="fake-model")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--weight-version", default="default")
+    ap.add_argument("--mem-fraction-static", type=float)
+    ap.add_argument("--random-seed", type=int)
+    ap.add_argument("--skip-tokenizer-init", action="store_true")
+    ap.add_argument("--startup-delay", type=float, default=0.0, help="fake: 503 for this long")
+    ap.add_argument("--token-delay", type=float, default=0.002, help="fake: seconds per token")
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--update-delay", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    fake = FakeSGLang(host=args.host, port=args.port, model_path=args.model_path,
+                      tp_size=args.tp_size, weight_version=args.weight_version,
+                      startup_delay=args.startup_delay, token_delay=args.token_delay,
+                      vocab_size=args.vocab_size, update_delay=args.update_delay)
+
+    async def serve():
+        await fake.start()
+        print(f"fake sglang {VERSION}: serving {args.model_path} on {fake.url}", flush=True)
+        await asyncio.sleep(args.startup_delay)
+        print("The server is fired up and ready to roll!", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from launcher.config import (ConfigError, ExperimentConfig, apply_override, check_trainable, config_to_yaml,
+                             describe_mode, dump_config, from_dict, load_config, main)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+# --- the generic converter ----------------------------------------------------------------
+
+@dataclass
+class Inner:
+    x: int = 0
+
+
+@dataclass
+class Sample:
+    flag: bool = False
+    n: int = 1
+    f: float = 1.0
+    s: str = "a"
+    opt: int | None = None
+    mode: Literal["a", "b"] = "a"
+    num: Literal[1, 2] = 1
+    items: list[int] = field(default_factory=list)
+    pair: tuple[int, str] = (0, "z")
+    many: tuple[float, ...] = ()
+    table: dict[str, float] = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+    either: int | str = 0
+
+
+@dataclass
+class Required:
+    must: str
+
+
+def test_from_dict_converts_every_kind():
+    got = from_dict(Sample, {
+        "flag": True, "n": 3, "f": 2, "s": "x", "opt": 4, "mode": "b", "num": 2, "items": [1, 2],
+        "pair": [5, "y"], "many": [1, 2.5], "table": {"k": 3}, "inner": {"x": 7}, "either": "w"})
+    assert got == Sample(True, 3, 2.0, "x", 4, "b", 2, [1, 2], (5, "y"), (1.0, 2.5), {"k": 3.0}, Inner(7), "w")
+    assert isinstance(got.f, float) and isinstance(got.table["k"], float)
+    assert from_dict(Sample, {"opt": None}).opt is None
+    assert from_dict(Sample, {}) == Sample()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"flag": 1}, "flag: expected true or false, got 1"),
+    ({"flag": "yes"}, "flag: expected true or false, got 'yes'"),
+    ({"n": True}, "n: expected an integer, got True"),
+    ({"n": 1.5}, "n: expected an integer, got 1.5"),
+    ({"f": "abc"}, "f: expected a number, got 'abc'"),
+    ({"f": False}, "f: expected a number, got False"),
+    ({"s": 3}, "s: expected a string, got 3"),
+    ({"opt": "x"}, "opt: expected an integer or null, got 'x'"),
+    ({"mode": "c"}, "mode: expected one of 'a', 'b', got 'c'"),
+    ({"num": True}, "num: expected one of 1, 2, got True"),
+    ({"num": 1.0}, "num: expected one of 1, 2, got 1.0"),
+    ({"items": [1, "2"]}, "items[1]: expected an integer, got '2'"),
+    ({"items": 5}, "items: expected a list of integers, got 5"),
+    ({"pair": [1]}, "pair: expected a list of 2 items (an integer, a string), got [1]"),
+    ({"pair": ["1", "y"]}, "pair[0]: expected an integer, got '1'"),
+    ({"many": [1, None]}, "many[1]: expected a number, got None"),
+    ({"table": {"k": "v"}}, "table.k: expected a number, got 'v'"),
+    ({"inner": {"x": "1"}}, "inner.x: expected an integer, got '1'"),
+    ({"inner": 3}, "inner: expected a mapping (Inner), got 3"),
+    ({"inner": {"y": 1}}, "inner.y: unknown key"),
+    ({"either": 1.5}, "either: expected an integer or a string, got 1.5"),
+    ({"nn": 1}, "nn: unknown key; did you mean 'top.n'?"),
+])
+def test_from_dict_errors_name_key_expected_and_given(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Sample, data, "top")
+    assert str(e.value).startswith("top." + message)
+
+
+def test_missing_required_field_and_top_level_type():
+    with pytest.raises(ConfigError, match=r"^must: required, expected a string$"):
+        from_dict(Required, {})
+    with pytest.raises(ConfigError, match=r"expected a mapping \(Required\), got \[1\]"):
+        from_dict(Required, [1])
+
+
+# --- the experiment config -------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("ppo:\n  lr: abc\n", "ppo.lr: expected a number, got 'abc'"),
+    ("ppo:\n  lr: -1\n", "ppo.lr: must be > 0, got -1.0"),
+    ("ppo:\n  kl_estimator: k2\n", "ppo.kl_estimator: must be 'k1' or 'k3', got 'k2'"),
+    ("ppo:\n  adam_betas: [0.9]\n", "ppo.adam_betas: expected a list of 2 items (a number, a number), got [0.9]"),
+    ("ppo:\n  minibatchs: 2\n", "ppo.minibatchs: unknown key; did you mean 'ppo.minibatches'?"),
+    ("rollout:\n  group_sise: 2\n", "rollout.group_sise: unknown key; did you mean 'rollout.group_size'?"),
+    ("rollout:\n  top_p: 1.5\n", "rollout.top_p: expected a number in (0, 1], got 1.5"),
+    ("rollout:\n  top_p: abc\n", "rollout.top_p: expected a number in (0, 1], got 'abc'"),
+    ("rollout:\n  max_staleness: -1\n", "rollout.max_staleness: expected an integer >= 0, got -1"),
+    ("rollout:\n  group_size: 0\n", "rollout.group_size: expected an integer >= 1, got 0"),
+    ("rollout:\n  force_newline: 1\n", "rollout.force_newline: expected true or false, got 1"),
+    ("rollout:\n  force_newline: 'yes'\n", "rollout.force_newline: expected true or false, got 'yes'"),
+    ("rollout:\n  batch_prompts: true\n", "rollout.batch_prompts: expected an integer >= 1, got True"),
+    ("rollout:\n  batch_prompts: 2.0\n", "rollout.batch_prompts: expected an integer >= 1, got 2.0"),
+    ("model:\n  dtype: float16\n", "model.dtype: expected one of 'float32', 'bfloat16', got 'float16'"),
+    ("model:\n  device: gpu\n", "model.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+    ("train:\n  on_learner_death: retry\n", "train.on_learner_death: expected one of 'stop', 'restart', got 'retry'"),
+    ("actors:\n  learner:\n    count: 2\n",
+     "actors.learner.count: expected 1 (only generator and verifier may run several), got 2"),
+    ("actors:\n  generator:\n    backend: vllm\n",
+     "actors.generator.backend: expected one of 'torch', 'sglang', got 'vllm'"),
+    ("actors:\n  generator:\n    hosts: node-1\n",
+     "actors.generator.hosts: expected a list of strings or null, got 'node-1'"),
+    ("actors:\n  genrator:\n    count: 2\n", "actors.genrator: unknown key; did you mean 'actors.generator'?"),
+    ("bus:\n  port: 70000\n", "bus.port: expected an integer in [0, 65535] (0 = pick a free port), got 70000"),
+    ("name: 'a b'\n", "name: expected a string made of letters, digits, '.', '_', '-', got 'a b'"),
+    ("eval:\n  k: 0\n", "eval.k: expected an integer >= 1, got 0"),
+    ("verifier:\n  timeout: 0\n", "verifier.timeout: expected a number > 0 (seconds), got 0.0"),
+    ("reward:\n  correct: .inf\n", "reward.correct: must be a finite number, got inf"),
+    ("reward:\n  wrong: 6\n", "reward: correct (5.0) must be greater than wrong (6.0)"),
+    ("reward:\n  wrong: '-5'\n", "reward.wrong: expected a number, got '-5'"),
+    ("zzz: 1\n", "zzz: unknown key; known keys: name, run_dir"),
+])
+def test_config_errors(tmp_path, yaml_text, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, yaml_text))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_defaults_and_derived_run_dir():
+    cfg = load_config()
+    assert cfg.name == "exp" and cfg.run_dir == "runs/exp" and cfg.seed == 1
+    assert cfg.model.path == "smollm2" and cfg.rollout.group_size == 4 and cfg.ppo.lr == 2e-5
+    assert cfg.reward.correct == 5.0 and cfg.reward.wrong == -5.0
+    assert cfg.actors.generator.backend == "torch" and cfg.actors.generator.sglang_args == []
+    assert cfg.bus.max_message_bytes == 16 * 1024 * 1024
+    assert load_config(overrides=["name=abc"]).run_dir == "runs/abc"
+
+
+def test_scientific_notation_without_dot_is_a_float(tmp_path):
+    # plain YAML 1.1 reads 2e-5 as a string; a config user means a number
+    cfg = load_config(write(tmp_path, "ppo:\n  lr: 3e-5\n  adam_eps: 1E-8\n"))
+    assert cfg.ppo.lr == 3e-5 and cfg.ppo.adam_eps == 1e-8
+
+
+def test_yaml_problems_name_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml:3: duplicate key 'lr' \(first at line 2\)"):
+        load_config(write(tmp_path, "ppo:\n  lr: 1.0\n  lr: 2.0\n"))
+    with pytest.raises(ConfigError, match=r"exp\.yaml:2:\d+: invalid YAML: mapping values are not allowed"):
+        load_config(write(tmp_path, "name: x\nppo: lr: 1\n"))
+    with pytest.raises(ConfigError, match=r"expected a mapping of sections at the top level, got \[1, 2\]"):
+        load_config(write(tmp_path, "[1, 2]\n"))
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    assert load_config(write(tmp_path, "# only a comment\n")) == load_config()
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, "rollout:\n  group_size: 8\n")
+    cfg = load_config(p, ["rollout.group_size=2", "ppo.adam_betas=[0.8, 0.9]", "data.test=null",
+                          "actors.generator.hosts=[a, b]", "rollout.force_newline=true", "eval.top_p=0.95"])
+    assert cfg.rollout.group_size == 2 and cfg.ppo.adam_betas == (0.8, 0.9)
+    assert cfg.data.test is None and cfg.actors.generator.hosts == ["a", "b"]
+    assert cfg.rollout.force_newline is True and cfg.eval.top_p == 0.95
+    with pytest.raises(ConfigError, match=r"rollout\.max_stalenes: unknown key; did you mean 'rollout\.max_staleness'"):
+        load_config(p, ["rollout.max_stalenes=1"])
+    with pytest.raises(ConfigError, match=r"rollout\.group_size: expected an integer >= 1, got 'two'"):
+        load_config(p, ["rollout.group_size=two"])
+    for bad in ["rollout.group_size", "=3", "a..b=1"]:
+        with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
+            load_config(p, [bad])
+    with pytest.raises(ConfigError, match=r"override 'seed\.x=1': seed is not a section"):
+        apply_override({"seed": 3}, "seed.x=1")
+
+
+def test_dump_round_trips_through_yaml(tmp_path):
+    cfg = load_config(overrides=["name=rt", "rollout.max_staleness=2", "ppo.dual_clip=3",
+                                 "actors.generator.count=3", "actors.generator.sglang_args=[--tp, '2']",
+                                 "data.train=x.jsonl"])
+    data = dump_config(cfg)
+    assert data["ppo"]["adam_betas"] == [0.9, 0.999]           # tuples become YAML lists
+    assert from_dict(ExperimentConfig, data) == cfg
+    p = tmp_path / "dumped.yaml"
+    p.write_text(config_to_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def leaves(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
+def test_example_yaml_documents_every_key_and_tiny_yaml_loads():
+    example = yaml.safe_load((REPO / "configs/example.yaml").read_text())
+    assert leaves(example) == leaves(dump_config(load_config()))
+    cfg = load_config(REPO / "configs/example.yaml")
+    defaults = dump_config(load_config(overrides=["name=example", "data.train=data/arith/train.jsonl",
+                                                  "data.test=data/arith/test.jsonl"]))
+    assert dump_config(cfg) == defaults          # the documented values are the defaults
+    tiny = load_config(REPO / "configs/tiny.yaml")
+    assert tiny.model.path == "tiny" and tiny.rollout.max_new_tokens <= 32
+
+
+def test_describe_mode():
+    assert describe_mode(load_config()) == "synchronous (max_staleness=0)"
+    assert describe_mode(load_config(overrides=["rollout.max_staleness=2"])) == "asynchronous (max_staleness=2)"
+
+
+def test_check_trainable(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train: required to train"):
+        check_trainable(load_config())
+    with pytest.raises(ConfigError, match=r"data\.train: no such file"):
+        check_trainable(load_config(overrides=[f"data.train={tmp_path}/missing.jsonl"]))
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    check_trainable(load_config(overrides=[f"data.train={tmp_path}/t.jsonl"]))
+
+
+def test_direct_construction_is_range_checked_too():
+    from launcher.config import FieldError, RolloutConfig
+    with pytest.raises(FieldError, match=r"group_size: expected an integer >= 1, got 0"):
+        RolloutConfig(group_size=0)
+
+
+def test_cli_prints_effective_config(tmp_path, capsys):
+    assert main([str(write(tmp_path, "name: cli\n")), "rollout.max_staleness=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# mode: asynchronous (max_staleness=1)")
+    assert yaml.safe_load(out)["name"] == "cli"
+    assert main(["ppo.lr=abc"]) == 2
+    assert "config error: ppo.lr: expected a number, got 'abc'" in capsys.readouterr().err
