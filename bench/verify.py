@@ -58,6 +58,8 @@ ADVERSARIAL = [
     "{{" * 10000 + "1" + "}}" * 10000,
     "1" * 1_000_000,
     "x" * 1500,
+    "7" * 1999,  # one long number: passes the guards, cheap to compare
+    "\\int_0^1 \\sum_{{k}} \\frac{{x^k}}{{k!}}\\, dx \\cdot " * 6,  # LaTeX noise that reaches sympy
     "(" * 60 + "1" + ")" * 60,
     "10^{{10^{{10}}}}",
     "99999!",

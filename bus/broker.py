@@ -98,8 +98,8 @@ class Broker:
         if curve is None and not insecure and not is_loopback(bind):
             raise ValueError(
                 f"refusing to bind the bus to {bind!r} without CurveZMQ keys: anyone on the network could "
-                "join and send commands. Make keys (`python -m launcher keys DIR`) and pass curve=load_keys(DIR), "
-                "or pass insecure=True on a trusted network."
+                "join and send commands. Make keys with `python -m launcher keys DIR` and give them to the broker "
+                "(curve=load_keys(DIR), or --keys DIR), or allow it on a trusted network (insecure=True, or --insecure)."
             )
         if curve is not None and curve.server_secret is None:
             raise ValueError("curve keys lack the broker's secret key (broker.key_secret) needed to serve")
@@ -163,6 +163,7 @@ class Broker:
         """Bind and run the routing loop in a background thread; returns the address."""
         if self._thread is not None:
             raise RuntimeError("broker already started")
+        self._stopping.clear()
         self.open()
         self._thread = threading.Thread(target=self.serve_forever, name="bus-broker", daemon=True)
         self._thread.start()
@@ -218,10 +219,14 @@ class Broker:
                 now = monotonic()
                 if ident is not None:
                     frame = recv(0, copy=False)  # the rest of a multipart message is already here
-                    if frame.more:
-                        self._drop_rest(ident)
-                    else:
-                        handle(ident, frame, now)
+                    try:
+                        if frame.more:
+                            self._drop_rest(ident)
+                        else:
+                            handle(ident, frame, now)
+                    except Exception:  # a bug handling one message must not stop the bus
+                        self.stats["dropped"] += 1
+                        log.exception("broker failed handling a frame from %s; dropped it", ident.hex())
                 if now >= next_expiry:
                     next_expiry = now + expire_every
                     self._expire(now)

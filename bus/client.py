@@ -311,19 +311,24 @@ class BusClient:
 
     async def _reregister(self) -> None:
         window = self.heartbeat_interval * self.heartbeat_liveness
+        started, attempts = time.monotonic(), 0
         while not self._closing:
+            attempts += 1
+            level = logging.WARNING if attempts == 1 or attempts % 20 == 0 else logging.DEBUG
             try:
                 await self._register(window)
+                log.info("%s: registered again with the broker after %.2fs", self.name, time.monotonic() - started)
                 return
             except NameTaken as e:
-                log.error("%s: cannot re-register: %s; retrying", self.name, e)
+                log.log(level, "%s: cannot re-register: %s; retrying", self.name, e)
                 await asyncio.sleep(self.heartbeat_interval)
             except BusTimeout:
-                log.warning("%s: broker at %s does not answer; rebuilding the socket", self.name, self.address)
+                log.log(level, "%s: broker at %s does not answer (%.1fs so far); rebuilding the socket",
+                        self.name, self.address, time.monotonic() - started)
                 self._close_socket()
                 self._open_socket()
             except BusError as e:
-                log.error("%s: re-registration failed: %s", self.name, e)
+                log.log(level, "%s: re-registration failed: %s", self.name, e)
                 await asyncio.sleep(self.heartbeat_interval)
 
     async def _heartbeat_loop(self) -> None:
@@ -347,12 +352,13 @@ class BusClient:
     # ---- receiving -------------------------------------------------------------------------
     def _on_readable(self) -> None:
         # Drain while ZMQ_EVENTS says POLLIN (cheaper than running into zmq.Again, which costs
-        # an exception); reading EVENTS also re-arms the FD for the next wake-up.
-        self._recheck = False
+        # an exception); reading EVENTS also re-arms the FD for the next wake-up. Replies sent by
+        # handlers during the drain need no extra check: the next EVENTS read covers them.
         sock = self._sock
         if sock is None:
             return
         recv, dispatch, events = sock.recv, self._dispatch, sock.getsockopt
+        self._recheck = True
         try:
             for _ in range(1024):  # bounded, so a flood cannot starve the rest of the loop
                 if not events(EVENTS) & POLLIN:
@@ -360,10 +366,11 @@ class BusClient:
                 dispatch(recv(NOBLOCK))
                 if self._sock is not sock:
                     return
+            self._loop.call_soon(self._on_readable)
         except zmq.ZMQError as e:
             log.debug("%s: recv failed: %s", self.name, e)
-            return
-        self._loop.call_soon(self._on_readable)
+        finally:
+            self._recheck = False
 
     def _dispatch(self, frame: bytes) -> None:
         self._last_heard = time.monotonic()
@@ -392,6 +399,9 @@ class BusClient:
             p = self._pending.get(env.cid)
             if p is not None and p.type == "registration reply":
                 p.future.set_exception(BusError("broker refused registration as unknown sender"))
+                return
+            if p is not None and p.type == "goodbye ack":  # the broker forgot us already: done
+                p.future.set_result(None)
                 return
             if p is not None:
                 self._parked.append(env.cid)

@@ -92,7 +92,7 @@ def _client_kwargs(keys_dir: str | None) -> dict:
         return {}
     from bus.keys import load_keys
     keys = load_keys(keys_dir)
-    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys()}
+    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
 
 
 def cmd_attach(args) -> int:

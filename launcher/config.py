@@ -2,7 +2,7 @@
 
 Everything is checked once, here at the edge, so the actors can trust their config. Every bad value
 is a `ConfigError` that names the dotted key, what was expected and what was given, e.g.
-``ppo.lr: expected a number > 0, got 'abc'``; an unknown key names the closest known one.
+``rollout.top_p: expected a number in (0, 1], got 'abc'``; an unknown key names the closest known one.
 
 `from_dict` is generic over dataclasses (nested dataclasses, Optional/unions, Literal, bool, int,
 float, str, list[X], tuple[X, Y], tuple[X, ...], dict[str, X]). Range checks live in field metadata
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import sys
 import types
@@ -80,13 +81,9 @@ def _safe(check: Callable[[Any], bool], value: Any) -> bool:
 
 # ----------------------------------------------------------------------------- generic conversion
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:    # a cache of pure type information, not state
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+    return typing.get_type_hints(cls)
 
 
 def describe(tp: Any) -> str:

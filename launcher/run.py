@@ -46,7 +46,7 @@ def bus_kwargs(cfg: ExperimentConfig) -> dict:
     if cfg.bus.keys_dir:
         from bus.keys import load_keys
         keys = load_keys(cfg.bus.keys_dir)
-        kw.update(curve_server_key=keys.server_public, curve_client_keys=keys.client_keys())
+        kw.update(curve_server_key=keys.server_public, curve_client_keys=keys.client_keys)
     return kw
 
 

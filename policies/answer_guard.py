@@ -17,11 +17,12 @@ from dataclasses import dataclass
 class GuardConfig:
     max_chars: int = 2000  # a real final answer is a few dozen characters
     max_depth: int = 40  # nesting of {} () []
+    max_atoms: int = 400  # numbers, letters and commands: sympy's work grows with them
     max_digits: int = 100_000  # decimal digits a power may evaluate to
     max_factorial: int = 5_000  # n! for n above this is refused
 
     def __post_init__(self) -> None:
-        for name in ("max_chars", "max_depth", "max_digits", "max_factorial"):
+        for name in ("max_chars", "max_depth", "max_atoms", "max_digits", "max_factorial"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GuardConfig.{name} must be > 0, got {getattr(self, name)}")
 
@@ -30,6 +31,7 @@ _OPEN, _CLOSE = "{([", "})]"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
 _CARET = re.compile(r"\^|\*\*")
+_ATOM = re.compile(r"\\[A-Za-z]+|[A-Za-z]|\d+")
 
 
 def refusal(answer: str, cfg: GuardConfig = GuardConfig()) -> str | None:
@@ -42,6 +44,9 @@ def refusal(answer: str, cfg: GuardConfig = GuardConfig()) -> str | None:
         deepest = max(deepest, depth)
     if deepest > cfg.max_depth:
         return f"answer nests {deepest} levels of brackets (limit {cfg.max_depth})"
+    atoms = sum(1 for _ in _ATOM.finditer(answer))
+    if atoms > cfg.max_atoms:
+        return f"answer has {atoms} symbols and numbers (limit {cfg.max_atoms})"
     for m in _FACTORIAL.finditer(answer):
         if int(m.group(1)) > cfg.max_factorial:
             return f"factorial of {m.group(1)} (limit {cfg.max_factorial})"

@@ -4,11 +4,13 @@ No padding anywhere.  A batch holds three kinds of data:
 
 * token fields (`tokens`): tensors whose first dimension is T = cu_seqlens[-1], one row per token;
 * sequence fields (`seqs`): tensors whose first dimension is S = number of sequences;
-* `meta`: a msgpack-able dict.  The rule for meta: a value that is a Python ``list`` whose length
-  equals S is *per sequence* and follows its sequences through `select`, `split` and `concat`;
-  every other value (scalars, dicts, tuples, lists of another length) is *batch level*: `select`
-  and `split` keep it as is, and `concat` requires it to be equal in every batch.  Keep batch-level
-  lists out of meta's top level (wrap them in a dict) if they could happen to have length S.
+* `meta`: a msgpack-able dict.  Its keys named in `seq_meta` hold *per-sequence* lists (length S)
+  that follow their sequences through `select`, `split` and `concat`; every other key is *batch
+  level*: `select` and `split` keep it as is and `concat` requires it equal in every batch.
+  When a batch is built without an explicit `seq_meta`, the keys whose value is a ``list`` of
+  length S are taken as per-sequence; from then on the set is carried explicitly (through
+  select/concat and the wire), never guessed again, so a later batch of another size cannot
+  mistake a batch-level list for a per-sequence one.  Pass `seq_meta` yourself to override.
 
 The RL fields have fixed dtypes (see TOKEN_DTYPES / SEQ_DTYPES); any other named field is allowed.
 """
@@ -39,7 +41,7 @@ RESERVED_NAMES = frozenset({"cu_seqlens"})
 
 
 def is_per_sequence(value: Any, num_seqs: int) -> bool:
-    """The meta rule: a list of exactly `num_seqs` items travels with the sequences."""
+    """How a new batch's per-sequence meta keys are recognised: a list of exactly `num_seqs` items."""
     return isinstance(value, list) and len(value) == num_seqs
 
 
@@ -49,12 +51,19 @@ class PackedBatch:
     tokens: dict[str, torch.Tensor]
     seqs: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    seq_meta: frozenset[str] | None = None  # per-sequence meta keys; None: lists of length S
 
     def __post_init__(self) -> None:
         self.tokens = dict(self.tokens)
         self.seqs = dict(self.seqs)
         self.meta = dict(self.meta) if self.meta is not None else {}
         _validate(self)
+        if self.seq_meta is None:
+            self.seq_meta = frozenset(k for k, v in self.meta.items() if is_per_sequence(v, self.num_seqs))
+        self.seq_meta = frozenset(self.seq_meta)
+        for key in self.seq_meta:
+            if not is_per_sequence(self.meta.get(key), self.num_seqs):
+                raise BatchError("meta", f"per-sequence key {key!r} must be a list of {self.num_seqs} items")
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -130,12 +139,15 @@ class PackedBatch:
     ) -> PackedBatch:
         """A new batch sharing this one's tensors, with token/sequence fields added or replaced."""
         return PackedBatch(
-            self.cu_seqlens, {**self.tokens, **(tokens or {})}, {**self.seqs, **(seqs or {})}, dict(self.meta)
+            self.cu_seqlens, {**self.tokens, **(tokens or {})}, {**self.seqs, **(seqs or {})}, dict(self.meta),
+            self.seq_meta,
         )
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def from_sequences(cls, sequences: Sequence[Mapping[str, Any]], meta: dict | None = None) -> PackedBatch:
+    def from_sequences(
+        cls, sequences: Sequence[Mapping[str, Any]], meta: dict | None = None, seq_meta: Iterable[str] | None = None
+    ) -> PackedBatch:
         """Pack a list of per-sequence dicts.
 
         Every dict has the same keys and at least `input_ids`.  A value that is a scalar (number or
@@ -174,7 +186,7 @@ class PackedBatch:
                 seqs[key] = _stack_scalars(key, values, SEQ_DTYPES.get(key))
             else:
                 tokens[key] = _cat_token_values(key, values, lengths, TOKEN_DTYPES.get(key))
-        return cls(cu, tokens, seqs, dict(meta or {}))
+        return cls(cu, tokens, seqs, dict(meta or {}), None if seq_meta is None else frozenset(seq_meta))
 
     def sequences(self) -> list[dict[str, Any]]:
         """The inverse of `from_sequences`: one dict per sequence (token fields as tensor views)."""
@@ -200,14 +212,13 @@ class PackedBatch:
         shift = torch.repeat_interleave(starts - new_cu[:-1], lens, output_size=total)
         token_idx = shift + torch.arange(total, device=self.device)
         idx_list = idx.tolist()
-        meta = {
-            k: [v[i] for i in idx_list] if is_per_sequence(v, self.num_seqs) else v for k, v in self.meta.items()
-        }
+        meta = {k: [v[i] for i in idx_list] if k in self.seq_meta else v for k, v in self.meta.items()}
         return PackedBatch(
             new_cu.to(torch.int32),
             {k: v.index_select(0, token_idx) for k, v in self.tokens.items()},
             {k: v.index_select(0, idx) for k, v in self.seqs.items()},
             meta,
+            self.seq_meta,
         )
 
     def split(self, groups: Iterable[Iterable[int]]) -> list[PackedBatch]:
@@ -230,7 +241,7 @@ class PackedBatch:
             cu.to(torch.int32),
             {k: torch.cat([b.tokens[k] for b in batches]) for k in first.tokens},
             {k: torch.cat([b.seqs[k] for b in batches]) for k in first.seqs},
-            _concat_meta(batches),
+            *_concat_meta(batches),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
@@ -242,6 +253,7 @@ class PackedBatch:
             {k: move(v) for k, v in self.tokens.items()},
             {k: move(v) for k, v in self.seqs.items()},
             dict(self.meta),
+            self.seq_meta,
         )
 
     def equals(self, other: PackedBatch) -> bool:
@@ -253,7 +265,8 @@ class PackedBatch:
         pairs = [(v, other.tokens[k]) for k, v in self.tokens.items()] + [
             (v, other.seqs[k]) for k, v in self.seqs.items()
         ]
-        return all(a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs) and self.meta == other.meta
+        same_tensors = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs)
+        return same_tensors and self.meta == other.meta and self.seq_meta == other.seq_meta
 
 
 # ---- validation (pure helpers) ---------------------------------------------------------------
@@ -315,14 +328,14 @@ def _check_compatible(first: PackedBatch, other: PackedBatch, j: int) -> None:
         raise BatchError("cu_seqlens", f"batch {j} is on {other.device}, batch 0 on {first.device}")
 
 
-def _concat_meta(batches: list[PackedBatch]) -> dict[str, Any]:
+def _concat_meta(batches: list[PackedBatch]) -> tuple[dict[str, Any], frozenset[str]]:
     out: dict[str, Any] = {}
     keys = list(dict.fromkeys(k for b in batches for k in b.meta))
     for key in keys:
         missing = [j for j, b in enumerate(batches) if key not in b.meta]
         if missing:
             raise BatchError("meta", f"key {key!r} is missing in batch {missing[0]}")
-        per_seq = [is_per_sequence(b.meta[key], b.num_seqs) for b in batches]
+        per_seq = [key in b.seq_meta for b in batches]
         if all(per_seq):
             out[key] = [x for b in batches for x in b.meta[key]]
         elif not any(per_seq):
@@ -336,7 +349,7 @@ def _concat_meta(batches: list[PackedBatch]) -> dict[str, Any]:
             raise BatchError(
                 "meta", f"key {key!r} is per-sequence in one batch and batch-level in another (batch 0 vs {j})"
             )
-    return out
+    return out, frozenset(k for k in keys if k in batches[0].seq_meta)
 
 
 def _as_index(seq_indices: Iterable[int] | torch.Tensor, num_seqs: int, device: torch.device) -> torch.Tensor:

@@ -5,7 +5,7 @@ given buffers, so neither copies payload bytes (a CPU, contiguous tensor is requ
 other tensors are made so once).  Decoded tensors share memory with the buffers: keep the buffers
 unmodified while the tensors are in use.  Header layout:
 
-    {"v": 1, "kind": "batch" | "tensors", "meta": {...},
+    {"v": 1, "kind": "batch" | "tensors", "meta": {...}, "seq_meta": [per-sequence meta keys],
      "tensors": [{"name", "role", "dtype", "shape", "nbytes"[, "crc32"]}, ...]}
 
 `role` is "cu_seqlens", "token" or "seq" for a PackedBatch and "tensor" for named tensors.
@@ -54,6 +54,7 @@ class Header:
     kind: str
     entries: tuple[Entry, ...]
     meta: dict[str, Any]
+    seq_meta: frozenset[str] = frozenset()
 
     @property
     def nbytes(self) -> int:
@@ -77,12 +78,12 @@ def tensor_buffer(t: torch.Tensor, name: str = "tensor") -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _named_entries(payload: Payload) -> tuple[str, list[tuple[str, str, torch.Tensor]], dict]:
+def _named_entries(payload: Payload) -> tuple[str, list[tuple[str, str, torch.Tensor]], dict, list[str]]:
     if isinstance(payload, PackedBatch):
         items = [("cu_seqlens", "cu_seqlens", payload.cu_seqlens)]
         items += [(k, "token", v) for k, v in payload.tokens.items()]
         items += [(k, "seq", v) for k, v in payload.seqs.items()]
-        return "batch", items, payload.meta
+        return "batch", items, payload.meta, sorted(payload.seq_meta)
     if isinstance(payload, Mapping):
         items = []
         for k, v in payload.items():
@@ -91,27 +92,43 @@ def _named_entries(payload: Payload) -> tuple[str, list[tuple[str, str, torch.Te
             if not isinstance(v, torch.Tensor):
                 raise WireError(k, f"expected a torch.Tensor, got {type(v).__name__}")
             items.append((k, "tensor", v))
-        return "tensors", items, {}
+        return "tensors", items, {}, []
     raise WireError("payload", f"expected a PackedBatch or a dict of tensors, got {type(payload).__name__}")
 
 
 def encode(payload: Payload, *, checksum: bool = False) -> tuple[bytes, list[memoryview]]:
     """(header, buffers) for a PackedBatch or a dict of named tensors; `checksum` adds a crc32 per buffer."""
-    kind, items, meta = _named_entries(payload)
-    buffers, descs = [], []
-    for name, role, t in items:
-        buf = tensor_buffer(t, name)
-        desc = {"name": name, "role": role, "dtype": _DTYPE_TO_NAME[t.dtype], "shape": list(t.shape),
-                "nbytes": buf.nbytes}  # fmt: skip
-        if checksum:
-            desc["crc32"] = zlib.crc32(buf)
+    kind, items, meta, seq_meta = _named_entries(payload)
+    buffers = [tensor_buffer(t, name) for name, _, t in items]
+    crcs = [zlib.crc32(b) for b in buffers] if checksum else None
+    return _pack_header(kind, items, meta, seq_meta, [b.nbytes for b in buffers], crcs), buffers
+
+
+def encode_tensors(payload: Payload) -> tuple[bytes, list[torch.Tensor]]:
+    """(header, tensors) without touching the bytes: for channels that move them themselves (GPU)."""
+    kind, items, meta, seq_meta = _named_entries(payload)
+    for name, _, t in items:
+        if t.dtype not in _DTYPE_TO_NAME:
+            raise WireError(name, f"dtype {t.dtype} is not supported on the wire")
+    tensors = [t.detach().contiguous() for _, _, t in items]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    return _pack_header(kind, items, meta, seq_meta, sizes, None), tensors
+
+
+def _pack_header(
+    kind: str, items: list, meta: dict, seq_meta: list[str], sizes: list[int], crcs: list[int] | None
+) -> bytes:
+    descs = []
+    for i, ((name, role, t), n) in enumerate(zip(items, sizes)):
+        desc = {"name": name, "role": role, "dtype": _DTYPE_TO_NAME[t.dtype], "shape": list(t.shape), "nbytes": n}
+        if crcs is not None:
+            desc["crc32"] = crcs[i]
         descs.append(desc)
-        buffers.append(buf)
     try:
-        header = msgpack.packb({"v": WIRE_VERSION, "kind": kind, "meta": meta, "tensors": descs}, use_bin_type=True)
+        raw = {"v": WIRE_VERSION, "kind": kind, "meta": meta, "seq_meta": seq_meta, "tensors": descs}
+        return msgpack.packb(raw, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise WireError("meta", f"is not msgpack-serialisable: {e}") from e
-    return header, buffers
 
 
 # ---- decode ----------------------------------------------------------------------------------
@@ -135,6 +152,9 @@ def parse_header(header: bytes | memoryview | Header) -> Header:
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise WireError("meta", f"must be a map, got {type(meta).__name__}")
+    seq_meta = raw.get("seq_meta", [])
+    if not isinstance(seq_meta, list) or not all(isinstance(k, str) and k in meta for k in seq_meta):
+        raise WireError("seq_meta", f"must list keys of meta, got {seq_meta!r}")
     descs = raw.get("tensors")
     if not isinstance(descs, list):
         raise WireError("tensors", "must be a list of tensor descriptions")
@@ -146,7 +166,7 @@ def parse_header(header: bytes | memoryview | Header) -> Header:
         seen.add(entries[-1].name)
     if kind == "batch" and [e.role for e in entries].count("cu_seqlens") != 1:
         raise WireError("cu_seqlens", "a batch header needs exactly one cu_seqlens entry")
-    return Header(kind, tuple(entries), meta)
+    return Header(kind, tuple(entries), meta, frozenset(seq_meta))
 
 
 def _parse_entry(d: Any, i: int, kind: str) -> Entry:
@@ -216,6 +236,6 @@ def decode(header: bytes | memoryview | Header, buffers: Sequence[Buffer]) -> Pa
         else:
             by_role[e.role][e.name] = t
     try:
-        return PackedBatch(cu, by_role["token"], by_role["seq"], h.meta)
+        return PackedBatch(cu, by_role["token"], by_role["seq"], h.meta, h.seq_meta)
     except BatchError as err:
         raise WireError(err.field, err.reason) from err

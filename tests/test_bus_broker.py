@@ -54,14 +54,21 @@ async def test_request_reply_send_and_remote_error(connect):
     def fail(body, src):
         raise ValueError(f"cannot score {body}")
 
+    async def fail_later(body, src):
+        await asyncio.sleep(0.01)
+        raise KeyError(body)
+
     b.on("echo", echo)
     b.on("fail", fail)
+    b.on("fail_later", fail_later)
     b.on("note", lambda body, src: got.append((body, src)))
     assert await a.request("b", "echo", {"x": [1, 2.5, b"\x00"]}, timeout=2) == {"body": {"x": [1, 2.5, b"\x00"]},
                                                                                 "src": "a"}
     with pytest.raises(RemoteError, match="cannot score 7") as e:
         await a.request("b", "fail", 7, timeout=2)
     assert e.value.peer == "b" and e.value.type == "fail"
+    with pytest.raises(RemoteError, match="KeyError: 'k'"):
+        await a.request("b", "fail_later", "k", timeout=2)
     with pytest.raises(RemoteError, match="no handler for 'nope'"):
         await a.request("b", "nope", None, timeout=2)
     await a.send("b", "note", 3)

@@ -87,3 +87,23 @@ def test_keys_generate_and_load(tmp_path):
         generate_keys(d)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_keys(tmp_path / "nope")
+
+
+async def test_deadlines_fire_in_order_and_skip_answered():
+    import asyncio
+    from types import SimpleNamespace
+
+    from bus.deadlines import Deadlines
+
+    loop = asyncio.get_running_loop()
+    live, fired = {}, []
+    d = Deadlines(loop, live, lambda k: (fired.append(k), live.pop(k)), granularity=0.005)
+    t0 = loop.time()
+    for key, delay in [(1, 0.2), (2, 0.05), (3, 0.1), (4, 0.12)]:
+        live[key] = SimpleNamespace(deadline=t0 + delay)
+        d.add(key, t0 + delay)
+    del live[3]  # answered before its deadline: must not fire
+    await asyncio.sleep(0.15)
+    assert fired == [2, 4]
+    await asyncio.sleep(0.1)
+    assert fired == [2, 4, 1] and d.timer is None

@@ -172,6 +172,8 @@ def test_bad_response_is_named():
         ("{" * 100 + "1" + "}" * 100, "nests"),
         ("1" * 5000, "chars"),
         ("100000!", "factorial"),
+        ("x" * 1500, "symbols"),
+        ("1+" * 500 + "1", "symbols"),
     ],
 )
 def test_guard_refuses_costly_answers(answer, reason):

@@ -33,6 +33,24 @@ def open_channel(kind: str, **opts: Any) -> Channel:
     raise ValueError(f"unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")
 
 
+async def receive(descriptor: Descriptor, *, timeout: float, **opts: Any) -> Payload:
+    """Receive a payload through a fresh channel of the descriptor's kind, closed afterwards.
+
+    Convenient for a receiver that holds no channel.  The received tensors stay valid after the
+    close.  NCCL needs the group's channel: call its `recv` instead.
+    """
+    kind = descriptor.get("kind") if isinstance(descriptor, dict) else None
+    if kind == "nccl":
+        raise ValueError("an nccl descriptor must be received with the group's NcclChannel.recv")
+    channel = open_channel(kind, **opts) if kind in KINDS else None
+    if channel is None:
+        raise ValueError(f"descriptor has unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    try:
+        return await channel.recv(descriptor, timeout=timeout)
+    finally:
+        await channel.close()
+
+
 def choose_kind(same_process: bool, same_host: bool, device: str | torch.device = "cpu") -> str:
     """The cheapest channel for a peer: by reference, shared memory / CUDA IPC, or zmq / NCCL."""
     on_gpu = torch.device(device).type == "cuda"
@@ -44,6 +62,6 @@ def choose_kind(same_process: bool, same_host: bool, device: str | torch.device 
 
 
 __all__ = [
-    "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind",
+    "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind", "receive",
     "LocalChannel", "LocalHub", "DEFAULT_HUB", "ShmChannel", "sweep_orphans", "ZmqChannel",
 ]  # fmt: skip

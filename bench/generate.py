@@ -1,0 +1,120 @@
+"""Generated tokens/s: policies.sampling.GenerationEngine vs HF `model.generate`, same run, same prompts.
+
+Both sample (temperature 1, no top-k / top-p), with G samples per prompt and exactly
+max_new_tokens tokens per sample (eos ignored: `min_new_tokens` for HF, `ignore_eos` for the
+engine), on SmolLM2-135M-Instruct in fp32. HF gets the prompts left-padded and
+num_return_sequences=G (its usual batched sampling path). The runs alternate and repeat; the
+figure is the best of each (the machine is shared) and the median is printed too.
+
+    .venv/bin/python bench/generate.py [--prompts 8 --samples 4 --new-tokens 64 --repeats 2 --threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from policies.models import load_model, load_tokenizer, smollm2_dir  # noqa: E402
+from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
+
+DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
+PROBLEMS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she needs. "
+    "Her parents decided to give her $15 for that purpose, and her grandparents twice as much as her parents. "
+    "How much more money does Betty need to buy the wallet?",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+    "Albert buys 2 large pizzas and 2 small pizzas. A large pizza has 16 slices and a small pizza has 8 slices. "
+    "If he eats it all, how many pieces does he eat that day?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+    "Tina makes $18.00 an hour. If she works more than 8 hours per shift, she is eligible for overtime, "
+    "which is paid by your hourly wage + 1/2 your hourly wage. If she works 10 hours every day for 5 days, "
+    "how much money does she make?",
+    "Mark has a garden with flowers. He planted plants of three different colors in it. Ten of them are yellow, "
+    "and there are 80% more of those in purple. There are only 25% as many green flowers as there are yellow "
+    "and purple flowers. How many flowers does Mark have in his garden?",
+]
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    texts = [PROBLEMS[i % len(PROBLEMS)] + " " + DIRECTIVE for i in range(n)]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True,
+                                      return_dict=False)
+        for t in texts
+    ]
+
+
+def run_hf(model, tokenizer, prompts, samples, new_tokens) -> tuple[float, int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_return_sequences=samples, pad_token_id=pad,
+        )
+    dt = time.perf_counter() - t0
+    return dt, (out.shape[1] - width) * out.shape[0]
+
+
+def run_engine(model, prompts, samples, new_tokens) -> tuple[float, int]:
+    engine = GenerationEngine(model, seed=0)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, samples, params)
+    tokens = 0
+    while engine.has_work():
+        tokens += sum(len(f.output_ids) for f in engine.step())
+    dt = time.perf_counter() - t0
+    assert engine.stats.prefills == len(prompts)
+    return dt, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model dir (default: the converted SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    path = args.model or smollm2_dir()
+    model = load_model(path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    prompts = chat_prompts(tokenizer, args.prompts)
+    print(f"model {path}: {args.prompts} prompts (len {min(map(len, prompts))}-{max(map(len, prompts))}) x "
+          f"{args.samples} samples x {args.new_tokens} new tokens, fp32, {args.threads} threads")
+
+    run_hf(model, tokenizer, prompts[:2], 2, 4)  # warm-up both paths
+    run_engine(model, prompts[:2], 2, 4)
+    hf, eng = [], []
+    for r in range(args.repeats):
+        dt, n = run_hf(model, tokenizer, prompts, args.samples, args.new_tokens)
+        hf.append(n / dt)
+        print(f"  repeat {r}: hf generate {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s", flush=True)
+        dt, n = run_engine(model, prompts, args.samples, args.new_tokens)
+        eng.append(n / dt)
+        print(f"  repeat {r}: engine      {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s", flush=True)
+    print(f"hf generate : best {max(hf):.1f} tok/s, median {statistics.median(hf):.1f}")
+    print(f"engine      : best {max(eng):.1f} tok/s, median {statistics.median(eng):.1f}")
+    print(f"ratio engine/hf: {max(eng) / max(hf):.2f}x (best), {statistics.median(eng) / statistics.median(hf):.2f}x "
+          f"(median); goal >= 2x")
+
+
+if __name__ == "__main__":
+    main()

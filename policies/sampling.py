@@ -1,0 +1,440 @@
+"""Step-wise batched generation with a KV cache: the engine behind the `torch` generator backend.
+
+The actor drives it one step at a time (in a worker thread) and may swap weights between steps;
+every generated token records the policy version whose weights produced it.
+
+Conventions
+- Logprobs: the logprob recorded for a sampled token is log_softmax(logits / temperature) at that
+  token, i.e. the tempered distribution *before* top-k/top-p truncation. That is what the learner
+  recomputes (log p(token | prefix) from logits / temperature, no top-p), so importance ratios are
+  1 on-policy. With temperature 0 (greedy) the logprob is log_softmax(logits) (temperature 1).
+- Stop tokens: a sample ends at the first token in `stop_token_ids` or the engine's eos ids
+  (unless `ignore_eos`); that token is kept in `output_ids`. Reaching max_new_tokens is
+  finish_reason "length" (truncated).
+- Seeds: each group draws from its own generator, seeded from (params.seed, rid) or, without a
+  seed, from the engine's seeder; so a group's samples do not depend on other groups' draws, and
+  with a fixed seed and the same batch composition results are identical run to run (other
+  compositions change the batched matmuls only at the level of float rounding).
+- Weight updates keep the cached keys/values of in-flight samples (computed by the old weights);
+  only tokens sampled after the update carry the new version.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from policies.llama_infer import CompactDecoder, KVCache
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's eos ids
+    seed: int | None = None
+    ignore_eos: bool = False  # do not stop at the engine's eos ids (benchmarks)
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an int >= 0")
+        stops = self.stop_token_ids
+        if isinstance(stops, int) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stops):
+            bad("stop_token_ids", "must be a sequence of non-negative ints")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an int or None")
+
+
+@dataclass
+class Finished:
+    rid: str
+    index: int  # sample j of the group
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]  # policy version that produced each output token
+    finish_reason: FinishReason
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class EngineStats:
+    prefills: int = 0  # prompt forwards (one per group, shared by its samples)
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+
+
+# ---------------------------------------------------------------- the math (pure functions)
+
+
+def filter_top_k_top_p(logp: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Set to -inf the log-probs outside each row's top-k and top-p nucleus (always keeps the argmax).
+
+    logp [B, V] (normalised), top_k [B] (0 = off), top_p [B] (1 = off).
+    """
+    out = logp.clone()
+    k_rows = top_k > 0
+    if bool(k_rows.any()):
+        k = top_k.clamp(min=1, max=logp.shape[-1])
+        kth = torch.gather(torch.sort(logp, dim=-1, descending=True).values, -1, (k - 1)[:, None])
+        out = torch.where(k_rows[:, None] & (logp < kth), float("-inf"), out)
+    p_rows = top_p < 1
+    if bool(p_rows.any()):
+        sorted_lp, order = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = (mass_before >= top_p[:, None]) & p_rows[:, None]
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_tokens(
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, uniform: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sample one token per row by inverse CDF with the given uniforms in [0, 1).
+
+    Returns (tokens [B] int64, logprobs [B] fp32 = log_softmax(logits / T) at the token, before
+    truncation; T = 1 for greedy rows, whose token is the argmax).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
+    filtered = filter_top_k_top_p(logp, top_k, top_p) if bool(((top_k > 0) | (top_p < 1)).any()) else logp
+    cdf = filtered.exp().cumsum(-1)
+    target = uniform[:, None].to(cdf) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    if bool(greedy.any()):
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------- engine bookkeeping
+
+
+@dataclass(eq=False)
+class _Group:
+    rid: str
+    prompt_ids: list[int]
+    n: int
+    params: SamplingParams
+    stop: frozenset[int]
+    generator: torch.Generator
+    live: int = 0  # samples still generating
+
+
+@dataclass(eq=False)
+class _Sample:
+    group: _Group
+    index: int
+    pending: int = -1  # last sampled token, not yet fed to the model
+    length: int = 0  # tokens in the KV cache for this sample
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+    def finished(self, reason: FinishReason) -> Finished:
+        g = self.group
+        return Finished(g.rid, self.index, list(g.prompt_ids), self.output_ids, self.logprobs, self.versions, reason)
+
+
+def _eos_ids(model: nn.Module) -> tuple[int, ...]:
+    ids: list[int] = []
+    for src in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(src, "eos_token_id", None)
+        for t in [eos] if isinstance(eos, int) else (eos or []):
+            if t not in ids:
+                ids.append(int(t))
+    return tuple(ids)
+
+
+class GenerationEngine:
+    """Continuous-batching sampler over a HF causal LM (Llama / Qwen2 architectures).
+
+    Shares the model's parameters (no copy): an in-place update of the model, or
+    `update_weights`, is seen at the next step. Thread-safe: every public method holds one lock,
+    so `update_weights` from another thread lands between two steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch_tokens: int = 131072,
+        max_batch_size: int = 64,
+        device: torch.device | str | None = None,
+        eos_token_ids: tuple[int, ...] | None = None,
+        seed: int | None = None,
+        version: int = 0,
+    ):
+        if max_batch_tokens < 1 or max_batch_size < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
+        self.decoder = CompactDecoder(model)  # raises UnsupportedModelError
+        if device is not None and torch.device(device) != self.decoder.device:
+            raise ValueError(f"device={device!r} but the model's parameters are on {self.decoder.device}; move the model first")
+        self.model = model
+        self.device = self.decoder.device
+        self.vocab_size = model.config.vocab_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
+        self.version = version
+        self.stats = EngineStats()
+        self._seeder = torch.Generator()
+        self._seeder.manual_seed(seed) if seed is not None else self._seeder.seed()
+        self._queue: deque[_Group] = deque()
+        self._groups: dict[str, _Group] = {}  # queued or active, by rid
+        self._rows: list[_Sample] = []  # active samples; row i of the KV cache
+        self._reserved_tokens = 0  # sum over active samples of prompt + max_new_tokens
+        self._cache: KVCache = self.decoder.new_cache()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ public API
+
+    def add(self, rid: str, prompt_ids: list[int], n: int, params: SamplingParams) -> None:
+        """Queue a group of n samples of one prompt (admitted at the next step with room)."""
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"rid={rid!r}: must be a non-empty str")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"request {rid}: n={n!r} must be an int >= 1")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"request {rid}: params must be SamplingParams, got {type(params).__name__}")
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError(f"request {rid}: prompt_ids is empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size))
+            raise ValueError(f"request {rid}: prompt_ids contains {bad!r}, not a token id in [0, {self.vocab_size})")
+        total = len(ids) + params.max_new_tokens
+        if total > self.decoder.max_positions:
+            raise ValueError(
+                f"request {rid}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the model's max_position_embeddings={self.decoder.max_positions}"
+            )
+        if n > self.max_batch_size or n * total > self.max_batch_tokens:
+            raise ValueError(
+                f"request {rid}: n={n} samples x {total} tokens does not fit max_batch_size={self.max_batch_size} "
+                f"/ max_batch_tokens={self.max_batch_tokens}"
+            )
+        with self._lock:
+            if rid in self._groups:
+                raise ValueError(f"request {rid}: a group with this rid is already queued or running")
+            gen = torch.Generator()
+            gen.manual_seed(self._group_seed(rid, params.seed))
+            stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            group = _Group(rid, ids, n, params, frozenset(stop), gen)
+            self._groups[rid] = group
+            self._queue.append(group)
+
+    def _group_seed(self, rid: str, seed: int | None) -> int:
+        """The group's generator seed: from (seed, rid) when seeded, so groups sharing one seed
+        still get independent streams, else a fresh draw from the engine's seeder."""
+        if seed is None:
+            return int(torch.randint(2**62, (1,), generator=self._seeder))
+        digest = hashlib.blake2b(f"{seed}:{rid}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 2
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._rows)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    def step(self) -> list[Finished]:
+        """Admit queued groups that fit, decode one token for every active sample, and return the
+        samples that finished during this step."""
+        with self._lock, torch.inference_mode():
+            done: list[Finished] = []
+            self._admit(done)
+            if self._rows:
+                self._decode(done)
+            return done
+
+    def abort(self, rid: str) -> list[Finished]:
+        """Stop a group: its unfinished samples come back with finish_reason "abort" and their
+        partial output. An unknown (or already finished) rid returns []."""
+        with self._lock:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                return []
+            if group in self._queue:
+                self._queue.remove(group)
+                return [_Sample(group, j).finished("abort") for j in range(group.n)]
+            dead = [i for i, s in enumerate(self._rows) if s.group is group]
+            out = [self._rows[i].finished("abort") for i in dead]
+            self._remove_rows(dead)
+            return sorted(out, key=lambda f: f.index)
+
+    def abort_all(self) -> list[Finished]:
+        out: list[Finished] = []
+        for rid in list(self._groups):
+            out += self.abort(rid)
+        return out
+
+    def update_weights(self, named_tensors: Mapping[str, Tensor], version: int) -> None:
+        """Copy new values into the model's parameters in place (no reallocation); tokens sampled
+        from the next step on carry `version`. Everything is checked before anything is copied."""
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"version={version!r} must be an int")
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(dict(self.model.named_buffers()))
+        unknown = [k for k in named_tensors if k not in targets]
+        if unknown:
+            raise ValueError(f"update_weights: unknown tensor names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        wrong = [f"{k}: {tuple(v.shape)} != {tuple(targets[k].shape)}" for k, v in named_tensors.items() if v.shape != targets[k].shape]
+        if wrong:
+            raise ValueError(f"update_weights: shape mismatch {wrong[:5]}")
+        with self._lock:
+            if version < self.version:
+                raise ValueError(f"update_weights: version {version} is older than the current version {self.version}")
+            with torch.no_grad():
+                for k, v in named_tensors.items():
+                    targets[k].copy_(v)
+            self.version = version
+
+    # ------------------------------------------------------------ internals
+
+    def _admit(self, done: list[Finished]) -> None:
+        while self._queue:
+            group = self._queue[0]
+            need = group.n * (len(group.prompt_ids) + group.params.max_new_tokens)
+            if len(self._rows) + group.n > self.max_batch_size or self._reserved_tokens + need > self.max_batch_tokens:
+                return  # FIFO: later groups wait too, so none starves
+            self._queue.popleft()
+            self._reserved_tokens += need
+            self._prefill(group, done)
+
+    def _prefill(self, group: _Group, done: list[Finished]) -> None:
+        p = len(group.prompt_ids)
+        ids = torch.tensor(group.prompt_ids, device=self.device)
+        logits, keys, values = self.decoder.prefill(ids)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += p
+        first = len(self._rows)
+        longest = max([s.length for s in self._rows], default=0)
+        self._cache.reserve(first + group.n, max(p, longest) + 1, used_rows=first, used_positions=longest)
+        self._cache.write_prompt(first, group.n, keys, values)
+        samples = [_Sample(group, j, length=p) for j in range(group.n)]
+        self._rows.extend(samples)
+        group.live = group.n
+        self._sample(logits.expand(group.n, -1), first, done)
+
+    def _decode(self, done: list[Finished]) -> None:
+        rows = self._rows
+        tokens = torch.tensor([s.pending for s in rows], device=self.device)
+        positions = torch.tensor([s.length for s in rows], device=self.device)
+        longest = max(s.length for s in rows)
+        self._cache.reserve(len(rows), longest + 1, used_rows=len(rows), used_positions=longest)
+        logits = self.decoder.decode(tokens, positions, self._cache)
+        for s in rows:
+            s.length += 1
+        self.stats.decode_steps += 1
+        self._sample(logits, 0, done)
+
+    def _sample(self, logits: Tensor, first: int, done: list[Finished]) -> None:
+        """Sample the next token of rows first.. from logits [B', V]; record; retire finished rows."""
+        rows = self._rows[first:]
+        uniform = self._uniforms(rows)
+        params = [s.group.params for s in rows]
+        temp = torch.tensor([p.temperature for p in params], device=self.device)
+        top_k = torch.tensor([p.top_k for p in params], device=self.device)
+        top_p = torch.tensor([p.top_p for p in params], device=self.device)
+        tokens, logprobs = sample_tokens(logits, temp, top_k, top_p, uniform.to(self.device))
+        finished: list[int] = []
+        for i, (s, t, lp) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
+            s.output_ids.append(t)
+            s.logprobs.append(lp)
+            s.versions.append(self.version)
+            s.pending = t
+            if t in s.group.stop:
+                done.append(s.finished("stop"))
+            elif len(s.output_ids) >= s.group.params.max_new_tokens:
+                done.append(s.finished("length"))
+            else:
+                continue
+            finished.append(first + i)
+        self.stats.generated_tokens += len(rows)
+        for f in finished:
+            g = self._rows[f].group
+            g.live -= 1
+            if g.live == 0:
+                self._groups.pop(g.rid, None)
+        self._remove_rows(finished)
+
+    def _uniforms(self, rows: list[_Sample]) -> Tensor:
+        """One uniform per row, drawn from its group's generator in sample order."""
+        by_group: dict[int, list[int]] = {}
+        for i, s in enumerate(rows):
+            by_group.setdefault(id(s.group), []).append(i)
+        u = [0.0] * len(rows)
+        for idx in by_group.values():
+            draws = torch.rand(len(idx), generator=rows[idx[0]].group.generator, dtype=torch.float64).tolist()
+            for i, x in zip(sorted(idx, key=lambda i: rows[i].index), draws):
+                u[i] = x
+        return torch.tensor(u, dtype=torch.float64)
+
+    def _remove_rows(self, dead: list[int]) -> None:
+        """Drop rows, filling holes with rows from the end (copies only the moved rows' KV)."""
+        if not dead:
+            return
+        for i in dead:
+            s = self._rows[i]
+            self._reserved_tokens -= len(s.group.prompt_ids) + s.group.params.max_new_tokens
+        keep = len(self._rows) - len(dead)
+        dead_set = set(dead)
+        holes = [i for i in sorted(dead_set) if i < keep]
+        movers = [i for i in range(keep, len(self._rows)) if i not in dead_set]
+        if holes:
+            span = max(self._rows[i].length for i in movers)
+            self._cache.move_rows(movers, holes, span)
+            for h, m in zip(holes, movers):
+                self._rows[h] = self._rows[m]
+        del self._rows[keep:]
+        if not self._rows:
+            self._reserved_tokens = 0
+
+
+def generate(
+    model: nn.Module, prompts: list[list[int]], n: int, params: SamplingParams, **engine_kwargs
+) -> list[list[Finished]]:
+    """Run prompts x n samples to completion; result[i][j] is sample j of prompt i."""
+    engine = GenerationEngine(model, **engine_kwargs)
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, n, params)
+    results: list[list[Finished | None]] = [[None] * n for _ in prompts]
+    while engine.has_work():
+        for f in engine.step():
+            results[int(f.rid)][f.index] = f
+    return results  # type: ignore[return-value]
