@@ -51,16 +51,31 @@ class WeightBroadcaster(Actor):
         for ch in self._channels.values():
             await ch.close()
 
-    def _channel(self, host: str):
-        from tensors.channels import choose_kind, open_channel
-        kind = choose_kind(same_process=False, same_host=host == socket.gethostname(), device="cpu")
+    def _kind(self, host: str) -> str:
+        from tensors.channels import choose_kind
+        return choose_kind(same_process=False, same_host=host == socket.gethostname(), device="cpu")
+
+    def _channel(self, kind: str):
+        from tensors.channels import open_channel
         if kind not in self._channels:
             self._channels[kind] = open_channel(kind)
         return self._channels[kind]
 
-    async def _push(self, gen, weights: dict[str, torch.Tensor], version: int) -> bool:
+    async def _offer(self, gens: list, weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """One send per channel kind, readable by every generator that uses that kind."""
+        by_kind: dict[str, list] = {}
+        for g in gens:
+            by_kind.setdefault(self._kind(g.host), []).append(g)
+        descs = {}
+        for kind, members in by_kind.items():
+            # shm copies at send time; zero-copy kinds would otherwise serve tensors the learner keeps training
+            payload = weights if kind == "shm" else {k: v.clone() for k, v in weights.items()}
+            desc = await self._channel(kind).send(payload, timeout=self.update_timeout, readers=len(members))
+            descs.update({g.name: desc for g in members})
+        return descs
+
+    async def _push(self, gen, desc: dict, version: int) -> bool:
         try:
-            desc = await self._channel(gen.host).send(weights, timeout=self.update_timeout)
             reply = await self.bus.request(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
                                            timeout=self.update_timeout)
             return int(reply["version"]) == version
@@ -74,9 +89,9 @@ class WeightBroadcaster(Actor):
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             self.version = version
-            weights = snapshot(self.model)
             gens = await self.bus.actors(role="generator")
-            results = await asyncio.gather(*(self._push(g, weights, version) for g in gens))
+            descs = await self._offer(gens, snapshot(self.model)) if gens else {}
+            results = await asyncio.gather(*(self._push(g, descs[g.name], version) for g in gens))
             self.current = {g.name for g, ok in zip(gens, results) if ok}
             await self._announce()
             ok = sum(results)
@@ -89,7 +104,8 @@ class WeightBroadcaster(Actor):
         gens = [g for g in await self.bus.actors(role="generator") if g.name == body["name"]]
         if gens:
             async with self._lock:
-                if await self._push(gens[0], snapshot(self.model), self.version):
+                descs = await self._offer(gens, snapshot(self.model))
+                if await self._push(gens[0], descs[gens[0].name], self.version):
                     log.info("late generator %s brought to v%d", body["name"], self.version)
                     self.current.add(body["name"])
                     await self._announce()

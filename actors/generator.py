@@ -59,11 +59,12 @@ class Generator(Actor):
     role = "generator"
 
     def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
-                 transfer_timeout: float = 60.0, **bus_kwargs):
+                 transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, **bus_kwargs):
         caps = {"backend": type(backend).__name__}
         super().__init__(name, self.role, bus_address, capabilities=caps, **bus_kwargs)
         self.backend, self.tokenizer = backend, tokenizer
         self.transfer_timeout = transfer_timeout
+        self.rollout_ttl = rollout_ttl  # how long a finished group waits for the packer to pull it
         self._verifiers = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._channels: dict[str, object] = {}
@@ -99,7 +100,7 @@ class Generator(Actor):
             samples = await self.backend.generate_group(rid, body["prompt_ids"], body["n"], body["sampling"])
             batch = rollout_batch(body["prompt_ids"], samples)
             channel = await self._channel_to("packer")
-            desc = await channel.send(batch, timeout=self.transfer_timeout)
+            desc = await channel.send(batch, timeout=self.rollout_ttl)
             verifiers = sorted(a.name for a in await self.bus.actors(role="verifier"))
             if not verifiers:
                 raise RuntimeError("no verifier is registered on the bus")

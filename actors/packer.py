@@ -50,12 +50,14 @@ class Packer(Actor):
     role = "packer"
 
     def __init__(self, bus_address: str, *, batch_prompts: int, drop_uniform_groups: bool = False,
-                 start_step: int = 0, transfer_timeout: float = 60.0, name: str = P.PACKER, **bus_kwargs):
+                 start_step: int = 0, transfer_timeout: float = 60.0, batch_ttl: float = 3600.0,
+                 name: str = P.PACKER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.batch_prompts = batch_prompts
         self.drop_uniform = drop_uniform_groups
         self.next_step = start_step
         self.transfer_timeout = transfer_timeout
+        self.batch_ttl = batch_ttl  # a packed step may wait behind the learner's current one
         self.groups: dict[int, dict[str, _Group]] = {}
         self.dropped: dict[int, int] = {}
         self.ready: dict[int, tuple[dict, dict]] = {}  # step -> (descriptor, stats) not yet delivered
@@ -82,13 +84,13 @@ class Packer(Actor):
         self._fetching.add((step, qid))
         try:
             batch = await receive(body["rollout"], timeout=self.transfer_timeout)
+            batch = batch.with_fields(seqs={"rewards": torch.tensor(body["rewards"], dtype=torch.float32)})
         except Exception as exc:
             log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
             await self.bus.send(P.SAMPLER, P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
             return
         finally:
             self._fetching.discard((step, qid))
-        batch.rewards = torch.tensor(body["rewards"], dtype=torch.float32)
         self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"])
         await self.bus.send(P.SAMPLER, P.ACCEPTED, {"batch": step, "qid": qid})
         await self._pack_ready()
@@ -101,12 +103,12 @@ class Packer(Actor):
             stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
             parts = []
             for gid, g in enumerate(kept):
-                g.batch.group_ids = torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)
-                g.batch.meta = {"qids": [g.qid] * g.batch.num_seqs}
-                parts.append(g.batch)
+                b = g.batch.with_fields(seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
+                parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs},
+                                         frozenset({"qids"})))
             packed = PackedBatch.concat(parts) if parts else None
             channel = await self._learner_channel()
-            desc = await channel.send(packed, timeout=self.transfer_timeout) if packed is not None else None
+            desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
             self.ready[step] = (desc, stats)
             self.next_step += 1
             log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),

@@ -6,7 +6,9 @@ again; the packer drops any duplicate that the dead peer had already sent on.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,12 +28,15 @@ class SamplerConfig:
     total_batches: int = 10
     seed: int = 1
     sampling: dict = field(default_factory=dict)  # temperature, top_p, max_new_tokens, ...
+    request_timeout: float = 600.0  # a prompt held longer than this is dealt again
+    report_every: float = 15.0  # seconds between "waiting for ..." progress lines
 
 
 @dataclass
 class _Owed:
     body: dict
     holder: str | None = None  # the generator or verifier that has it now
+    since: float = 0.0  # monotonic time it went to its holder
 
 
 class PromptSampler(Actor):
@@ -48,7 +53,7 @@ class PromptSampler(Actor):
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
         self.generators: dict[str, int] = {}  # name -> prompts in flight there
-        self.done_batches: set[int] = set()
+        self._watchdog: asyncio.Task | None = None
 
     async def on_start(self) -> None:
         self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
@@ -59,6 +64,38 @@ class PromptSampler(Actor):
         except Exception as exc:
             log.info("no broadcaster yet (%s); waiting for its first announcement", exc)
         await self._pump()
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def on_stop(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+
+    async def _watch(self) -> None:
+        """Say what we wait for, and deal again any prompt held past the request timeout."""
+        while True:
+            await asyncio.sleep(self.cfg.report_every)
+            now = time.monotonic()
+            late = [k for k, o in self.owed.items() if o.holder and now - o.since > self.cfg.request_timeout]
+            for key in late:
+                owed = self.owed[key]
+                log.warning("%s held by %s for %.0f s (> request_timeout): dealing it again", key, owed.holder,
+                            now - owed.since)
+                self._release(key, owed.holder)
+                owed.holder = None
+                self.queue.appendleft(key)
+            if late:
+                await self._deal()
+            if self.owed:
+                holders: dict[str, int] = {}
+                for o in self.owed.values():
+                    holders[o.holder or "queued"] = holders.get(o.holder or "queued", 0) + 1
+                oldest = max((now - o.since for o in self.owed.values() if o.holder), default=0.0)
+                log.info("waiting for %d prompts (%s); oldest %.0f s; policy version %d, next batch %d",
+                         len(self.owed), ", ".join(f"{h}: {n}" for h, n in sorted(holders.items())), oldest,
+                         self.version, self.next_batch)
+            elif self.next_batch < self.cfg.total_batches:
+                log.info("batch %d waits for policy version >= %d (now %d)", self.next_batch,
+                         self.next_batch - self.cfg.max_staleness, self.version)
 
     # --- admission -------------------------------------------------------------------------
     def admissible(self) -> bool:
@@ -94,7 +131,7 @@ class PromptSampler(Actor):
             if owed is None or owed.holder is not None:
                 continue
             gen = min(self.generators, key=lambda g: (self.generators[g], g))
-            owed.holder = gen
+            owed.holder, owed.since = gen, time.monotonic()
             self.generators[gen] += 1
             try:
                 await self.bus.send(gen, P.GENERATE, owed.body)
@@ -140,7 +177,7 @@ class PromptSampler(Actor):
         owed = self.owed.get(key)
         if owed is not None and owed.holder == src:
             self._release(key, src)
-            owed.holder = body["verifier"]
+            owed.holder, owed.since = body["verifier"], time.monotonic()
         await self._deal()
 
     @handler(P.ACCEPTED)

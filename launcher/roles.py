@@ -100,7 +100,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                              f"{cfg.data.max_prompt_tokens} (first: {too_long[0]})")
         sc = SamplerConfig(batch_prompts=cfg.rollout.batch_prompts, group_size=cfg.rollout.group_size,
                            max_staleness=cfg.rollout.max_staleness, total_batches=cfg.train.steps, seed=seed,
-                           sampling=sampling_params(cfg, stop_ids(tok)))
+                           sampling=sampling_params(cfg, stop_ids(tok)),
+                           request_timeout=cfg.rollout.request_timeout)
         return [PromptSampler(bus_address, problems=problems, prompt_ids=prompt_ids, cfg=sc,
                               start_batch=start.step, name=name, **bus_kwargs)]
     if role == "generator":

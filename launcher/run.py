@@ -149,7 +149,7 @@ class Job:
             body = dict(body)
             body["tokens_per_s"] = progress.tokens_per_s(body)
             self.last_metrics = body
-            writer.write(int(body["step"]), body)
+            writer.write(int(body["step"]), {k: v for k, v in body.items() if k not in ("step", "time")})
             print(f"[progress] {progress.line(body)}", flush=True)
         return on_metrics
 

@@ -50,16 +50,17 @@ def check_supported(model: nn.Module) -> None:
 
 def rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     """HF's RMSNorm: normalise in fp32, cast back, then scale."""
+    if x.dtype == torch.float32:  # the fused kernel gives the same numbers in fp32
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(x.dtype)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's apply_rotary_pos_emb for one tensor (rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """HF's apply_rotary_pos_emb for one tensor: x*cos + rotate_half(x)*sin, with rotate_half's
+    sign folded into signed_sin = cat(-sin[:half], sin[half:]) so that it is a plain roll."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), signed_sin)
 
 
 def linear(x: Tensor, proj: nn.Linear) -> Tensor:
@@ -90,7 +91,8 @@ class KVCache:
         shape = (new_rows, self.n_kv_heads, new_pos, self.head_dim)
         for store in (self.k, self.v):
             for layer in range(self.n_layers):
-                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
+                # zeros, not empty: masked positions still enter p @ V with weight 0, and 0 * NaN = NaN
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if layer < len(store):
                     fresh[:used_rows, :, :used_positions] = store[layer][:used_rows, :, :used_positions]
                     store[layer] = fresh
@@ -98,12 +100,14 @@ class KVCache:
                     store.append(fresh)
         self.rows, self.positions = new_rows, new_pos
 
-    def write_prompt(self, first_row: int, n_rows: int, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Copy one prompt's keys/values ([kv_heads, P, head_dim] per layer) into n_rows rows."""
-        p = keys[0].shape[1]
+    def write_prompt(self, first_row: int, n_rows: int, keys: list[Tensor], values: list[Tensor],
+                     start: int = 0, stop: int | None = None) -> None:
+        """Copy one prompt's keys/values (columns start:stop of [kv_heads, N, head_dim] per layer,
+        as returned by a packed prefill) into n_rows rows."""
+        stop = keys[0].shape[1] if stop is None else stop
         for store, src in ((self.k, keys), (self.v, values)):
             for buf, t in zip(store, src):
-                buf[first_row : first_row + n_rows, :, :p] = t
+                buf[first_row : first_row + n_rows, :, : stop - start] = t[:, start:stop]
 
     def move_rows(self, src: list[int], dst: list[int], positions: int) -> None:
         """Copy rows src -> dst (the first `positions` entries), used to compact finished rows away."""
@@ -150,13 +154,15 @@ class CompactDecoder:
         return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
 
     def rope(self, n: int) -> tuple[Tensor, Tensor]:
-        """cos/sin [n, head_dim] for positions 0..n-1, computed by the model's own rotary module."""
+        """cos and signed sin (see `rotate`) [n, head_dim] for positions 0..n-1, computed by the
+        model's own rotary module so every rope variant and scaling matches HF."""
         if self._cos is None or self._cos.shape[0] < n or self._cos.dtype != self.dtype:
             size = min(max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 256), max(n, self.max_positions))
             x = torch.empty(1, dtype=self.dtype, device=self.device)
             pos = torch.arange(size, device=self.device)[None]
             cos, sin = self.model.model.rotary_emb(x, pos)
-            self._cos, self._sin = cos[0], sin[0]
+            half = self.head_dim // 2
+            self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self._cos, self._sin
 
     def _qkv(self, layer, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -177,25 +183,32 @@ class CompactDecoder:
     def logits(self, h: Tensor) -> Tensor:
         return linear(rms_norm(h, self.model.model.norm), self.model.lm_head)
 
-    def prefill(self, ids: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Run one prompt [P]; returns (last-position logits [V], keys and values per layer as
-        [kv_heads, P, head_dim])."""
-        n = ids.shape[0]
-        cos, sin = self.rope(n)
-        cos, sin = cos[:n, None], sin[:n, None]  # [P, 1, D] broadcast over heads
+    def prefill(self, prompts: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run several prompts packed into one sequence (linear layers over all tokens at once,
+        causal attention within each prompt). Returns (last-position logits [n_prompts, V], keys
+        and values per layer as [kv_heads, total_tokens, head_dim]; prompt i owns the columns
+        offsets[i]:offsets[i+1] where offsets are the cumulative prompt lengths)."""
+        lengths = [int(p.shape[0]) for p in prompts]
+        ids = torch.cat(prompts)
+        pos = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
+        cos, sin = self.rope(max(lengths))
+        cos, sin = cos[pos][:, None], sin[pos][:, None]  # [N, 1, D] broadcast over heads
+        bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
         h = self.model.model.embed_tokens(ids)
         keys, values = [], []
         for layer in self.layers:
-            q, k, v = self._qkv(layer, h)  # [P, heads, D]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, P, D]
+            q, k, v = self._qkv(layer, h)  # [N, heads, D]
+            q, k = rotate(q, cos, sin).transpose(0, 1), rotate(k, cos, sin).transpose(0, 1)
+            v = v.transpose(0, 1)  # [heads, N, D]
             keys.append(k)
             values.append(v)
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k[None], v[None], is_causal=True, scale=self.scale, enable_gqa=True
-            )[0]  # [heads, P, D]
+            o = torch.cat([
+                F.scaled_dot_product_attention(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True,
+                                               scale=self.scale, enable_gqa=True)[0]
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ], dim=1)  # [heads, N, D]
             h = self._mlp_residual(layer, h, o.transpose(0, 1).flatten(-2))
-        return self.logits(h[-1:])[0], keys, values
+        return self.logits(h[[b - 1 for b in bounds[1:]]]), keys, values
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         """One token per row: tokens [B] at positions [B] (= the row's cached length); writes their

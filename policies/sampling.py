@@ -125,7 +125,8 @@ def sample_tokens(
     logits = logits.float()
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature)
-    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
+    scaled = logits if bool((temp == 1).all()) else logits / temp[:, None]
+    logp = torch.log_softmax(scaled, dim=-1)
     filtered = filter_top_k_top_p(logp, top_k, top_p) if bool(((top_k > 0) | (top_p < 1)).any()) else logp
     cdf = filtered.exp().cumsum(-1)
     target = uniform[:, None].to(cdf) * cdf[:, -1:]
@@ -188,13 +189,16 @@ class GenerationEngine:
         *,
         max_batch_tokens: int = 131072,
         max_batch_size: int = 64,
+        max_prefill_tokens: int = 8192,
         device: torch.device | str | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         seed: int | None = None,
         version: int = 0,
     ):
-        if max_batch_tokens < 1 or max_batch_size < 1:
-            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size),
+                            ("max_prefill_tokens", max_prefill_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
         self.decoder = CompactDecoder(model)  # raises UnsupportedModelError
         if device is not None and torch.device(device) != self.decoder.device:
             raise ValueError(f"device={device!r} but the model's parameters are on {self.decoder.device}; move the model first")
@@ -203,6 +207,7 @@ class GenerationEngine:
         self.vocab_size = model.config.vocab_size
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
         self.version = version
         self.stats = EngineStats()
@@ -327,29 +332,48 @@ class GenerationEngine:
     # ------------------------------------------------------------ internals
 
     def _admit(self, done: list[Finished]) -> None:
+        """Move queued groups that fit into the batch, prefilling their prompts packed together
+        (in chunks of at most max_prefill_tokens) and sampling each sample's first token."""
         while self._queue:
-            group = self._queue[0]
-            need = group.n * (len(group.prompt_ids) + group.params.max_new_tokens)
-            if len(self._rows) + group.n > self.max_batch_size or self._reserved_tokens + need > self.max_batch_tokens:
-                return  # FIFO: later groups wait too, so none starves
-            self._queue.popleft()
-            self._reserved_tokens += need
-            self._prefill(group, done)
+            chunk: list[_Group] = []
+            chunk_tokens = 0
+            rows = len(self._rows)
+            while self._queue:
+                group = self._queue[0]
+                p = len(group.prompt_ids)
+                need = group.n * (p + group.params.max_new_tokens)
+                if rows + group.n > self.max_batch_size or self._reserved_tokens + need > self.max_batch_tokens:
+                    break  # FIFO: later groups wait too, so none starves
+                if chunk and chunk_tokens + p > self.max_prefill_tokens:
+                    break
+                self._queue.popleft()
+                self._reserved_tokens += need
+                rows += group.n
+                chunk_tokens += p
+                chunk.append(group)
+            if not chunk:
+                return
+            self._prefill(chunk, done)
 
-    def _prefill(self, group: _Group, done: list[Finished]) -> None:
-        p = len(group.prompt_ids)
-        ids = torch.tensor(group.prompt_ids, device=self.device)
-        logits, keys, values = self.decoder.prefill(ids)
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += p
+    def _prefill(self, groups: list[_Group], done: list[Finished]) -> None:
+        prompts = [torch.tensor(g.prompt_ids, device=self.device) for g in groups]
+        logits, keys, values = self.decoder.prefill(prompts)
+        self.stats.prefills += len(groups)
+        self.stats.prefill_tokens += sum(len(g.prompt_ids) for g in groups)
         first = len(self._rows)
+        n_new = sum(g.n for g in groups)
         longest = max([s.length for s in self._rows], default=0)
-        self._cache.reserve(first + group.n, max(p, longest) + 1, used_rows=first, used_positions=longest)
-        self._cache.write_prompt(first, group.n, keys, values)
-        samples = [_Sample(group, j, length=p) for j in range(group.n)]
-        self._rows.extend(samples)
-        group.live = group.n
-        self._sample(logits.expand(group.n, -1), first, done)
+        longest_prompt = max(len(g.prompt_ids) for g in groups)
+        self._cache.reserve(first + n_new, max(longest_prompt, longest) + 1, used_rows=first, used_positions=longest)
+        row, col = first, 0
+        for g in groups:
+            p = len(g.prompt_ids)
+            self._cache.write_prompt(row, g.n, keys, values, col, col + p)
+            self._rows.extend(_Sample(g, j, length=p) for j in range(g.n))
+            g.live = g.n
+            row, col = row + g.n, col + p
+        counts = torch.tensor([g.n for g in groups], device=self.device)
+        self._sample(logits.repeat_interleave(counts, dim=0), first, done)
 
     def _decode(self, done: list[Finished]) -> None:
         rows = self._rows

@@ -212,7 +212,7 @@ class VerifierPool:
         fut: cf.Future = cf.Future()
         if not responses:
             fut.set_result([])
-            return fut, 0.0
+            return fut, self._start_timeout
         with self._lock:
             self._requests.append((list(responses), golds, fut))
             self._outstanding += len(responses)

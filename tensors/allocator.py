@@ -6,10 +6,10 @@ grows only when no packing into k micro-batches is found.  For each k:
 1. largest-first into the least-loaded micro-batch (LPT): balanced by construction, but it fails when
    the budget is tight (its loads differ by about the shortest sequence, so it is skipped when the
    free tokens per micro-batch are fewer than that);
-2. otherwise best-fit decreasing restricted to k micro-batches (resumed, not restarted, at k + 1):
-   packs tightly, then a swap pass
-   (move or exchange one sequence between the heaviest and the lightest micro-batches) evens out
-   the loads.
+2. otherwise best-fit decreasing restricted to k micro-batches (resumed, not restarted, at k + 1),
+   which packs tightly.
+Then a swap pass (move or exchange one sequence between the heaviest and one of the lightest
+micro-batches) evens out the loads without ever exceeding the budget.
 
 With n_ranks > 1 the count is a multiple of n_ranks and the micro-batches are dealt to ranks so
 that every rank gets the same number and about the same tokens.  Everything is deterministic.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 import torch
@@ -33,22 +35,51 @@ def open_channel(kind: str, **opts: Any) -> Channel:
     raise ValueError(f"unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")
 
 
-async def receive(descriptor: Descriptor, *, timeout: float, **opts: Any) -> Payload:
-    """Receive a payload through a fresh channel of the descriptor's kind, closed afterwards.
+class Receivers:
+    """Receiving channels kept per event loop, so that zmq connections and shm mappings are reused
+    across receives; they are closed when their loop is garbage collected (or by `close()`)."""
 
-    Convenient for a receiver that holds no channel.  The received tensors stay valid after the
-    close.  NCCL needs the group's channel: call its `recv` instead.
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict] = weakref.WeakKeyDictionary()
+
+    def get(self, kind: str, **opts: Any) -> Channel:
+        loop = asyncio.get_running_loop()
+        channels = self._by_loop.get(loop)
+        if channels is None:
+            channels = self._by_loop[loop] = {}
+            weakref.finalize(loop, _close_all, channels)
+        key = (kind, tuple(sorted(opts.items())))
+        if key not in channels:
+            channels[key] = open_channel(kind, **opts)
+        return channels[key]
+
+    def close(self) -> None:
+        for channels in list(self._by_loop.values()):
+            _close_all(channels)
+
+
+def _close_all(channels: dict) -> None:
+    for channel in channels.values():
+        channel.close_now()
+    channels.clear()
+
+
+RECEIVERS = Receivers()
+
+
+async def receive(
+    descriptor: Descriptor, *, timeout: float, receivers: Receivers = RECEIVERS, **opts: Any
+) -> Payload:
+    """Receive a payload through a channel of the descriptor's kind, for receivers that hold none.
+
+    NCCL needs the group's channel: call its `recv` instead.
     """
     kind = descriptor.get("kind") if isinstance(descriptor, dict) else None
     if kind == "nccl":
         raise ValueError("an nccl descriptor must be received with the group's NcclChannel.recv")
-    channel = open_channel(kind, **opts) if kind in KINDS else None
-    if channel is None:
+    if kind not in KINDS:
         raise ValueError(f"descriptor has unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    try:
-        return await channel.recv(descriptor, timeout=timeout)
-    finally:
-        await channel.close()
+    return await receivers.get(kind, **opts).recv(descriptor, timeout=timeout)
 
 
 def choose_kind(same_process: bool, same_host: bool, device: str | torch.device = "cpu") -> str:
@@ -62,6 +93,6 @@ def choose_kind(same_process: bool, same_host: bool, device: str | torch.device 
 
 
 __all__ = [
-    "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind", "receive",
+    "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind", "receive", "Receivers",
     "LocalChannel", "LocalHub", "DEFAULT_HUB", "ShmChannel", "sweep_orphans", "ZmqChannel",
 ]  # fmt: skip

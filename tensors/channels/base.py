@@ -45,6 +45,10 @@ class Channel(abc.ABC):
 
     async def close(self) -> None:
         """Release what the channel holds (sockets, segments); pending payloads become unavailable."""
+        self.close_now()
+
+    def close_now(self) -> None:
+        """The synchronous part of close(), also safe from a finalizer."""
 
     async def __aenter__(self) -> Channel:
         return self

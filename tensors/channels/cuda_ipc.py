@@ -20,8 +20,6 @@ from typing import Any
 
 import msgpack
 import torch
-import zmq.asyncio
-
 from tensors import wire
 from tensors.channels.base import (
     Channel,
@@ -32,7 +30,7 @@ from tensors.channels.base import (
     check_send_args,
     new_transfer_id,
 )
-from tensors.channels.outbox import Outbox, request
+from tensors.channels.outbox import Outbox, Puller
 from tensors.errors import TransferError, WireError
 
 log = logging.getLogger(__name__)
@@ -76,14 +74,18 @@ class CudaIpcChannel(Channel):
     kind = "cuda_ipc"
 
     def __init__(
-        self, *, name: str | None = None, device: int | str | torch.device | None = None, bind: str = "tcp://127.0.0.1:0"
+        self,
+        *,
+        name: str | None = None,
+        device: int | str | torch.device | None = None,
+        bind: str = "tcp://127.0.0.1:0",
     ):
         super().__init__(name)
         self._cupy = import_cupy()
         self.device = cuda_device(device)
         self.bind = bind
         self._outbox: Outbox | None = None
-        self._ctx: zmq.asyncio.Context | None = None
+        self._puller = Puller()
 
     async def send(self, payload: Payload, *, timeout: float, readers: int = 1) -> Descriptor:
         check_payload(payload)
@@ -123,10 +125,8 @@ class CudaIpcChannel(Channel):
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
         peer, tid = check_descriptor(descriptor, self.kind, ("endpoint",), timeout)
         deadline = time.monotonic() + timeout
-        if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
         endpoint = descriptor["endpoint"]
-        frames = await request(self._ctx, endpoint, b"GET", tid, peer=peer, timeout=timeout)
+        frames = await self._puller.request(endpoint, b"GET", tid, peer=peer, timeout=timeout)
         try:
             header = wire.parse_header(frames[0].bytes)
             handle, info = frames[1].bytes, msgpack.unpackb(frames[2].bytes)
@@ -144,7 +144,7 @@ class CudaIpcChannel(Channel):
         except Exception as e:
             raise TransferError(peer, tid, "copy", f"CUDA IPC failed: {e}") from e
         try:  # the copy is ours now; a lost DONE only delays the sender's free until its time to live
-            await request(self._ctx, endpoint, b"DONE", tid, peer=peer, timeout=max(1.0, deadline - time.monotonic()))
+            await self._puller.request(endpoint, b"DONE", tid, peer=peer, timeout=max(1.0, deadline - time.monotonic()))
         except TransferError as e:
             log.warning("could not tell %s that transfer %s is done: %s", peer, tid, e)
         try:
@@ -164,10 +164,8 @@ class CudaIpcChannel(Channel):
             finally:
                 rt.ipcCloseMemHandle(src)
 
-    async def close(self) -> None:
+    def close_now(self) -> None:
         if self._outbox is not None:
             self._outbox.close()  # frees the blocks still waiting for readers
             self._outbox = None
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-            self._ctx = None
+        self._puller.close()

@@ -102,6 +102,6 @@ class LocalChannel(Channel):
             raise TransferError(peer, tid, "take", "unknown transfer: expired, already taken, or another hub")
         return payload
 
-    async def close(self) -> None:
+    def close_now(self) -> None:
         self.hub.discard(self._sent)
         self._sent.clear()

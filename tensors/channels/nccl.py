@@ -271,6 +271,7 @@ class NcclChannel(Channel):
             await pending
 
     async def close(self) -> None:
+        """Wait for the last broadcast; the group itself belongs to its creator."""
         try:
             await self.flush()
         except TransferError as e:

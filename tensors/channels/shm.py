@@ -7,10 +7,11 @@ maps the segment and builds the tensors on the mapping (no pickling, no copy).
 Ownership and cleanup:
 * the sender owns its segments (files ``boba-shm-<pid>-<token>-<n>``) and reuses them, so their
   pages are faulted in once rather than on every transfer;
-* a reader marks the segment taken (under an flock) and, when all the tensors it built are garbage
-  collected, released;
-* a segment is written again only when every reader released it, or its readers died, or the send's
-  time to live passed before all readers came (a late reader then gets TransferError "expired");
+* a reader records its pid in the segment (under an flock) and clears it when all the tensors it
+  built are garbage collected;
+* a segment is written again only when each reader that came has released it or died, and either
+  all readers came or the send's time to live passed (a late reader then gets TransferError
+  "expired");
 * the sender unlinks its segments on close() and at interpreter exit; segments of a sender that was
   killed (dead pid) are unlinked by sweep_orphans(), which every ShmChannel runs when created.
 Tensors received with readers > 1 share pages with the other readers: treat them as read-only.
@@ -28,6 +29,7 @@ import re
 import socket
 import struct
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -55,7 +57,7 @@ _STATE = struct.Struct("<8sQIIIIQQ16I")  # magic gen state readers taken release
 _HEADER_OFFSET = 256
 _ALIGN = 64
 _WRITING, _READY = 1, 2
-_THREAD_BYTES = 8 << 20  # copies at least this big run in a worker thread, off the event loop
+_THREAD_BYTES = 64 << 20  # copies this big (> ~10 ms) run in a worker thread, off the event loop
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the receiver's page tables in one call
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
 
@@ -196,8 +198,9 @@ class ShmChannel(Channel):
         self._segments: list[_Segment] = []
         self._paths: set[str] = set()
         self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
-        self._maps: collections.OrderedDict[str, tuple[int, mmap.mmap]] = collections.OrderedDict()
+        self._maps: collections.OrderedDict[str, list] = collections.OrderedDict()  # path -> [ino, mmap, populated]
         self._max_cached_maps = max_cached_maps
+        self._maps_lock = threading.Lock()
         self._host = socket.gethostname()
         sweep_orphans(self.directory)
 
@@ -214,22 +217,24 @@ class ShmChannel(Channel):
             seg, state = self._acquire(end, readers, deadline)
         except TimeoutError:
             raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
-        if end >= _THREAD_BYTES:
-            fut = asyncio.get_running_loop().run_in_executor(None, _write_segment, seg, header, buffers, offsets)
-            try:
-                await asyncio.shield(fut)
-            except BaseException:
-                fut.add_done_callback(lambda _: setattr(seg, "busy", False))  # free it once the copy stops
-                raise
-        else:
-            try:
+        copy = None
+        try:
+            if end >= _THREAD_BYTES:
+                copy = asyncio.get_running_loop().run_in_executor(None, _write_segment, seg, header, buffers, offsets)
+                await asyncio.shield(copy)
+            else:
                 _write_segment(seg, header, buffers, offsets)
-            except BaseException:
+            state.state, state.header_len, state.data_end = _READY, len(header), end
+            with _locked(seg.fd, deadline):
+                state.write(seg.fd)  # READY is written last: a crash before this leaves a WRITING segment
+        except BaseException as e:
+            if copy is not None and not copy.done():  # cancelled mid-copy: free it once the copy stops
+                copy.add_done_callback(lambda _: setattr(seg, "busy", False))
+            else:
                 seg.busy = False
-                raise
-        state.state, state.header_len, state.data_end = _READY, len(header), end
-        with _locked(seg.fd, deadline):
-            state.write(seg.fd)  # READY is written last: a crash before this leaves a WRITING segment
+            if isinstance(e, TimeoutError):
+                raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
+            raise
         seg.ready_at, seg.ttl, seg.busy = time.monotonic(), timeout, False
         return {
             "kind": self.kind,
@@ -266,9 +271,8 @@ class ShmChannel(Channel):
             return True  # a write that failed half-way
         if s.taken < s.readers and now < seg.ready_at + seg.ttl:
             return False  # readers still to come
-        if s.released >= s.taken:
-            return True
-        return not any(_alive(pid) for pid in s.pids[: s.taken])  # holders died
+        # every reader released it (slot cleared) or died holding it
+        return not any(pid and _alive(pid) for pid in s.pids[: s.taken])
 
     def _create(self, size: int) -> _Segment:
         capacity = max(1 << 20, 1 << (size - 1).bit_length())  # sparse file: only written pages cost memory
@@ -342,11 +346,9 @@ class ShmChannel(Channel):
                     state.write(fd)
             except TimeoutError:
                 raise TransferError(peer, tid, "lock", f"segment lock not free within {timeout}s") from None
-            mm = self._mapping(path, fd, ino)
+            mm = self._mapping(path, fd, ino, state.data_end)
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError, ValueError):
-            mm.madvise(_MADV_POPULATE_WRITE, 0, state.data_end)
         arr = np.frombuffer(mm, dtype=np.uint8, count=state.data_end)
         weakref.finalize(arr, _release, path, ino, gen)  # fires when the last tensor built on it dies
         base = torch.from_numpy(arr)
@@ -372,19 +374,29 @@ class ShmChannel(Channel):
         if state.taken >= state.readers:
             raise TransferError(peer, tid, "open", f"already taken by all {state.readers} reader(s)")
 
-    def _mapping(self, path: str, fd: int, ino: int) -> mmap.mmap:
+    def _mapping(self, path: str, fd: int, ino: int, data_end: int) -> mmap.mmap:
+        """The segment's mapping (kept between receives), its page tables filled up to data_end."""
+        with self._maps_lock:  # big receives run in worker threads
+            return self._mapping_locked(path, fd, ino, data_end)
+
+    def _mapping_locked(self, path: str, fd: int, ino: int, data_end: int) -> mmap.mmap:
         cached = self._maps.get(path)
         if cached is not None and cached[0] == ino:
             self._maps.move_to_end(path)
-            return cached[1]
-        mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._maps[path] = (ino, mm)
-        while len(self._maps) > self._max_cached_maps:
-            self._maps.popitem(last=False)  # tensors still using it keep it mapped
-        return mm
+        else:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            cached = self._maps[path] = [ino, mm, 0]
+            while len(self._maps) > self._max_cached_maps:
+                self._maps.popitem(last=False)  # tensors still using it keep it mapped
+        if data_end > cached[2]:  # one call instead of a page fault per 4 KiB on first touch
+            with contextlib.suppress(OSError, ValueError):
+                cached[1].madvise(_MADV_POPULATE_WRITE, 0, data_end)
+            cached[2] = data_end
+        return cached[1]
 
-    async def close(self) -> None:
-        self._maps.clear()
+    def close_now(self) -> None:
+        with self._maps_lock:
+            self._maps.clear()
         for seg in list(self._segments):
             self._discard(seg)
         self._finalizer()
@@ -401,7 +413,9 @@ def _release(path: str, ino: int, gen: int) -> None:
             return
         with _locked(fd, time.monotonic() + 5.0):
             state = _State.read(fd)
-            if state is not None and state.gen == gen:
+            me = os.getpid()
+            if state is not None and state.gen == gen and me in state.pids[: state.taken]:
+                state.pids[state.pids.index(me)] = 0  # this reader's slot: no longer holding it
                 state.released += 1
                 state.write(fd)
     except Exception:

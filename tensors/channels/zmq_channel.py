@@ -8,8 +8,6 @@ adds a crc32 per buffer for links you do not trust.
 
 from __future__ import annotations
 
-import zmq.asyncio
-
 from tensors import wire
 from tensors.channels.base import (
     Channel,
@@ -20,7 +18,7 @@ from tensors.channels.base import (
     check_send_args,
     new_transfer_id,
 )
-from tensors.channels.outbox import Outbox, request
+from tensors.channels.outbox import Outbox, Puller
 from tensors.errors import TransferError, WireError
 
 
@@ -40,7 +38,7 @@ class ZmqChannel(Channel):
         super().__init__(name)
         self.bind, self.advertise, self.checksum = bind, advertise, checksum
         self._outbox: Outbox | None = None
-        self._ctx: zmq.asyncio.Context | None = None
+        self._puller = Puller()
 
     @property
     def endpoint(self) -> str | None:
@@ -59,9 +57,7 @@ class ZmqChannel(Channel):
 
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
         peer, tid = check_descriptor(descriptor, self.kind, ("endpoint",), timeout)
-        if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
-        frames = await request(self._ctx, descriptor["endpoint"], b"GET", tid, peer=peer, timeout=timeout)
+        frames = await self._puller.request(descriptor["endpoint"], b"GET", tid, peer=peer, timeout=timeout)
         if not frames:
             raise TransferError(peer, tid, "pull", "reply had no header frame")
         try:
@@ -69,10 +65,8 @@ class ZmqChannel(Channel):
         except WireError as e:
             raise TransferError(peer, tid, "decode", str(e)) from e
 
-    async def close(self) -> None:
+    def close_now(self) -> None:
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-            self._ctx = None
+        self._puller.close()

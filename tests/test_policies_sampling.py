@@ -1,0 +1,382 @@
+"""GenerationEngine: equivalence with the HF forward, sampling semantics, versions, abort, validation."""
+import threading
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from policies.llama_infer import CompactDecoder, UnsupportedModelError
+from policies.models import tiny_model
+from policies.sampling import GenerationEngine, SamplingParams, generate, sample_tokens
+
+VOCAB = 49152
+
+
+def tiny_llama(seed=0):
+    # a wide init: with the default 0.02 a random tied-embedding model just repeats its last token
+    return tiny_model(seed=seed, initializer_range=0.5).eval()
+
+
+def tiny_qwen2(seed=0):
+    cfg = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, eos_token_id=2, initializer_range=0.5)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises biases to 0; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def prompts_for(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_logprobs(model, prompt, output, temperature=1.0):
+    """log_softmax(HF logits / T) of each output token given its prefix."""
+    ids = torch.tensor(prompt + output)[None]
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(output)[:, None])[:, 0]
+
+
+def hf_greedy(model, prompt, n_tokens):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_tokens,
+                             min_new_tokens=n_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+# ------------------------------------------------------------------ the forward
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_compact_forward_matches_hf_logits(make):
+    model = make()
+    dec = CompactDecoder(model)
+    prompts = prompts_for(model, [7, 12, 3])
+    cache = dec.new_cache()
+    cache.reserve(3, 32, used_rows=0, used_positions=0)
+    seqs = []
+    with torch.inference_mode():
+        logits, keys, values = dec.prefill([torch.tensor(p) for p in prompts])  # packed
+        col = 0
+        for row, p in enumerate(prompts):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=0)
+            cache.write_prompt(row, 1, keys, values, col, col + len(p))
+            col += len(p)
+            seqs.append(list(p))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):  # rows of different lengths decode together
+            tokens = torch.randint(0, model.config.vocab_size, (3,), generator=g)
+            logits = dec.decode(tokens, torch.tensor([len(s) for s in seqs]), cache)
+            for row, t in enumerate(tokens.tolist()):
+                seqs[row].append(t)
+                ref = model(torch.tensor([seqs[row]])).logits[0, -1]
+                torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_greedy_engine_equals_hf_greedy(make):
+    model = make()
+    prompts = prompts_for(model, [5, 11])
+    res = generate(model, prompts, 2, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    for p, group in zip(prompts, res):
+        expected = hf_greedy(model, p, 12)
+        assert [f.output_ids for f in group] == [expected, expected]
+
+
+def test_unsupported_architecture_is_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'"):
+        GenerationEngine(gpt2)
+
+
+# ------------------------------------------------------------------ sampling semantics
+
+def test_sample_tokens_inverse_cdf_and_top_p():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]] * 4))
+    t = torch.ones(4)
+    tokens, lp = sample_tokens(logits, t, torch.zeros(4, dtype=torch.long), torch.ones(4),
+                               torch.tensor([0.1, 0.25, 0.6, 0.999]))
+    assert tokens.tolist() == [0, 1, 2, 2]
+    torch.testing.assert_close(lp, torch.log(torch.tensor([0.2, 0.3, 0.5, 0.5])))
+    # top_p=0.45 keeps only the 0.5 token; the recorded logprob is still the untruncated one
+    tokens, lp = sample_tokens(logits, t, torch.zeros(4, dtype=torch.long), torch.full((4,), 0.45),
+                               torch.tensor([0.0, 0.3, 0.6, 0.99]))
+    assert tokens.tolist() == [2, 2, 2, 2]
+    torch.testing.assert_close(lp, torch.log(torch.full((4,), 0.5)))
+    # top_k=2 keeps 0.3 and 0.5 (renormalised to 0.375 / 0.625)
+    tokens, _ = sample_tokens(logits, t, torch.full((4,), 2), torch.ones(4), torch.tensor([0.0, 0.37, 0.38, 0.99]))
+    assert tokens.tolist() == [1, 1, 2, 2]
+    # top_p=0.75 keeps 0.5 and 0.3; greedy rows (T=0) take the argmax, logprob at T=1
+    tokens, lp = sample_tokens(logits, torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long),
+                               torch.full((4,), 0.75), torch.tensor([0.5, 0.3, 0.0, 0.99]))
+    assert tokens.tolist() == [2, 1, 2, 2]
+
+
+def test_logprobs_equal_hf_log_softmax_over_temperature(llama):
+    prompts = prompts_for(llama, [4, 9, 6])
+    engine = GenerationEngine(llama, seed=3)
+    engine.add("a", prompts[0], 3, SamplingParams(max_new_tokens=10, temperature=0.7, ignore_eos=True))
+    engine.add("b", prompts[1], 2, SamplingParams(max_new_tokens=6, temperature=1.3, top_p=0.9, ignore_eos=True))
+    done = engine.step() + engine.step()
+    engine.add("c", prompts[2], 2, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=50, ignore_eos=True))
+    while engine.has_work():
+        done += engine.step()
+    temps = {"a": 0.7, "b": 1.3, "c": 1.0}
+    prompt_of = dict(zip("abc", prompts))
+    assert sorted((f.rid, f.index) for f in done) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    for f in done:
+        ref = hf_logprobs(llama, prompt_of[f.rid], f.output_ids, temps[f.rid])
+        torch.testing.assert_close(torch.tensor(f.logprobs), ref, atol=1e-4, rtol=0)
+
+
+def test_seed_reproducible_and_samples_differ(llama):
+    prompts = prompts_for(llama, [6, 8])
+    params = SamplingParams(max_new_tokens=8, seed=7, ignore_eos=True)
+    first = generate(llama, prompts, 3, params)
+    again = generate(llama, prompts, 3, params)
+    other = generate(llama, prompts, 3, SamplingParams(max_new_tokens=8, seed=8, ignore_eos=True))
+    ids = lambda res: [[f.output_ids for f in g] for g in res]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert ids(first) != ids(other)
+    assert len({tuple(o) for o in ids(first)[0]}) == 3  # the G samples of a prompt are not copies
+    assert ids(first)[0] != ids(first)[1]  # groups sharing a seed still get their own streams
+
+
+def test_group_shares_one_prefill(llama):
+    engine = GenerationEngine(llama, seed=0)
+    for i, p in enumerate(prompts_for(llama, [5, 7, 9])):
+        engine.add(str(i), p, 4, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    assert engine.stats.prefills == 3
+    assert engine.stats.prefill_tokens == 5 + 7 + 9
+    assert len(done) == 12 and all(len(f.output_ids) == 3 for f in done)
+
+
+def test_stop_token_and_length(llama):
+    prompt = prompts_for(llama, [6])[0]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    full = generate(llama, [prompt], 1, greedy)[0][0]
+    assert full.finish_reason == "length" and full.truncated and len(full.output_ids) == 10
+    stop_at = full.output_ids[3]
+    cut = full.output_ids.index(stop_at)
+    stopped = generate(llama, [prompt], 1, SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True,
+                                                          stop_token_ids=(stop_at,)))[0][0]
+    assert stopped.finish_reason == "stop" and not stopped.truncated
+    assert stopped.output_ids == full.output_ids[: cut + 1]  # the stop token is kept
+    assert len(stopped.logprobs) == len(stopped.versions) == cut + 1
+
+
+def test_eos_from_generation_config_stops(llama):
+    engine = GenerationEngine(llama)
+    assert engine.eos_token_ids == (2,)
+    prompt = prompts_for(llama, [6])[0]
+    first = generate(llama, [prompt], 1, SamplingParams(max_new_tokens=5, temperature=0))[0][0].output_ids[0]
+    res = generate(llama, [prompt], 2, SamplingParams(max_new_tokens=5, temperature=0), eos_token_ids=(first,))
+    assert [(f.output_ids, f.finish_reason) for f in res[0]] == [([first], "stop")] * 2
+
+
+def test_tiny_top_p_and_top_k_1_are_greedy(llama):
+    prompts = prompts_for(llama, [5, 9])
+    greedy = generate(llama, prompts, 1, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    for params in (SamplingParams(max_new_tokens=8, top_p=1e-6, ignore_eos=True, seed=1),
+                   SamplingParams(max_new_tokens=8, top_k=1, temperature=1.5, ignore_eos=True, seed=2)):
+        res = generate(llama, prompts, 3, params)
+        for g_ref, g in zip(greedy, res):
+            assert all(f.output_ids == g_ref[0].output_ids for f in g)
+
+
+def test_continuous_batching_matches_running_alone(llama):
+    prompts = prompts_for(llama, [4, 10, 7])
+    greedy = lambda n: SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    alone = [generate(llama, [p], 1, greedy(n))[0][0].output_ids for p, n in zip(prompts, (9, 4, 6))]
+    engine = GenerationEngine(llama, max_batch_size=4)
+    engine.add("0", prompts[0], 2, greedy(9))
+    done = engine.step()
+    engine.add("1", prompts[1], 3, greedy(4))  # does not fit yet (2 + 3 > 4 rows): waits
+    engine.add("2", prompts[2], 1, greedy(6))
+    max_active = 0
+    while engine.has_work():
+        done += engine.step()
+        max_active = max(max_active, engine.num_active)
+    assert max_active <= 4
+    for f in done:
+        assert f.output_ids == alone[int(f.rid)], (f.rid, f.index)
+    assert sorted((f.rid, f.index) for f in done) == [("0", 0), ("0", 1), ("1", 0), ("1", 1), ("1", 2), ("2", 0)]
+
+
+# ------------------------------------------------------------------ weights, versions, abort
+
+def test_update_weights_mid_generation_switches_version():
+    model, old = tiny_llama(), tiny_llama()
+    prompt = prompts_for(model, [6])[0]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, seed=5)
+    engine = GenerationEngine(model)
+    engine.add("r", prompt, 2, params)
+    engine.step()
+    engine.step()  # 3 tokens per sample from version 0 (prefill token + 2 decodes)
+    # Only the final norm changes (scaled and negated), so the cached keys/values stay valid for the new
+    # weights and every logprob can be checked exactly against the HF model of its version.
+    engine.update_weights({"model.norm.weight": -3 * model.model.norm.weight}, version=1)
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    for f in done:
+        assert f.versions == [0, 0, 0] + [1] * 5
+        lp = torch.tensor(f.logprobs)
+        torch.testing.assert_close(lp[:3], hf_logprobs(old, prompt, f.output_ids)[:3], atol=1e-4, rtol=0)
+        torch.testing.assert_close(lp[3:], hf_logprobs(model, prompt, f.output_ids)[3:], atol=1e-4, rtol=0)
+        assert not torch.allclose(lp[3:], hf_logprobs(old, prompt, f.output_ids)[3:], atol=1e-2)
+
+
+def test_update_weights_copies_in_place_and_is_used():
+    model = tiny_llama()
+    new_state = {k: v.clone() for k, v in tiny_llama(seed=1).state_dict().items()}
+    ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
+    engine = GenerationEngine(model)
+    engine.update_weights(new_state, version=2)
+    assert engine.version == 2
+    assert {k: p.data_ptr() for k, p in model.named_parameters()} == ptrs  # no reallocation
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p, new_state[k], atol=0, rtol=0)
+    prompt = prompts_for(model, [6])[0]
+    engine.add("r", prompt, 1, SamplingParams(max_new_tokens=5, temperature=0.9, ignore_eos=True, seed=0))
+    f = [f for _ in range(10) for f in engine.step()][0]
+    assert f.versions == [2] * 5
+    torch.testing.assert_close(torch.tensor(f.logprobs), hf_logprobs(model, prompt, f.output_ids, 0.9),
+                               atol=1e-4, rtol=0)
+
+
+def test_update_weights_rejects_bad_input_and_changes_nothing(llama):
+    engine = GenerationEngine(llama, version=3)
+    w = llama.model.norm.weight.clone()
+    with pytest.raises(ValueError, match="unknown tensor names"):
+        engine.update_weights({"model.norm.weight": w + 1, "nope": w}, version=4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        engine.update_weights({"model.norm.weight": w + 1, "model.layers.0.input_layernorm.weight": w[:3]}, 4)
+    with pytest.raises(ValueError, match="older than"):
+        engine.update_weights({"model.norm.weight": w + 1}, version=2)
+    torch.testing.assert_close(llama.model.norm.weight, w)
+    assert engine.version == 3
+
+
+def test_update_weights_from_another_thread_lands_between_steps(llama):
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = GenerationEngine(model)
+    engine.add("r", prompts_for(model, [5])[0], 2, SamplingParams(max_new_tokens=30, ignore_eos=True, seed=0))
+    done, seen = [], threading.Event()
+
+    def updater():
+        seen.wait(10)
+        for v in range(1, 4):
+            engine.update_weights(state, version=v)
+
+    t = threading.Thread(target=updater)
+    t.start()
+    while engine.has_work():
+        done += engine.step()
+        seen.set()
+    t.join(10)
+    for f in done:  # versions never go backwards within a sample
+        assert f.versions == sorted(f.versions) and f.versions[0] == 0
+
+
+def test_abort_returns_partial_output(llama):
+    engine = GenerationEngine(llama, max_batch_size=2)
+    p1, p2 = prompts_for(llama, [5, 6])
+    engine.add("run", p1, 2, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    engine.add("queued", p2, 2, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        assert engine.step() == []
+    out = engine.abort("run")
+    assert [(f.rid, f.index, f.finish_reason) for f in out] == [("run", 0, "abort"), ("run", 1, "abort")]
+    assert all(len(f.output_ids) == len(f.logprobs) == len(f.versions) == 4 for f in out)
+    assert engine.abort("run") == [] and engine.abort("never-added") == []
+    engine.step()  # "queued" is admitted now that rows are free
+    out = engine.abort_all()
+    assert [(f.rid, f.finish_reason, len(f.output_ids)) for f in out] == [("queued", "abort", 2)] * 2
+    assert not engine.has_work()
+    engine.add("queued", p2, 1, SamplingParams(max_new_tokens=2))  # the rid is free again
+    assert engine.abort("queued")[0].output_ids == []
+
+
+# ------------------------------------------------------------------ validation
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(stop_token_ids=(1, -2)), "stop_token_ids"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(seed=1.5), "seed"),
+])
+def test_sampling_params_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_add_validation(llama):
+    engine = GenerationEngine(llama, max_batch_tokens=100, max_batch_size=4)
+    ok = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        engine.add("a", [], 1, ok)
+    with pytest.raises(ValueError, match=f"not a token id in \\[0, {VOCAB}\\)"):
+        engine.add("a", [1, VOCAB], 1, ok)
+    with pytest.raises(ValueError, match="n=0"):
+        engine.add("a", [1, 2], 0, ok)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.add("a", [1, 2], 5, ok)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.add("a", [1] * 60, 2, ok)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        GenerationEngine(llama).add("a", [1, 2], 1, SamplingParams(max_new_tokens=5000))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add("a", [1, 2], 1, {"max_new_tokens": 3})
+    engine.add("a", [1, 2], 1, ok)
+    with pytest.raises(ValueError, match="already queued or running"):
+        engine.add("a", [1, 2], 1, ok)
+    assert engine.num_queued == 1
+
+
+# ------------------------------------------------------------------ the real model
+
+@pytest.mark.slow
+def test_smollm2_forward_matches_hf():
+    from policies.models import load_model, smollm2_dir
+
+    model = load_model(smollm2_dir()).eval()
+    dec = CompactDecoder(model)
+    prompt = list(range(100, 140))
+    with torch.inference_mode():
+        logits, keys, values = dec.prefill([torch.tensor(prompt)])
+        logits = logits[0]
+        torch.testing.assert_close(logits, model(torch.tensor([prompt])).logits[0, -1], atol=1e-4, rtol=0)
+        cache = dec.new_cache()
+        cache.reserve(1, 64, used_rows=0, used_positions=0)
+        cache.write_prompt(0, 1, keys, values)
+        seq = list(prompt)
+        for _ in range(4):
+            tok = int(logits.argmax())
+            logits = dec.decode(torch.tensor([tok]), torch.tensor([len(seq)]), cache)[0]
+            seq.append(tok)
+            torch.testing.assert_close(logits, model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=0)
+    res = generate(model, [prompt], 2, SamplingParams(max_new_tokens=6, temperature=0.8, ignore_eos=True, seed=0))
+    for f in res[0]:
+        torch.testing.assert_close(torch.tensor(f.logprobs), hf_logprobs(model, prompt, f.output_ids, 0.8),
+                                   atol=1e-4, rtol=0)
