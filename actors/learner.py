@@ -114,6 +114,7 @@ class Learner(Actor):
             "learner_tokens_per_s": tokens / max(1e-9, t_train - t_recv),
             "time_recv_s": t_recv - t0, "time_train_s": t_train - t_recv, "time_sync_s": t_end - t_train,
             "generators_updated": sync["updated"], "generators_failed": sync["failed"],
+            "qids": self.trained_qids[-1],  # the exactly-once record: one entry per trained sequence
         }
         await self.bus.publish(P.METRICS, metrics)
         log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,
