@@ -18,6 +18,7 @@ import signal
 from typing import Any, Callable
 
 from bus.client import BusClient
+from bus.errors import BusError, BusTimeout, PeerGone, RemoteError
 
 log = logging.getLogger("actors.base")
 _ATTR = "__bus_handler__"
@@ -60,6 +61,63 @@ class Actor:
         self._started = False
         self._stopped: asyncio.Event | None = None
         self._stopping: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def request_until(self, dst: str, type: str, body: Any, *, within: float, attempt: float = 2.0,
+                            gone_grace: float = 10.0) -> Any:
+        """A request sent again until ``dst`` answers; returns the reply body.
+
+        What a broker restart loses (a frame in flight, a reply, a peer not yet registered again) is
+        sent again, every ``attempt`` seconds at most. A peer the broker does not know is waited for
+        ``gone_grace`` seconds (it may be registering again), not the whole ``within``. The handler
+        at ``dst`` must be idempotent: a lost reply means a second copy. Raises BusTimeout naming
+        ``dst`` and ``type`` when time runs out, or RemoteError at once if the handler raised.
+        """
+        loop = asyncio.get_running_loop()
+        deadline, pause, gone_since = loop.time() + within, 0.05, None
+        while True:
+            left = deadline - loop.time()
+            try:
+                return await self.bus.request(dst, type, body, timeout=max(0.05, min(attempt, left)))
+            except RemoteError:
+                raise
+            except BusError as exc:
+                if self._stopping is not None:  # stopping: nobody will send it again
+                    raise
+                now = loop.time()
+                if isinstance(exc, PeerGone):
+                    gone_since = now if gone_since is None else gone_since
+                    if now - gone_since >= gone_grace:
+                        raise
+                else:
+                    gone_since = None
+                if now + pause >= deadline:
+                    raise BusTimeout(dst, f"an answer to {type!r}", within, str(exc)) from exc
+                log.info("%s: %r to %s not answered (%s); sending it again", self.name, type, dst, exc)
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    async def deliver(self, dst: str, type: str, body: Any, *, within: float, **kw: Any) -> None:
+        """A one-way message that must arrive: ``request_until`` an acknowledgement.
+
+        Plain one-way messages are lost when the broker restarts or ``dst`` is registering again; a
+        delivered one is not. The handler at ``dst`` answers at once (it acknowledges receipt, not the
+        work) and ignores a second copy.
+        """
+        await self.request_until(dst, type, body, within=within, **kw)
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` in the background, kept alive and cancelled on stop; a failure is logged."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("%s: background task failed: %s: %s", self.name, type(exc).__name__, exc, exc_info=exc)
 
     async def on_start(self) -> None:
         """Hook: runs once registered (subscribe to topics, start background tasks)."""
@@ -99,6 +157,8 @@ class Actor:
             await asyncio.wait_for(self.on_stop(), grace)
         except Exception as e:
             log.error("%s: on_stop failed: %s: %s", self.name, type(e).__name__, e)
+        for task in list(self._background):
+            task.cancel()
         if not await self.bus.drain(grace):
             log.warning("%s: %d handlers still running after %.1fs; cancelling them",
                         self.name, self.bus.in_flight, grace)

@@ -2,7 +2,8 @@
 
 It lives in the learner's process (so it reads the weights by reference) and speaks to generators
 over a tensor channel. A generator that is dead or too slow is dropped from this update, never
-waited for past the deadline; one that joins later gets the current weights at once.
+waited for past the deadline; one that joins later gets the current weights at once. An update whose
+request or answer a broker restart lost is sent again (a generator ignores a second copy).
 """
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ class WeightBroadcaster(Actor):
     role = "broadcaster"
 
     def __init__(self, bus_address: str, *, model: torch.nn.Module, version: int = 0,
-                 update_timeout: float = 120.0, name: str = P.BROADCASTER, **bus_kwargs):
+                 update_timeout: float = 120.0, attempt_timeout: float = 10.0, name: str = P.BROADCASTER,
+                 **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.version = model, version
         self.update_timeout = update_timeout
+        self.attempt_timeout = attempt_timeout  # an update unanswered this long is sent again
+        self.announced: dict | None = None  # the last announcement: a version and who runs it
         self._channels: dict[str, object] = {}
         self._lock = asyncio.Lock()
         self.current: set[str] = set()  # generators known to run self.version
@@ -41,11 +45,13 @@ class WeightBroadcaster(Actor):
         await self.broadcast(self.version)  # generators may hold other weights (a resumed run)
 
     async def _announce(self) -> None:
-        await self.bus.publish(P.WEIGHTS_VERSION, {"version": self.version, "generators": sorted(self.current)})
+        self.announced = {"version": self.version, "generators": sorted(self.current)}
+        await self.bus.publish(P.WEIGHTS_VERSION, self.announced)
 
     @handler("broadcaster_state")
     async def on_state(self, body: dict, src: str) -> dict:
-        return {"version": self.version, "generators": sorted(self.current)}
+        """The last announcement (mid-update, the new version is not yet served by anyone)."""
+        return self.announced or {"version": -1, "generators": []}
 
     async def on_stop(self) -> None:
         for ch in self._channels.values():
@@ -76,8 +82,9 @@ class WeightBroadcaster(Actor):
 
     async def _push(self, gen, desc: dict, version: int) -> bool:
         try:
-            reply = await self.bus.request(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
-                                           timeout=self.update_timeout)
+            reply = await self.request_until(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
+                                             within=self.update_timeout, attempt=self.attempt_timeout,
+                                             gone_grace=min(5.0, self.update_timeout))
             return int(reply["version"]) == version
         except Exception as exc:
             log.warning("weight update v%d to %s failed, dropping it from this update: %s", version, gen.name, exc)

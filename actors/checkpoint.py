@@ -1,10 +1,14 @@
 """Training checkpoints: model (HF dir), optimizer, step, RNG, sampler position.
 
 A checkpoint directory is written under a temporary name and renamed into place only when complete,
-so a crash mid-save leaves the previous checkpoint as the latest usable one.
+so a crash mid-save leaves the previous checkpoint as the latest usable one. state.json lists every
+file's size and a digest of the model and optimizer state: `verify` finds a checkpoint that was
+damaged on disk later (truncated, a file missing), and a resumed learner can prove it holds exactly
+what was saved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,6 +21,34 @@ import torch
 from policies.models import save_checkpoint
 
 _PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """sha256 of the model's and the optimizer's state (tensors and hyper-parameters): equal iff they are."""
+    h = hashlib.sha256()
+
+    def feed(name: str, value) -> None:
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                feed(f"{name}.{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                feed(f"{name}[{i}]", v)
+        else:
+            h.update(repr(value).encode())
+
+    feed("model", model.state_dict())
+    feed("optimizer", optimizer.state_dict())
+    return h.hexdigest()
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -33,8 +65,10 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                tmp / "rng.pt")
-    meta = {"step": step, "version": step, "sampler": {"next_batch": step}, **(extra or {})}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    meta = {"step": step, "version": step, "sampler": {"next_batch": step},
+            "digest": state_digest(model, optimizer), "files": files, **(extra or {})}
+    _write_synced(tmp / "state.json", json.dumps(meta, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -43,6 +77,13 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,9 +111,72 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def load_state(ckpt: Path) -> dict:
     try:
-        return json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {ckpt}: state.json is unreadable ({exc})") from exc
+        raise CheckpointError(f"checkpoint {ckpt}: state.json is unreadable ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {ckpt}: state.json has no integer 'step'")
+    return state
+
+
+def verify(ckpt: Path) -> dict:
+    """The checkpoint's state.json if every file is whole; else CheckpointError naming the file.
+
+    Cheap (sizes and headers, no full read): it catches what a crash or a full disk does to files
+    after the atomic rename, e.g. a truncated model.safetensors or optimizer.pt.
+    """
+    ckpt = Path(ckpt)
+    state = load_state(ckpt)
+    files = state.get("files")
+    if isinstance(files, dict):  # checkpoints written since sizes were recorded
+        for rel, size in files.items():
+            path = ckpt / rel
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {ckpt}: {rel} is missing")
+            actual = path.stat().st_size
+            if actual != size:
+                raise CheckpointError(f"checkpoint {ckpt}: {rel} is {actual} bytes, {size} were written "
+                                      f"({'truncated' if actual < size else 'changed'} on disk)")
+    for rel in ("model/config.json", "optimizer.pt", "rng.pt"):
+        if not (ckpt / rel).is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: {rel} is missing")
+    shards = sorted((ckpt / "model").glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"checkpoint {ckpt}: model/ holds no .safetensors weights")
+    for shard in shards:
+        _check_safetensors(shard, ckpt)
+    for rel in ("optimizer.pt", "rng.pt"):
+        _check_torch_zip(ckpt / rel, ckpt)
+    return state
+
+
+def _check_safetensors(path: Path, ckpt: Path) -> None:
+    """The header's tensor extents must end exactly at the end of the file."""
+    where = f"checkpoint {ckpt}: {path.relative_to(ckpt)}"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise CheckpointError(f"{where} is truncated ({size} bytes, header says more)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{where} has an unreadable header ({exc})") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{where} is {size} bytes but its header describes {8 + n + end} (truncated?)")
+
+
+def _check_torch_zip(path: Path, ckpt: Path) -> None:
+    """torch.save writes a zip: a truncated one has lost its central directory at the end."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {path.name} is damaged or truncated ({exc})") from exc
 
 
 def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:

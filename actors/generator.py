@@ -2,7 +2,8 @@
 
 The backend does the generating; this shell takes GENERATE messages, ships each finished group's
 tensors over a tensor channel (shared memory when the packer shares our host, zmq otherwise), hands
-the texts to a verifier, and applies weight updates between decode steps.
+the texts to a verifier, and applies weight updates between decode steps. Its messages are delivered
+(acknowledged, sent again if lost); a second copy of a prompt or a weight update is ignored.
 """
 from __future__ import annotations
 
@@ -59,12 +60,17 @@ class Generator(Actor):
     role = "generator"
 
     def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
-                 transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, **bus_kwargs):
+                 transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, deliver_timeout: float = 30.0,
+                 **bus_kwargs):
         caps = {"backend": type(backend).__name__}
         super().__init__(name, self.role, bus_address, capabilities=caps, **bus_kwargs)
         self.backend, self.tokenizer = backend, tokenizer
         self.transfer_timeout = transfer_timeout
         self.rollout_ttl = rollout_ttl  # how long a finished group waits for the packer to pull it
+        self.deliver_timeout = deliver_timeout
+        self._active: set[str] = set()  # prompts being generated (a second copy is ignored)
+        self._update_lock = asyncio.Lock()
+        self._updated_to: int | None = None  # version of the last weight update applied
         self._verifiers = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._channels: dict[str, object] = {}
@@ -90,12 +96,15 @@ class Generator(Actor):
 
     @handler(P.GENERATE)
     async def on_generate(self, body: dict, src: str) -> None:
-        task = asyncio.create_task(self._rollout(body, src))
+        rid = f"{body['batch']}:{body['qid']}"
+        if rid in self._active:
+            return
+        self._active.add(rid)
+        task = asyncio.create_task(self._rollout(rid, body, src))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _rollout(self, body: dict, sampler: str) -> None:
-        rid = f"{body['batch']}:{body['qid']}"
+    async def _rollout(self, rid: str, body: dict, sampler: str) -> None:
         try:
             samples = await self.backend.generate_group(rid, body["prompt_ids"], body["n"], body["sampling"])
             batch = rollout_batch(body["prompt_ids"], samples)
@@ -113,22 +122,32 @@ class Generator(Actor):
                 "version_min": min(versions, default=self.backend.version),
                 "version_max": max(versions, default=self.backend.version),
             }
-            await self.bus.send(verifier, P.SCORE, {
+            await self.deliver(verifier, P.SCORE, {
                 "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
-                "rollout": desc, "generator": self.name, "stats": stats})
-            await self.bus.send(sampler, P.GENERATED, {"batch": body["batch"], "qid": body["qid"],
-                                                       "verifier": verifier})
+                "rollout": desc, "generator": self.name, "stats": stats}, within=self.deliver_timeout)
+            await self.deliver(sampler, P.GENERATED, {"batch": body["batch"], "qid": body["qid"],
+                                                      "verifier": verifier}, within=self.deliver_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("rollout %s failed", rid)
-            await self.bus.send(sampler, P.REJECTED, {"batch": body["batch"], "qid": body["qid"],
-                                                      "reason": f"{self.name}: {exc}"})
+            try:
+                await self.deliver(sampler, P.REJECTED, {"batch": body["batch"], "qid": body["qid"],
+                                                         "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
+            except Exception as exc2:  # the sampler deals it again after rollout.request_timeout
+                log.error("could not tell %s that %s failed: %s", sampler, rid, exc2)
+        finally:
+            self._active.discard(rid)
 
     @handler(P.UPDATE_WEIGHTS)
     async def on_update_weights(self, body: dict, src: str) -> dict:
         from tensors.channels import receive
-        weights = await receive(body["weights"], timeout=self.transfer_timeout)
-        await self.backend.update_weights(weights, int(body["version"]))
+        version = int(body["version"])
+        async with self._update_lock:  # a second copy (its first answer was lost) waits, then is answered
+            if self._updated_to == version and self.backend.version == version:
+                return {"version": version}
+            weights = await receive(body["weights"], timeout=self.transfer_timeout)
+            await self.backend.update_weights(weights, version)
+            self._updated_to = version
         log.info("weights updated to version %d", self.backend.version)
         return {"version": self.backend.version}

@@ -2,6 +2,8 @@
 
 Training math lives in policies.ppo; this shell only orders the steps, moves tensors, times things
 and reports. With max_staleness > 0 it recomputes proximal logprobs for the decoupled objective.
+TRAIN is acknowledged at once (a second copy is ignored). Every step's metrics are published and
+also kept, so the launcher can fetch a record whose publication a broker restart lost.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ class Learner(Actor):
     def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig,
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
                  start_step: int = 0, max_staleness: int = 0, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 2, transfer_timeout: float = 120.0, name: str = P.LEARNER,
-                 **bus_kwargs):
+                 keep_checkpoints: int = 2, transfer_timeout: float = 120.0, resumed: dict | None = None,
+                 name: str = P.LEARNER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
         self.broadcaster = broadcaster
@@ -37,6 +39,10 @@ class Learner(Actor):
         self.transfer_timeout = transfer_timeout
         self.pending: dict[int, dict] = {}
         self.trained_qids: list[list[str]] = []  # per step, for the exactly-once record
+        self.history: list[dict] = []  # every metrics record published by this process
+        self.resumed = resumed  # {checkpoint, step, digest} of the state loaded at start, if resumed
+        self._training: int | None = None
+        self._state_lock = asyncio.Lock()  # a checkpoint never sees a half-trained step
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self.finished = asyncio.Event()
@@ -51,7 +57,7 @@ class Learner(Actor):
     @handler(P.TRAIN)
     async def on_train(self, body: dict, src: str) -> None:
         step = int(body["step"])
-        if step < self.step:
+        if step < self.step or step == self._training:
             log.info("ignoring step %d: already trained up to %d", step, self.step)
             return
         self.pending[step] = body
@@ -59,13 +65,24 @@ class Learner(Actor):
 
     @handler(P.LEARNER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
-        return {"step": self.step, "version": self.step, "total_steps": self.total_steps,
-                "trained_qids": self.trained_qids}
+        reply = {"step": self.step, "version": self.step, "total_steps": self.total_steps,
+                 "resumed": self.resumed}
+        if (body or {}).get("qids", True):
+            reply["trained_qids"] = self.trained_qids
+        return reply
+
+    @handler(P.LEARNER_METRICS)
+    async def on_metrics(self, body: dict, src: str) -> dict:
+        """The metrics records of steps >= since (for a launcher that missed a publication)."""
+        since = int((body or {}).get("since", 0))
+        return {"step": self.step, "total_steps": self.total_steps,
+                "records": [m for m in self.history if m["step"] >= since]}
 
     @handler(P.CHECKPOINT)
     async def on_checkpoint(self, body: dict, src: str) -> dict:
-        path = await self._checkpoint()
-        return {"step": self.step, "path": str(path)}
+        async with self._state_lock:
+            path = await self._checkpoint()
+            return {"step": self.step, "path": str(path)}
 
     async def _checkpoint(self) -> Path:
         path = await asyncio.to_thread(checkpoint.save, self.run_dir, self.step, self.model, self.tokenizer,
@@ -74,36 +91,43 @@ class Learner(Actor):
         return path
 
     async def _train_loop(self) -> None:
-        while self.step < self.total_steps:
-            await self._wake.wait()
-            self._wake.clear()
-            while self.step in self.pending:
-                await self._train_one(self.pending.pop(self.step))
+        try:
+            while self.step < self.total_steps:
+                await self._wake.wait()
+                self._wake.clear()
+                while self.step in self.pending:
+                    await self._train_one(self.pending.pop(self.step))
+        except Exception:  # a learner that cannot train must not sit on the bus looking alive
+            log.exception("step %d failed; the learner leaves the bus", self.step)
+            asyncio.ensure_future(self.stop())
+            return
         self.finished.set()
         await self.bus.publish(P.RUN_FINISHED, {"step": self.step})
 
     async def _train_one(self, body: dict) -> None:
         from tensors.channels import receive
         step, t0 = int(body["step"]), time.perf_counter()
+        self._training = step
         batch = None
         if body["batch"] is not None:
             batch = await receive(body["batch"], timeout=self.transfer_timeout)
         t_recv = time.perf_counter()
         stats: dict = {}
-        if batch is not None and batch.num_seqs:
-            prox = None
-            if self.max_staleness > 0:
-                prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo)
-            stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
-                                            proximal_logprobs=prox)
-            self.trained_qids.append(list(batch.meta.get("qids", [])))
-        else:
-            log.warning("step %d: no group carried a learning signal; weights unchanged", step)
-            self.trained_qids.append([])
-        t_train = time.perf_counter()
-        self.step = step + 1
-        if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
-            await self._checkpoint()
+        async with self._state_lock:
+            if batch is not None and batch.num_seqs:
+                prox = None
+                if self.max_staleness > 0:
+                    prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo)
+                stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
+                                                proximal_logprobs=prox)
+                self.trained_qids.append(list(batch.meta.get("qids", [])))
+            else:
+                log.warning("step %d: no group carried a learning signal; weights unchanged", step)
+                self.trained_qids.append([])
+            t_train = time.perf_counter()
+            self.step, self._training = step + 1, None
+            if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
+                await self._checkpoint()
         sync = await self.broadcaster.broadcast(self.step)
         t_end = time.perf_counter()
         tokens = batch.num_tokens if batch is not None else 0
@@ -116,6 +140,7 @@ class Learner(Actor):
             "generators_updated": sync["updated"], "generators_failed": sync["failed"],
             "qids": self.trained_qids[-1],  # the exactly-once record: one entry per trained sequence
         }
+        self.history.append(metrics)
         await self.bus.publish(P.METRICS, metrics)
         log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,
                  metrics.get("reward_mean", float("nan")), metrics.get("accuracy", float("nan")),

@@ -2,10 +2,13 @@
 
 Each group's tensors are pulled the moment its score arrives, so a generator that dies later
 cannot take an accepted group with it; a group seen twice (a re-dealt prompt) is dropped.
-Batches leave in step order, packed into one PackedBatch with no padding.
+Batches leave in step order, packed into one PackedBatch with no padding. SCORED is acknowledged at
+once; ACCEPTED, REJECTED and TRAIN are delivered (sent again until acknowledged), so a broker restart
+loses no group and no step.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from dataclasses import dataclass
@@ -51,21 +54,20 @@ class Packer(Actor):
 
     def __init__(self, bus_address: str, *, batch_prompts: int, drop_uniform_groups: bool = False,
                  start_step: int = 0, transfer_timeout: float = 60.0, batch_ttl: float = 3600.0,
-                 name: str = P.PACKER, **bus_kwargs):
+                 deliver_timeout: float = 30.0, name: str = P.PACKER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.batch_prompts = batch_prompts
         self.drop_uniform = drop_uniform_groups
         self.next_step = start_step
         self.transfer_timeout = transfer_timeout
         self.batch_ttl = batch_ttl  # a packed step may wait behind the learner's current one
+        self.deliver_timeout = deliver_timeout
         self.groups: dict[int, dict[str, _Group]] = {}
         self.dropped: dict[int, int] = {}
         self.ready: dict[int, tuple[dict, dict]] = {}  # step -> (descriptor, stats) not yet delivered
         self._channel = None
         self._fetching: set[tuple[int, str]] = set()
-
-    async def on_start(self) -> None:
-        self.bus.subscribe(P.JOINED, self._on_joined)
+        self._pack_lock = asyncio.Lock()
 
     async def on_stop(self) -> None:
         if self._channel is not None:
@@ -73,47 +75,58 @@ class Packer(Actor):
 
     @handler(P.SCORED)
     async def on_scored(self, body: dict, src: str) -> None:
-        from tensors.channels import receive
         step, qid = int(body["batch"]), body["qid"]
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
             return
         if step < self.next_step or qid in self.groups.get(step, {}):
             log.info("dropping a duplicate of %s in step %d", qid, step)
-            await self.bus.send(P.SAMPLER, P.ACCEPTED, {"batch": step, "qid": qid})
+            self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
             return
         self._fetching.add((step, qid))
+        self.spawn(self._take(step, qid, body))
+
+    async def _take(self, step: int, qid: str, body: dict) -> None:
+        from tensors.channels import receive
         try:
             batch = await receive(body["rollout"], timeout=self.transfer_timeout)
             batch = batch.with_fields(seqs={"rewards": torch.tensor(body["rewards"], dtype=torch.float32)})
         except Exception as exc:
-            log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
-            await self.bus.send(P.SAMPLER, P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
-            return
-        finally:
             self._fetching.discard((step, qid))
+            log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
+            await self._tell_sampler(P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
+            return
         self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"])
-        await self.bus.send(P.SAMPLER, P.ACCEPTED, {"batch": step, "qid": qid})
+        self._fetching.discard((step, qid))
+        self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
         await self._pack_ready()
 
+    async def _tell_sampler(self, type: str, body: dict) -> None:
+        try:
+            await self.deliver(P.SAMPLER, type, body, within=self.deliver_timeout)
+        except Exception as exc:  # a lost ACCEPTED costs a needless re-deal; a lost REJECTED, request_timeout
+            log.error("could not tell the sampler %s %s: %s", type, body, exc)
+
     async def _pack_ready(self) -> None:
-        while len(self.groups.get(self.next_step, {})) >= self.batch_prompts:
-            step = self.next_step
-            groups = sorted(self.groups.pop(step).values(), key=lambda g: g.qid)
-            kept = [g for g in groups if not (self.drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
-            stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
-            parts = []
-            for gid, g in enumerate(kept):
-                b = g.batch.with_fields(seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
-                parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs},
-                                         frozenset({"qids"})))
-            packed = PackedBatch.concat(parts) if parts else None
-            channel = await self._learner_channel()
-            desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
-            self.ready[step] = (desc, stats)
-            self.next_step += 1
-            log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
-                     len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
-        await self._deliver()
+        async with self._pack_lock:
+            while len(self.groups.get(self.next_step, {})) >= self.batch_prompts:
+                step = self.next_step
+                self.next_step += 1  # from here on a late copy of one of its groups is a duplicate
+                groups = sorted(self.groups.pop(step).values(), key=lambda g: g.qid)
+                kept = [g for g in groups if not (self.drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
+                stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
+                parts = []
+                for gid, g in enumerate(kept):
+                    b = g.batch.with_fields(
+                        seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
+                    parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs},
+                                             frozenset({"qids"})))
+                packed = PackedBatch.concat(parts) if parts else None
+                channel = await self._learner_channel()
+                desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
+                self.ready[step] = (desc, stats)
+                self.spawn(self._send_train(step))
+                log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
+                         len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
 
     async def _learner_channel(self):
         from tensors.channels import choose_kind, open_channel
@@ -123,16 +136,12 @@ class Packer(Actor):
             self._channel = open_channel(choose_kind(same_process=False, same_host=same_host, device="cpu"))
         return self._channel
 
-    async def _deliver(self) -> None:
-        for step in sorted(self.ready):
-            desc, stats = self.ready[step]
-            try:
-                await self.bus.send(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats})
-            except Exception as exc:
-                log.warning("learner unreachable, holding step %d: %s", step, exc)
-                return
-            del self.ready[step]
-
-    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
-        if body.get("role") == "learner":
-            await self._deliver()
+    async def _send_train(self, step: int) -> None:
+        desc, stats = self.ready[step]
+        try:
+            await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats},
+                               within=self.batch_ttl, gone_grace=self.batch_ttl)
+        except Exception as exc:
+            log.error("step %d never reached the learner: %s", step, exc)
+            return
+        del self.ready[step]

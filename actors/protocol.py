@@ -11,7 +11,13 @@ packer      -> sampler      ACCEPTED   {batch, qid} | REJECTED {batch, qid, reas
 packer      -> learner      TRAIN      {step, batch, stats}
 broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}
 learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WEIGHTS_VERSION {version}
-launcher    <- anyone       CONFIG (request) -> the run's config as a dict; LEARNER_STATE -> {step, version}
+launcher    <- anyone       CONFIG (request) -> the run's config as a dict
+launcher    -> learner      LEARNER_STATE (request) -> {step, version, total_steps, resumed, trained_qids}
+launcher    -> learner      LEARNER_METRICS (request) {since} -> {step, total_steps, records}
+
+GENERATE, SCORE, GENERATED, SCORED, ACCEPTED, REJECTED and TRAIN are delivered: sent as requests and
+sent again until acknowledged (``Actor.deliver``), so a broker restart loses none; each receiver
+answers at once and ignores a second copy.
 """
 
 GENERATE = "generate"
@@ -24,6 +30,7 @@ TRAIN = "train"
 UPDATE_WEIGHTS = "update_weights"
 CHECKPOINT = "checkpoint"
 LEARNER_STATE = "learner_state"
+LEARNER_METRICS = "learner_metrics"
 CONFIG = "config"
 SHUTDOWN = "shutdown"
 

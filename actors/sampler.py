@@ -2,7 +2,9 @@
 
 It owns the exactly-once guarantee on the sampling side: every prompt of an admitted batch stays
 "owed" until the packer says ACCEPTED. A prompt held by a generator or verifier that leaves is dealt
-again; the packer drops any duplicate that the dead peer had already sent on.
+again; the packer drops any duplicate that the dead peer had already sent on. Prompts are delivered
+(acknowledged, sent again if lost), so a broker restart loses none, and after one the sampler asks
+the broadcaster for the policy version it may have missed.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class SamplerConfig:
     seed: int = 1
     sampling: dict = field(default_factory=dict)  # temperature, top_p, max_new_tokens, ...
     request_timeout: float = 600.0  # a prompt held longer than this is dealt again
+    deliver_timeout: float = 30.0  # how long a prompt is sent again to a generator that does not acknowledge
     report_every: float = 15.0  # seconds between "waiting for ..." progress lines
 
 
@@ -58,13 +61,23 @@ class PromptSampler(Actor):
     async def on_start(self) -> None:
         self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
         self.bus.subscribe(P.LEFT, self._on_left)
-        try:  # the broadcaster may have announced before we subscribed
-            state = await self.bus.request(P.BROADCASTER, "broadcaster_state", {}, timeout=5.0)
-            await self._on_version(P.WEIGHTS_VERSION, state, P.BROADCASTER)
-        except Exception as exc:
-            log.info("no broadcaster yet (%s); waiting for its first announcement", exc)
+        self.bus.subscribe(P.JOINED, self._on_joined)
+        await self._ask_version()  # the broadcaster may have announced before we subscribed
         await self._pump()
         self._watchdog = asyncio.create_task(self._watch())
+
+    async def _ask_version(self) -> None:
+        try:
+            state = await self.bus.request(P.BROADCASTER, "broadcaster_state", {}, timeout=5.0)
+        except Exception as exc:
+            log.info("no answer from the broadcaster (%s); waiting for its announcement", exc)
+            return
+        await self._on_version(P.WEIGHTS_VERSION, state, P.BROADCASTER)
+
+    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
+        """After a broker restart everyone joins again: an announcement made meanwhile may be lost."""
+        if body.get("name") in (self.name, P.BROADCASTER):
+            await self._ask_version()
 
     async def on_stop(self) -> None:
         if self._watchdog:
@@ -85,6 +98,8 @@ class PromptSampler(Actor):
                 self.queue.appendleft(key)
             if late:
                 await self._deal()
+            if not self.admissible() and self.next_batch < self.cfg.total_batches and not self.owed:
+                await self._ask_version()  # waiting for a version: make sure we did not miss it
             if self.owed:
                 holders: dict[str, int] = {}
                 for o in self.owed.values():
@@ -133,13 +148,18 @@ class PromptSampler(Actor):
             gen = min(self.generators, key=lambda g: (self.generators[g], g))
             owed.holder, owed.since = gen, time.monotonic()
             self.generators[gen] += 1
-            try:
-                await self.bus.send(gen, P.GENERATE, owed.body)
-            except Exception as exc:  # the generator vanished between listing and sending
-                log.warning("could not give %s to %s: %s", key, gen, exc)
+            self.spawn(self._give(key, owed, gen))
+
+    async def _give(self, key: tuple[int, str], owed: _Owed, gen: str) -> None:
+        try:
+            await self.deliver(gen, P.GENERATE, owed.body, within=self.cfg.deliver_timeout)
+        except Exception as exc:
+            if self.owed.get(key) is owed and owed.holder == gen:  # nobody else took it meanwhile
+                log.warning("could not give %s to %s: %s; dealing it again", key, gen, exc)
                 self._release(key, gen)
-                self.generators.pop(gen, None)
+                owed.holder = None
                 self.queue.appendleft(key)
+                await self._deal()
 
     def _release(self, key: tuple[int, str], holder: str | None) -> None:
         if holder in self.generators:

@@ -47,24 +47,24 @@ def sample_answers(model, tokenizer, problems: list[Problem], s: EvalSettings, *
     """k responses per problem: returns (texts per problem, truncated flags per problem)."""
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                             stop_token_ids=tuple(stop_ids(tokenizer)), seed=s.seed)
-    engine = GenerationEngine(model)
+    engine = GenerationEngine(model, max_batch_size=s.max_active_sequences)
     prompts = [build_prompt(tokenizer, p.prompt, s.directive, s.force_newline) for p in problems]
     texts: list[list[str | None]] = [[None] * s.k for _ in problems]
     truncated: list[list[bool]] = [[False] * s.k for _ in problems]
-    per_wave = max(1, s.max_active_sequences // s.k)
-    t0, done = time.monotonic(), 0
+    for i, ids in enumerate(prompts):  # the engine admits groups as room frees up
+        engine.add(str(i), ids, s.k, params)
+    t0 = last = time.monotonic()
+    done, total = 0, len(problems) * s.k
     with torch.inference_mode():
-        for lo in range(0, len(problems), per_wave):
-            for i in range(lo, min(lo + per_wave, len(problems))):
-                engine.add(str(i), prompts[i], s.k, params)
-            while engine.has_work():
-                for f in engine.step():
-                    i = int(f.rid)
-                    texts[i][f.index] = tokenizer.decode(f.output_ids, skip_special_tokens=True)
-                    truncated[i][f.index] = f.finish_reason == "length"
-            done = min(lo + per_wave, len(problems))
-            log.info("%s: generated %d/%d problems x %d samples (%.0f s)", label, done, len(problems), s.k,
-                     time.monotonic() - t0)
+        while engine.has_work():
+            for f in engine.step():
+                i = int(f.rid)
+                texts[i][f.index] = tokenizer.decode(f.output_ids, skip_special_tokens=True)
+                truncated[i][f.index] = f.finish_reason == "length"
+                done += 1
+            if time.monotonic() - last > 15:
+                last = time.monotonic()
+                log.info("%s: %d/%d samples (%.0f s)", label, done, total, last - t0)
     return texts, truncated
 
 

@@ -46,13 +46,47 @@ def base_model_path(cfg: ExperimentConfig) -> str:
 
 
 def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
+    """Step 0, or with ``resume`` the newest checkpoint that is whole (a damaged one is skipped, named).
+
+    Raises CheckpointError when there are checkpoints but none is usable: starting over from step 0
+    would silently throw the run's progress away.
+    """
     if resume:
-        ckpt = checkpoint.latest(run_dir(cfg))
-        if ckpt is not None:
-            state = checkpoint.load_state(ckpt)
+        found = checkpoint.list_checkpoints(run_dir(cfg))
+        damaged = []
+        for ckpt in reversed(found):
+            try:
+                state = checkpoint.verify(ckpt)
+            except checkpoint.CheckpointError as exc:
+                log.warning("--resume: skipping a damaged checkpoint: %s", exc)
+                damaged.append(str(exc))
+                continue
+            if damaged:
+                log.warning("--resume: falling back to %s", ckpt)
             return Start(int(state["step"]), str(ckpt / "model"), str(ckpt))
+        if damaged:
+            raise checkpoint.CheckpointError("--resume: no usable checkpoint under "
+                                             f"{run_dir(cfg) / 'checkpoints'}: " + "; ".join(damaged))
         log.warning("--resume: no checkpoint under %s, starting from step 0", run_dir(cfg))
     return Start(0, base_model_path(cfg))
+
+
+def check_model_path(cfg: ExperimentConfig) -> None:
+    """Fail before any process starts when model.path is not a model (ModelPathError names it)."""
+    if cfg.model.path in ("smollm2", "tiny"):
+        return
+    from policies.models import ModelPathError, check_model_dir
+    path = Path(cfg.model.path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelPathError(f"model.path: GGUF file {str(path)!r} does not exist")
+        return
+    try:
+        check_model_dir(path)
+    except ModelPathError as exc:
+        raise ModelPathError(f"model.path: {exc}") from None
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelPathError(f"model.path: {str(path)!r} has no tokenizer (missing tokenizer.json)")
 
 
 def device_for(cfg: ExperimentConfig) -> str:
@@ -132,14 +166,24 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
         tok = load_tokenizer(start.model_path)
         opt = make_optimizer(model, cfg.ppo)
+        resumed = None
         if start.checkpoint:
-            checkpoint.restore_optimizer(Path(start.checkpoint), opt)
-            checkpoint.restore_rng(Path(start.checkpoint))
+            ckpt = Path(start.checkpoint)
+            checkpoint.restore_optimizer(ckpt, opt)
+            checkpoint.restore_rng(ckpt)
+            saved = checkpoint.load_state(ckpt).get("digest")
+            digest = checkpoint.state_digest(model, opt)
+            if saved is not None and digest != saved:
+                raise checkpoint.CheckpointError(f"checkpoint {ckpt}: the model and optimizer loaded from it "
+                                                 f"differ from what was saved (digest {digest[:12]} != {saved[:12]})")
+            resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
+            log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
+                     "matches the saved one" if saved else "(the checkpoint records none to compare)")
         bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
         learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, checkpoint_every=cfg.train.checkpoint_every,
-                          keep_checkpoints=cfg.train.keep_checkpoints, name=name, **bus_kwargs)
+                          keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
 

@@ -2,7 +2,9 @@
 
 The launcher is itself a bus client named "launcher": it serves the run's config to actors that
 attach later, records every step's metrics (JSONL + TensorBoard), prints progress, and decides what a
-death means (a generator may die; the learner's death stops or restarts the run, as configured).
+death means (a generator may die; the learner's death stops or restarts the run, as configured; a
+dead broker is started again on the same address and the actors register with it again). Metrics
+arrive by publication and, for any a broker restart lost, by asking the learner.
 """
 from __future__ import annotations
 
@@ -17,22 +19,28 @@ from pathlib import Path
 
 from actors import protocol as P
 from bus.client import BusClient
+from bus.errors import BusError
 from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
 from launcher.hosts import Host, place
 from launcher.metrics import MetricsWriter
 from launcher.progress import Progress
 from launcher.roles import Start, resolve_start, run_dir
-from launcher.spawn import Process, ProcessSpec, start as start_process
+from launcher.spawn import Process, ProcessSpec, check_hosts, start as start_process
 
 log = logging.getLogger("launcher")
 
 ROLE_ORDER = ("learner", "packer", "verifier", "sampler", "generator")  # broadcaster rides with the learner
 CRITICAL = {"learner", "packer", "sampler"}
 PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
+BROKER_RESTARTS = 5  # per run; a broker that keeps dying is a failure, not a hiccup
 
 
 class RunFailed(RuntimeError):
-    pass
+    """The run stopped short; ``role`` is the role whose death stopped it, if one did."""
+
+    def __init__(self, message: str, role: str | None = None):
+        super().__init__(message)
+        self.role = role
 
 
 def free_port(host: str) -> int:
@@ -84,11 +92,14 @@ class Job:
         self.client: BusClient | None = None
         self.finished = asyncio.Event()
         self.failure: str | None = None
+        self.failed_role: str | None = None
         self.last_metrics: dict = {}
+        self.recorded: set[int] = set()  # steps whose metrics are written
+        self.steps: range = range(0)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, role: str | None = None) -> None:
         if self.failure is None and not self.finished.is_set():
-            self.failure = why
+            self.failure, self.failed_role = why, role
             log.error(why)
             self.finished.set()
 
@@ -99,10 +110,15 @@ class Job:
         config_path.write_text(config_to_yaml(cfg))
         port = cfg.bus.port or free_port(cfg.bus.host)
         address = f"tcp://{cfg.bus.host}:{port}"
-        progress = Progress(cfg.train.steps, start.step, describe_mode(cfg))
-        metrics = MetricsWriter(rd)
         print(f"[launcher] mode: {describe_mode(cfg)}; steps {start.step}..{cfg.train.steps}; bus {address}; "
               f"run dir {rd}", flush=True)
+        self.steps = range(start.step, cfg.train.steps)
+        specs = process_specs(cfg, config_path, address, start, self.hosts)
+        await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
+                                 key=lambda h: h.name))
+        progress = Progress(cfg.train.steps, start.step, describe_mode(cfg))
+        metrics = MetricsWriter(rd)
+        tasks: list[asyncio.Task] = []
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,
                                               echo=self.echo)
@@ -112,17 +128,21 @@ class Job:
             self.client.subscribe(P.METRICS, self._on_metrics(metrics, progress))
             self.client.subscribe(P.RUN_FINISHED, self._on_finished)
             self.client.subscribe(P.LEFT, self._on_left)
-            for spec in process_specs(cfg, config_path, address, start, self.hosts):
+            tasks.append(asyncio.create_task(self._keep_broker(broker_spec(cfg, address), address)))
+            for spec in specs:
                 self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo))
-            watchers = [asyncio.create_task(self._watch(p)) for p in self.procs]
+            tasks += [asyncio.create_task(self._watch(p)) for p in self.procs]
+            tasks.append(asyncio.create_task(self._follow_learner(metrics, progress)))
             await self.finished.wait()
-            for w in watchers:
-                w.cancel()
+            if not self.failure:  # records whose publication was lost (a broker restart)
+                await self._fetch_metrics(metrics, progress)
         finally:
+            for t in tasks:
+                t.cancel()
             await self.shutdown()
             metrics.close()
         if self.failure:
-            raise RunFailed(self.failure)
+            raise RunFailed(self.failure, self.failed_role)
         return self.last_metrics
 
     async def _connect(self, address: str, timeout: float = 30.0) -> None:
@@ -144,25 +164,80 @@ class Job:
             return {"config": dump_config(self.cfg), "model_path": start.model_path, "step": start.step}
         return serve
 
+    def _record(self, writer: MetricsWriter, progress: Progress, body: dict) -> None:
+        step = int(body["step"])
+        if step in self.recorded:  # a publication and a fetch of the same step
+            return
+        self.recorded.add(step)
+        body = dict(body)
+        body["tokens_per_s"] = progress.tokens_per_s(body)
+        self.last_metrics = body
+        writer.write(step, {k: v for k, v in body.items() if k not in ("step", "time")})
+        print(f"[progress] {progress.line(body)}", flush=True)
+
     def _on_metrics(self, writer: MetricsWriter, progress: Progress):
         async def on_metrics(topic: str, body: dict, src: str) -> None:
-            body = dict(body)
-            body["tokens_per_s"] = progress.tokens_per_s(body)
-            self.last_metrics = body
-            writer.write(int(body["step"]), {k: v for k, v in body.items() if k not in ("step", "time")})
-            print(f"[progress] {progress.line(body)}", flush=True)
+            self._record(writer, progress, body)
         return on_metrics
+
+    async def _fetch_metrics(self, writer: MetricsWriter, progress: Progress, timeout: float = 10.0) -> None:
+        """Ask the learner for the records of steps not yet written; finish when all are."""
+        missing = [s for s in self.steps if s not in self.recorded]
+        if not missing:
+            return
+        try:
+            reply = await self.client.request(P.LEARNER, P.LEARNER_METRICS, {"since": missing[0]}, timeout=timeout)
+        except BusError as exc:
+            log.debug("no metrics from the learner: %s", exc)
+            return
+        for rec in sorted(reply["records"], key=lambda r: r["step"]):
+            if rec["step"] not in self.recorded:
+                log.info("step %d: metrics fetched from the learner (their publication was lost)", rec["step"])
+                self._record(writer, progress, rec)
+        if all(s in self.recorded for s in self.steps) and not self.finished.is_set():
+            print(f"[launcher] training finished at step {self.steps.stop}", flush=True)
+            self.finished.set()
+
+    async def _follow_learner(self, writer: MetricsWriter, progress: Progress) -> None:
+        """A lost publication (broker restart) must neither lose a record nor leave us waiting forever."""
+        every = max(1.0, 5 * self.cfg.bus.heartbeat_interval)
+        while not self.finished.is_set():
+            await asyncio.sleep(every)
+            await self._fetch_metrics(writer, progress)
 
     async def _on_finished(self, topic: str, body: dict, src: str) -> None:
         print(f"[launcher] training finished at step {body.get('step')}", flush=True)
         self.finished.set()
 
     async def _on_left(self, topic: str, body: dict, src: str) -> None:
-        role = body.get("role")
-        if role in CRITICAL:
-            self._fail(f"{body.get('name')} ({role}) left the bus (missed heartbeats or exited)")
+        name, role = body.get("name"), body.get("role")
+        if role not in CRITICAL:
+            print(f"[launcher] {name} ({role}) left the bus", flush=True)
+            return
+        proc = next((p for p in self.procs if p.name == name), None)
+        if body.get("reason") == "expired" and proc is not None and proc.returncode is None:
+            # its process lives: a stall (a loaded machine) may have cost it heartbeats; it registers again
+            await self._await_rejoin(name, role, proc)
         else:
-            print(f"[launcher] {body.get('name')} ({role}) left the bus", flush=True)
+            how = "missed heartbeats" if body.get("reason") == "expired" else "left"
+            self._fail(f"{name} ({role}) left the bus ({how})", role)
+
+    async def _await_rejoin(self, name: str, role: str, proc: Process) -> None:
+        hb = self.cfg.bus.heartbeat_interval
+        grace = max(2.0, 3 * hb * self.cfg.bus.heartbeat_liveness)
+        print(f"[launcher] {name} ({role}) missed heartbeats; its process {proc.proc.pid} is alive: waiting "
+              f"{grace:.1f} s for it to register again", flush=True)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not self.finished.is_set():
+            await asyncio.sleep(hb)
+            try:
+                if any(a.name == name for a in await self.client.actors(timeout=max(hb, 1.0))):
+                    print(f"[launcher] {name} ({role}) registered again", flush=True)
+                    return
+            except BusError:
+                pass
+        self._fail(f"{name} ({role}) missed heartbeats and did not register again within {grace:.1f} s "
+                   f"(its process {proc.proc.pid} is alive but unresponsive: hung?)", role)
 
     async def _watch(self, proc: Process) -> None:
         rc = await proc.wait()
@@ -171,9 +246,27 @@ class Job:
         msg = f"{proc.name} exited with code {rc}; last lines: " + " / ".join(proc.tail[-3:])
         if proc.spec.role in CRITICAL or not any(p.returncode is None for p in self.procs
                                                  if p.spec.role == proc.spec.role):
-            self._fail(msg)
+            self._fail(msg, proc.spec.role)
         else:
             print(f"[launcher] {msg}", flush=True)
+
+    async def _keep_broker(self, spec: ProcessSpec, address: str) -> None:
+        """Start the broker again on the same address when it dies; the actors register with it again."""
+        for restart in range(1, BROKER_RESTARTS + 1):
+            rc = await self.broker.wait()
+            if self.finished.is_set():
+                return
+            print(f"[launcher] the broker exited with code {rc}; starting it again on {address} "
+                  f"({restart}/{BROKER_RESTARTS})", flush=True)
+            await asyncio.sleep(0.2 * (restart - 1))
+            try:
+                self.broker = await start_process(spec, log_dir=self.rd / "logs", cwd=PROJECT_DIR, echo=self.echo)
+            except OSError as exc:
+                return self._fail(f"could not start the broker again: {exc}", "broker")
+        rc = await self.broker.wait()
+        if not self.finished.is_set():
+            self._fail(f"the broker exited ({rc}) {BROKER_RESTARTS + 1} times: " + " / ".join(self.broker.tail[-3:]),
+                       "broker")
 
     async def checkpoint_now(self, timeout: float = 120.0) -> None:
         if self.client is None:
@@ -227,11 +320,13 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
         except RunFailed as exc:
             if interrupted.is_set():
                 raise
-            if cfg.train.on_learner_death == "restart" and restarts < 3:
+            if exc.role == "learner" and cfg.train.on_learner_death == "restart" and restarts < 3:
                 restarts += 1
                 resume = True
                 print(f"[launcher] {exc}; restarting from the last checkpoint ({restarts}/3)", flush=True)
                 continue
+            if exc.role == "learner":
+                raise RunFailed(f"{exc} (train.on_learner_death={cfg.train.on_learner_death})", exc.role) from None
             raise
         finally:
             if timer:

@@ -13,7 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.hosts import Host
+from launcher.hosts import Host, HostsError
+
+SSH_CONNECT_TIMEOUT = 10  # seconds; ssh's own limit on reaching a host
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ProcessSpec:
         envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         remote = f"cd {shlex.quote(cwd)} && {envs + ' ' if envs else ''}exec {shlex.join(self.argv)}"
         target = f"{self.host.user}@{self.host.name}" if self.host.user else self.host.name
-        return ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", target, remote]
+        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", target, remote]
 
 
 class Process:
@@ -72,6 +74,7 @@ class Process:
         if self.proc.returncode is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(signal.SIGCONT)  # a stopped (frozen) process acts on SIGTERM only when resumed
                 await asyncio.wait_for(self.proc.wait(), grace)
             except (asyncio.TimeoutError, ProcessLookupError):
                 try:
@@ -97,3 +100,34 @@ async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True
         *spec.command(cwd), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     return Process(spec, proc, log_dir / f"{spec.name}.log", echo)
+
+
+async def check_hosts(hosts: list[Host], timeout: float = SSH_CONNECT_TIMEOUT) -> None:
+    """Reach every remote host over ssh once, before anything starts: HostsError names each that fails.
+
+    Without this an unreachable host shows up only as an actor that never joins, after the rest of
+    the job has started.
+    """
+    async def probe(host: Host) -> str | None:
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", host.ssh_target, "true"]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            return f"{host}: cannot run ssh ({exc})"
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout + 5)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return f"{host}: no answer over ssh within {timeout + 5:.0f} s"
+        if proc.returncode != 0:
+            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+            return f"{host}: ssh exited with code {proc.returncode}: {lines[-1] if lines else '(no output)'}"
+        return None
+
+    problems = [p for p in await asyncio.gather(*(probe(h) for h in hosts)) if p]
+    if problems:
+        raise HostsError(f"unreachable host{'s' if len(problems) > 1 else ''} (ssh -o BatchMode=yes): "
+                         + "; ".join(problems))

@@ -67,6 +67,25 @@ def linear(x: Tensor, proj: nn.Linear) -> Tensor:
     return F.linear(x, proj.weight, proj.bias)
 
 
+def col_linear(x: Tensor, proj: nn.Linear) -> Tensor:
+    """proj applied to column-major activations: x [in, B] -> [out, B]."""
+    if proj.bias is None:
+        return torch.mm(proj.weight, x)
+    return torch.addmm(proj.bias[:, None], proj.weight, x)
+
+
+def col_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """rms_norm over dim 0 of column-major activations [hidden, B]."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)
+    return norm.weight[:, None] * h.to(x.dtype)
+
+
+def rotate_col(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """`rotate` for column-major heads: x [heads, D, B], cos / signed_sin [D, B]."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[1] // 2, 1), signed_sin)
+
+
 class KVCache:
     """Keys and values of the active samples: per layer a [rows, kv_heads, T, head_dim] buffer.
 
@@ -212,26 +231,35 @@ class CompactDecoder:
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         """One token per row: tokens [B] at positions [B] (= the row's cached length); writes their
-        keys/values into cache rows 0..B-1 and returns logits [B, V]."""
+        keys/values into cache rows 0..B-1 and returns logits [B, V].
+
+        Activations are kept column-major ([features, B]) so every projection is W @ X: for the
+        skinny batches of decoding MKL runs that layout ~20% faster than X @ W^T."""
         b = tokens.shape[0]
         span = int(positions.max()) + 1
         cos, sin = self.rope(span)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, D]
+        cos, sin = cos[positions].t().contiguous(), sin[positions].t().contiguous()  # [D, B]
         rows = torch.arange(b, device=tokens.device)
         visible = torch.arange(span, device=tokens.device)[None] <= positions[:, None]  # [B, span]
         mask = torch.zeros(b, 1, 1, span, dtype=self.dtype, device=tokens.device)
         mask.masked_fill_(~visible[:, None, None], float("-inf"))
-        group = self.n_heads // self.n_kv_heads
-        h = self.model.model.embed_tokens(tokens)  # [B, hidden]
+        hd, n_kv, group = self.head_dim, self.n_kv_heads, self.n_heads // self.n_kv_heads
+        h = self.model.model.embed_tokens(tokens).t().contiguous()  # [hidden, B]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h)  # q [B, H, D]; k, v [B, Hkv, D]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            attn = layer.self_attn
+            x = col_rms_norm(h, layer.input_layernorm)
+            q = rotate_col(col_linear(x, attn.q_proj).view(self.n_heads, hd, b), cos, sin)
+            k = rotate_col(col_linear(x, attn.k_proj).view(n_kv, hd, b), cos, sin)
+            v = col_linear(x, attn.v_proj).view(n_kv, hd, b)
             kc, vc = cache.k[i], cache.v[i]
-            kc[rows, :, positions] = k
-            vc[rows, :, positions] = v
-            q = q.view(b, self.n_kv_heads, group, self.head_dim)
+            kc[rows, :, positions] = k.permute(2, 0, 1)
+            vc[rows, :, positions] = v.permute(2, 0, 1)
+            q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2)  # [B, Hkv, G, D]
             scores = torch.matmul(q, kc[:b, :, :span].transpose(-1, -2)).mul_(self.scale)
             scores = torch.softmax(scores.add_(mask), dim=-1, dtype=torch.float32).to(self.dtype)
             o = torch.matmul(scores, vc[:b, :, :span])  # [B, Hkv, G, D]
-            h = self._mlp_residual(layer, h, o.reshape(b, -1))
-        return self.logits(h)
+            h = h + col_linear(o.reshape(b, -1).t(), attn.o_proj)
+            mlp = layer.mlp
+            x = col_rms_norm(h, layer.post_attention_layernorm)
+            h = h + col_linear(F.silu(col_linear(x, mlp.gate_proj)) * col_linear(x, mlp.up_proj), mlp.down_proj)
+        return col_linear(col_rms_norm(h, self.model.model.norm), self.model.lm_head).t()

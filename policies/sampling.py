@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policies.llama_infer import CompactDecoder, KVCache
@@ -91,27 +92,77 @@ class EngineStats:
 # ---------------------------------------------------------------- the math (pure functions)
 
 
+def top_p_keep(logp: Tensor, top_p: Tensor, first_k: int = 64) -> Tensor:
+    """Boolean [B, V]: each row's nucleus, the fewest most likely tokens whose mass reaches top_p
+    (mass before a token < top_p; the argmax always stays).
+
+    A full sort of the vocabulary costs ~100x a softmax on CPU, so the nucleus is searched within
+    the top-k for k = 64, 512, ... and only rows whose top-k mass falls short go to a larger k.
+    """
+    b, v = logp.shape
+    keep = torch.zeros_like(logp, dtype=torch.bool)
+    pending = torch.arange(b, device=logp.device)
+    k = first_k
+    while pending.numel():
+        k = min(k, v)
+        vals, idx = torch.topk(logp[pending], k, dim=-1)  # sorted, descending
+        probs = vals.exp()
+        cum = probs.cumsum(-1)
+        p = top_p[pending, None]
+        done = cum[:, -1] >= p[:, 0] if k < v else torch.ones_like(cum[:, -1], dtype=torch.bool)
+        keep_sorted = (cum - probs) < p
+        keep_sorted[:, 0] = True
+        rows = pending[done]
+        keep[rows] = torch.zeros_like(keep[rows]).scatter_(-1, idx[done], keep_sorted[done])
+        pending = pending[~done]
+        k = k * 8 if k * 8 <= v // 8 else v  # past that a full sort is as cheap
+    return keep
+
+
 def filter_top_k_top_p(logp: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Set to -inf the log-probs outside each row's top-k and top-p nucleus (always keeps the argmax).
+    """Set to -inf the log-probs outside each row's top-k, then outside the top-p nucleus of the
+    renormalised top-k distribution (the HF / vLLM order). Always keeps the argmax.
 
     logp [B, V] (normalised), top_k [B] (0 = off), top_p [B] (1 = off).
     """
-    out = logp.clone()
+    out = logp
     k_rows = top_k > 0
     if bool(k_rows.any()):
         k = top_k.clamp(min=1, max=logp.shape[-1])
-        kth = torch.gather(torch.sort(logp, dim=-1, descending=True).values, -1, (k - 1)[:, None])
-        out = torch.where(k_rows[:, None] & (logp < kth), float("-inf"), out)
-    p_rows = top_p < 1
-    if bool(p_rows.any()):
-        sorted_lp, order = torch.sort(out, dim=-1, descending=True)
-        probs = sorted_lp.exp()
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = (mass_before >= top_p[:, None]) & p_rows[:, None]
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
+        best = torch.topk(logp, int(k.max()), dim=-1).values
+        kth = torch.where(k_rows, best.gather(-1, (k - 1)[:, None])[:, 0], float("-inf"))
+        out = logp.masked_fill(logp < kth[:, None], float("-inf"))
+    p_rows = (top_p < 1).nonzero()[:, 0]
+    if p_rows.numel():
+        sub = out[p_rows]
+        if bool(k_rows.any()):
+            sub = torch.log_softmax(sub, dim=-1)
+        keep = top_p_keep(sub, top_p[p_rows])
+        out = out.clone() if out is logp else out
+        out[p_rows] = out[p_rows].masked_fill(~keep, float("-inf"))
     return out
+
+
+def inverse_cdf(probs: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
+    """Token per row such that its cumulative (unnormalised) mass first exceeds uniform * total.
+
+    Two levels (block sums, then a cumsum inside the chosen block) because a cumsum over the whole
+    vocabulary is a slow sequential scan on CPU. Never returns a zero-probability token.
+    """
+    b, v = probs.shape
+    nb = -(-v // block)
+    if nb * block != v:
+        probs = F.pad(probs, (0, nb * block - v))
+    blocks = probs.view(b, nb, block)
+    cum_blocks = blocks.sum(-1).cumsum(-1)  # [B, nb]
+    target = uniform.to(probs.dtype)[:, None] * cum_blocks[:, -1:]
+    bi = torch.searchsorted(cum_blocks, target, right=True).clamp_(max=nb - 1)  # [B, 1]
+    before = torch.where(bi > 0, cum_blocks.gather(-1, (bi - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks[torch.arange(b, device=probs.device), bi[:, 0]].cumsum(-1)  # [B, block]
+    # rounding between the block sum and the inner cumsum must not push past the block's last mass
+    ceiling = torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:]))
+    ti = torch.searchsorted(inner, torch.minimum((target - before).clamp(min=0), ceiling), right=True)
+    return (bi * block + ti.clamp_(max=block - 1))[:, 0]
 
 
 def sample_tokens(
@@ -128,9 +179,7 @@ def sample_tokens(
     scaled = logits if bool((temp == 1).all()) else logits / temp[:, None]
     logp = torch.log_softmax(scaled, dim=-1)
     filtered = filter_top_k_top_p(logp, top_k, top_p) if bool(((top_k > 0) | (top_p < 1)).any()) else logp
-    cdf = filtered.exp().cumsum(-1)
-    target = uniform[:, None].to(cdf) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    tokens = inverse_cdf(filtered.exp(), uniform)
     if bool(greedy.any()):
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
@@ -181,6 +230,12 @@ class GenerationEngine:
     Shares the model's parameters (no copy): an in-place update of the model, or
     `update_weights`, is seen at the next step. Thread-safe: every public method holds one lock,
     so `update_weights` from another thread lands between two steps.
+
+    Admission (FIFO) keeps at most `max_batch_size` samples active and the sum over active samples
+    of prompt + max_new_tokens within `max_batch_tokens`. The KV cache holds
+    rows x longest-row positions x (2 x layers x kv_heads x head_dim) values, grown on demand
+    (46 KiB per position for SmolLM2-135M in fp32) and freed when the engine goes idle.
+    Models of other architectures raise `UnsupportedModelError` (no silent HF fallback).
     """
 
     def __init__(
@@ -200,8 +255,11 @@ class GenerationEngine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
         self.decoder = CompactDecoder(model)  # raises UnsupportedModelError
-        if device is not None and torch.device(device) != self.decoder.device:
-            raise ValueError(f"device={device!r} but the model's parameters are on {self.decoder.device}; move the model first")
+        here = self.decoder.device
+        if device is not None:
+            want = torch.device(device)
+            if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
+                raise ValueError(f"device={device!r} but the model's parameters are on {here}; move the model first")
         self.model = model
         self.device = self.decoder.device
         self.vocab_size = model.config.vocab_size
@@ -446,8 +504,9 @@ class GenerationEngine:
             for h, m in zip(holes, movers):
                 self._rows[h] = self._rows[m]
         del self._rows[keep:]
-        if not self._rows:
+        if not self._rows:  # idle: give the cache memory back
             self._reserved_tokens = 0
+            self._cache.clear()
 
 
 def generate(

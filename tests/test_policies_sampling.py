@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from policies.llama_infer import CompactDecoder, UnsupportedModelError
 from policies.models import tiny_model
-from policies.sampling import GenerationEngine, SamplingParams, generate, sample_tokens
+from policies.sampling import GenerationEngine, SamplingParams, generate, inverse_cdf, sample_tokens, top_p_keep
 
 VOCAB = 49152
 
@@ -48,6 +48,16 @@ def hf_greedy(model, prompt, n_tokens):
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_tokens,
                              min_new_tokens=n_tokens, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's thread
+    hand-offs make every small op slow; restore the setting for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +133,34 @@ def test_sample_tokens_inverse_cdf_and_top_p():
     assert tokens.tolist() == [2, 1, 2, 2]
 
 
+def test_top_p_keep_equals_full_sort_nucleus():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0] * 2)[:, None]  # flat rows need a full sort, peaked ones k=64
+    logp = torch.log_softmax(torch.randn(10, 5000, generator=g) * scale, -1)
+    top_p = torch.tensor([0.5, 0.9, 0.95, 0.99, 0.3, 0.999, 0.7, 0.95, 0.9, 0.01])
+    sorted_lp, order = torch.sort(logp, -1, descending=True)
+    probs = sorted_lp.exp()
+    keep_sorted = (probs.cumsum(-1) - probs) < top_p[:, None]
+    expected = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    keep = top_p_keep(logp, top_p)
+    assert torch.equal(keep, expected)
+    sizes = keep.sum(-1)
+    assert sizes.min() == 1 and sizes.max() > 512  # both ends of the escalation ran
+
+
+def test_inverse_cdf_picks_by_mass_and_skips_zero_probability():
+    probs = torch.zeros(3, 1000)
+    probs[:, [10, 300, 999]] = torch.tensor([0.25, 0.5, 0.25])
+    u = torch.tensor([0.1, 0.5, 0.9999999])
+    assert inverse_cdf(probs, u).tolist() == [10, 300, 999]
+    assert inverse_cdf(probs, u, block=7).tolist() == [10, 300, 999]  # vocab not a multiple of the block
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(1, 300, generator=g), -1)
+    draws = inverse_cdf(p.expand(20000, -1), torch.rand(20000, generator=g, dtype=torch.float64))
+    freq = torch.bincount(draws, minlength=300) / 20000
+    assert (freq - p[0]).abs().max() < 0.01
+
+
 def test_logprobs_equal_hf_log_softmax_over_temperature(llama):
     prompts = prompts_for(llama, [4, 9, 6])
     engine = GenerationEngine(llama, seed=3)
@@ -165,11 +203,31 @@ def test_group_shares_one_prefill(llama):
     assert len(done) == 12 and all(len(f.output_ids) == 3 for f in done)
 
 
+def test_prefill_chunks_give_the_same_result(llama):
+    prompts = prompts_for(llama, [5, 7, 9, 3])
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, ignore_eos=True, seed=4)
+    whole = generate(llama, prompts, 2, params)
+    engine = GenerationEngine(llama, max_prefill_tokens=8)  # 5 | 7 | 9 | 3: one prompt per forward
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, 2, params)
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    assert engine.stats.prefills == 4 and engine.num_active == 0
+    chunked = sorted(done, key=lambda f: (int(f.rid), f.index))
+    assert [f.output_ids for f in chunked] == [f.output_ids for g in whole for f in g]
+    for f in chunked:
+        torch.testing.assert_close(torch.tensor(f.logprobs), hf_logprobs(llama, prompts[int(f.rid)], f.output_ids, 0.8),
+                                   atol=1e-4, rtol=0)
+
+
 def test_stop_token_and_length(llama):
     prompt = prompts_for(llama, [6])[0]
     greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     full = generate(llama, [prompt], 1, greedy)[0][0]
     assert full.finish_reason == "length" and full.truncated and len(full.output_ids) == 10
+    one = generate(llama, [prompt], 2, SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))[0]
+    assert [(f.output_ids, f.finish_reason) for f in one] == [(full.output_ids[:1], "length")] * 2
     stop_at = full.output_ids[3]
     cut = full.output_ids.index(stop_at)
     stopped = generate(llama, [prompt], 1, SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True,

@@ -1,0 +1,283 @@
+"""Seconds per RL step on SmolLM2-135M-Instruct: this system vs a naive synchronous loop, same run.
+
+One step = generate P prompts x G samples x N new tokens, score them with the boxed-answer verifier,
+then one PPO training batch (`--minibatches` optimiser steps). Both sides sample at temperature 1 with
+no top-k / top-p and exactly N tokens per sample (eos ignored), start from the same weights, use the
+same rewards, AdamW settings, clipped token-level PPO loss and the same number of torch threads.
+
+- baseline: HF `model.generate(do_sample=True, num_return_sequences=G, left padding, output_logits)`
+  for the behaviour logprobs, then per minibatch an HF forward/backward on the padded [rows, W + N]
+  batch with its attention mask, log_softmax over the full padded logits, optimiser step.
+- ours (in-process): what the actors run, back to back: policies.sampling.GenerationEngine (KV cache,
+  one prefill per group shared by its G samples), the verifier, PackedBatch.from_sequences (no
+  padding), policies.ppo.train_step (packed micro-batches, chunked lm-head).
+- ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
+  their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S-1
+  (start-up and the last step, which may carry the final checkpoint, left out), for each
+  `--staleness` value. The launcher cannot ignore eos, so its samples may stop before N tokens: the
+  table shows its mean response length.
+
+Baseline and in-process runs alternate (`--repeats` each) so a shared machine's contention hits both
+alike; the table shows medians. Learner tokens/s counts real (non-pad) prompt + response tokens.
+
+    .venv/bin/python bench/rl_step.py [--prompts 8 --samples 4 --new-tokens 64 --minibatches 4
+                                       --repeats 2 --threads 2 --system-steps 5 --staleness 0 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from actors.dataset import build_prompt, load_problems  # noqa: E402
+from launcher.mathdata import make_dataset  # noqa: E402
+from launcher.metrics import read_metrics  # noqa: E402
+from policies.models import load_model, load_tokenizer, smollm2_dir  # noqa: E402
+from policies.ppo import PPOConfig, make_optimizer, train_step  # noqa: E402
+from policies.reward import reward  # noqa: E402
+from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
+from policies.verifier import is_correct  # noqa: E402
+from tensors.packed import PackedBatch  # noqa: E402
+
+DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
+
+
+@dataclass
+class StepTimes:
+    gen_s: float
+    score_s: float  # verifier (+ baseline: behaviour logprobs from the generate logits; ours: packing)
+    train_s: float
+    gen_tokens: int
+    train_tokens: int  # real prompt + response tokens the learner saw
+    reward_mean: float
+
+    @property
+    def total_s(self) -> float:
+        return self.gen_s + self.score_s + self.train_s
+
+
+def rewards_for(texts: list[str], answers: list[list[str]]) -> list[float]:
+    return [reward(is_correct(t, a)) for t, a in zip(texts, answers)]
+
+
+# ----------------------------------------------------------------------------- ours (in-process)
+
+def ours_step(model, opt, engine: GenerationEngine, tokenizer, prompts, answers, args, cfg: PPOConfig,
+              step: int) -> StepTimes:
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
+    model.eval()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add(f"{step}:{i}", p, args.samples, params)
+    groups: list[list] = [[None] * args.samples for _ in prompts]
+    while engine.has_work():
+        for f in engine.step():
+            groups[int(f.rid.split(":")[1])][f.index] = f
+    t1 = time.perf_counter()
+    samples = [f for g in groups for f in g]
+    texts = [tokenizer.decode(f.output_ids, skip_special_tokens=True) for f in samples]
+    rewards = rewards_for(texts, [answers[i] for i in range(len(prompts)) for _ in range(args.samples)])
+    seqs = []
+    for j, (f, r) in enumerate(zip(samples, rewards)):
+        p, n = len(f.prompt_ids), len(f.output_ids)
+        seqs.append({
+            "input_ids": torch.tensor(f.prompt_ids + f.output_ids), "loss_mask": torch.tensor([False] * p + [True] * n),
+            "logprobs": torch.tensor([0.0] * p + f.logprobs, dtype=torch.float32),
+            "versions": torch.tensor([-1] * p + f.versions, dtype=torch.int32),
+            "rewards": r, "group_ids": j // args.samples})
+    batch = PackedBatch.from_sequences(seqs)
+    t2 = time.perf_counter()
+    train_step(model, opt, batch, cfg)
+    t3 = time.perf_counter()
+    return StepTimes(t1 - t0, t2 - t1, t3 - t2, sum(len(f.output_ids) for f in samples), batch.num_tokens,
+                     sum(rewards) / len(rewards))
+
+
+# ----------------------------------------------------------------------------- baseline (naive HF loop)
+
+def baseline_step(model, opt, tokenizer, prompts, answers, args, cfg: PPOConfig) -> StepTimes:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    G, N = args.samples, args.new_tokens
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=N, min_new_tokens=N, num_return_sequences=G,
+                             pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+    t1 = time.perf_counter()
+    seqs, gen = out.sequences, out.sequences[:, width:]  # [P*G, W+N], [P*G, N]
+    with torch.no_grad():
+        old_lp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, gen[..., None])[..., 0]
+    eos = torch.zeros_like(gen, dtype=torch.bool)
+    for t in {tokenizer.eos_token_id, pad}:
+        eos |= gen == t
+    resp_mask = (eos.long().cumsum(1) - eos.long()) == 0  # up to and including the first eos
+    texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+    rewards = torch.tensor(rewards_for(texts, [a for a in answers for _ in range(G)]))
+    attn = torch.cat([mask.repeat_interleave(G, 0), resp_mask.long()], 1)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+    adv = rewards[:, None].expand_as(gen).float()
+    if cfg.normalize_advantages:
+        vals = adv[resp_mask]
+        adv = (adv - vals.mean()) / (vals.std(unbiased=False) + 1e-5)
+    t2 = time.perf_counter()
+    model.train()
+    for rows in torch.arange(seqs.shape[0]).tensor_split(min(cfg.minibatches, seqs.shape[0])):
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=seqs[rows], attention_mask=attn[rows], position_ids=position_ids[rows]).logits
+        logp = torch.log_softmax(logits.float(), -1)[:, width - 1:-1]  # position j predicts token j+1
+        lp = logp.gather(-1, gen[rows][..., None])[..., 0]
+        ratio = torch.exp(lp - old_lp[rows])
+        a, m = adv[rows], resp_mask[rows]
+        pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.eps_clip, 1 + cfg.eps_clip))
+        loss = (pg * m).sum() / m.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return StepTimes(t1 - t0, t2 - t1, t3 - t2, gen.numel(), int(attn.sum()), float(rewards.mean()))
+
+
+# ----------------------------------------------------------------------------- ours (the whole system)
+
+@dataclass
+class SystemRun:
+    staleness: int
+    s_per_step: float
+    response_len: float  # mean tokens per sample
+    learner_tok_s: float
+    train_s: float
+    sync_s: float
+
+
+def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
+    sets = {"run_dir": run_dir, "data.train": data, "data.test": "null", "model.path": "smollm2",
+            "rollout.batch_prompts": args.prompts, "rollout.group_size": args.samples,
+            "rollout.max_new_tokens": args.new_tokens, "rollout.max_staleness": staleness,
+            "rollout.request_timeout": 900, "ppo.minibatches": args.minibatches, "ppo.lr": 2e-5,
+            "ppo.max_tokens_per_micro_batch": 8192, "train.steps": args.system_steps,
+            "train.checkpoint_every": 0, "verifier.workers": 1}
+    argv = [sys.executable, "-m", "launcher", "--quiet", "--config", str(ROOT / "configs/tiny.yaml")]
+    for k, v in sets.items():
+        argv += ["-o", f"{k}={v}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BOBA_TORCH_THREADS": str(args.threads)}
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.system_timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"launcher (max_staleness={staleness}) exited {r.returncode}:\n{r.stdout[-2000:]}"
+                           f"\n{r.stderr[-2000:]}")
+    recs = read_metrics(run_dir)
+    if len(recs) != args.system_steps:
+        raise RuntimeError(f"{run_dir}: expected {args.system_steps} metrics records, got {len(recs)}")
+    steady = recs[:-1]  # the last step may carry the final checkpoint
+    per_step = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
+    mid = recs[1:-1]
+    return SystemRun(staleness, per_step,
+                     statistics.mean(m["response_tokens"] / len(m["qids"]) for m in mid),
+                     statistics.median(m["learner_tokens_per_s"] for m in mid),
+                     statistics.median(m["time_train_s"] for m in mid),
+                     statistics.median(m["time_sync_s"] for m in mid))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--minibatches", type=int, default=4, help="PPO minibatches (optimiser steps) per step, both sides")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--system-steps", type=int, default=5, help="steps per launcher run (>= 4), 0 = skip")
+    ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
+    ap.add_argument("--system-timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    if args.system_steps and args.system_steps < 4:
+        ap.error("--system-steps must be 0 or >= 4 (start-up and the last step are left out)")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = smollm2_dir()
+    tok = load_tokenizer(path)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rl-step-"))
+    data = make_dataset(tmp / "data", n_train=max(64, args.prompts * (args.system_steps + 1)), n_test=0, n_sft=0,
+                        seed=0)["train"]
+    problems = load_problems(data)[:args.prompts]
+    prompts = [build_prompt(tok, p.prompt, DIRECTIVE) for p in problems]
+    answers = [p.answers for p in problems]
+    cfg = PPOConfig(minibatches=args.minibatches)  # the recipe: lr 2e-5, Adam eps 1e-5, clip 0.2, normalised adv
+    ours_model = load_model(path, dtype=torch.float32)
+    base_model = load_model(path, dtype=torch.float32)
+    ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, cfg)
+    engine = GenerationEngine(ours_model, seed=0)
+    print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts (len {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
+          f"{args.minibatches} PPO minibatches, {args.threads} threads", flush=True)
+
+    # warm-up: allocator, kernels and the optimiser states of both sides
+    small = argparse.Namespace(samples=2, new_tokens=4)
+    baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, cfg)
+    ours_step(ours_model, ours_opt, engine, tok, prompts[:2], answers[:2], small, cfg, step=-1)
+
+    jobs = list(args.staleness) if args.system_steps else []
+    base, ours, systems = [], [], []
+    for r in range(args.repeats):
+        b = baseline_step(base_model, base_opt, tok, prompts, answers, args, cfg)
+        base.append(b)
+        print(f"  repeat {r}: baseline {b.total_s:6.2f} s/step (generate {b.gen_s:.2f}, score {b.score_s:.2f}, "
+              f"train {b.train_s:.2f})", flush=True)
+        o = ours_step(ours_model, ours_opt, engine, tok, prompts, answers, args, cfg, step=r)
+        ours.append(o)
+        print(f"  repeat {r}: ours     {o.total_s:6.2f} s/step (generate {o.gen_s:.2f}, score+pack {o.score_s:.2f}, "
+              f"train {o.train_s:.2f})", flush=True)
+        for k in jobs[r::args.repeats]:
+            s = system_run(data, tmp / f"run-s{k}", k, args)
+            systems.append(s)
+            print(f"  system max_staleness={k}: {s.s_per_step:.2f} s/step steady state", flush=True)
+
+    def med(xs, f):
+        return statistics.median(f(x) for x in xs)
+
+    b_step, o_step = med(base, lambda s: s.total_s), med(ours, lambda s: s.total_s)
+    b_gen = med(base, lambda s: s.gen_tokens / s.gen_s)
+    o_gen = med(ours, lambda s: s.gen_tokens / s.gen_s)
+    b_learn = med(base, lambda s: s.train_tokens / s.train_s)
+    o_learn = med(ours, lambda s: s.train_tokens / s.train_s)
+    rows = [("seconds / RL step", f"{b_step:.2f}", f"{o_step:.2f}", f"{b_step / o_step:.2f}x", ">= 3x"),
+            ("generated tokens / s", f"{b_gen:.0f}", f"{o_gen:.0f}", f"{o_gen / b_gen:.2f}x", ">= 2x"),
+            ("learner tokens / s", f"{b_learn:.0f}", f"{o_learn:.0f}", f"{o_learn / b_learn:.2f}x", "")]
+    for s in systems:
+        rows.append((f"s/step, system, staleness {s.staleness}", f"{b_step:.2f}", f"{s.s_per_step:.2f}",
+                     f"{b_step / s.s_per_step:.2f}x", ">= 3x"))
+    head = ("median of %d" % args.repeats, "baseline", "ours", "ratio", "goal")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    print()
+    for r in [head] + rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"\nbaseline: HF generate (left-padded, {args.samples} return sequences) + padded HF forward/backward; "
+          f"ours: GenerationEngine + packed train_step (in-process)")
+    print(f"learner tokens: baseline {base[0].train_tokens} real of "
+          f"{args.prompts * args.samples * (max(map(len, prompts)) + args.new_tokens)} padded; ours {ours[0].train_tokens} "
+          f"packed")
+    for s in systems:
+        print(f"system staleness {s.staleness}: mean response {s.response_len:.1f} tokens/sample (eos not ignored), "
+              f"learner {s.learner_tok_s:.0f} tok/s, train {s.train_s:.2f} s + weight sync {s.sync_s:.2f} s per step")
+
+
+if __name__ == "__main__":
+    main()

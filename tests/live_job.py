@@ -1,0 +1,125 @@
+"""A live subprocess whose output a test can wait on line by line (a job, an attached actor, a service)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.launch_util import ROOT
+
+BUS_LINE = r"\[launcher\] mode: .*; bus (tcp://127\.0\.0\.1:\d+);"
+
+
+class Timeline:
+    """Phase times since the test began, printed (so shown with a failed test's output)."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        print(f"[test] {time.monotonic() - self.t0:5.1f} s: {phase}", flush=True)
+
+
+class LiveProcess:
+    def __init__(self, argv: list[str], *, cwd: Path = ROOT, name: str = ""):
+        self.name = name or " ".join(argv[1:4])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "BOBA_TORCH_THREADS": "1"}
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._closed = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @classmethod
+    def launcher(cls, *args: str, cwd: Path = ROOT, name: str = "") -> "LiveProcess":
+        return cls([sys.executable, "-m", "launcher", *args], cwd=cwd, name=name)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def output(self, last: int | None = None) -> str:
+        with self._cond:
+            return "\n".join(self.lines[-last:] if last else self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching `pattern`; fails naming the process and the pattern."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := rx.search(line):
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    why = "exited" if self._closed else f"gave none within {timeout:.0f} s"
+                    raise AssertionError(f"{self.name}: {why} without a line matching {pattern!r}; "
+                                         f"last lines:\n{self.output(40)}")
+                self._cond.wait(min(left, 1.0))
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name}: still running after {timeout:.0f} s; last lines:\n"
+                                 f"{self.output(40)}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal the process (only it: it stops its own children) and reap it; SIGKILL past `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def wait_until_dealt(address: str, generator: str, timeout: float) -> int:
+    """Poll the sampler until it has prompts out at `generator`; returns how many (0 if never)."""
+    import uuid
+    from bus.client import BusClient
+
+    async def go() -> int:
+        client = BusClient(address, f"test-{uuid.uuid4().hex[:8]}", "tool")
+        await client.connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                state = await client.request("sampler", "sampler_state", {}, timeout=10.0)
+                if held := state["generators"].get(generator, 0):
+                    return held
+                await asyncio.sleep(0.1)
+            return 0
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def status_table(capsys, address: str) -> dict[str, str]:
+    """`python -m launcher status --bus ADDRESS` as name -> role."""
+    from launcher.__main__ import main
+    capsys.readouterr()
+    rc = main(["status", "--bus", address])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:2] == ["name", "role"]
+    return {r.split()[0]: r.split()[1] for r in rows}

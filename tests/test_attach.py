@@ -1,0 +1,76 @@
+"""`python -m launcher attach generator --bus ...` adds a generator to a running job, which deals it prompts.
+
+Real processes on loopback: the launcher (started from another directory, with relative paths in its
+config), its broker and six actors, and a seventh actor attached by hand once training is under way.
+"""
+from __future__ import annotations
+
+import time
+
+from launcher.__main__ import main
+from launcher.metrics import read_metrics
+from tests.launch_util import ROOT, dataset, expected_qids
+from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table, wait_until_dealt
+
+STEPS = 12
+
+
+def test_attached_generator_gets_weights_and_prompts(tmp_path, capsys):
+    t = Timeline()
+    dataset(tmp_path)
+    # Relative paths, resolved against the launcher's directory, though actors start in the project's.
+    job = LiveProcess.launcher(
+        "--config", str(ROOT / "configs/tiny.yaml"), "-o", "run_dir=run", "-o", "data.train=data/train.jsonl",
+        "-o", "data.test=null", "-o", f"train.steps={STEPS}",
+        cwd=tmp_path, name="job")
+    extra = None
+    try:
+        address = job.wait_for(BUS_LINE, 60).group(1)
+        t("bus")
+        job.wait_for(r"joined: broadcaster", 150)   # the job's actors are up; training begins
+        t("actors up")
+
+        extra = LiveProcess.launcher("attach", "generator", "--bus", address, "--name", "generator-extra",
+                                     name="attach")
+        extra.wait_for(r"\[attach\] generator-extra joining " + address, 60)
+        # the broadcaster brings a late generator to the current weights at once
+        extra.wait_for(r"weights updated to version \d+", 60)
+        t("attached")
+
+        roles = status_table(capsys, address)
+        assert roles == {"launcher": "launcher", "sampler": "sampler", "packer": "packer", "learner": "learner",
+                         "broadcaster": "broadcaster", "verifier-0": "verifier", "generator-0": "generator",
+                         "generator-extra": "generator"}, roles
+
+        # The sampler deals each batch's prompts over both generators: generator-extra holds some.
+        assert wait_until_dealt(address, "generator-extra", 60), "generator-extra was never dealt a prompt"
+        t("dealt")
+
+        assert job.wait(180) == 0, job.output(60)
+        t("job done")
+        assert f"[launcher] training finished at step {STEPS}" in job.output()
+        # it keeps serving through the rest of the job, then leaves cleanly when told to
+        assert extra.proc.poll() is None, extra.output(30)
+        assert extra.stop() == 0, extra.output(30)
+        t("attach stopped")
+    except BaseException:
+        print(f"--- job output ---\n{job.output()}\n--- attach output ---\n{extra.output() if extra else ''}")
+        raise
+    finally:
+        if extra is not None:
+            extra.stop(timeout=10)
+        job.stop()
+
+    records = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in records] == list(range(STEPS))
+    assert all(m["generators_failed"] == 0 for m in records)
+    # after the join, every weight update reached both generators
+    assert records[-1]["generators_updated"] == 2
+    first_two = next(i for i, m in enumerate(records) if m["generators_updated"] == 2)
+    assert all(m["generators_updated"] == 2 for m in records[first_two:])
+    for m in records:  # exactly once per prompt, whichever generator produced it
+        expected = expected_qids(tmp_path / "data/train.jsonl", batch_prompts=2, seed=1, step=m["step"])
+        assert sorted(set(m["qids"])) == expected and len(m["qids"]) == 2 * len(expected)
+
+    assert main(["plot", str(tmp_path / "run")]) == 0      # the real run's metrics plot
+    assert (tmp_path / "run/metrics.png").stat().st_size > 1000
