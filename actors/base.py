@@ -18,7 +18,7 @@ import signal
 from typing import Any, Callable
 
 from bus.client import BusClient
-from bus.errors import BusError, BusTimeout, PeerGone, RemoteError
+from bus.errors import BusError, BusTimeout, MessageTooLarge, PeerGone, ProtocolError, RemoteError
 
 log = logging.getLogger("actors.base")
 _ATTR = "__bus_handler__"
@@ -71,7 +71,8 @@ class Actor:
         sent again, every ``attempt`` seconds at most. A peer the broker does not know is waited for
         ``gone_grace`` seconds (it may be registering again), not the whole ``within``. The handler
         at ``dst`` must be idempotent: a lost reply means a second copy. Raises BusTimeout naming
-        ``dst`` and ``type`` when time runs out, or RemoteError at once if the handler raised.
+        ``dst`` and ``type`` when time runs out; RemoteError (the handler raised), MessageTooLarge and
+        ProtocolError at once.
         """
         loop = asyncio.get_running_loop()
         deadline, pause, gone_since = loop.time() + within, 0.05, None
@@ -79,7 +80,7 @@ class Actor:
             left = deadline - loop.time()
             try:
                 return await self.bus.request(dst, type, body, timeout=max(0.05, min(attempt, left)))
-            except RemoteError:
+            except (RemoteError, MessageTooLarge, ProtocolError):  # sending it again would not help
                 raise
             except BusError as exc:
                 if self._stopping is not None:  # stopping: nobody will send it again

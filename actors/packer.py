@@ -121,17 +121,29 @@ class Packer(Actor):
                     parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs},
                                              frozenset({"qids"})))
                 packed = PackedBatch.concat(parts) if parts else None
-                channel = await self._learner_channel()
-                desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
+                try:
+                    channel = await self._learner_channel()
+                    desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
+                except Exception as exc:  # keep the groups: the step is packed again, never lost
+                    self.groups[step] = {g.qid: g for g in groups}
+                    self.next_step = step
+                    log.error("step %d could not be packed (%s: %s); trying again in 1 s", step,
+                              type(exc).__name__, exc)
+                    self.spawn(self._pack_later(1.0))
+                    return
                 self.ready[step] = (desc, stats)
                 self.spawn(self._send_train(step))
                 log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
                          len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
 
+    async def _pack_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._pack_ready()
+
     async def _learner_channel(self):
         from tensors.channels import choose_kind, open_channel
         if self._channel is None:
-            learners = await self.bus.actors(role="learner")
+            learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
             same_host = bool(learners) and learners[0].host == socket.gethostname()
             self._channel = open_channel(choose_kind(same_process=False, same_host=same_host, device="cpu"))
         return self._channel

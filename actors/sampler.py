@@ -154,10 +154,13 @@ class PromptSampler(Actor):
         try:
             await self.deliver(gen, P.GENERATE, owed.body, within=self.cfg.deliver_timeout)
         except Exception as exc:
-            if self.owed.get(key) is owed and owed.holder == gen:  # nobody else took it meanwhile
-                log.warning("could not give %s to %s: %s; dealing it again", key, gen, exc)
-                self._release(key, gen)
-                owed.holder = None
+            if self.owed.get(key) is not owed or owed.holder != gen:  # dealt again meanwhile (gen left)
+                return
+            log.warning("could not give %s to %s: %s; dealing it again", key, gen, exc)
+            self._release(key, gen)
+            owed.holder = None
+            await asyncio.sleep(1.0)  # a generator whose handler fails must not be hammered
+            if self.owed.get(key) is owed and owed.holder is None:
                 self.queue.appendleft(key)
                 await self._deal()
 

@@ -12,16 +12,17 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   one prefill per group shared by its G samples), the verifier, PackedBatch.from_sequences (no
   padding), policies.ppo.train_step (packed micro-batches, chunked lm-head).
 - ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
-  their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S-1
-  (start-up and the last step, which may carry the final checkpoint, left out), for each
-  `--staleness` value. The launcher cannot ignore eos, so its samples may stop before N tokens: the
-  table shows its mean response length.
+  their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S
+  (start-up left out, and the last step too where it wrote a final checkpoint), for each
+  `--staleness` value (with staleness > 0 the generator and learner processes get --threads / 2
+  threads each, as they compute at the same time). The launcher cannot ignore eos, so its samples
+  may stop before N tokens: the last lines show its mean response length.
 
 Baseline and in-process runs alternate (`--repeats` each) so a shared machine's contention hits both
 alike; the table shows medians. Learner tokens/s counts real (non-pad) prompt + response tokens.
 
     .venv/bin/python bench/rl_step.py [--prompts 8 --samples 4 --new-tokens 64 --minibatches 4
-                                       --repeats 2 --threads 2 --system-steps 5 --staleness 0 1]
+                                       --repeats 2 --threads 2 --system-steps 4 --staleness 0 1]
 """
 from __future__ import annotations
 
@@ -175,7 +176,9 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
     argv = [sys.executable, "-m", "launcher", "--quiet", "--config", str(ROOT / "configs/tiny.yaml")]
     for k, v in sets.items():
         argv += ["-o", f"{k}={v}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BOBA_TORCH_THREADS": str(args.threads)}
+    # Asynchronous runs train and generate at once: split the threads so the total stays --threads.
+    threads = args.threads if staleness == 0 else max(1, args.threads // 2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BOBA_TORCH_THREADS": str(threads)}
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.system_timeout)
     if r.returncode != 0:
         raise RuntimeError(f"launcher (max_staleness={staleness}) exited {r.returncode}:\n{r.stdout[-2000:]}"
@@ -183,9 +186,10 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
     recs = read_metrics(run_dir)
     if len(recs) != args.system_steps:
         raise RuntimeError(f"{run_dir}: expected {args.system_steps} metrics records, got {len(recs)}")
-    steady = recs[:-1]  # the last step may carry the final checkpoint
+    # step 0 carries the start-up; a final checkpoint, where one is written, lands in the last step
+    steady = recs[:-1] if (run_dir / "checkpoints").exists() else recs
     per_step = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
-    mid = recs[1:-1]
+    mid = steady[1:]
     return SystemRun(staleness, per_step,
                      statistics.mean(m["response_tokens"] / len(m["qids"]) for m in mid),
                      statistics.median(m["learner_tokens_per_s"] for m in mid),
@@ -203,7 +207,7 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=4, help="PPO minibatches (optimiser steps) per step, both sides")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--system-steps", type=int, default=5, help="steps per launcher run (>= 4), 0 = skip")
+    ap.add_argument("--system-steps", type=int, default=4, help="steps per launcher run (>= 4), 0 = skip")
     ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
     ap.add_argument("--system-timeout", type=float, default=600.0)
     args = ap.parse_args()

@@ -27,6 +27,7 @@ from actors.generator import Generator
 from actors.torch_backend import TorchBackend
 from bus.client import BusClient
 from bus.errors import BusError
+from bus.keys import load_keys
 from launcher.roles import stop_ids
 from policies.models import load_model, load_tokenizer
 
@@ -41,9 +42,17 @@ class CountingTorchBackend(TorchBackend):
         return samples
 
 
-async def job_model(bus: str) -> tuple[str, int]:
+def curve_kwargs(keys_dir: str | None) -> dict:
+    """Client keys for a bus secured with `python -m launcher keys DIR` (none for a plain one)."""
+    if not keys_dir:
+        return {}
+    keys = load_keys(keys_dir)
+    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
+
+
+async def job_model(bus: str, keys: dict) -> tuple[str, int]:
     """Ask the job's launcher which model it trains and at which step it started."""
-    client = BusClient(bus, f"embed-{uuid.uuid4().hex[:8]}", "tool")
+    client = BusClient(bus, f"embed-{uuid.uuid4().hex[:8]}", "tool", **keys)
     await client.connect()
     try:
         reply = await client.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0)
@@ -52,15 +61,15 @@ async def job_model(bus: str) -> tuple[str, int]:
     return reply["model_path"], int(reply["step"])
 
 
-async def make_generator(name: str, bus: str, model_path: str | None) -> Generator:
+async def make_generator(name: str, bus: str, model_path: str | None, keys: dict) -> Generator:
     step = 0
     if model_path is None:
-        model_path, step = await job_model(bus)
+        model_path, step = await job_model(bus, keys)
     # loading is blocking work: keep it off the loop so the service answers meanwhile
     model, tok = await asyncio.to_thread(lambda: (load_model(model_path), load_tokenizer(model_path)))
     backend = CountingTorchBackend(model, stop_token_ids=tuple(stop_ids(tok)))
     backend.engine.version = step  # the broadcaster sends the current weights as soon as we join
-    return Generator(name, bus, backend=backend, tokenizer=tok)
+    return Generator(name, bus, backend=backend, tokenizer=tok, **keys)
 
 
 async def serve(args) -> None:
@@ -98,7 +107,7 @@ async def serve(args) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gen = await make_generator(args.name, args.bus, args.model)
+        gen = await make_generator(args.name, args.bus, args.model, curve_kwargs(args.keys))
         await gen.start()  # registers on the bus; from now on prompts and weight updates arrive
         print(f"[service] {args.name} joined {args.bus}", flush=True)
         await stop.wait()
@@ -116,6 +125,7 @@ def main() -> None:
     ap.add_argument("--name", default=f"generator-{socket.gethostname()}-{os.getpid()}")
     ap.add_argument("--model", help="model directory; default: the one the job trains (asked over the bus)")
     ap.add_argument("--port", type=int, default=8080, help="the service's own HTTP port (0 = any free one)")
+    ap.add_argument("--keys", help="CurveZMQ keys directory of a secured bus")
     try:
         asyncio.run(serve(ap.parse_args()))
     except (BusError, OSError) as exc:  # no job at --bus, a model directory that is not there, a port in use

@@ -55,6 +55,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def cmd_run(args) -> int:
+    # The Rust tokenizers' thread pool costs seconds at interpreter exit on a busy machine; the
+    # launcher and its actors encode prompts one at a time, so it buys nothing here.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from actors.checkpoint import CheckpointError
     from actors.dataset import DatasetError, load_problems
     from launcher.hosts import HostsError, parse_hosts
@@ -69,7 +72,8 @@ def cmd_run(args) -> int:
         load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed)  # a bad line stops us here, named
     except (ConfigError, HostsError, DatasetError, OSError) as exc:
         return _die(str(exc))
-    if hosts and any(not h.is_local for h in hosts) and cfg.bus.host in ("127.0.0.1", "localhost"):
+    loopback = cfg.bus.host.lower() in ("localhost", "::1") or cfg.bus.host.startswith("127.")
+    if hosts and any(not h.is_local for h in hosts) and loopback:
         return _die(f"{args.hosts} names remote hosts but bus.host is {cfg.bus.host}: set bus.host to an "
                     f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
     if args.dry_run:
@@ -161,9 +165,25 @@ def cmd_attach(args) -> int:
         actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
     except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
         return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
+    _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
     print(f"[attach] {name} joining {args.bus}", flush=True)
     _run_actors(actors)
     return 0
+
+
+def _announce_first_work(actor, kind: str) -> None:
+    """Print once when the attached actor is first given work: the sign that it serves the job."""
+    from actors.base import declared_handlers
+    serve = getattr(actor, declared_handlers(type(actor))[kind])
+    said = False
+
+    async def first(body, src):
+        nonlocal said
+        if not said:
+            said = True
+            print(f"[attach] {actor.name} got its first {kind!r} (batch {body.get('batch')}) from {src}", flush=True)
+        return await serve(body, src)
+    actor.bus.on(kind, first)
 
 
 def cmd_status(args) -> int:

@@ -22,7 +22,7 @@ from launcher.mathdata import make_dataset
 from launcher.plot import plot_run
 from launcher.run import run_job
 from launcher.sft import train_sft
-from policies.models import load_model, load_tokenizer, save_checkpoint, smollm2_dir
+from policies.models import load_model, load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
 from policies.ppo import SFTConfig
 
 log = logging.getLogger("launcher.demo")
@@ -40,21 +40,32 @@ def _eval(path: str, problems, s: EvalSettings, label: str) -> dict:
     return r
 
 
+def _base_model(name: str, out: Path) -> str:
+    if name == "smollm2":
+        return str(smollm2_dir())
+    if name == "tiny":  # a random model: exercises every stage in seconds, learns nothing
+        path = out / "base-model"
+        if not (path / "config.json").exists():
+            save_checkpoint(tiny_model(seed=1), load_tokenizer(smollm2_dir()), path)
+        return str(path)
+    return name
+
+
 def run_demo(args) -> int:
     t_start = time.monotonic()
     budget = args.minutes * 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(DEMO_CONFIG, [f"run_dir={out / 'rl'}"])
+    cfg = load_config(DEMO_CONFIG, [f"run_dir={out / 'rl'}", *args.overrides])
     data = out / "data"
     if not (data / "train.jsonl").exists():
-        make_dataset(data, n_train=512, n_test=48, n_sft=200, seed=cfg.seed)
+        make_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
     test = load_problems(data / "test.jsonl")
     es = EvalSettings(k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                       max_new_tokens=cfg.eval.max_new_tokens, force_newline=cfg.eval.force_newline,
                       seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    base = str(smollm2_dir())
+    base = _base_model(args.model, out)
     results = {"base": _eval(base, test, es, "base model")}
 
     sft_dir = out / "sft-model"
@@ -70,11 +81,11 @@ def run_demo(args) -> int:
     results["sft"] = _eval(str(sft_dir), test, es, "after SFT")
 
     # RL gets what is left of the budget, minus the final evaluation (about as long as the last one).
-    rl_budget = budget - (time.monotonic() - t_start) - 1.3 * results["sft"]["seconds"] - 60
+    rl_budget = budget - (time.monotonic() - t_start) - 1.3 * results["sft"]["seconds"] - 30
     cfg.model.path = str(sft_dir)
     cfg.data.train = str(data / "train.jsonl")
     print(f"[main] RL: up to {cfg.train.steps} steps within {max(0, rl_budget) / 60:.1f} min", flush=True)
-    if rl_budget > 60:
+    if rl_budget > 30:
         asyncio.run(run_job(cfg, hosts=None, resume=False, echo=False, deadline=rl_budget))
     ckpt = checkpoint.latest(out / "rl")
     if ckpt is not None:

@@ -5,6 +5,7 @@ drops them before training.
 """
 from __future__ import annotations
 
+import sys
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def run_filter_command(args) -> int:
         s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         model, tok = load_model(path), load_tokenizer(path)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     result = evaluate(model, tok, problems, s, label="filter")

@@ -6,6 +6,7 @@ the verifier timeout.
 """
 from __future__ import annotations
 
+import sys
 import json
 import logging
 import time
@@ -101,7 +102,7 @@ def run_eval_command(args) -> int:
                          max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed)
         model, tok = load_model(path), load_tokenizer(path)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.limit:
         problems = problems[:args.limit]

@@ -1,6 +1,7 @@
 """Supervised fine-tuning on (prompt, response) pairs, on the same packed batches as RL."""
 from __future__ import annotations
 
+import sys
 import logging
 import random
 import time
@@ -59,7 +60,7 @@ def run_sft(args) -> int:
         cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
         model, tok = load_model(path), load_tokenizer(path)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     history = train_sft(model, tok, pairs, cfg, seed=args.seed)

@@ -33,7 +33,9 @@ class ProcessSpec:
         envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         remote = f"cd {shlex.quote(cwd)} && {envs + ' ' if envs else ''}exec {shlex.join(self.argv)}"
         target = f"{self.host.user}@{self.host.name}" if self.host.user else self.host.name
-        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", target, remote]
+        # -tt: a remote terminal, so the remote process gets SIGHUP and ends with this ssh (stopped by
+        # the launcher, or the connection lost); without one it would outlive the job on its host
+        return ["ssh", "-tt", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", target, remote]
 
 
 class Process:

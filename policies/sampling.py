@@ -52,7 +52,8 @@ class SamplingParams:
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             bad("temperature", "must be a finite number >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
@@ -228,8 +229,9 @@ class GenerationEngine:
     """Continuous-batching sampler over a HF causal LM (Llama / Qwen2 architectures).
 
     Shares the model's parameters (no copy): an in-place update of the model, or
-    `update_weights`, is seen at the next step. Thread-safe: every public method holds one lock,
-    so `update_weights` from another thread lands between two steps.
+    `update_weights`, is seen at the next step. Thread-safe: `step`, `abort` and `update_weights`
+    share one lock, so an update from another thread lands between two steps; `add` and
+    `has_work` never wait for a running step (an event loop may call them directly).
 
     Admission (FIFO) keeps at most `max_batch_size` samples active and the sum over active samples
     of prompt + max_new_tokens within `max_batch_tokens`. The KV cache holds
@@ -258,7 +260,8 @@ class GenerationEngine:
         here = self.decoder.device
         if device is not None:
             want = torch.device(device)
-            if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
+            same_index = want.index is None or here.index is None or want.index == here.index
+            if want.type != here.type or not same_index:
                 raise ValueError(f"device={device!r} but the model's parameters are on {here}; move the model first")
         self.model = model
         self.device = self.decoder.device
@@ -276,7 +279,8 @@ class GenerationEngine:
         self._rows: list[_Sample] = []  # active samples; row i of the KV cache
         self._reserved_tokens = 0  # sum over active samples of prompt + max_new_tokens
         self._cache: KVCache = self.decoder.new_cache()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model, KV cache and rows: held for a whole step
+        self._qlock = threading.Lock()  # the queue and rid table: held briefly (taken after _lock)
 
     # ------------------------------------------------------------ public API
 
@@ -305,7 +309,7 @@ class GenerationEngine:
                 f"request {rid}: n={n} samples x {total} tokens does not fit max_batch_size={self.max_batch_size} "
                 f"/ max_batch_tokens={self.max_batch_tokens}"
             )
-        with self._lock:
+        with self._qlock:  # never waits for a running step
             if rid in self._groups:
                 raise ValueError(f"request {rid}: a group with this rid is already queued or running")
             gen = torch.Generator()
@@ -324,8 +328,7 @@ class GenerationEngine:
         return int.from_bytes(digest, "little") >> 2
 
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._queue or self._rows)
+        return bool(self._queue) or bool(self._rows)  # plain reads: never waits for a running step
 
     @property
     def num_active(self) -> int:
@@ -349,11 +352,14 @@ class GenerationEngine:
         """Stop a group: its unfinished samples come back with finish_reason "abort" and their
         partial output. An unknown (or already finished) rid returns []."""
         with self._lock:
-            group = self._groups.pop(rid, None)
-            if group is None:
-                return []
-            if group in self._queue:
-                self._queue.remove(group)
+            with self._qlock:
+                group = self._groups.pop(rid, None)
+                if group is None:
+                    return []
+                queued = group in self._queue
+                if queued:
+                    self._queue.remove(group)
+            if queued:
                 return [_Sample(group, j).finished("abort") for j in range(group.n)]
             dead = [i for i, s in enumerate(self._rows) if s.group is group]
             out = [self._rows[i].finished("abort") for i in dead]
@@ -362,7 +368,9 @@ class GenerationEngine:
 
     def abort_all(self) -> list[Finished]:
         out: list[Finished] = []
-        for rid in list(self._groups):
+        with self._qlock:
+            rids = list(self._groups)
+        for rid in rids:
             out += self.abort(rid)
         return out
 
@@ -376,7 +384,8 @@ class GenerationEngine:
         unknown = [k for k in named_tensors if k not in targets]
         if unknown:
             raise ValueError(f"update_weights: unknown tensor names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-        wrong = [f"{k}: {tuple(v.shape)} != {tuple(targets[k].shape)}" for k, v in named_tensors.items() if v.shape != targets[k].shape]
+        wrong = [f"{k}: {tuple(v.shape)} != {tuple(targets[k].shape)}"
+                 for k, v in named_tensors.items() if v.shape != targets[k].shape]
         if wrong:
             raise ValueError(f"update_weights: shape mismatch {wrong[:5]}")
         with self._lock:
@@ -392,23 +401,24 @@ class GenerationEngine:
     def _admit(self, done: list[Finished]) -> None:
         """Move queued groups that fit into the batch, prefilling their prompts packed together
         (in chunks of at most max_prefill_tokens) and sampling each sample's first token."""
-        while self._queue:
+        while True:
             chunk: list[_Group] = []
             chunk_tokens = 0
             rows = len(self._rows)
-            while self._queue:
-                group = self._queue[0]
-                p = len(group.prompt_ids)
-                need = group.n * (p + group.params.max_new_tokens)
-                if rows + group.n > self.max_batch_size or self._reserved_tokens + need > self.max_batch_tokens:
-                    break  # FIFO: later groups wait too, so none starves
-                if chunk and chunk_tokens + p > self.max_prefill_tokens:
-                    break
-                self._queue.popleft()
-                self._reserved_tokens += need
-                rows += group.n
-                chunk_tokens += p
-                chunk.append(group)
+            with self._qlock:
+                while self._queue:
+                    group = self._queue[0]
+                    p = len(group.prompt_ids)
+                    need = group.n * (p + group.params.max_new_tokens)
+                    if rows + group.n > self.max_batch_size or self._reserved_tokens + need > self.max_batch_tokens:
+                        break  # FIFO: later groups wait too, so none starves
+                    if chunk and chunk_tokens + p > self.max_prefill_tokens:
+                        break
+                    self._queue.popleft()
+                    self._reserved_tokens += need
+                    rows += group.n
+                    chunk_tokens += p
+                    chunk.append(group)
             if not chunk:
                 return
             self._prefill(chunk, done)
@@ -472,7 +482,8 @@ class GenerationEngine:
             g = self._rows[f].group
             g.live -= 1
             if g.live == 0:
-                self._groups.pop(g.rid, None)
+                with self._qlock:
+                    self._groups.pop(g.rid, None)
         self._remove_rows(finished)
 
     def _uniforms(self, rows: list[_Sample]) -> Tensor:

@@ -20,7 +20,7 @@ def dataset(tmp: Path, n_train: int = 24) -> Path:
 
 
 def tiny_overrides(run_dir: Path, train: Path, **extra) -> list[str]:
-    sets = {"run_dir": str(run_dir), "data.train": str(train), "data.test": "null", "bus.heartbeat_interval": 0.2, **extra}
+    sets = {"run_dir": str(run_dir), "data.train": str(train), "data.test": "null", "bus.heartbeat_interval": 1.0, **extra}
     out = []
     for k, v in sets.items():
         out += ["-o", f"{k}={v}"]

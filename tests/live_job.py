@@ -1,7 +1,6 @@
 """A live subprocess whose output a test can wait on line by line (a job, an attached actor, a service)."""
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 from tests.launch_util import ROOT
 
 BUS_LINE = r"\[launcher\] mode: .*; bus (tcp://127\.0\.0\.1:\d+);"
+JOB_ACTORS = ("sampler", "packer", "learner", "broadcaster", "verifier-0", "generator-0")  # a one-host tiny job
 
 
 class Timeline:
@@ -73,6 +73,12 @@ class LiveProcess:
                                          f"last lines:\n{self.output(40)}")
                 self._cond.wait(min(left, 1.0))
 
+    def wait_for_actors(self, names=JOB_ACTORS, timeout: float = 150) -> None:
+        """Until the broker (echoed by the launcher) has said each of `names` joined."""
+        deadline = time.monotonic() + timeout
+        for name in names:
+            self.wait_for(rf"joined: {re.escape(name)} ", max(1.0, deadline - time.monotonic()))
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
@@ -92,34 +98,15 @@ class LiveProcess:
         return self.proc.returncode
 
 
-def wait_until_dealt(address: str, generator: str, timeout: float) -> int:
-    """Poll the sampler until it has prompts out at `generator`; returns how many (0 if never)."""
-    import uuid
-    from bus.client import BusClient
-
-    async def go() -> int:
-        client = BusClient(address, f"test-{uuid.uuid4().hex[:8]}", "tool")
-        await client.connect()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                state = await client.request("sampler", "sampler_state", {}, timeout=10.0)
-                if held := state["generators"].get(generator, 0):
-                    return held
-                await asyncio.sleep(0.1)
-            return 0
-        finally:
-            await client.close()
-    return asyncio.run(go())
-
-
-def status_table(capsys, address: str) -> dict[str, str]:
-    """`python -m launcher status --bus ADDRESS` as name -> role."""
+def status_table(address: str) -> dict[str, str]:
+    """`python -m launcher status --bus ADDRESS` (run in this process) as name -> role."""
+    import contextlib
+    import io
     from launcher.__main__ import main
-    capsys.readouterr()
-    rc = main(["status", "--bus", address])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    header, *rows = out.splitlines()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["status", "--bus", address])
+    assert rc == 0, err.getvalue()
+    header, *rows = out.getvalue().splitlines()
     assert header.split()[:2] == ["name", "role"]
     return {r.split()[0]: r.split()[1] for r in rows}

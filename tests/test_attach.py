@@ -1,7 +1,7 @@
 """`python -m launcher attach generator --bus ...` adds a generator to a running job, which deals it prompts.
 
 Real processes on loopback: the launcher (started from another directory, with relative paths in its
-config), its broker and six actors, and a seventh actor attached by hand once training is under way.
+config), its broker and six actors, and a seventh actor attached by hand once the job's actors are up.
 """
 from __future__ import annotations
 
@@ -10,24 +10,26 @@ import time
 from launcher.__main__ import main
 from launcher.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids
-from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table, wait_until_dealt
+from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table
 
-STEPS = 12
+STEPS = 16
 
 
-def test_attached_generator_gets_weights_and_prompts(tmp_path, capsys):
+def test_attached_generator_gets_weights_and_prompts(tmp_path):
     t = Timeline()
     dataset(tmp_path)
     # Relative paths, resolved against the launcher's directory, though actors start in the project's.
     job = LiveProcess.launcher(
         "--config", str(ROOT / "configs/tiny.yaml"), "-o", "run_dir=run", "-o", "data.train=data/train.jsonl",
-        "-o", "data.test=null", "-o", f"train.steps={STEPS}",
+        "-o", "data.test=null", "-o", f"train.steps={STEPS}", "-o", "train.checkpoint_every=0",
+        # never deal a prompt again for lateness: a step that finishes had all its prompts generated
+        "-o", "rollout.request_timeout=600",
         cwd=tmp_path, name="job")
     extra = None
     try:
         address = job.wait_for(BUS_LINE, 60).group(1)
         t("bus")
-        job.wait_for(r"joined: broadcaster", 150)   # the job's actors are up; training begins
+        job.wait_for_actors()   # the job's actors are up; training begins
         t("actors up")
 
         extra = LiveProcess.launcher("attach", "generator", "--bus", address, "--name", "generator-extra",
@@ -37,14 +39,15 @@ def test_attached_generator_gets_weights_and_prompts(tmp_path, capsys):
         extra.wait_for(r"weights updated to version \d+", 60)
         t("attached")
 
-        roles = status_table(capsys, address)
+        roles = status_table(address)
         assert roles == {"launcher": "launcher", "sampler": "sampler", "packer": "packer", "learner": "learner",
                          "broadcaster": "broadcaster", "verifier-0": "verifier", "generator-0": "generator",
                          "generator-extra": "generator"}, roles
+        t("status")
 
-        # The sampler deals each batch's prompts over both generators: generator-extra holds some.
-        assert wait_until_dealt(address, "generator-extra", 60), "generator-extra was never dealt a prompt"
-        t("dealt")
+        # the sampler deals each batch's prompts over both generators
+        extra.wait_for(r"\[attach\] generator-extra got its first 'generate' \(batch \d+\) from sampler", 60)
+        t("first prompt")
 
         assert job.wait(180) == 0, job.output(60)
         t("job done")

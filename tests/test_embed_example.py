@@ -48,12 +48,12 @@ class HealthPoller:
         self._thread.join(10)
 
 
-def test_embedded_generator_serves_while_the_service_answers(tmp_path, capsys):
+def test_embedded_generator_serves_while_the_service_answers(tmp_path):
     t = Timeline()
     train = dataset(tmp_path)
-    job = LiveProcess.launcher("--config", "configs/tiny.yaml",
-                               *tiny_overrides(tmp_path / "run", train, **{"train.steps": 40,
-                                                                             "bus.heartbeat_interval": 1.0}),
+    # more steps than the test needs: the job is stopped at the end, and must still be running then
+    settings = {"train.steps": 60, "train.checkpoint_every": 0, "bus.heartbeat_interval": 1.0}
+    job = LiveProcess.launcher("--config", "configs/tiny.yaml", *tiny_overrides(tmp_path / "run", train, **settings),
                                name="job")
     svc = poller = None
     try:
@@ -65,9 +65,9 @@ def test_embedded_generator_serves_while_the_service_answers(tmp_path, capsys):
         t("service up")
 
         svc.wait_for(r"\[service\] generator-embedded joined " + address, 120)
-        job.wait_for(r"joined: broadcaster", 120)
+        job.wait_for_actors()
         t("generator joined, job's actors up")
-        roles = status_table(capsys, address)
+        roles = status_table(address)
         assert roles.get("generator-embedded") == "generator" and roles.get("generator-0") == "generator", roles
 
         # weights from the broadcaster, then prompts from the sampler: rollouts made inside the service
@@ -84,8 +84,8 @@ def test_embedded_generator_serves_while_the_service_answers(tmp_path, capsys):
         assert svc.stop(signal.SIGINT) == 0, svc.output(30)      # Ctrl-C
         assert "[service] stopped" in svc.output()
         t("service stopped")
-        assert "generator-embedded" not in status_table(capsys, address)  # it left the bus on the way out
-        assert job.proc.poll() is None, job.output(40)                     # and the job carries on without it
+        assert "generator-embedded" not in status_table(address)  # it left the bus on the way out
+        assert job.proc.poll() is None, job.output(40)            # and the job carries on without it
     except BaseException:
         print(f"--- job output ---\n{job.output()}\n--- service output ---\n{svc.output() if svc else ''}")
         raise

@@ -191,7 +191,8 @@ def listening(port: int) -> list[str]:
 
 
 def job_args(run_dir: Path, train: Path, **overrides) -> list[str]:
-    return ["--config", "configs/tiny.yaml", *tiny_overrides(run_dir, train, **overrides)]
+    return ["--config", "configs/tiny.yaml",
+            *tiny_overrides(run_dir, train, **{"bus.heartbeat_interval": HB, **overrides})]
 
 
 def assert_exactly_once(records: list[dict], train: Path, batch_prompts: int, group_size: int, steps) -> None:
@@ -214,9 +215,9 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
     run_dir = tmp_path / "run"
     job = jobs(job_args(run_dir, train, **{"train.steps": 3, "actors.generator.count": 2,
                                            "rollout.batch_prompts": 4, "rollout.max_new_tokens": 48}))
+    victims = job.wait_actors({"generator-0", "generator-1"})
     assert job.address.startswith("tcp://127.0.0.1:")  # the default binds loopback only
     assert listening(int(job.address.rsplit(":", 1)[1])) == ["0100007F"]  # 127.0.0.1, and nothing else
-    victims = job.wait_actors({"generator-0", "generator-1"})
     # batch 1 is dealt to both generators the moment version 1 is announced: kill one while it generates
     job.wait_for(r"\[sampler\].*batch 1 admitted", 120)
     os.kill(victims["generator-1"].pid, signal.SIGKILL)
@@ -226,8 +227,9 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
     assert rc == 0, job.tail()
     held = re.search(r"generator-1 left holding (\d+) prompts: dealing them again", out)
     assert held and int(held.group(1)) > 0, "the killed generator held no prompt: the kill came too late"
-    left_at, _ = job.wait_for(r"\[launcher\] generator-1 .*(exited|left)", 1)
-    assert left_at - killed_at < 3 * HB + 1.0
+    redealt_at, _ = job.wait_for(r"generator-1 left holding", 1)
+    assert redealt_at - killed_at < 3 * HB + 1.0  # the broker's expiry window, plus scheduling
+    print(f"generator SIGKILL: {held.group(1)} prompts dealt again {redealt_at - killed_at:.2f} s after the kill")
 
     records = read_metrics(run_dir)
     assert_exactly_once(records, train, batch_prompts=4, group_size=2, steps=range(3))
@@ -286,9 +288,9 @@ def test_broker_restart_mid_step_actors_register_again_and_nothing_is_lost(tmp_p
     broker = [p for p, cmd in commands_of(job.proc.pid).items() if "bus.broker" in cmd]
     assert len(broker) == 1
     os.kill(broker[0], signal.SIGKILL)
-    n = len(job.lines)
+    killed_at, n = time.monotonic(), len(job.lines)
     job.wait_for(r"\[launcher\] the broker exited with code -9; starting it again", 10, start=n)
-    job.wait_for(r"\[broker\] BROKER tcp://", 30, start=n)
+    serving_at, _ = job.wait_for(r"\[broker\] BROKER tcp://", 30, start=n)
     # the new broker meets garbage and an oversized frame while the run goes on
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
@@ -301,9 +303,10 @@ def test_broker_restart_mid_step_actors_register_again_and_nothing_is_lost(tmp_p
     raw.close()
     ctx.term()
 
-    out = job.output()
-    for name in ("sampler", "packer", "learner", "generator-0", "verifier-0"):
-        assert re.search(rf"{name}: registered again with the broker", out), f"{name} did not register again"
+    back = [job.wait_for(rf"{name}: registered again with the broker", 1, start=n)[0]
+            for name in ("sampler", "packer", "learner", "generator-0", "verifier-0")]
+    print(f"broker SIGKILL: serving again after {serving_at - killed_at:.2f} s, all actors registered again "
+          f"after {max(back) - killed_at:.2f} s; the launcher exited {time.monotonic() - killed_at:.1f} s after the kill")
     assert_exactly_once(read_metrics(run_dir), train, batch_prompts=2, group_size=2, steps=range(3))
     broker_log = (run_dir / "logs" / "broker.log").read_text()
     assert "not msgpack" in broker_log and "2 frames, expected 1" in broker_log

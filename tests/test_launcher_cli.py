@@ -77,6 +77,7 @@ def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
     for name, (host, argv) in cmds.items():
         if host == "node-7":
             assert argv[0] == "ssh" and "BatchMode=yes" in argv and argv[-2] == "alice@node-7"
+            assert "-tt" in argv   # a remote terminal: the remote actor ends with its ssh
             inner = shlex.split(argv[-1])
             assert inner[:3] == ["cd", str(ROOT), "&&"]
             actor = inner[inner.index("exec") + 1:]
@@ -91,13 +92,14 @@ def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
     assert not run_dir.exists(), "a dry run started something"
 
 
-def test_remote_hosts_need_a_reachable_bus(tmp_path, data, capsys):
+@pytest.mark.parametrize("bus_host", ["127.0.0.1", "localhost", "127.0.1.1"])
+def test_remote_hosts_need_a_reachable_bus(tmp_path, data, capsys, bus_host):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("localhost\nnode-7 slots=4\n")
     rc, out, err = run_cli(capsys, "run", "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                           "-o", f"data.train={data['train']}", "-o", "data.test=null")
+                           "-o", f"bus.host={bus_host}", "-o", f"data.train={data['train']}", "-o", "data.test=null")
     assert rc == 2 and out == ""
-    assert f"{hosts} names remote hosts but bus.host is 127.0.0.1" in err and "bus.keys_dir" in err
+    assert f"{hosts} names remote hosts but bus.host is {bus_host}" in err and "bus.keys_dir" in err
 
 
 def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):

@@ -172,7 +172,8 @@ def test_logprobs_equal_hf_log_softmax_over_temperature(llama):
         done += engine.step()
     temps = {"a": 0.7, "b": 1.3, "c": 1.0}
     prompt_of = dict(zip("abc", prompts))
-    assert sorted((f.rid, f.index) for f in done) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    expected = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    assert sorted((f.rid, f.index) for f in done) == expected
     for f in done:
         ref = hf_logprobs(llama, prompt_of[f.rid], f.output_ids, temps[f.rid])
         torch.testing.assert_close(torch.tensor(f.logprobs), ref, atol=1e-4, rtol=0)
@@ -350,6 +351,20 @@ def test_update_weights_from_another_thread_lands_between_steps(llama):
     t.join(10)
     for f in done:  # versions never go backwards within a sample
         assert f.versions == sorted(f.versions) and f.versions[0] == 0
+
+
+def test_add_and_has_work_do_not_wait_for_a_running_step(llama):
+    engine = GenerationEngine(llama)
+    results = []
+    with engine._lock:  # what a step in progress holds
+        def caller():
+            results.append((engine.add("x", [5, 6], 2, SamplingParams(max_new_tokens=2)), engine.has_work()))
+
+        t = threading.Thread(target=caller)
+        t.start()
+        t.join(5)
+        assert results == [(None, True)]
+    assert len([f for _ in range(3) for f in engine.step()]) == 2
 
 
 def test_abort_returns_partial_output(llama):
