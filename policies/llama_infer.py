@@ -142,18 +142,82 @@ class KVCache:
         self.k, self.v, self.rows, self.positions = [], [], 0, 0
 
 
-class CompactDecoder:
-    """Prefill and batched decode for a HF Llama/Qwen2 model, reading its parameters in place."""
+def _rehome(params: list[nn.Parameter]) -> Tensor:
+    """Move same-shaped-row parameters into one buffer (stacked along dim 0) and point each
+    Parameter's .data at its slice: the Parameter objects, their values and requires_grad stay."""
+    fused = torch.cat([p.data for p in params], dim=0)
+    offset = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = fused[offset : offset + n]
+        offset += n
+    return fused
 
-    def __init__(self, model: nn.Module):
+
+class FusedLayer:
+    """One layer's q|k|v (and biases) and gate|up weights as single tensors that *are* the
+    model's parameters (re-homed once, see `_rehome`), so one matmul reads the live weights and
+    any in-place update of the parameters, through .data or not, is seen. If a parameter is later
+    replaced (new storage, e.g. load_state_dict(assign=True)) the layer is fused again."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self._fuse()
+
+    def _groups(self) -> tuple[list[nn.Parameter], list | None, list[nn.Parameter], list | None]:
+        """(q|k|v weights, their biases, gate|up weights, their biases), read from the modules
+        each time since load_state_dict(assign=True) swaps in new Parameter objects."""
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+
+        def biases(mods, what):
+            found = [m.bias for m in mods]
+            if all(b is None for b in found):
+                return None
+            if any(b is None for b in found):
+                raise UnsupportedModelError(f"{what} projections must all have biases or none")
+            return found
+
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        return ([m.weight for m in qkv], biases(qkv, "q/k/v"), [m.weight for m in gate_up], biases(gate_up, "gate/up"))
+
+    def _fuse(self) -> None:
+        qkv, qkv_bias, gate_up, gate_up_bias = self._groups()
+        with torch.no_grad():
+            self.qkv = _rehome(qkv)
+            self.qkv_bias = _rehome(qkv_bias) if qkv_bias else None
+            self.gate_up = _rehome(gate_up)
+            self.gate_up_bias = _rehome(gate_up_bias) if gate_up_bias else None
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return [p.data_ptr() for group in self._groups() for p in group or []]
+
+    def check(self) -> None:
+        if self._pointers() != self._ptrs:
+            self._fuse()
+
+
+class CompactDecoder:
+    """Prefill and batched decode for a HF Llama/Qwen2 model, reading its parameters in place.
+
+    With fuse=True (default) each layer's q/k/v and gate/up weights are re-homed into one buffer
+    each (`FusedLayer`): 4 matmuls per layer instead of 7. On a busy CPU every multi-threaded op
+    may wait milliseconds for its second thread, so the number of ops matters as much as flops.
+    """
+
+    def __init__(self, model: nn.Module, *, fuse: bool = True):
         check_supported(model)
         cfg = model.config
         self.model = model
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.max_positions = cfg.max_position_embeddings
+        self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
         self._cos: Tensor | None = None
         self._sin: Tensor | None = None
 
@@ -184,20 +248,43 @@ class CompactDecoder:
             self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self._cos, self._sin
 
-    def _qkv(self, layer, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn = layer.self_attn
-        x = rms_norm(h, layer.input_layernorm)
-        q = linear(x, attn.q_proj).unflatten(-1, (self.n_heads, self.head_dim))
-        k = linear(x, attn.k_proj).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = linear(x, attn.v_proj).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        return q, k, v
+    def _weights(self):
+        """Per layer (layer, fused | None), re-fusing layers whose parameters were replaced."""
+        if self.fused is None:
+            return [(layer, None) for layer in self.layers]
+        for f in self.fused:
+            f.check()
+        return list(zip(self.layers, self.fused))
 
-    @staticmethod
-    def _mlp_residual(layer, h: Tensor, attn_out: Tensor) -> Tensor:
-        h = h + linear(attn_out, layer.self_attn.o_proj)
+    def _project_qkv(self, x: Tensor, layer, fused: FusedLayer | None, col: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v projections of x ([N, hidden], or [hidden, B] when col)."""
+        attn = layer.self_attn
+        if fused is None:
+            if col:
+                return col_linear(x, attn.q_proj), col_linear(x, attn.k_proj), col_linear(x, attn.v_proj)
+            return linear(x, attn.q_proj), linear(x, attn.k_proj), linear(x, attn.v_proj)
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        if col:
+            if fused.qkv_bias is None:
+                qkv = torch.mm(fused.qkv, x)
+            else:
+                qkv = torch.addmm(fused.qkv_bias[:, None], fused.qkv, x)
+            return qkv.split(sizes, dim=0)
+        return F.linear(x, fused.qkv, fused.qkv_bias).split(sizes, dim=-1)
+
+    def _mlp(self, x: Tensor, layer, fused: FusedLayer | None, col: bool) -> Tensor:
         mlp = layer.mlp
-        x = rms_norm(h, layer.post_attention_layernorm)
-        return h + linear(F.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        if fused is None:
+            lin = col_linear if col else linear
+            return lin(F.silu(lin(x, mlp.gate_proj)) * lin(x, mlp.up_proj), mlp.down_proj)
+        if col:
+            if fused.gate_up_bias is None:
+                gate, up = torch.mm(fused.gate_up, x).chunk(2, dim=0)
+            else:
+                gate, up = torch.addmm(fused.gate_up_bias[:, None], fused.gate_up, x).chunk(2, dim=0)
+            return col_linear(F.silu(gate) * up, mlp.down_proj)
+        gate, up = F.linear(x, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, mlp.down_proj)
 
     def logits(self, h: Tensor) -> Tensor:
         return linear(rms_norm(h, self.model.model.norm), self.model.lm_head)
@@ -215,10 +302,11 @@ class CompactDecoder:
         bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
         h = self.model.model.embed_tokens(ids)
         keys, values = [], []
-        for layer in self.layers:
-            q, k, v = self._qkv(layer, h)  # [N, heads, D]
-            q, k = rotate(q, cos, sin).transpose(0, 1), rotate(k, cos, sin).transpose(0, 1)
-            v = v.transpose(0, 1)  # [heads, N, D]
+        for layer, fused in self._weights():
+            q, k, v = self._project_qkv(rms_norm(h, layer.input_layernorm), layer, fused, col=False)
+            q = rotate(q.unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(0, 1)
+            k = rotate(k.unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(0, 1)
+            v = v.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(0, 1)  # [heads, N, D]
             keys.append(k)
             values.append(v)
             o = torch.cat([
@@ -226,7 +314,8 @@ class CompactDecoder:
                                                scale=self.scale, enable_gqa=True)[0]
                 for a, b in zip(bounds[:-1], bounds[1:])
             ], dim=1)  # [heads, N, D]
-            h = self._mlp_residual(layer, h, o.transpose(0, 1).flatten(-2))
+            h = h + linear(o.transpose(0, 1).flatten(-2), layer.self_attn.o_proj)
+            h = h + self._mlp(rms_norm(h, layer.post_attention_layernorm), layer, fused, col=False)
         return self.logits(h[[b - 1 for b in bounds[1:]]]), keys, values
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
@@ -240,26 +329,24 @@ class CompactDecoder:
         cos, sin = self.rope(span)
         cos, sin = cos[positions].t().contiguous(), sin[positions].t().contiguous()  # [D, B]
         rows = torch.arange(b, device=tokens.device)
-        visible = torch.arange(span, device=tokens.device)[None] <= positions[:, None]  # [B, span]
-        mask = torch.zeros(b, 1, 1, span, dtype=self.dtype, device=tokens.device)
-        mask.masked_fill_(~visible[:, None, None], float("-inf"))
         hd, n_kv, group = self.head_dim, self.n_kv_heads, self.n_heads // self.n_kv_heads
+        # additive mask per (row, kv head), broadcast over the group's query heads: [B * Hkv, 1, span]
+        hidden = torch.arange(span, device=tokens.device)[None] > positions[:, None]
+        mask = torch.zeros(b, span, dtype=self.dtype, device=tokens.device).masked_fill_(hidden, float("-inf"))
+        mask = mask.repeat_interleave(n_kv, dim=0)[:, None]
         h = self.model.model.embed_tokens(tokens).t().contiguous()  # [hidden, B]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = col_rms_norm(h, layer.input_layernorm)
-            q = rotate_col(col_linear(x, attn.q_proj).view(self.n_heads, hd, b), cos, sin)
-            k = rotate_col(col_linear(x, attn.k_proj).view(n_kv, hd, b), cos, sin)
-            v = col_linear(x, attn.v_proj).view(n_kv, hd, b)
+        for i, (layer, fused) in enumerate(self._weights()):
+            q, k, v = self._project_qkv(col_rms_norm(h, layer.input_layernorm), layer, fused, col=True)
+            q = rotate_col(q.reshape(self.n_heads, hd, b), cos, sin)
+            k = rotate_col(k.reshape(n_kv, hd, b), cos, sin)
             kc, vc = cache.k[i], cache.v[i]
             kc[rows, :, positions] = k.permute(2, 0, 1)
-            vc[rows, :, positions] = v.permute(2, 0, 1)
-            q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2)  # [B, Hkv, G, D]
-            scores = torch.matmul(q, kc[:b, :, :span].transpose(-1, -2)).mul_(self.scale)
-            scores = torch.softmax(scores.add_(mask), dim=-1, dtype=torch.float32).to(self.dtype)
-            o = torch.matmul(scores, vc[:b, :, :span])  # [B, Hkv, G, D]
-            h = h + col_linear(o.reshape(b, -1).t(), attn.o_proj)
-            mlp = layer.mlp
-            x = col_rms_norm(h, layer.post_attention_layernorm)
-            h = h + col_linear(F.silu(col_linear(x, mlp.gate_proj)) * col_linear(x, mlp.up_proj), mlp.down_proj)
+            vc[rows, :, positions] = v.reshape(n_kv, hd, b).permute(2, 0, 1)
+            q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2).reshape(b * n_kv, group, hd)
+            keys = kc[:b, :, :span].reshape(b * n_kv, span, hd)  # views: rows and heads merge
+            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)
+            scores = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            o = torch.bmm(scores, vc[:b, :, :span].reshape(b * n_kv, span, hd))  # [B * Hkv, G, D]
+            h = h + col_linear(o.view(b, -1).t(), layer.self_attn.o_proj)
+            h = h + self._mlp(col_rms_norm(h, layer.post_attention_layernorm), layer, fused, col=True)
         return col_linear(col_rms_norm(h, self.model.model.norm), self.model.lm_head).t()

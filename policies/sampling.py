@@ -238,6 +238,8 @@ class GenerationEngine:
     rows x longest-row positions x (2 x layers x kv_heads x head_dim) values, grown on demand
     (46 KiB per position for SmolLM2-135M in fp32) and freed when the engine goes idle.
     Models of other architectures raise `UnsupportedModelError` (no silent HF fallback).
+    fuse_projections re-homes each layer's q/k/v and gate/up weights into one buffer each (same
+    Parameter objects and values; see `policies.llama_infer.FusedLayer`) for fewer, larger matmuls.
     """
 
     def __init__(
@@ -247,6 +249,7 @@ class GenerationEngine:
         max_batch_tokens: int = 131072,
         max_batch_size: int = 64,
         max_prefill_tokens: int = 8192,
+        fuse_projections: bool = True,
         device: torch.device | str | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         seed: int | None = None,
@@ -256,7 +259,7 @@ class GenerationEngine:
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
-        self.decoder = CompactDecoder(model)  # raises UnsupportedModelError
+        self.decoder = CompactDecoder(model, fuse=fuse_projections)  # raises UnsupportedModelError
         here = self.decoder.device
         if device is not None:
             want = torch.device(device)

@@ -249,6 +249,9 @@ def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, j
     job.wait_for(r"\[progress\] step 3/4", 150)  # steps 0-2 trained; the checkpoint of step 2 is on disk
     pids = [job.proc.pid, *descendants(job.proc.pid)]
     job.kill_all()
+    deadline = time.monotonic() + 10  # pool workers of a killed verifier see their pipes close and exit
+    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not [p for p in pids if alive(p)], "a process of the killed run survived"
     first = read_metrics(run_dir)
     assert [m["step"] for m in first] == [0, 1, 2]

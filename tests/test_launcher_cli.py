@@ -213,9 +213,9 @@ def test_sft_writes_a_loadable_checkpoint_with_new_weights(tmp_path, tiny_dir, d
     assert changed, "SFT left every weight unchanged"
     assert (out_dir / "tokenizer.json").exists()
 
-    rc, out, _ = run_cli(capsys, "sft", "--data", str(tmp_path / "none.jsonl"), "--model", str(tiny_dir),
+    rc, _, err = run_cli(capsys, "sft", "--data", str(tmp_path / "none.jsonl"), "--model", str(tiny_dir),
                          "--out", str(tmp_path / "x"))
-    assert rc == 2 and "none.jsonl" in out and not (tmp_path / "x").exists()
+    assert rc == 2 and "none.jsonl" in err and not (tmp_path / "x").exists()
 
 
 def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_dir, data, capsys):
@@ -235,8 +235,8 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_dir, data, capsys):
     assert [p["id"] for p in r["per_problem"]] == test_ids
     assert all(p["k"] == 2 and 0 <= p["correct"] <= 2 for p in r["per_problem"])
 
-    rc, out, _ = run_cli(capsys, "eval", "--data", str(data["test"]), "--model", str(tiny_dir), "-k", "0")
-    assert rc == 2 and "k: expected >= 1" in out
+    rc, _, err = run_cli(capsys, "eval", "--data", str(data["test"]), "--model", str(tiny_dir), "-k", "0")
+    assert rc == 2 and "k: expected >= 1" in err
 
 
 def test_force_newline_appends_a_newline_token(tiny_dir, tmp_path, data, capsys):

@@ -67,10 +67,20 @@ def llama():
 
 # ------------------------------------------------------------------ the forward
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
-def test_compact_forward_matches_hf_logits(make):
+def tiny_llama_biases(seed=0):
+    model = tiny_model(seed=seed, initializer_range=0.5, attention_bias=True, mlp_bias=True).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2, tiny_llama_biases], ids=["llama", "qwen2", "llama-bias"])
+def test_compact_forward_matches_hf_logits(make, fuse):
     model = make()
-    dec = CompactDecoder(model)
+    dec = CompactDecoder(model, fuse=fuse)
     prompts = prompts_for(model, [7, 12, 3])
     cache = dec.new_cache()
     cache.reserve(3, 32, used_rows=0, used_positions=0)
@@ -102,6 +112,36 @@ def test_greedy_engine_equals_hf_greedy(make):
     for p, group in zip(prompts, res):
         expected = hf_greedy(model, p, 12)
         assert [f.output_ids for f in group] == [expected, expected]
+
+
+def test_fusion_keeps_parameters_and_sees_every_update():
+    model, reference = tiny_llama(), tiny_llama()
+    params = dict(model.named_parameters())
+    ids = torch.tensor([prompts_for(model, [9])[0]])
+    engine = GenerationEngine(model)  # re-homes q/k/v and gate/up into fused buffers
+    assert dict(model.named_parameters()) == params  # the same Parameter objects ...
+    for name, p in model.named_parameters():  # ... with the same values
+        torch.testing.assert_close(p, reference.get_parameter(name), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    prompt = ids[0].tolist()
+    params = SamplingParams(max_new_tokens=4, temperature=0.9, ignore_eos=True)
+
+    def check(rid):
+        engine.add(rid, prompt, 1, params)
+        f = [f for _ in range(6) for f in engine.step()][0]
+        torch.testing.assert_close(torch.tensor(f.logprobs), hf_logprobs(model, prompt, f.output_ids, 0.9),
+                                   atol=1e-4, rtol=0)
+        return f.logprobs
+
+    before = check("a")
+    new = tiny_llama(seed=1).state_dict()
+    for name, p in model.named_parameters():  # an update that bypasses autograd's version counters
+        p.data.copy_(new[name])
+    after_copy = check("b")
+    model.load_state_dict({k: v.clone() for k, v in tiny_llama(seed=2).state_dict().items()}, assign=True)
+    after_assign = check("c")  # new storage: the layers are fused again
+    assert before != after_copy != after_assign
 
 
 def test_unsupported_architecture_is_refused():
@@ -303,8 +343,8 @@ def test_update_weights_mid_generation_switches_version():
 def test_update_weights_copies_in_place_and_is_used():
     model = tiny_llama()
     new_state = {k: v.clone() for k, v in tiny_llama(seed=1).state_dict().items()}
-    ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
     engine = GenerationEngine(model)
+    ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
     engine.update_weights(new_state, version=2)
     assert engine.version == 2
     assert {k: p.data_ptr() for k, p in model.named_parameters()} == ptrs  # no reallocation
