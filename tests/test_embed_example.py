@@ -74,7 +74,7 @@ def test_embedded_generator_serves_while_the_service_answers(tmp_path):
         first = poller.wait_for(lambda h: h["groups_generated"] >= 1, 90)
         assert first["on_bus"] and first["weights_version"] >= 0 and first["generator"] == "generator-embedded"
         t("first rollout")
-        poller.wait_for(lambda h: h["groups_generated"] >= first["groups_generated"] + 1, 60)
+        poller.wait_for(lambda h: h["groups_generated"] >= first["groups_generated"] + 1, 180)
         t("second rollout")
 
         poller.stop()
