@@ -31,14 +31,15 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir or f"runs/{cfg.name}")
 
 
-def base_model_path(cfg: ExperimentConfig) -> str:
-    """The base model as a directory every process can load, made once by the launcher."""
-    from policies.models import save_checkpoint, smollm2_dir, tiny_model
+def base_model_path(cfg: ExperimentConfig, *, create: bool = True) -> str:
+    """The base model as a directory every process can load, made once by the launcher
+    (``create=False``: only where it will be, e.g. for --dry-run)."""
+    from policies.models import SMOLLM2_NAME, cache_root, save_checkpoint, smollm2_dir, tiny_model
     if cfg.model.path == "smollm2":
-        return str(smollm2_dir())
+        return str(smollm2_dir()) if create else str(cache_root() / SMOLLM2_NAME)
     if cfg.model.path == "tiny":
         out = run_dir(cfg) / "base-model"
-        if not (out / "config.json").exists():
+        if create and not (out / "config.json").exists():
             from policies.models import load_tokenizer
             save_checkpoint(tiny_model(seed=cfg.seed), load_tokenizer(smollm2_dir()), out)
         return str(out)

@@ -244,6 +244,15 @@ class Job:
         if self.finished.is_set():
             return
         msg = f"{proc.name} exited with code {rc}; last lines: " + " / ".join(proc.tail[-3:])
+        if proc.spec.role not in CRITICAL and not any(p.returncode is None for p in self.procs
+                                                      if p.spec.role == proc.spec.role):
+            try:  # the last one we launched, but generators attached later may still serve
+                others = [a for a in await self.client.actors(role=proc.spec.role) if a.name != proc.name]
+            except Exception:
+                others = []
+            if others:
+                print(f"[launcher] {msg}; {len(others)} attached {proc.spec.role}(s) carry on", flush=True)
+                return
         if proc.spec.role in CRITICAL or not any(p.returncode is None for p in self.procs
                                                  if p.spec.role == proc.spec.role):
             self._fail(msg, proc.spec.role)
@@ -351,7 +360,8 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     """The command lines the launcher would run, without running anything."""
     import shlex
     address = f"tcp://{cfg.bus.host}:{cfg.bus.port or 5555}"
-    start = Start(0, cfg.model.path)
+    from launcher.roles import base_model_path
+    start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
     for spec in process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts):
         lines.append(f"# {spec.name} on {spec.host.name if spec.host else 'localhost'}\n"
