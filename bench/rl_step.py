@@ -9,8 +9,11 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   for the behaviour logprobs, then per minibatch an HF forward/backward on the padded [rows, W + N]
   batch with its attention mask, log_softmax over the full padded logits, optimiser step.
 - ours (in-process): what the actors run, back to back: policies.sampling.GenerationEngine (KV cache,
-  one prefill per group shared by its G samples), the verifier, PackedBatch.from_sequences (no
-  padding), policies.ppo.train_step (packed micro-batches, chunked lm-head).
+  one prefill per group shared by its G samples) on the generator's own copy of the weights in
+  `--gen-dtype` (bf16 by default, as the main job and SGLang run it), the verifier,
+  PackedBatch.from_sequences (no padding), policies.ppo.train_step (packed micro-batches, chunked
+  lm-head, bf16 autocast unless --no-bf16; fp32 weights and Adam), then the weight copy into the
+  generator (what the broadcaster does), timed as part of the step.
 - ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
   their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S
   (start-up left out, and the last step too where it wrote a final checkpoint), for each
@@ -18,7 +21,8 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   threads each, as they compute at the same time). The launcher cannot ignore eos, so its samples
   may stop before N tokens: the last lines show its mean response length.
 
-Baseline and in-process runs alternate (`--repeats` each) so a shared machine's contention hits both
+The baseline stays fp32 (a plain loop's default); `--gen-dtype float32 --no-bf16` gives the
+same-precision comparison. Baseline and in-process runs alternate (`--repeats` each) so a shared machine's contention hits both
 alike; the table shows medians. Learner tokens/s counts real (non-pad) prompt + response tokens.
 
     .venv/bin/python bench/rl_step.py [--prompts 8 --samples 4 --new-tokens 64 --minibatches 4
@@ -78,7 +82,6 @@ def rewards_for(texts: list[str], answers: list[list[str]]) -> list[float]:
 def ours_step(model, opt, engine: GenerationEngine, tokenizer, prompts, answers, args, cfg: PPOConfig,
               step: int) -> StepTimes:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
-    model.eval()
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add(f"{step}:{i}", p, args.samples, params)
@@ -101,6 +104,8 @@ def ours_step(model, opt, engine: GenerationEngine, tokenizer, prompts, answers,
     batch = PackedBatch.from_sequences(seqs)
     t2 = time.perf_counter()
     train_step(model, opt, batch, cfg)
+    if engine.model is not model:  # the generator's own copy: what the weight broadcaster refreshes
+        engine.update_weights(dict(model.named_parameters()), engine.version + 1)
     t3 = time.perf_counter()
     return StepTimes(t1 - t0, t2 - t1, t3 - t2, sum(len(f.output_ids) for f in samples), batch.num_tokens,
                      sum(rewards) / len(rewards))
@@ -220,6 +225,9 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=4, help="PPO minibatches (optimiser steps) per step, both sides")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="our generator's weights (the baseline stays fp32)")
+    ap.add_argument("--no-bf16", action="store_true", help="our learner without bf16 autocast")
     ap.add_argument("--system-steps", type=int, default=4, help="steps per launcher run (>= 4), 0 = skip")
     ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
     ap.add_argument("--system-timeout", type=float, default=1800.0, help="seconds per launcher run")
@@ -237,31 +245,34 @@ def main() -> None:
     problems = load_problems(data)[:args.prompts]
     prompts = [build_prompt(tok, p.prompt, DIRECTIVE) for p in problems]
     answers = [p.answers for p in problems]
-    cfg = PPOConfig(minibatches=args.minibatches)  # the recipe: lr 2e-5, Adam eps 1e-5, clip 0.2, normalised adv
+    # the recipe: lr 2e-5, Adam eps 1e-5, clip 0.2, normalised advantages
+    base_cfg, cfg = PPOConfig(minibatches=args.minibatches), PPOConfig(minibatches=args.minibatches, bf16=not args.no_bf16)
     ours_model = load_model(path, dtype=torch.float32)
     base_model = load_model(path, dtype=torch.float32)
-    ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, cfg)
-    engine = GenerationEngine(ours_model, seed=0)
+    ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, base_cfg)
+    gen_model = ours_model if args.gen_dtype == "float32" else load_model(path, dtype=getattr(torch, args.gen_dtype))
+    engine = GenerationEngine(gen_model.eval(), seed=0)
     print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts (len {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
-          f"{args.minibatches} PPO minibatches, {args.threads} threads", flush=True)
+          f"{args.minibatches} PPO minibatches, {args.threads} threads; ours: generator {args.gen_dtype}, learner "
+          f"fp32{'' if args.no_bf16 else ' + bf16 autocast'}; baseline fp32", flush=True)
 
     # warm-up: allocator, kernels and the optimiser states of both sides
     small = argparse.Namespace(samples=2, new_tokens=4)
-    baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, cfg)
+    baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, base_cfg)
     ours_step(ours_model, ours_opt, engine, tok, prompts[:2], answers[:2], small, cfg, step=-1)
 
     jobs = list(args.staleness) if args.system_steps else []
     base, ours, systems = [], [], []
     for r in range(args.repeats):
-        b = baseline_step(base_model, base_opt, tok, prompts, answers, args, cfg)
+        b = baseline_step(base_model, base_opt, tok, prompts, answers, args, base_cfg)
         base.append(b)
         print(f"  repeat {r}: baseline {b.total_s:6.2f} s/step (generate {b.gen_s:.2f}, score {b.score_s:.2f}, "
               f"train {b.train_s:.2f})", flush=True)
         o = ours_step(ours_model, ours_opt, engine, tok, prompts, answers, args, cfg, step=r)
         ours.append(o)
         print(f"  repeat {r}: ours     {o.total_s:6.2f} s/step (generate {o.gen_s:.2f}, score+pack {o.score_s:.2f}, "
-              f"train {o.train_s:.2f})", flush=True)
+              f"train + weight copy {o.train_s:.2f})", flush=True)
         for k in jobs[r::args.repeats]:
             s = system_run(data, tmp / f"run-s{k}", k, args)
             systems.append(s)

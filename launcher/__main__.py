@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     sft.add_argument("--lr", type=float, default=1e-5)
     sft.add_argument("--batch-size", type=int, default=16)
     sft.add_argument("--seed", type=int, default=1)
+    sft.add_argument("--bf16", action="store_true", help="autocast forward/backward to bfloat16 (fp32 weights)")
 
     ev = sub.add_parser("eval", help="pass@1 over k samples per problem")
     ev.add_argument("--data", required=True)
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N problems")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the sampling model's weights")
 
     flt = sub.add_parser("filter", help="drop problems the base model always solves")
     flt.add_argument("--data", required=True)
@@ -83,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     flt.add_argument("--temperature", type=float, default=1.0)
     flt.add_argument("--max-new-tokens", type=int, default=512)
     flt.add_argument("--seed", type=int, default=1)
+    flt.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the sampling model's weights")
 
     main = sub.add_parser("main", help="the demo: data, SFT, eval, RL, eval, before/after table")
     main.add_argument("--out", default="runs/main")

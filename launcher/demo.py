@@ -23,15 +23,14 @@ from launcher.plot import plot_run
 from launcher.run import run_job
 from launcher.sft import train_sft
 from policies.models import load_model, load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
-from policies.ppo import SFTConfig
 
 log = logging.getLogger("launcher.demo")
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def _eval(path: str, problems, s: EvalSettings, label: str) -> dict:
-    model, tok = load_model(path), load_tokenizer(path)
+def _eval(path: str, problems, s: EvalSettings, label: str, dtype: str) -> dict:
+    model, tok = load_model(path, dtype=getattr(torch, dtype)), load_tokenizer(path)
     t0 = time.monotonic()
     r = evaluate(model, tok, problems, s, label=label)
     r["seconds"] = time.monotonic() - t0
@@ -66,19 +65,19 @@ def run_demo(args) -> int:
                       seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     base = _base_model(args.model, out)
-    results = {"base": _eval(base, test, es, "base model")}
+    results = {"base": _eval(base, test, es, "base model", cfg.eval.dtype)}
 
     sft_dir = out / "sft-model"
     if not (sft_dir / "config.json").exists():
         model, tok = load_model(base), load_tokenizer(base)
         pairs = load_sft_pairs(data / "sft.jsonl")
         t0 = time.monotonic()
-        hist = train_sft(model, tok, pairs, SFTConfig(lr=5e-5, epochs=2, batch_size=8), seed=cfg.seed)
+        hist = train_sft(model, tok, pairs, cfg.sft, seed=cfg.seed)
         save_checkpoint(model, tok, sft_dir)
         print(f"[main] SFT: {len(hist)} steps on {len(pairs)} samples, loss {hist[0]['loss']:.3f} -> "
               f"{hist[-1]['loss']:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         del model
-    results["sft"] = _eval(str(sft_dir), test, es, "after SFT")
+    results["sft"] = _eval(str(sft_dir), test, es, "after SFT", cfg.eval.dtype)
 
     # RL gets what is left of the budget, minus the final evaluation (about as long as the last one).
     rl_budget = budget - (time.monotonic() - t_start) - 1.3 * results["sft"]["seconds"] - 30
@@ -89,7 +88,7 @@ def run_demo(args) -> int:
         asyncio.run(run_job(cfg, hosts=None, resume=False, echo=False, deadline=rl_budget))
     ckpt = checkpoint.latest(out / "rl")
     if ckpt is not None:
-        results["rl"] = _eval(str(ckpt / "model"), test, es, f"after RL ({ckpt.name})")
+        results["rl"] = _eval(str(ckpt / "model"), test, es, f"after RL ({ckpt.name})", cfg.eval.dtype)
     plot = plot_run(out / "rl") if (out / "rl" / "metrics.jsonl").exists() else None
 
     print("\n| model | pass@1 | truncated | problems x k |")

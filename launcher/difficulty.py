@@ -25,7 +25,7 @@ def run_filter_command(args) -> int:
     try:
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        model, tok = load_model(path), load_tokenizer(path)
+        model, tok = load_model(path, dtype=getattr(torch, args.dtype)), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

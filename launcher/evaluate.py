@@ -100,7 +100,7 @@ def run_eval_command(args) -> int:
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed)
-        model, tok = load_model(path), load_tokenizer(path)
+        model, tok = load_model(path, dtype=getattr(torch, args.dtype)), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -96,8 +96,11 @@ def device_for(cfg: ExperimentConfig) -> str:
     return cfg.model.device
 
 
-def _dtype(cfg: ExperimentConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+def _dtype(cfg: ExperimentConfig, role: str = "learner") -> torch.dtype:
+    name = cfg.model.dtype
+    if role == "generator" and cfg.actors.generator.dtype is not None:
+        name = cfg.actors.generator.dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:
@@ -147,7 +150,7 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             backend = make_sglang_backend(cfg, start)
         else:
             from actors.torch_backend import TorchBackend
-            model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
+            model = load_model(start.model_path, dtype=_dtype(cfg, "generator"), device=device_for(cfg))
             backend = TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)))
             backend.engine.version = start.step
         return [Generator(name, bus_address, backend=backend, tokenizer=tok, **bus_kwargs)]

@@ -57,7 +57,7 @@ def run_sft(args) -> int:
     path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
         pairs = load_sft_pairs(args.data)
-        cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
+        cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16)
         model, tok = load_model(path), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -87,7 +87,9 @@ def rotate_col(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of the active samples: per layer a [rows, kv_heads, T, head_dim] buffer.
+    """Keys and values of the active samples, per layer: keys [rows, kv_heads, head_dim, T] (stored
+    transposed, so a step's q @ K^T reads the cache as it lies instead of copying it into the
+    layout a batched matmul wants) and values [rows, kv_heads, T, head_dim].
 
     Rows are samples (their order is the engine's); each row holds its own number of valid
     positions. Buffers grow by doubling, so a long generation reallocates O(log T) times.
@@ -107,13 +109,14 @@ class KVCache:
             return
         new_rows = max(rows, self.rows) if rows <= self.rows else max(rows, 2 * self.rows)
         new_pos = self.positions if positions <= self.positions else max(positions, 2 * self.positions, 64)
-        shape = (new_rows, self.n_kv_heads, new_pos, self.head_dim)
-        for store in (self.k, self.v):
+        r, p, kv, d = used_rows, used_positions, self.n_kv_heads, self.head_dim
+        for store, shape, keep in ((self.k, (new_rows, kv, d, new_pos), (slice(r), slice(None), slice(None), slice(p))),
+                                   (self.v, (new_rows, kv, new_pos, d), (slice(r), slice(None), slice(p)))):
             for layer in range(self.n_layers):
                 # zeros, not empty: masked positions still enter p @ V with weight 0, and 0 * NaN = NaN
                 fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if layer < len(store):
-                    fresh[:used_rows, :, :used_positions] = store[layer][:used_rows, :, :used_positions]
+                    fresh[keep] = store[layer][keep]
                     store[layer] = fresh
                 else:
                     store.append(fresh)
@@ -124,9 +127,16 @@ class KVCache:
         """Copy one prompt's keys/values (columns start:stop of [kv_heads, N, head_dim] per layer,
         as returned by a packed prefill) into n_rows rows."""
         stop = keys[0].shape[1] if stop is None else stop
-        for store, src in ((self.k, keys), (self.v, values)):
-            for buf, t in zip(store, src):
-                buf[first_row : first_row + n_rows, :, : stop - start] = t[:, start:stop]
+        rows, n = slice(first_row, first_row + n_rows), stop - start
+        for buf, t in zip(self.k, keys):
+            buf[rows, :, :, :n] = t[:, start:stop].transpose(1, 2)
+        for buf, t in zip(self.v, values):
+            buf[rows, :, :n] = t[:, start:stop]
+
+    def write_token(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """One new position per row: k, v [B, kv_heads, head_dim] for rows at positions."""
+        self.k[layer][rows, :, :, positions] = k
+        self.v[layer][rows, :, positions] = v
 
     def move_rows(self, src: list[int], dst: list[int], positions: int) -> None:
         """Copy rows src -> dst (the first `positions` entries), used to compact finished rows away."""
@@ -134,9 +144,10 @@ class KVCache:
             return
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
-        for store in (self.k, self.v):
-            for buf in store:
-                buf[d, :, :positions] = buf[s, :, :positions]
+        for buf in self.k:
+            buf[d, :, :, :positions] = buf[s, :, :, :positions]
+        for buf in self.v:
+            buf[d, :, :positions] = buf[s, :, :positions]
 
     def clear(self) -> None:
         self.k, self.v, self.rows, self.positions = [], [], 0, 0
@@ -339,14 +350,13 @@ class CompactDecoder:
             q, k, v = self._project_qkv(col_rms_norm(h, layer.input_layernorm), layer, fused, col=True)
             q = rotate_col(q.reshape(self.n_heads, hd, b), cos, sin)
             k = rotate_col(k.reshape(n_kv, hd, b), cos, sin)
-            kc, vc = cache.k[i], cache.v[i]
-            kc[rows, :, positions] = k.permute(2, 0, 1)
-            vc[rows, :, positions] = v.reshape(n_kv, hd, b).permute(2, 0, 1)
+            cache.write_token(i, rows, positions, k.permute(2, 0, 1), v.reshape(n_kv, hd, b).permute(2, 0, 1))
             q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2).reshape(b * n_kv, group, hd)
-            keys = kc[:b, :, :span].reshape(b * n_kv, span, hd)  # views: rows and heads merge
-            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)
+            keys_t = cache.k[i][:b, :, :, :span].reshape(b * n_kv, hd, span)  # views: rows and heads merge
+            scores = torch.baddbmm(mask, q, keys_t, alpha=self.scale)
             scores = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            o = torch.bmm(scores, vc[:b, :, :span].reshape(b * n_kv, span, hd))  # [B * Hkv, G, D]
+            o = torch.bmm(scores, cache.v[i][:b, :, :span].reshape(b * n_kv, span, hd))  # [B * Hkv, G, D]
             h = h + col_linear(o.view(b, -1).t(), layer.self_attn.o_proj)
             h = h + self._mlp(col_rms_norm(h, layer.post_attention_layernorm), layer, fused, col=True)
-        return col_linear(col_rms_norm(h, self.model.model.norm), self.model.lm_head).t()
+        # row-major logits [B, V]: sampling reads rows, and transposing [V, B] costs more than this mm layout
+        return linear(col_rms_norm(h, self.model.model.norm).t(), self.model.lm_head)

@@ -6,14 +6,16 @@ the distribution that token i was drawn from (0 at the first token).
 
 Attention never crosses a sequence boundary: position ids restart at 0 for every sequence. With SDPA or
 eager attention transformers (5.x) turns those resets into a block-diagonal causal mask when no 2D
-attention mask and no KV cache are given; with flash attention we pass cu_seqlens for the varlen kernel.
+attention mask and no KV cache are given; with flash attention, and with policies.packed_attention (the
+default off CUDA), we pass cu_seqlens so each sequence attends only to itself.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from policies.packed_attention import PACKED_SDPA
 
 HEAD_CHUNK = 1024  # tokens per lm-head chunk: bounds the [tokens x vocab] logits held at once
 
@@ -45,31 +47,68 @@ def sequence_starts(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
     return is_start
 
 
-def _head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                   temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor]:
-    logits = F.linear(hidden, weight, bias).float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if with_entropy:
-        entropy = -(logp.exp() * logp).sum(-1)
-    else:
-        entropy = torch.zeros_like(picked)
-    return picked, entropy
+class _HeadLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ W^T / T)[targets] and the entropy, for one chunk of tokens.
+
+    Forward keeps only the inputs and the log-sum-exp; backward recomputes the logits and writes the
+    gradient (softmax - onehot) / T straight into that buffer. Autograd through log_softmax would
+    hold the chunk's [tokens x vocab] logits twice and make ~8 passes over them; this makes 4.
+    Entropy is reported, not trained on: it carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+        z = F.linear(hidden, weight, bias).float()
+        if temperature != 1.0:
+            z.div_(temperature)
+        lse = torch.logsumexp(z, dim=-1)
+        picked = z.gather(-1, targets[:, None])[:, 0] - lse
+        if with_entropy:  # H = lse - sum(p * z)
+            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        else:
+            entropy = torch.zeros_like(picked)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked: Tensor, _grad_entropy: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        t = ctx.temperature
+        g = grad_picked.float()
+        z = F.linear(hidden, weight, bias).float()
+        if t != 1.0:
+            z.div_(t)
+        grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # d picked / d z = onehot - softmax
+        grad.scatter_add_(-1, targets[:, None], g[:, None])
+        if t != 1.0:
+            grad.div_(t)
+        grad = grad.to(hidden.dtype)
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def head_logprobs(hidden: Tensor, lm_head: nn.Linear, targets: Tensor, *, temperature: float = 1.0,
                   with_entropy: bool = False, chunk: int = HEAD_CHUNK) -> tuple[Tensor, Tensor]:
-    """log_softmax(lm_head(hidden) / T)[targets] in chunks; under autograd each chunk is recomputed in
-    backward, so peak memory is one chunk's logits instead of T x vocab."""
+    """log_softmax(lm_head(hidden) / T)[targets] and entropy, in chunks of tokens, so peak memory is
+    one chunk's logits instead of T x vocab. Under autocast the head runs in the autocast dtype (its
+    weight cast once per call, not per chunk)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lm_head.weight.dtype
+    weight = lm_head.weight.to(dtype)
+    bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
+    hidden = hidden.to(dtype)
     picked, entropies = [], []
-    for s in range(0, hidden.shape[0], chunk):
-        args = (hidden[s:s + chunk], lm_head.weight, lm_head.bias, targets[s:s + chunk], temperature, with_entropy)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            p, e = checkpoint(_head_logprobs, *args, use_reentrant=False)
-        else:
-            p, e = _head_logprobs(*args)
-        picked.append(p)
-        entropies.append(e)
+    with torch.autocast(device, enabled=False):
+        for s in range(0, hidden.shape[0], chunk):
+            p, e = _HeadLogprobs.apply(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], float(temperature),
+                                       with_entropy)
+            picked.append(p)
+            entropies.append(e)
     return torch.cat(picked), torch.cat(entropies)
 
 
@@ -81,7 +120,7 @@ def packed_hidden_states(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor
     """Final hidden states [T, H] of a packed batch, attention confined to each sequence."""
     position_ids = position_ids_for(cu_seqlens).unsqueeze(0)
     kwargs = {}
-    if _uses_flash_attention(model):
+    if _uses_flash_attention(model) or model.config._attn_implementation == PACKED_SDPA:
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)

