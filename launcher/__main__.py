@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--out", default="runs/main")
     main.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for the whole demo")
     main.add_argument("--model", default="smollm2", help="smollm2 | tiny (a smoke run) | an HF directory")
-    main.add_argument("--test-problems", type=int, default=48)
+    main.add_argument("--test-problems", type=int, default=96)
     main.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of configs/demo.yaml (e.g. -o train.steps=2)")
 

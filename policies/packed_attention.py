@@ -22,18 +22,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 PACKED_SDPA = "packed_sdpa"
 
 
-def _padded_layout(bounds: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
-    """For sequences at bounds: gather index [S, L] into the packed row (padding points at 0),
-    the keys each query may see [S, 1, L, L] (causal, real keys only), and the position of every
-    packed token in the flattened [S * L] layout."""
-    starts, lengths = torch.tensor(bounds[:-1], device=device), torch.tensor(bounds, device=device).diff()
-    width = int(lengths.max())
+def _causal_padded_mask(lengths: list[int], device) -> Tensor:
+    """[S, 1, L, L]: query i of sequence s sees keys j <= i that are real (j < its length)."""
+    width = max(lengths)
     col = torch.arange(width, device=device)
-    real = col[None] < lengths[:, None]  # [S, L]
-    gather = torch.where(real, starts[:, None] + col[None], 0)
+    real = col[None] < torch.tensor(lengths, device=device)[:, None]  # [S, L]
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    allowed = (causal[None] & real[:, None, :])[:, None]
-    return gather, allowed, real.flatten().nonzero()[:, 0]
+    return (causal[None] & real[:, None, :])[:, None]
 
 
 def packed_sdpa_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -59,14 +54,18 @@ def packed_sdpa_forward(module: nn.Module, query: Tensor, key: Tensor, value: Te
             for a, b in zip(bounds[:-1], bounds[1:])
         ], dim=2)
         return out.transpose(1, 2).contiguous(), None
-    gather, allowed, where = _padded_layout(bounds, query.device)
-    q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # [S, H, L, D]
+    width, spans = max(lengths), list(zip(bounds[:-1], bounds[1:]))
+
+    def padded(t: Tensor) -> Tensor:  # [1, H, T, D] -> [S, H, L, D]; backward is slicing, not a scatter
+        return torch.stack([F.pad(t[0, :, a:b], (0, 0, 0, width - (b - a))) for a, b in spans])
+
     # on a CPU the math kernel (batched matmuls) is ~2x the fused one for bf16 training, forward + backward
     backends = [SDPBackend.MATH] if query.device.type == "cpu" else list(SDPBackend)
     with sdpa_kernel(backends):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scaling, enable_gqa=gqa)
-    s, h, width, d = o.shape
-    out = o.transpose(0, 1).reshape(h, s * width, d)[:, where]  # [H, T, D]
+        o = F.scaled_dot_product_attention(padded(query), padded(key), padded(value),
+                                           attn_mask=_causal_padded_mask(lengths, query.device), dropout_p=p,
+                                           scale=scaling, enable_gqa=gqa)
+    out = torch.cat([o[i, :, :n] for i, n in enumerate(lengths)], dim=1)  # [H, T, D]
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
 
 

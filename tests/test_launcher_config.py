@@ -121,6 +121,10 @@ def test_missing_required_field_and_top_level_type():
      "actors.learner.count: expected 1 (only generator and verifier may run several), got 2"),
     ("actors:\n  generator:\n    backend: vllm\n",
      "actors.generator.backend: expected one of 'torch', 'sglang', got 'vllm'"),
+    ("actors:\n  generator:\n    dtype: fp16\n",
+     "actors.generator.dtype: expected one of 'float32', 'bfloat16' or null, got 'fp16'"),
+    ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', got 'half'"),
+    ("sft:\n  epochs: 0\n", "sft.epochs: must be an int >= 1, got 0"),
     ("actors:\n  generator:\n    hosts: node-1\n",
      "actors.generator.hosts: expected a list of strings or null, got 'node-1'"),
     ("actors:\n  genrator:\n    count: 2\n", "actors.genrator: unknown key; did you mean 'actors.generator'?"),
@@ -137,6 +141,15 @@ def test_config_errors(tmp_path, yaml_text, message):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, yaml_text))
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_generator_dtype_defaults_to_the_model_dtype(tmp_path):
+    import torch
+    from launcher.roles import _dtype
+    cfg = load_config(write(tmp_path, "model: {dtype: bfloat16}\n"))
+    assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == torch.bfloat16
+    cfg = load_config(write(tmp_path, "actors: {generator: {dtype: bfloat16}}\n"))
+    assert (_dtype(cfg, "generator"), _dtype(cfg, "learner")) == (torch.bfloat16, torch.float32)
 
 
 def test_defaults_and_derived_run_dir():

@@ -5,6 +5,7 @@ from torch import nn
 
 from policies.logprobs import head_logprobs, packed_logprobs, position_ids_for
 from policies.models import tiny_model
+from policies.packed_attention import PACKED_SDPA
 
 LENGTHS = [5, 1, 17, 2, 40, 9]
 
@@ -36,11 +37,13 @@ def test_position_ids_restart_per_sequence():
     assert position_ids_for(cu).tolist() == [0, 1, 2, 0, 0, 1]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_equals_each_sequence_alone(attn, temperature):
+@pytest.mark.parametrize("lengths", [LENGTHS, [9, 7, 8, 1]], ids=["skewed", "similar"])
+def test_packed_equals_each_sequence_alone(attn, temperature, lengths):
+    """"similar" lengths take packed_sdpa's padded-batch path, "skewed" ones its per-sequence path."""
     model = tiny_model(seed=1, attn_implementation=attn).eval()
-    seqs, ids, cu = make_packed(LENGTHS)
+    seqs, ids, cu = make_packed(lengths)
     with torch.no_grad():
         lp, ent = packed_logprobs(model, ids, cu, temperature=temperature, with_entropy=True)
     ref = [alone(model, s, temperature) for s in seqs]
@@ -48,6 +51,20 @@ def test_packed_equals_each_sequence_alone(attn, temperature):
     torch.testing.assert_close(ent, torch.cat([r[1] for r in ref]), rtol=0, atol=1e-5)
     assert lp.dtype == torch.float32 and lp.shape == ids.shape
     assert (lp[cu[:-1].long()] == 0).all() and (lp[1:5] < 0).all()
+
+
+def test_packed_sdpa_model_still_honours_padding_masks():
+    """Without sequence bounds packed_sdpa is plain SDPA with transformers' mask: a left-padded row
+    gives the same last-token logits as the row alone."""
+    model = tiny_model(seed=1, attn_implementation=PACKED_SDPA).eval()
+    row = torch.tensor([5, 6, 7, 8])
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits[0, -1]
+        unmasked = model(ids).logits[0, -1]
+        torch.testing.assert_close(padded, model(row[None]).logits[0, -1], rtol=0, atol=1e-5)
+    assert (unmasked - padded).abs().max() > 1e-4  # the mask mattered, so the check could fail
 
 
 def test_attention_does_not_cross_sequences(model):
@@ -96,6 +113,24 @@ def test_chunked_head_matches_full_head_values_and_grads():
     torch.testing.assert_close(head.weight.grad, gw_full)
     expected = torch.log_softmax(head(hidden.detach()) / 0.5, -1).gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_head_gradients_equal_autograd_through_log_softmax(temperature):
+    torch.manual_seed(0)
+    head = nn.Linear(8, 50, bias=True).double()
+    hidden = torch.randn(23, 8, dtype=torch.double, requires_grad=True)
+    targets, weights = torch.randint(0, 50, (23,)), torch.randn(23, dtype=torch.double)
+    p, e = head_logprobs(hidden, head, targets, temperature=temperature, with_entropy=True, chunk=5)
+    logp = torch.log_softmax(head(hidden) / temperature, -1)
+    ref = logp.gather(-1, targets[:, None])[:, 0]
+    assert p.dtype == e.dtype == torch.float32  # the logprob convention, whatever the model dtype
+    torch.testing.assert_close(e, -(logp.exp() * logp).sum(-1).detach().float(), rtol=0, atol=1e-5)
+    assert not e.requires_grad  # reported, never trained on
+    params = [hidden, head.weight, head.bias]
+    for got, want in zip(torch.autograd.grad((p * weights).sum(), params),
+                         torch.autograd.grad((ref * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_is_close_to_fp32(model):
