@@ -178,7 +178,9 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
             "rollout.max_new_tokens": args.new_tokens, "rollout.max_staleness": staleness,
             "rollout.request_timeout": 900, "ppo.minibatches": args.minibatches, "ppo.lr": 2e-5,
             "ppo.max_tokens_per_micro_batch": 8192, "train.steps": args.system_steps,
-            "train.checkpoint_every": 0, "verifier.workers": 1}
+            "train.checkpoint_every": 0, "verifier.workers": 1,
+            # the same precision choices as the in-process run
+            "actors.generator.dtype": args.gen_dtype, "ppo.bf16": str(not args.no_bf16).lower()}
     argv = [sys.executable, "-m", "launcher", "--quiet", "--config", str(ROOT / "configs/tiny.yaml")]
     for k, v in sets.items():
         argv += ["-o", f"{k}={v}"]
