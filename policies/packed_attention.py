@@ -1,11 +1,12 @@
-"""Attention for packed 1D batches without flash attention: one causal SDPA call per sequence.
+"""Attention for packed 1D batches without flash attention: each sequence attends only to itself.
 
 Given only restarting position ids, transformers builds a block-diagonal [T, T] mask and runs SDPA
 over the whole packed row: work grows with T^2 (a 1K-token micro-batch of 8 sequences does 8x the
-attention it needs), and the CPU kernel with an explicit mask is several times slower than its
-causal path. With the sequence boundaries (cu_seq_lens_q, as the flash varlen kernel takes them),
-each sequence attends only to itself. Without them (ordinary padded batches, generation) this is
-plain SDPA with transformers' own mask, so the model stays correct everywhere.
+attention it needs; on SmolLM2 that was 3.8 s of a 17.6 s PPO step on 2 CPU cores). With the
+sequence boundaries (cu_seq_lens_q, as the flash varlen kernel takes them) the sequences become a
+padded [S, H, L, D] batch, or one call each when their lengths are far apart. Without them
+(ordinary padded batches, generation) this is plain SDPA with transformers' own mask, so the model
+stays correct everywhere.
 
 Importing this module registers the implementation under `PACKED_SDPA` with transformers.
 """
