@@ -22,8 +22,9 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   may stop before N tokens: the last lines show its mean response length.
 
 The baseline stays fp32 (a plain loop's default); `--gen-dtype float32 --no-bf16` gives the
-same-precision comparison. Baseline and in-process runs alternate (`--repeats` each) so a shared machine's contention hits both
-alike; the table shows medians. Learner tokens/s counts real (non-pad) prompt + response tokens.
+same-precision comparison. Baseline and in-process runs alternate (`--repeats` each) so a shared
+machine's contention hits both alike; the table shows medians. Learner tokens/s counts real
+(non-pad) prompt + response tokens.
 
     .venv/bin/python bench/rl_step.py [--prompts 8 --samples 4 --new-tokens 64 --minibatches 4
                                        --repeats 2 --threads 2 --system-steps 4 --staleness 0 1]

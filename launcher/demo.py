@@ -20,9 +20,10 @@ from launcher.config import load_config
 from launcher.evaluate import EvalSettings, evaluate
 from launcher.mathdata import make_dataset
 from launcher.plot import plot_run
+from launcher.roles import base_model_path
 from launcher.run import run_job
 from launcher.sft import train_sft
-from policies.models import load_model, load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
+from policies.models import load_model, load_tokenizer, save_checkpoint
 
 log = logging.getLogger("launcher.demo")
 
@@ -39,17 +40,6 @@ def _eval(path: str, problems, s: EvalSettings, label: str, dtype: str) -> dict:
     return r
 
 
-def _base_model(name: str, out: Path) -> str:
-    if name == "smollm2":
-        return str(smollm2_dir())
-    if name == "tiny":  # a random model: exercises every stage in seconds, learns nothing
-        path = out / "base-model"
-        if not (path / "config.json").exists():
-            save_checkpoint(tiny_model(seed=1), load_tokenizer(smollm2_dir()), path)
-        return str(path)
-    return name
-
-
 def run_demo(args) -> int:
     t_start = time.monotonic()
     budget = args.minutes * 60
@@ -64,7 +54,8 @@ def run_demo(args) -> int:
                       max_new_tokens=cfg.eval.max_new_tokens, force_newline=cfg.eval.force_newline,
                       seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    base = _base_model(args.model, out)
+    cfg.model.path = args.model
+    base = base_model_path(cfg)  # "tiny" (a smoke run: every stage in seconds, learns nothing) lands in the run dir
     results = {"base": _eval(base, test, es, "base model", cfg.eval.dtype)}
 
     sft_dir = out / "sft-model"

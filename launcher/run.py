@@ -244,20 +244,19 @@ class Job:
         if self.finished.is_set():
             return
         msg = f"{proc.name} exited with code {rc}; last lines: " + " / ".join(proc.tail[-3:])
-        if proc.spec.role not in CRITICAL and not any(p.returncode is None for p in self.procs
-                                                      if p.spec.role == proc.spec.role):
+        role = proc.spec.role
+        if role not in CRITICAL and any(p.returncode is None for p in self.procs if p.spec.role == role):
+            print(f"[launcher] {msg}", flush=True)
+            return
+        if role not in CRITICAL:
             try:  # the last one we launched, but generators attached later may still serve
-                others = [a for a in await self.client.actors(role=proc.spec.role) if a.name != proc.name]
+                others = [a for a in await self.client.actors(role=role) if a.name != proc.name]
             except Exception:
                 others = []
             if others:
-                print(f"[launcher] {msg}; {len(others)} attached {proc.spec.role}(s) carry on", flush=True)
+                print(f"[launcher] {msg}; {len(others)} attached {role}(s) carry on", flush=True)
                 return
-        if proc.spec.role in CRITICAL or not any(p.returncode is None for p in self.procs
-                                                 if p.spec.role == proc.spec.role):
-            self._fail(msg, proc.spec.role)
-        else:
-            print(f"[launcher] {msg}", flush=True)
+        self._fail(msg, role)
 
     async def _keep_broker(self, spec: ProcessSpec, address: str) -> None:
         """Start the broker again on the same address when it dies; the actors register with it again."""
