@@ -131,6 +131,8 @@ class Generator(Actor):
             raise
         except Exception as exc:
             log.exception("rollout %s failed", rid)
+            # over now: the sampler may deal it to us again while we report, and that copy must run
+            self._active.discard(rid)
             try:
                 await self.deliver(sampler, P.REJECTED, {"batch": body["batch"], "qid": body["qid"],
                                                          "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
