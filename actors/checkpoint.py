@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from policies.models import save_checkpoint
+from policies.optim import full_precision_state
 
 _PREFIX = "step-"
 
@@ -61,7 +62,7 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_checkpoint(model, tokenizer, tmp / "model")
+    save_checkpoint(model, tokenizer, tmp / "model", state_dict=full_precision_state(model, optimizer))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                tmp / "rng.pt")

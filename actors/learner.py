@@ -117,7 +117,8 @@ class Learner(Actor):
             if batch is not None and batch.num_seqs:
                 prox = None
                 if self.max_staleness > 0:
-                    prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo)
+                    prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo,
+                                                     loss_tokens_only=True)
                 stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
                                                 proximal_logprobs=prox)
                 self.trained_qids.append(list(batch.meta.get("qids", [])))

@@ -12,8 +12,9 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   one prefill per group shared by its G samples) on the generator's own copy of the weights in
   `--gen-dtype` (bf16 by default, as the main job and SGLang run it), the verifier,
   PackedBatch.from_sequences (no padding), policies.ppo.train_step (packed micro-batches, chunked
-  lm-head, bf16 autocast unless --no-bf16; fp32 weights and Adam), then the weight copy into the
-  generator (what the broadcaster does), timed as part of the step.
+  lm-head; bf16 weights and compute with fp32 master weights in AdamW unless --no-bf16; decoder
+  layers and head math torch.compiled unless --no-compile, compiled during the warm-up), then the
+  weight copy into the generator (what the broadcaster does), timed as part of the step.
 - ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
   their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S
   (start-up left out, and the last step too where it wrote a final checkpoint), for each
@@ -22,7 +23,7 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   may stop before N tokens: the last lines show its mean response length.
 
 The baseline stays fp32 (a plain loop's default); `--gen-dtype float32 --no-bf16` gives the
-same-precision comparison. Baseline and in-process runs alternate (`--repeats` each) so a shared
+same-precision comparison; `--no-compile` the eager one. Baseline and in-process runs alternate (`--repeats` each) so a shared
 machine's contention hits both alike; the table shows medians. Learner tokens/s counts real
 (non-pad) prompt + response tokens.
 
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from actors.dataset import build_prompt, load_problems  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
-from policies.models import load_model, load_tokenizer, smollm2_dir  # noqa: E402
+from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
 from policies.ppo import PPOConfig, make_optimizer, train_step  # noqa: E402
 from policies.reward import reward  # noqa: E402
 from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
@@ -181,7 +182,8 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
             "ppo.max_tokens_per_micro_batch": 8192, "train.steps": args.system_steps,
             "train.checkpoint_every": 0, "verifier.workers": 1,
             # the same precision choices as the in-process run
-            "actors.generator.dtype": args.gen_dtype, "ppo.bf16": str(not args.no_bf16).lower()}
+            "actors.generator.dtype": args.gen_dtype, "ppo.bf16": str(not args.no_bf16).lower(),
+            "ppo.compile": str(not args.no_compile).lower()}
     argv = [sys.executable, "-m", "launcher", "--quiet", "--config", str(ROOT / "configs/tiny.yaml")]
     for k, v in sets.items():
         argv += ["-o", f"{k}={v}"]
@@ -230,7 +232,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="our generator's weights (the baseline stays fp32)")
-    ap.add_argument("--no-bf16", action="store_true", help="our learner without bf16 autocast")
+    ap.add_argument("--no-bf16", action="store_true", help="our learner in fp32 (no bf16 weights and compute)")
+    ap.add_argument("--no-compile", action="store_true", help="our learner eager (no torch.compile)")
     ap.add_argument("--system-steps", type=int, default=4, help="steps per launcher run (>= 4), 0 = skip")
     ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
     ap.add_argument("--system-timeout", type=float, default=1800.0, help="seconds per launcher run")
@@ -249,21 +252,29 @@ def main() -> None:
     prompts = [build_prompt(tok, p.prompt, DIRECTIVE) for p in problems]
     answers = [p.answers for p in problems]
     # the recipe: lr 2e-5, Adam eps 1e-5, clip 0.2, normalised advantages
-    base_cfg, cfg = PPOConfig(minibatches=args.minibatches), PPOConfig(minibatches=args.minibatches, bf16=not args.no_bf16)
+    base_cfg = PPOConfig(minibatches=args.minibatches)
+    cfg = PPOConfig(minibatches=args.minibatches, bf16=not args.no_bf16, compile=not args.no_compile)
     ours_model = load_model(path, dtype=torch.float32)
     base_model = load_model(path, dtype=torch.float32)
     ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, base_cfg)
+    if cfg.compile:
+        compile_layers(ours_model)
     gen_model = ours_model if args.gen_dtype == "float32" else load_model(path, dtype=getattr(torch, args.gen_dtype))
     engine = GenerationEngine(gen_model.eval(), seed=0)
     print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts (len {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
           f"{args.minibatches} PPO minibatches, {args.threads} threads; ours: generator {args.gen_dtype}, learner "
-          f"fp32{'' if args.no_bf16 else ' + bf16 autocast'}; baseline fp32", flush=True)
+          f"{'fp32' if args.no_bf16 else 'bf16 on fp32 masters'}{'' if args.no_compile else ', compiled'}; "
+          f"baseline fp32", flush=True)
 
-    # warm-up: allocator, kernels and the optimiser states of both sides
+    # warm-up: allocator, kernels, the optimiser states of both sides and the compilation
     small = argparse.Namespace(samples=2, new_tokens=4)
     baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, base_cfg)
     ours_step(ours_model, ours_opt, engine, tok, prompts[:2], answers[:2], small, cfg, step=-1)
+    if cfg.compile:  # a full-size step too: dynamo specialises on what it sees first (e.g. mask or none)
+        t = time.perf_counter()
+        ours_step(ours_model, ours_opt, engine, tok, prompts, answers, args, cfg, step=-2)
+        print(f"  warm-up with compilation: {time.perf_counter() - t:.0f} s", flush=True)
 
     jobs = list(args.staleness) if args.system_steps else []
     base, ours, systems = [], [], []

@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     sft.add_argument("--lr", type=float, default=1e-5)
     sft.add_argument("--batch-size", type=int, default=16)
     sft.add_argument("--seed", type=int, default=1)
-    sft.add_argument("--bf16", action="store_true", help="autocast forward/backward to bfloat16 (fp32 weights)")
+    sft.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 master weights in AdamW")
+    sft.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (slow first step)")
 
     ev = sub.add_parser("eval", help="pass@1 over k samples per problem")
     ev.add_argument("--data", required=True)

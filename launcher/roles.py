@@ -170,6 +170,9 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
         tok = load_tokenizer(start.model_path)
         opt = make_optimizer(model, cfg.ppo)
+        if cfg.ppo.compile:
+            from policies.models import compile_layers
+            compile_layers(model)
         resumed = None
         if start.checkpoint:
             ckpt = Path(start.checkpoint)

@@ -10,6 +10,7 @@ import torch
 
 from actors.dataset import build_prompt, load_sft_pairs
 from launcher.config import DIRECTIVE
+from policies.models import compile_layers
 from policies.ppo import SFTConfig, make_optimizer, sft_step
 from tensors.packed import PackedBatch
 
@@ -31,6 +32,8 @@ def sft_sequences(tokenizer, pairs, directive: str = DIRECTIVE) -> list[dict]:
 def train_sft(model, tokenizer, pairs, cfg: SFTConfig, *, seed: int = 1, on_step=None) -> list[dict]:
     seqs = sft_sequences(tokenizer, pairs)
     opt = make_optimizer(model, cfg)
+    if cfg.compile:
+        compile_layers(model)
     rng = random.Random(seed)
     history, step, t0 = [], 0, time.monotonic()
     steps_total = cfg.epochs * ((len(seqs) + cfg.batch_size - 1) // cfg.batch_size)
@@ -48,6 +51,8 @@ def train_sft(model, tokenizer, pairs, cfg: SFTConfig, *, seed: int = 1, on_step
                 on_step(stats)
             log.info("sft step %d/%d epoch %d loss %.4f (%.0f s)", step, steps_total, epoch,
                      stats.get("loss", float("nan")), time.monotonic() - t0)
+    if getattr(opt, "master_weights", False):
+        opt.release()  # the fp32 master weights, not their bf16 copies, are what is saved
     model.eval()
     return history
 
@@ -57,7 +62,8 @@ def run_sft(args) -> int:
     path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
         pairs = load_sft_pairs(args.data)
-        cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16)
+        cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16,
+                        compile=args.compile)
         model, tok = load_model(path), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from policies.models import COMPILED_ATTR
 from policies.packed_attention import PACKED_SDPA
 
-HEAD_CHUNK = 1024  # tokens per lm-head chunk: bounds the [tokens x vocab] logits held at once
+HEAD_CHUNK_BYTES = 16 << 20  # fp32 logits per lm-head chunk: bounds what is held at once, and stays in
+# glibc's reusable heap (its mmap threshold grows to at most 32 MB)
 
 
 def check_packed(input_ids: Tensor, cu_seqlens: Tensor) -> None:
@@ -48,68 +50,94 @@ def sequence_starts(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ W^T / T)[targets] and the entropy, for one chunk of tokens.
+    """log_softmax(hidden @ W^T / T)[targets] and the entropy, a chunk of tokens at a time.
 
-    Forward keeps only the inputs and the log-sum-exp; backward recomputes the logits and writes the
-    gradient (softmax - onehot) / T straight into that buffer. Autograd through log_softmax would
-    hold the chunk's [tokens x vocab] logits twice and make ~8 passes over them; this makes 4.
+    `stats` does each chunk's math (`_softmax_stats`, compiled or not). Chunks stay small: a fresh
+    buffer past glibc's 32 MB mmap threshold is fresh pages from the kernel on every call, which on a
+    CPU cost as much as the math. When a gradient is wanted the softmax is kept for all tokens in the weights' dtype (bf16 in
+    training, what the gradient is rounded to anyway): backward turns it into -g * (softmax -
+    onehot) in place and makes two matmuls over all tokens. Autograd through log_softmax would keep
+    the fp32 logits twice; recomputing them would cost another head matmul.
     Entropy is reported, not trained on: it carries no gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
-                with_entropy: bool) -> tuple[Tensor, Tensor]:
-        z = F.linear(hidden, weight, bias).float()
-        if temperature != 1.0:
-            z.div_(temperature)
-        lse = torch.logsumexp(z, dim=-1)
-        picked = z.gather(-1, targets[:, None])[:, 0] - lse
-        if with_entropy:  # H = lse - sum(p * z)
-            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-        else:
-            entropy = torch.zeros_like(picked)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                with_entropy: bool, chunk: int, stats) -> tuple[Tensor, Tensor]:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        picked = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        keep = any(ctx.needs_input_grad[:3])
+        probs = torch.empty(n, vocab, dtype=hidden.dtype, device=hidden.device) if keep else None
+        for s in range(0, n, chunk):
+            rows = slice(s, min(s + chunk, n))
+            logits = F.linear(hidden[rows], weight, bias)
+            picked[rows], entropy[rows], chunk_probs = stats(logits, targets[rows], temperature, with_entropy, keep)
+            if keep:
+                probs[rows] = chunk_probs
+        ctx.save_for_backward(hidden, weight, bias, targets, probs)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
     @staticmethod
     def backward(ctx, grad_picked: Tensor, _grad_entropy: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        t = ctx.temperature
-        g = grad_picked.float()
-        z = F.linear(hidden, weight, bias).float()
-        if t != 1.0:
-            z.div_(t)
-        grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # d picked / d z = onehot - softmax
-        grad.scatter_add_(-1, targets[:, None], g[:, None])
-        if t != 1.0:
-            grad.div_(t)
-        grad = grad.to(hidden.dtype)
+        hidden, weight, bias, targets, probs = ctx.saved_tensors
+        g = grad_picked.to(probs.dtype)
+        if ctx.temperature != 1.0:
+            g = g / ctx.temperature
+        grad = probs.mul_(-g[:, None])  # d picked / d z = onehot - softmax; the saved buffer is not needed again
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, targets] += g  # not scatter_add_: on a CPU it copies all of a bf16 `grad` to fp32 and back
         grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        # (h^T g)^T with h^T made contiguous: a transposed operand costs the matmul ~1.5-2x on a CPU
+        grad_weight = (hidden.t().contiguous() @ grad).t() if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _softmax_stats(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool, with_probs: bool
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The head's math for one chunk: logprob of the target, entropy, and (with_probs) the softmax in
+    the logits' dtype. In place where it can be: eager, each pass is a sweep over the chunk's logits;
+    compiled, inductor fuses them into two."""
+    z = logits - logits.amax(dim=-1, keepdim=True).float()  # fp32 (by type promotion) in one pass
+    if temperature != 1.0:
+        z.div_(temperature)
+    e = torch.exp(z)
+    total = e.sum(-1)
+    log_total = total.log()
+    picked = z.gather(-1, targets[:, None])[:, 0] - log_total
+    if with_entropy:  # H = log sum e^z - E_p[z]
+        entropy = log_total - torch.einsum("ij,ij->i", e, z) / total
+    else:
+        entropy = torch.zeros_like(picked)
+    return picked, entropy, e.div_(total[:, None]).to(logits.dtype) if with_probs else None
+
+
+_compiled_softmax_stats = torch.compile(_softmax_stats, dynamic=True)  # compiles on its first call
+
+
+def head_chunk(vocab: int) -> int:
+    """Tokens per head chunk: its fp32 logits stay under HEAD_CHUNK_BYTES."""
+    return max(16, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
 def head_logprobs(hidden: Tensor, lm_head: nn.Linear, targets: Tensor, *, temperature: float = 1.0,
-                  with_entropy: bool = False, chunk: int = HEAD_CHUNK) -> tuple[Tensor, Tensor]:
-    """log_softmax(lm_head(hidden) / T)[targets] and entropy, in chunks of tokens, so peak memory is
-    one chunk's logits instead of T x vocab. Under autocast the head runs in the autocast dtype (its
-    weight cast once per call, not per chunk)."""
+                  with_entropy: bool = False, chunk: int | None = None, compiled: bool = False
+                  ) -> tuple[Tensor, Tensor]:
+    """log_softmax(lm_head(hidden) / T)[targets] and entropy, `chunk` tokens at a time, so the fp32
+    logits held at once are one chunk's instead of T x vocab (training also keeps the softmax in the
+    weights' dtype until backward). Under autocast the head runs in the autocast dtype. `compiled`
+    runs the per-chunk math through torch.compile."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lm_head.weight.dtype
     weight = lm_head.weight.to(dtype)
     bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
-    hidden = hidden.to(dtype)
-    picked, entropies = [], []
     with torch.autocast(device, enabled=False):
-        for s in range(0, hidden.shape[0], chunk):
-            p, e = _HeadLogprobs.apply(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], float(temperature),
-                                       with_entropy)
-            picked.append(p)
-            entropies.append(e)
-    return torch.cat(picked), torch.cat(entropies)
+        return _HeadLogprobs.apply(hidden.to(dtype), weight, bias, targets, float(temperature), with_entropy,
+                                   chunk or head_chunk(weight.shape[0]),
+                                   _compiled_softmax_stats if compiled else _softmax_stats)
 
 
 def _uses_flash_attention(model: nn.Module) -> bool:
@@ -130,24 +158,29 @@ def packed_hidden_states(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor
 
 
 def packed_logprobs(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor, *, temperature: float = 1.0,
-                    with_entropy: bool = False, bf16: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-token logprobs [T] (and entropy [T]) of a packed batch; differentiable when grad is enabled."""
+                    with_entropy: bool = False, only: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-token logprobs [T] (and entropy [T]) of a packed batch; differentiable when grad is enabled.
+
+    `only` (bool [T]) computes just those tokens' values, 0 elsewhere: PPO and SFT need the response
+    tokens', and skipping the prompts skips their share of the lm head (a fifth of SmolLM2's flops)."""
     check_packed(input_ids, cu_seqlens)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
     lm_head = model.get_output_embeddings()
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(f"{type(model).__name__}: expected a Linear output embedding, got {type(lm_head).__name__}")
-    device = input_ids.device
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = packed_hidden_states(model, input_ids, cu_seqlens)
-        # hidden state j predicts token j+1; the last position of a sequence predicts nothing we keep
-        targets = torch.roll(input_ids, -1)
-        picked, entropy = head_logprobs(hidden, lm_head, targets, temperature=temperature,
-                                        with_entropy=with_entropy)
-    is_start = sequence_starts(cu_seqlens, input_ids.numel())
-    zero = picked.new_zeros(1)
-    logprobs = torch.where(is_start, 0.0, torch.cat([zero, picked[:-1]]))
+    num_tokens = input_ids.numel()
+    wanted = ~sequence_starts(cu_seqlens, num_tokens)  # a sequence's first token has no logprob (0)
+    if only is not None:
+        if only.shape != (num_tokens,):
+            raise ValueError(f"only: expected shape ({num_tokens},), got {tuple(only.shape)}")
+        wanted &= only.to(device=wanted.device, dtype=torch.bool)
+    tokens = wanted.nonzero()[:, 0]
+    hidden = packed_hidden_states(model, input_ids, cu_seqlens)
+    # hidden state j predicts token j + 1
+    picked, entropy = head_logprobs(hidden[tokens - 1], lm_head, input_ids[tokens], temperature=temperature,
+                                    with_entropy=with_entropy, compiled=getattr(model, COMPILED_ATTR, False))
+    logprobs = picked.new_zeros(num_tokens).index_add(0, tokens, picked)
     if not with_entropy:
         return logprobs, None
-    return logprobs, torch.where(is_start, 0.0, torch.cat([zero, entropy[:-1]]))
+    return logprobs, entropy.new_zeros(num_tokens).index_add(0, tokens, entropy)

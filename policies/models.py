@@ -29,6 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "BOBA_CACHE"
 QUANTIZED_ATTR = "boba_quantized_source"  # set on models loaded from GGUF: they refuse training
+COMPILED_ATTR = "boba_compiled"  # set by compile_layers
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -136,6 +137,20 @@ def assert_trainable(model: nn.Module) -> None:
             f"(policies.models.smollm2_dir() or convert_gguf()) and train that copy")
 
 
+def compile_layers(model: nn.Module) -> nn.Module:
+    """torch.compile each decoder layer in place (names, parameters and state dict unchanged) and
+    mark the model so that policies.logprobs also compiles its head math. Shapes are dynamic: one
+    compilation serves every packed length. Worth it for training (~15-20% of a CPU PPO step for
+    ~40 s, once per process); the first step pays the compilation."""
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"compile: {type(model).__name__} has no base_model.layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    setattr(model, COMPILED_ATTR, True)
+    return model
+
+
 # ----------------------------------------------------------------------------- tiny model
 
 def tiny_model(seed: int = 0, **config) -> nn.Module:
@@ -215,14 +230,16 @@ def _file_lock(path: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, dir: str | os.PathLike) -> Path:
-    """Save an HF directory atomically: a crash mid-save leaves the previous checkpoint intact."""
+def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, dir: str | os.PathLike, *,
+                    state_dict: dict | None = None) -> Path:
+    """Save an HF directory atomically: a crash mid-save leaves the previous checkpoint intact.
+    `state_dict` replaces the model's own tensors (fp32 masters of a bf16-trained model)."""
     assert_trainable(model)  # a GGUF-flagged model would write a quantization_config nobody can load
     dest = Path(dir).expanduser().absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:

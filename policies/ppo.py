@@ -17,7 +17,7 @@ from policies.advantages import advantages_for, kl_estimate  # noqa: F401  (re-e
 from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
-from policies.optim import make_optimizer  # noqa: F401  (re-exported)
+from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
 
 
 def _check(cond: bool, field: str, msg: str, value) -> None:
@@ -43,7 +43,8 @@ class PPOConfig:
     max_tokens_per_micro_batch: int = 8192
     behaviour_imp_cap: float | None = 5.0   # decoupled PPO: cap on pi_prox/pi_behav; tokens above are masked
     temperature: float = 1.0         # logits temperature used by the generator, applied when recomputing logprobs
-    bf16: bool = False               # autocast
+    bf16: bool = False               # bf16 weights and compute, fp32 master weights in the optimiser
+    compile: bool = False            # torch.compile the decoder layers and the head math (policies.models)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.minibatches, int) and self.minibatches >= 1, "minibatches", "must be an int >= 1", self.minibatches)
@@ -66,6 +67,7 @@ class PPOConfig:
                "must be None or > 1", self.behaviour_imp_cap)
         _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _check(isinstance(self.bf16, bool), "bf16", "must be a bool", self.bf16)
+        _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class SFTConfig:
     epochs: int = 1
     batch_size: int = 16
     bf16: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", "must be > 0", self.lr)
@@ -89,12 +92,19 @@ class SFTConfig:
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1", self.batch_size)
         _check(isinstance(self.bf16, bool), "bf16", "must be a bool", self.bf16)
+        _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 
 # ----------------------------------------------------------------------------- batch plumbing
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _check_precision(optimizer, cfg) -> None:
+    if cfg.bf16 and not getattr(optimizer, "master_weights", False):
+        raise ValueError("bf16=True: the optimizer must come from make_optimizer(model, cfg), which casts the "
+                         "model to bf16 and keeps fp32 master weights")
 
 
 def _token_fields(batch, device: torch.device) -> dict[str, Tensor]:
@@ -163,18 +173,21 @@ def compute_advantages(batch, cfg: PPOConfig, *, logprobs: Tensor | None = None,
 
 
 @torch.no_grad()
-def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig) -> Tensor:
-    """Logprobs [T] of the batch under the current weights (the proximal policy), micro-batched."""
+def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_only: bool = False) -> Tensor:
+    """Logprobs [T] of the batch under the current weights (the proximal policy), micro-batched;
+    with `loss_tokens_only`, 0 outside batch.loss_mask (all that PPO reads of them)."""
     device = _device(model)
     ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
     check_packed(ids, cu)
+    only = batch.loss_mask.to(device).bool() if loss_tokens_only else None
     was_training = model.training
     model.eval()
     out = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
     try:
         for mb in _plan(cu, list(range(cu.numel() - 1)), cfg.max_tokens_per_micro_batch):
             pos, mb_cu = gather_sequences(cu, mb)
-            lp, _ = packed_logprobs(model, ids[pos], mb_cu, temperature=cfg.temperature, bf16=cfg.bf16)
+            lp, _ = packed_logprobs(model, ids[pos], mb_cu, temperature=cfg.temperature,
+                                    only=None if only is None else only[pos])
             out[pos] = lp.float()
     finally:
         model.train(was_training)
@@ -186,6 +199,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
     """One PPO training batch: `cfg.minibatches` optimiser steps. Without `proximal_logprobs` the
     behaviour logprobs serve as proximal ones (on-policy data: standard PPO)."""
     assert_trainable(model)
+    _check_precision(optimizer, cfg)
     device = _device(model)
     f = _token_fields(batch, device)
     num_tokens = f["input_ids"].numel()
@@ -212,9 +226,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         mb_loss = 0.0
         for mb in _plan(f["cu_seqlens"], seqs, cfg.max_tokens_per_micro_batch):
             pos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
-            lp, ent = packed_logprobs(model, f["input_ids"][pos], mb_cu, temperature=cfg.temperature,
-                                      with_entropy=True, bf16=cfg.bf16)
             mask = f["loss_mask"][pos]
+            lp, ent = packed_logprobs(model, f["input_ids"][pos], mb_cu, temperature=cfg.temperature,
+                                      with_entropy=True, only=mask)
             loss, st = ppo_loss(lp, prox[pos], behav[pos], adv[pos], mask, eps_clip=cfg.eps_clip,
                                 dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
                                 normalizer=n_loss)
@@ -224,7 +238,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
             for k, v in st.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_micro += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"train_step: gradient norm is {float(grad_norm)}; step skipped")
@@ -263,6 +277,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
 def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: SFTConfig) -> dict[str, float]:
     """One optimiser step of supervised fine-tuning on the loss-mask (response) tokens of a packed batch."""
     assert_trainable(model)
+    _check_precision(optimizer, cfg)
     device = _device(model)
     ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
     check_packed(ids, cu)
@@ -277,12 +292,12 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: SFT
     total, n_micro = 0.0, 0
     for mb in _plan(cu, list(range(cu.numel() - 1)), cfg.max_tokens_per_micro_batch):
         pos, mb_cu = gather_sequences(cu, mb)
-        lp, _ = packed_logprobs(model, ids[pos], mb_cu, bf16=cfg.bf16)
+        lp, _ = packed_logprobs(model, ids[pos], mb_cu, only=loss_mask[pos])
         loss = sft_loss(lp, loss_mask[pos], normalizer=n_loss)
         loss.backward()
         total += float(loss.detach())
         n_micro += 1
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"sft_step: gradient norm is {float(grad_norm)}; step skipped")
