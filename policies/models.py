@@ -140,8 +140,8 @@ def assert_trainable(model: nn.Module) -> None:
 def compile_layers(model: nn.Module) -> nn.Module:
     """torch.compile each decoder layer in place (names, parameters and state dict unchanged) and
     mark the model so that policies.logprobs also compiles its head math. Shapes are dynamic: one
-    compilation serves every packed length. Worth it for training (~15-20% of a CPU PPO step for
-    ~40 s, once per process); the first step pays the compilation."""
+    compilation serves every packed length. Worth it for training (~25% of a CPU PPO step, for
+    35-60 s once per process); the first step pays the compilation."""
     layers = getattr(model.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ValueError(f"compile: {type(model).__name__} has no base_model.layers to compile")

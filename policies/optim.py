@@ -60,10 +60,6 @@ class MasterWeightAdamW:
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
-    @property
-    def state(self):
-        return self.inner.state
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None

@@ -12,7 +12,7 @@ from launcher.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids
 from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table
 
-STEPS = 16
+STEPS = 40  # long enough that the job is still training when the attached generator has started
 
 
 def test_attached_generator_gets_weights_and_prompts(tmp_path):

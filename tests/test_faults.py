@@ -324,7 +324,8 @@ def test_frozen_learner_is_reported_within_the_heartbeat_window_and_stops_the_ru
     train = dataset(tmp_path)
     run_dir = tmp_path / "run"
     keys = generate_keys(tmp_path / "keys")
-    job = jobs(job_args(run_dir, train, **{"train.steps": 3, "bus.keys_dir": keys}), keys=keys)
+    # more steps than the test lets it run: the learner must still be training when it is frozen
+    job = jobs(job_args(run_dir, train, **{"train.steps": 30, "bus.keys_dir": keys}), keys=keys)
     learner = job.wait_actors({"learner"})["learner"]  # a keyed client gets in
 
     async def unkeyed():
@@ -334,7 +335,7 @@ def test_frozen_learner_is_reported_within_the_heartbeat_window_and_stops_the_ru
         asyncio.run(unkeyed())
     assert "intruder" not in job.actors()
 
-    job.wait_for(r"\[progress\] step 1/3", 150)
+    job.wait_for(r"\[progress\] step 1/30", 150)
     os.kill(learner.pid, signal.SIGSTOP)  # hung, not dead: only the missing heartbeats tell
     frozen_at = time.monotonic()
     seen_at, _ = job.wait_for(r"learner \(learner\) missed heartbeats; its process \d+ is alive", 10)
