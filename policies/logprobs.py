@@ -54,9 +54,9 @@ class _HeadLogprobs(torch.autograd.Function):
 
     `stats` does each chunk's math (`_softmax_stats`, compiled or not). Chunks stay small: a fresh
     buffer past glibc's 32 MB mmap threshold is fresh pages from the kernel on every call, which on a
-    CPU cost as much as the math. When a gradient is wanted the softmax is kept for all tokens in the weights' dtype (bf16 in
-    training, what the gradient is rounded to anyway): backward turns it into -g * (softmax -
-    onehot) in place and makes two matmuls over all tokens. Autograd through log_softmax would keep
+    CPU cost as much as the math. When a gradient is wanted the softmax is kept for all tokens in the
+    weights' dtype (bf16 in training, what the gradient is rounded to anyway): backward turns it into
+    -g * (softmax - onehot) in place and makes two matmuls over all tokens. Autograd through log_softmax would keep
     the fp32 logits twice; recomputing them would cost another head matmul.
     Entropy is reported, not trained on: it carries no gradient.
     """

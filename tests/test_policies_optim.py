@@ -8,22 +8,8 @@ from actors import checkpoint
 from policies.logprobs import _compiled_softmax_stats, _softmax_stats, packed_logprobs
 from policies.models import compile_layers, load_model, tiny_model
 from policies.optim import MasterWeightAdamW, full_precision_state, make_optimizer
-from policies.ppo import PPOConfig, SFTConfig, recompute_logprobs, sft_step, train_step
-from tensors.packed import PackedBatch
-
-
-def make_batch(model, n_seqs=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n_seqs):
-        p, r = 3 + i % 3, 5 + (2 * i) % 5
-        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
-        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
-                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
-                         rewards=5.0 if i % 3 == 0 else -5.0, group_ids=i // 2))
-    batch = PackedBatch.from_sequences(seqs)
-    lp = recompute_logprobs(model, batch, PPOConfig())
-    return batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+from policies.ppo import PPOConfig, SFTConfig, sft_step, train_step
+from tests.test_policies_ppo import make_batch
 
 
 def test_bf16_model_trains_on_fp32_masters():
