@@ -11,6 +11,8 @@ else raises `UnsupportedModelError` rather than silently generating from a diffe
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,13 +50,20 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF's RMSNorm: normalise in fp32, cast back, then scale."""
     if x.dtype == torch.float32:  # the fused kernel gives the same numbers in fp32
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def col_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm over dim 0 of column-major activations [hidden, B]."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + eps)
+    return weight[:, None] * h.to(x.dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -63,27 +72,38 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), signed_sin)
 
 
-def linear(x: Tensor, proj: nn.Linear) -> Tensor:
-    return F.linear(x, proj.weight, proj.bias)
-
-
-def col_linear(x: Tensor, proj: nn.Linear) -> Tensor:
-    """proj applied to column-major activations: x [in, B] -> [out, B]."""
-    if proj.bias is None:
-        return torch.mm(proj.weight, x)
-    return torch.addmm(proj.bias[:, None], proj.weight, x)
-
-
-def col_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
-    """rms_norm over dim 0 of column-major activations [hidden, B]."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)
-    return norm.weight[:, None] * h.to(x.dtype)
-
-
 def rotate_col(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """`rotate` for column-major heads: x [heads, D, B], cos / signed_sin [D, B]."""
     return torch.addcmul(x * cos, torch.roll(x, x.shape[1] // 2, 1), signed_sin)
+
+
+def col_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A linear layer on column-major activations: x [in, B] -> [out, B]."""
+    return torch.mm(weight, x) if bias is None else torch.addmm(bias[:, None], weight, x)
+
+
+def project(x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], sizes: list[int],
+            col: bool) -> list[Tensor]:
+    """Several projections of x ([N, in], or [in, B] when col): one matmul when `weights` is a single
+    fused buffer whose outputs split by `sizes`, else one each."""
+    if len(weights) == 1:
+        y = col_linear(x, weights[0], biases[0]) if col else F.linear(x, weights[0], biases[0])
+        return list(y.split(sizes, dim=0 if col else -1))
+    return [col_linear(x, w, b) if col else F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, the model's own parameters (or their fused buffers)."""
+    input_norm: Tensor
+    qkv: tuple[Tensor, ...]  # the fused q|k|v weight, or q, k, v
+    qkv_bias: tuple[Tensor | None, ...]
+    o: Tensor
+    o_bias: Tensor | None
+    post_norm: Tensor
+    gate_up: tuple[Tensor, ...]  # the fused gate|up weight, or gate, up
+    gate_up_bias: tuple[Tensor | None, ...]
+    down: Tensor
+    down_bias: Tensor | None
 
 
 class KVCache:
@@ -132,11 +152,6 @@ class KVCache:
             buf[rows, :, :, :n] = t[:, start:stop].transpose(1, 2)
         for buf, t in zip(self.v, values):
             buf[rows, :, :n] = t[:, start:stop]
-
-    def write_token(self, layer: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        """One new position per row: k, v [B, kv_heads, head_dim] for rows at positions."""
-        self.k[layer][rows, :, :, positions] = k
-        self.v[layer][rows, :, positions] = v
 
     def move_rows(self, src: list[int], dst: list[int], positions: int) -> None:
         """Copy rows src -> dst (the first `positions` entries), used to compact finished rows away."""
@@ -224,8 +239,9 @@ class CompactDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.q_size = self.n_heads * self.head_dim
-        self.kv_size = self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        self.gate_up_sizes = [cfg.intermediate_size] * 2
+        self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.max_positions = cfg.max_position_embeddings
         self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
@@ -259,46 +275,28 @@ class CompactDecoder:
             self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self._cos, self._sin
 
-    def _weights(self):
-        """Per layer (layer, fused | None), re-fusing layers whose parameters were replaced."""
-        if self.fused is None:
-            return [(layer, None) for layer in self.layers]
-        for f in self.fused:
-            f.check()
-        return list(zip(self.layers, self.fused))
-
-    def _project_qkv(self, x: Tensor, layer, fused: FusedLayer | None, col: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v projections of x ([N, hidden], or [hidden, B] when col)."""
-        attn = layer.self_attn
-        if fused is None:
-            if col:
-                return col_linear(x, attn.q_proj), col_linear(x, attn.k_proj), col_linear(x, attn.v_proj)
-            return linear(x, attn.q_proj), linear(x, attn.k_proj), linear(x, attn.v_proj)
-        sizes = [self.q_size, self.kv_size, self.kv_size]
-        if col:
-            if fused.qkv_bias is None:
-                qkv = torch.mm(fused.qkv, x)
+    def _weights(self) -> list[LayerWeights]:
+        """Per layer the tensors to read, re-fusing layers whose parameters were replaced."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if self.fused is None:
+                qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+                qkv_w, qkv_b = tuple(m.weight for m in qkv), tuple(m.bias for m in qkv)
+                gate_up_w, gate_up_b = tuple(m.weight for m in gate_up), tuple(m.bias for m in gate_up)
             else:
-                qkv = torch.addmm(fused.qkv_bias[:, None], fused.qkv, x)
-            return qkv.split(sizes, dim=0)
-        return F.linear(x, fused.qkv, fused.qkv_bias).split(sizes, dim=-1)
-
-    def _mlp(self, x: Tensor, layer, fused: FusedLayer | None, col: bool) -> Tensor:
-        mlp = layer.mlp
-        if fused is None:
-            lin = col_linear if col else linear
-            return lin(F.silu(lin(x, mlp.gate_proj)) * lin(x, mlp.up_proj), mlp.down_proj)
-        if col:
-            if fused.gate_up_bias is None:
-                gate, up = torch.mm(fused.gate_up, x).chunk(2, dim=0)
-            else:
-                gate, up = torch.addmm(fused.gate_up_bias[:, None], fused.gate_up, x).chunk(2, dim=0)
-            return col_linear(F.silu(gate) * up, mlp.down_proj)
-        gate, up = F.linear(x, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, mlp.down_proj)
+                fused = self.fused[i]
+                fused.check()
+                qkv_w, qkv_b = (fused.qkv,), (fused.qkv_bias,)
+                gate_up_w, gate_up_b = (fused.gate_up,), (fused.gate_up_bias,)
+            out.append(LayerWeights(layer.input_layernorm.weight, qkv_w, qkv_b, attn.o_proj.weight, attn.o_proj.bias,
+                                    layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
+                                    mlp.down_proj.weight, mlp.down_proj.bias))
+        return out
 
     def logits(self, h: Tensor) -> Tensor:
-        return linear(rms_norm(h, self.model.model.norm), self.model.lm_head)
+        norm = self.model.model.norm
+        return F.linear(rms_norm(h, norm.weight, self.eps), self.model.lm_head.weight, self.model.lm_head.bias)
 
     def prefill(self, prompts: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Run several prompts packed into one sequence (linear layers over all tokens at once,
@@ -313,8 +311,8 @@ class CompactDecoder:
         bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
         h = self.model.model.embed_tokens(ids)
         keys, values = [], []
-        for layer, fused in self._weights():
-            q, k, v = self._project_qkv(rms_norm(h, layer.input_layernorm), layer, fused, col=False)
+        for w in self._weights():
+            q, k, v = project(rms_norm(h, w.input_norm, self.eps), w.qkv, w.qkv_bias, self.qkv_sizes, col=False)
             q = rotate(q.unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(0, 1)
             k = rotate(k.unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(0, 1)
             v = v.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(0, 1)  # [heads, N, D]
@@ -325,8 +323,10 @@ class CompactDecoder:
                                                scale=self.scale, enable_gqa=True)[0]
                 for a, b in zip(bounds[:-1], bounds[1:])
             ], dim=1)  # [heads, N, D]
-            h = h + linear(o.transpose(0, 1).flatten(-2), layer.self_attn.o_proj)
-            h = h + self._mlp(rms_norm(h, layer.post_attention_layernorm), layer, fused, col=False)
+            h = h + F.linear(o.transpose(0, 1).flatten(-2), w.o, w.o_bias)
+            gate, up = project(rms_norm(h, w.post_norm, self.eps), w.gate_up, w.gate_up_bias, self.gate_up_sizes,
+                               col=False)
+            h = h + F.linear(F.silu(gate) * up, w.down, w.down_bias)
         return self.logits(h[[b - 1 for b in bounds[1:]]]), keys, values
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
@@ -339,24 +339,40 @@ class CompactDecoder:
         span = int(positions.max()) + 1
         cos, sin = self.rope(span)
         cos, sin = cos[positions].t().contiguous(), sin[positions].t().contiguous()  # [D, B]
-        rows = torch.arange(b, device=tokens.device)
-        hd, n_kv, group = self.head_dim, self.n_kv_heads, self.n_heads // self.n_kv_heads
         # additive mask per (row, kv head), broadcast over the group's query heads: [B * Hkv, 1, span]
         hidden = torch.arange(span, device=tokens.device)[None] > positions[:, None]
         mask = torch.zeros(b, span, dtype=self.dtype, device=tokens.device).masked_fill_(hidden, float("-inf"))
-        mask = mask.repeat_interleave(n_kv, dim=0)[:, None]
+        mask = mask.repeat_interleave(self.n_kv_heads, dim=0)[:, None]
+        # the rows' first `span` positions with rows and heads merged, as the batched matmuls read them (views)
+        n = b * self.n_kv_heads
+        keys = [k.flatten(0, 1)[:n, :, :span] for k in cache.k]
+        values = [v.flatten(0, 1)[:n, :span] for v in cache.v]
         h = self.model.model.embed_tokens(tokens).t().contiguous()  # [hidden, B]
-        for i, (layer, fused) in enumerate(self._weights()):
-            q, k, v = self._project_qkv(col_rms_norm(h, layer.input_layernorm), layer, fused, col=True)
+        h = self._decode_layers(h, cos, sin, mask, positions, keys, values)
+        # row-major logits [B, V]: sampling reads rows, and transposing [V, B] costs more than this mm layout
+        head = self.model.lm_head
+        return F.linear(col_rms_norm(h, self.model.model.norm.weight, self.eps).t(), head.weight, head.bias)
+
+    def _decode_layers(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor,
+                       keys: list[Tensor], values: list[Tensor]) -> Tensor:
+        """The layers of `decode` over column-major h [hidden, B]. keys / values: per layer the cache's
+        rows 0..B-1, positions < span, as [B * kv_heads, D, span] / [B * kv_heads, span, D]; the new
+        keys/values go in at `positions`."""
+        b = h.shape[1]
+        hd, n_kv, group = self.head_dim, self.n_kv_heads, self.n_heads // self.n_kv_heads
+        rows = torch.arange(b * n_kv, device=h.device).view(b, n_kv)  # row r, head j: r * n_kv + j
+        at = positions[:, None]
+        for w, key, value in zip(self._weights(), keys, values):
+            q, k, v = project(col_rms_norm(h, w.input_norm, self.eps), w.qkv, w.qkv_bias, self.qkv_sizes, col=True)
             q = rotate_col(q.reshape(self.n_heads, hd, b), cos, sin)
             k = rotate_col(k.reshape(n_kv, hd, b), cos, sin)
-            cache.write_token(i, rows, positions, k.permute(2, 0, 1), v.reshape(n_kv, hd, b).permute(2, 0, 1))
+            key[rows, :, at] = k.permute(2, 0, 1)
+            value[rows, at] = v.reshape(n_kv, hd, b).permute(2, 0, 1)
             q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2).reshape(b * n_kv, group, hd)
-            keys_t = cache.k[i][:b, :, :, :span].reshape(b * n_kv, hd, span)  # views: rows and heads merge
-            scores = torch.baddbmm(mask, q, keys_t, alpha=self.scale)
-            scores = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            o = torch.bmm(scores, cache.v[i][:b, :, :span].reshape(b * n_kv, span, hd))  # [B * Hkv, G, D]
-            h = h + col_linear(o.view(b, -1).t(), layer.self_attn.o_proj)
-            h = h + self._mlp(col_rms_norm(h, layer.post_attention_layernorm), layer, fused, col=True)
-        # row-major logits [B, V]: sampling reads rows, and transposing [V, B] costs more than this mm layout
-        return linear(col_rms_norm(h, self.model.model.norm).t(), self.model.lm_head)
+            scores = torch.softmax(torch.baddbmm(mask, q, key, alpha=self.scale), dim=-1, dtype=torch.float32)
+            o = torch.bmm(scores.to(h.dtype), value)  # [B * Hkv, G, D]
+            h = h + col_linear(o.view(b, -1).t(), w.o, w.o_bias)
+            gate, up = project(col_rms_norm(h, w.post_norm, self.eps), w.gate_up, w.gate_up_bias,
+                               self.gate_up_sizes, col=True)
+            h = h + col_linear(F.silu(gate) * up, w.down, w.down_bias)
+        return h

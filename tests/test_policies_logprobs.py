@@ -54,6 +54,21 @@ def test_packed_equals_each_sequence_alone(attn, temperature, lengths):
     assert (lp[cu[:-1].long()] == 0).all() and (lp[1:5] < 0).all()
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, [9, 7, 8, 1]], ids=["skewed", "similar"])
+def test_packed_sdpa_gradients_equal_each_sequence_alone(lengths):
+    """Backward through the padded layout (pads, gathers, grouped query heads) gives the gradients
+    of the sequences run one at a time."""
+    seqs, ids, cu = make_packed(lengths)
+    packed = tiny_model(seed=1, attn_implementation=PACKED_SDPA)
+    ref = tiny_model(seed=1, attn_implementation="sdpa")
+    assert packed.config.num_key_value_heads < packed.config.num_attention_heads  # grouped heads are covered
+    packed_logprobs(packed, ids, cu)[0].sum().backward()
+    for s in seqs:
+        packed_logprobs(ref, s, torch.tensor([0, len(s)], dtype=torch.int32))[0].sum().backward()
+    for (name, a), b in zip(packed.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_packed_sdpa_model_still_honours_padding_masks():
     """Without sequence bounds packed_sdpa is plain SDPA with transformers' mask: a left-padded row
     gives the same last-token logits as the row alone."""
