@@ -10,9 +10,9 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   batch with its attention mask, log_softmax over the full padded logits, optimiser step.
 - ours (in-process): what the actors run, back to back: policies.sampling.GenerationEngine (KV cache,
   one prefill per group shared by its G samples) on the generator's own copy of the weights in
-  `--gen-dtype` (bf16 by default, as the main job and SGLang run it), the verifier,
+  `--gen-dtype` (auto by default: bf16, as SGLang serves, where the CPU has bf16 units, else fp32), the verifier,
   PackedBatch.from_sequences (no padding), policies.ppo.train_step (packed micro-batches, chunked
-  lm-head; bf16 weights and compute with fp32 master weights in AdamW unless --no-bf16; decoder
+  lm-head; bf16 weights and compute with fp32 master weights in AdamW where bf16 is native, unless --no-bf16; decoder
   layers and head math torch.compiled unless --no-compile, compiled during the warm-up), then the
   weight copy into the generator (what the broadcaster does), timed as part of the step.
 - ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
@@ -53,6 +53,7 @@ from launcher.mathdata import make_dataset  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
 from policies.ppo import PPOConfig, make_optimizer, train_step  # noqa: E402
+from policies.precision import resolve_bf16, resolve_dtype  # noqa: E402
 from policies.reward import reward  # noqa: E402
 from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
 from policies.verifier import is_correct  # noqa: E402
@@ -182,7 +183,7 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
             "ppo.max_tokens_per_micro_batch": 8192, "train.steps": args.system_steps,
             "train.checkpoint_every": 0, "verifier.workers": 1,
             # the same precision choices as the in-process run
-            "actors.generator.dtype": args.gen_dtype, "ppo.bf16": str(not args.no_bf16).lower(),
+            "actors.generator.dtype": args.gen_dtype, "ppo.bf16": "false" if args.no_bf16 else "auto",
             "ppo.compile": str(not args.no_compile).lower()}
     argv = [sys.executable, "-m", "launcher", "--quiet", "--config", str(ROOT / "configs/tiny.yaml")]
     for k, v in sets.items():
@@ -230,9 +231,10 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=4, help="PPO minibatches (optimiser steps) per step, both sides")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gen-dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                    help="our generator's weights (the baseline stays fp32)")
-    ap.add_argument("--no-bf16", action="store_true", help="our learner in fp32 (no bf16 weights and compute)")
+    ap.add_argument("--gen-dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                    help="our generator's weights (the baseline stays fp32); auto = bfloat16 where it is native")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="our learner in fp32 even where bf16 is native (no bf16 weights and compute)")
     ap.add_argument("--no-compile", action="store_true", help="our learner eager (no torch.compile)")
     ap.add_argument("--system-steps", type=int, default=4, help="steps per launcher run (>= 4), 0 = skip")
     ap.add_argument("--staleness", type=int, nargs="*", default=[0, 1], help="max_staleness values to run")
@@ -253,18 +255,21 @@ def main() -> None:
     answers = [p.answers for p in problems]
     # the recipe: lr 2e-5, Adam eps 1e-5, clip 0.2, normalised advantages
     base_cfg = PPOConfig(minibatches=args.minibatches)
-    cfg = PPOConfig(minibatches=args.minibatches, bf16=not args.no_bf16, compile=not args.no_compile)
+    cfg = PPOConfig(minibatches=args.minibatches, bf16=False if args.no_bf16 else resolve_bf16("auto", "cpu"),
+                    compile=not args.no_compile)
+    gen_dtype = resolve_dtype(args.gen_dtype, "cpu")
     ours_model = load_model(path, dtype=torch.float32)
     base_model = load_model(path, dtype=torch.float32)
     ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, base_cfg)
     if cfg.compile:
         compile_layers(ours_model)
-    gen_model = ours_model if args.gen_dtype == "float32" else load_model(path, dtype=getattr(torch, args.gen_dtype))
+    gen_model = ours_model if gen_dtype == torch.float32 else load_model(path, dtype=gen_dtype)
     engine = GenerationEngine(gen_model.eval(), seed=0)
     print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts (len {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
-          f"{args.minibatches} PPO minibatches, {args.threads} threads; ours: generator {args.gen_dtype}, learner "
-          f"{'fp32' if args.no_bf16 else 'bf16 on fp32 masters'}{'' if args.no_compile else ', compiled'}; "
+          f"{args.minibatches} PPO minibatches, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
+          f"ours: generator {str(gen_dtype).removeprefix('torch.')}, learner "
+          f"{'bf16 on fp32 masters' if cfg.bf16 else 'fp32'}{'' if args.no_compile else ', compiled'}; "
           f"baseline fp32", flush=True)
 
     # warm-up: allocator, kernels, the optimiser states of both sides and the compilation

@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N problems")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.add_argument("--seed", type=int, default=1)
-    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the sampling model's weights")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                    help="the sampling model's weights; auto = bfloat16 where it is native")
 
     flt = sub.add_parser("filter", help="drop problems the base model always solves")
     flt.add_argument("--data", required=True)
@@ -86,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     flt.add_argument("--temperature", type=float, default=1.0)
     flt.add_argument("--max-new-tokens", type=int, default=512)
     flt.add_argument("--seed", type=int, default=1)
-    flt.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the sampling model's weights")
+    flt.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                    help="the sampling model's weights; auto = bfloat16 where it is native")
 
     main = sub.add_parser("main", help="the demo: data, SFT, eval, RL, eval, before/after table")
     main.add_argument("--out", default="runs/main")

@@ -267,7 +267,8 @@ def to_dict(obj: Any) -> Any:
 class ModelConfig(Checked):
     path: str = opt("smollm2", check=bool, expect="(non-empty)",
                     doc='"smollm2", "tiny", or a Hugging Face model directory')
-    dtype: Literal["float32", "bfloat16"] = opt("float32", doc="the learner's weights (its optimizer state follows)")
+    dtype: Literal["float32", "bfloat16", "auto"] = opt(
+        "float32", doc="the learner's weights (its optimizer state follows); auto = bfloat16 where it is native")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -310,9 +311,10 @@ class RoleConfig(Checked):
 @dataclass
 class GeneratorConfig(RoleConfig):
     backend: Literal["torch", "sglang"] = "torch"
-    dtype: Literal["float32", "bfloat16"] | None = opt(
+    dtype: Literal["float32", "bfloat16", "auto"] | None = opt(
         None, doc="the torch generator's weights; null = model.dtype. bfloat16 is what SGLang serves and runs "
-                  "~1.8x faster on CPUs with AMX / AVX512-BF16; updates are cast on arrival")
+                  "~1.8x faster on CPUs with AMX / AVX512-BF16 (~6x slower on AVX2 CPUs, which emulate it); "
+                  "auto = bfloat16 where it is native; updates are cast on arrival")
     sglang_url: str | None = opt(None, doc="an already running SGLang server; null = launch one")
     sglang_args: list[str] = opt(factory=list)
 
@@ -359,7 +361,8 @@ class EvalConfig(Checked):
     top_p: float = opt(1.0, check=_unit_interval, expect="in (0, 1]")
     max_new_tokens: int = opt(512, check=_at_least_one, expect=">= 1")
     force_newline: bool = False
-    dtype: Literal["float32", "bfloat16"] = opt("float32", doc="the sampling model's weights")
+    dtype: Literal["float32", "bfloat16", "auto"] = opt(
+        "float32", doc="the sampling model's weights; auto = bfloat16 where it is native")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from launcher.roles import base_model_path
 from launcher.run import run_job
 from launcher.sft import train_sft
 from policies.models import load_model, load_tokenizer, save_checkpoint
+from policies.precision import resolve_dtype
 
 log = logging.getLogger("launcher.demo")
 
@@ -31,7 +32,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _eval(path: str, problems, s: EvalSettings, label: str, dtype: str) -> dict:
-    model, tok = load_model(path, dtype=getattr(torch, dtype)), load_tokenizer(path)
+    model, tok = load_model(path, dtype=resolve_dtype(dtype, "cpu")), load_tokenizer(path)
     t0 = time.monotonic()
     r = evaluate(model, tok, problems, s, label=label)
     r["seconds"] = time.monotonic() - t0

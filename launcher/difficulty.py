@@ -21,11 +21,12 @@ def keep_ids(per_problem: list[dict]) -> set[str]:
 
 def run_filter_command(args) -> int:
     from policies.models import load_model, load_tokenizer, smollm2_dir
+    from policies.precision import resolve_dtype
     path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        model, tok = load_model(path, dtype=getattr(torch, args.dtype)), load_tokenizer(path)
+        model, tok = load_model(path, dtype=resolve_dtype(args.dtype, "cpu")), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -93,14 +93,14 @@ def evaluate(model, tokenizer, problems: list[Problem], s: EvalSettings, *, pool
 
 
 def run_eval_command(args) -> int:
-    from launcher.roles import device_for  # noqa: F401  (kept for symmetry with the RL job)
     from policies.models import load_model, load_tokenizer, smollm2_dir
+    from policies.precision import resolve_dtype
     path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed)
-        model, tok = load_model(path, dtype=getattr(torch, args.dtype)), load_tokenizer(path)
+        model, tok = load_model(path, dtype=resolve_dtype(args.dtype, "cpu")), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

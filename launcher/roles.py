@@ -97,10 +97,11 @@ def device_for(cfg: ExperimentConfig) -> str:
 
 
 def _dtype(cfg: ExperimentConfig, role: str = "learner") -> torch.dtype:
+    from policies.precision import resolve_dtype
     name = cfg.model.dtype
     if role == "generator" and cfg.actors.generator.dtype is not None:
         name = cfg.actors.generator.dtype
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return resolve_dtype(name, device_for(cfg))
 
 
 def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:

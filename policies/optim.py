@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.models import assert_trainable
+from policies.precision import resolve_bf16
 
 
 def _adamw(params: list[Tensor], cfg) -> torch.optim.AdamW:
@@ -100,12 +101,13 @@ class MasterWeightAdamW:
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW | MasterWeightAdamW:
     """AdamW with cfg.lr / adam_eps / weight_decay (and adam_betas when cfg has them). With a true
-    `cfg.bf16` the model's weights become bf16 and the optimiser keeps them in fp32 (see module doc)."""
+    `cfg.bf16` (or "auto" where bf16 is native) the model's weights become bf16 and the optimiser keeps
+    them in fp32 (see module doc)."""
     assert_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__}: has no parameters that require grad")
-    if getattr(cfg, "bf16", False):
+    if resolve_bf16(getattr(cfg, "bf16", False), params[0].device):
         return MasterWeightAdamW(params, cfg)
     return _adamw(params, cfg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +19,16 @@ from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
 from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
+from policies.precision import AUTO, resolve_bf16
 
 
 def _check(cond: bool, field: str, msg: str, value) -> None:
     if not cond:
         raise ValueError(f"{field}={value!r}: {msg}")
+
+
+def _is_bf16_setting(value) -> bool:
+    return isinstance(value, bool) or value == AUTO
 
 
 @dataclass
@@ -43,7 +49,8 @@ class PPOConfig:
     max_tokens_per_micro_batch: int = 8192
     behaviour_imp_cap: float | None = 5.0   # decoupled PPO: cap on pi_prox/pi_behav; tokens above are masked
     temperature: float = 1.0         # logits temperature used by the generator, applied when recomputing logprobs
-    bf16: bool = False               # bf16 weights and compute, fp32 master weights in the optimiser
+    bf16: bool | Literal["auto"] = False  # bf16 weights and compute, fp32 master weights in the optimiser;
+    # "auto": where bf16 is native (policies.precision)
     compile: bool = False            # torch.compile the decoder layers and the head math (policies.models)
 
     def __post_init__(self) -> None:
@@ -66,7 +73,7 @@ class PPOConfig:
         _check(self.behaviour_imp_cap is None or self.behaviour_imp_cap > 1, "behaviour_imp_cap",
                "must be None or > 1", self.behaviour_imp_cap)
         _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _check(isinstance(self.bf16, bool), "bf16", "must be a bool", self.bf16)
+        _check(_is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 
@@ -79,7 +86,7 @@ class SFTConfig:
     max_tokens_per_micro_batch: int = 8192
     epochs: int = 1
     batch_size: int = 16
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = False
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -91,7 +98,7 @@ class SFTConfig:
                "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1", self.batch_size)
-        _check(isinstance(self.bf16, bool), "bf16", "must be a bool", self.bf16)
+        _check(_is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 
@@ -101,10 +108,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_precision(optimizer, cfg) -> None:
-    if cfg.bf16 and not getattr(optimizer, "master_weights", False):
-        raise ValueError("bf16=True: the optimizer must come from make_optimizer(model, cfg), which casts the "
-                         "model to bf16 and keeps fp32 master weights")
+def _check_precision(optimizer, cfg, device: torch.device) -> None:
+    if resolve_bf16(cfg.bf16, device) and not getattr(optimizer, "master_weights", False):
+        raise ValueError(f"bf16={cfg.bf16!r}: the optimizer must come from make_optimizer(model, cfg), which casts "
+                         "the model to bf16 and keeps fp32 master weights")
 
 
 def _token_fields(batch, device: torch.device) -> dict[str, Tensor]:
@@ -199,8 +206,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
     """One PPO training batch: `cfg.minibatches` optimiser steps. Without `proximal_logprobs` the
     behaviour logprobs serve as proximal ones (on-policy data: standard PPO)."""
     assert_trainable(model)
-    _check_precision(optimizer, cfg)
     device = _device(model)
+    _check_precision(optimizer, cfg, device)
     f = _token_fields(batch, device)
     num_tokens = f["input_ids"].numel()
     behav = f["logprobs"].float()
@@ -277,8 +284,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
 def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: SFTConfig) -> dict[str, float]:
     """One optimiser step of supervised fine-tuning on the loss-mask (response) tokens of a packed batch."""
     assert_trainable(model)
-    _check_precision(optimizer, cfg)
     device = _device(model)
+    _check_precision(optimizer, cfg, device)
     ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
     check_packed(ids, cu)
     loss_mask = batch.loss_mask.to(device).bool()

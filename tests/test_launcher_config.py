@@ -114,7 +114,7 @@ def test_missing_required_field_and_top_level_type():
     ("rollout:\n  force_newline: 'yes'\n", "rollout.force_newline: expected true or false, got 'yes'"),
     ("rollout:\n  batch_prompts: true\n", "rollout.batch_prompts: expected an integer >= 1, got True"),
     ("rollout:\n  batch_prompts: 2.0\n", "rollout.batch_prompts: expected an integer >= 1, got 2.0"),
-    ("model:\n  dtype: float16\n", "model.dtype: expected one of 'float32', 'bfloat16', got 'float16'"),
+    ("model:\n  dtype: float16\n", "model.dtype: expected one of 'float32', 'bfloat16', 'auto', got 'float16'"),
     ("model:\n  device: gpu\n", "model.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"),
     ("train:\n  on_learner_death: retry\n", "train.on_learner_death: expected one of 'stop', 'restart', got 'retry'"),
     ("actors:\n  learner:\n    count: 2\n",
@@ -122,9 +122,11 @@ def test_missing_required_field_and_top_level_type():
     ("actors:\n  generator:\n    backend: vllm\n",
      "actors.generator.backend: expected one of 'torch', 'sglang', got 'vllm'"),
     ("actors:\n  generator:\n    dtype: fp16\n",
-     "actors.generator.dtype: expected one of 'float32', 'bfloat16' or null, got 'fp16'"),
-    ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', got 'half'"),
+     "actors.generator.dtype: expected one of 'float32', 'bfloat16', 'auto' or null, got 'fp16'"),
+    ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', 'auto', got 'half'"),
     ("sft:\n  epochs: 0\n", "sft.epochs: must be an int >= 1, got 0"),
+    ("ppo:\n  bf16: fast\n", "ppo.bf16: expected true or false or one of 'auto', got 'fast'"),
+    ("sft:\n  bf16: 1\n", "sft.bf16: expected true or false or one of 'auto', got 1"),
     ("actors:\n  generator:\n    hosts: node-1\n",
      "actors.generator.hosts: expected a list of strings or null, got 'node-1'"),
     ("actors:\n  genrator:\n    count: 2\n", "actors.genrator: unknown key; did you mean 'actors.generator'?"),
@@ -150,6 +152,19 @@ def test_generator_dtype_defaults_to_the_model_dtype(tmp_path):
     assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == torch.bfloat16
     cfg = load_config(write(tmp_path, "actors: {generator: {dtype: bfloat16}}\n"))
     assert (_dtype(cfg, "generator"), _dtype(cfg, "learner")) == (torch.bfloat16, torch.float32)
+
+
+def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypatch):
+    import torch
+    from launcher.roles import _dtype
+    from policies import precision
+    cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
+        assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == dtype
+        assert precision.resolve_bf16(cfg.ppo.bf16, "cpu") is native
+    assert precision.resolve_dtype("float32", "cpu") == torch.float32  # explicit settings are kept as given
+    assert precision.resolve_bf16(True, "cpu") is True
 
 
 def test_defaults_and_derived_run_dir():

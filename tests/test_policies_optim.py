@@ -71,6 +71,18 @@ def test_bf16_config_needs_the_master_weight_optimizer():
         train_step(model, torch.optim.AdamW(model.parameters()), make_batch(model), PPOConfig(bf16=True))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_bf16_trains_in_bf16_only_where_bf16_is_native(monkeypatch, native):
+    from policies import precision
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: native)
+    model = tiny_model(seed=0)
+    cfg = PPOConfig(lr=1e-3, bf16="auto")
+    opt = make_optimizer(model, cfg)
+    assert getattr(opt, "master_weights", False) is native
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if native else torch.float32}
+    train_step(model, opt, make_batch(model), cfg)  # the step agrees with the optimiser on the precision
+
+
 def test_master_state_round_trips_and_names_a_mismatch(tmp_path):
     model = tiny_model(seed=0)
     cfg = PPOConfig(lr=1e-3, bf16=True)
