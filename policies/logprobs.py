@@ -6,8 +6,8 @@ the distribution that token i was drawn from (0 at the first token).
 
 Attention never crosses a sequence boundary: position ids restart at 0 for every sequence. With SDPA or
 eager attention transformers (5.x) turns those resets into a block-diagonal causal mask when no 2D
-attention mask and no KV cache are given; with flash attention, and with policies.packed_attention (the
-default off CUDA), we pass cu_seqlens so each sequence attends only to itself.
+attention mask and no KV cache are given; with flash attention we pass cu_seqlens, and with
+policies.packed_attention (the default off CUDA) a PackedLayout, so each sequence attends only to itself.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policies.models import COMPILED_ATTR
-from policies.packed_attention import PACKED_SDPA
+from policies.packed_attention import PACKED_SDPA, packed_layout
+from policies.shared_prompts import share_prompts
 
 HEAD_CHUNK_BYTES = 16 << 20  # fp32 logits per lm-head chunk: bounds what is held at once, and stays in
 # glibc's reusable heap (its mmap threshold grows to at most 32 MB)
@@ -145,25 +146,43 @@ def _uses_flash_attention(model: nn.Module) -> bool:
     return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
 
 
-def packed_hidden_states(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Final hidden states [T, H] of a packed batch, attention confined to each sequence."""
-    position_ids = position_ids_for(cu_seqlens).unsqueeze(0)
+def packed_hidden_states(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor,
+                         compact_of: Tensor | None = None) -> Tensor:
+    """Final hidden states [T, H] of a packed batch, attention confined to each sequence. With
+    `compact_of` (policies.shared_prompts: token -> its index once shared prompts are kept once)
+    the states of those compact tokens, [max(compact_of) + 1, H]."""
+    position_ids = position_ids_for(cu_seqlens)
+    if compact_of is not None:
+        size = int(compact_of.max()) + 1
+        input_ids = input_ids.new_empty(size).scatter_(0, compact_of, input_ids)  # the copies agree
+        position_ids = position_ids.new_empty(size).scatter_(0, compact_of, position_ids)
     kwargs = {}
-    if _uses_flash_attention(model) or model.config._attn_implementation == PACKED_SDPA:
+    if model.config._attn_implementation == PACKED_SDPA:
+        kwargs = dict(packed_layout=packed_layout(cu_seqlens.to(input_ids.device), compact_of))
+    elif _uses_flash_attention(model):
+        if compact_of is not None:
+            raise ValueError("compact_of: shared prompts need the packed_sdpa attention, not flash attention")
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-    out = model.base_model(input_ids=input_ids.unsqueeze(0), position_ids=position_ids,
+    elif compact_of is not None:
+        raise ValueError(f"compact_of: shared prompts need the packed_sdpa attention, not "
+                         f"{model.config._attn_implementation!r}")
+    out = model.base_model(input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0),
                            attention_mask=None, use_cache=False, **kwargs)
     return out.last_hidden_state[0]
 
 
 def packed_logprobs(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor, *, temperature: float = 1.0,
-                    with_entropy: bool = False, only: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                    with_entropy: bool = False, only: Tensor | None = None,
+                    prompt_lens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Per-token logprobs [T] (and entropy [T]) of a packed batch; differentiable when grad is enabled.
 
     `only` (bool [T]) computes just those tokens' values, 0 elsewhere: PPO and SFT need the response
-    tokens', and skipping the prompts skips their share of the lm head (a fifth of SmolLM2's flops)."""
+    tokens', and skipping the prompts skips their share of the lm head (a fifth of SmolLM2's flops).
+    `prompt_lens` ([S], e.g. policies.shared_prompts.prompt_lengths of the loss mask): sequences that
+    begin with the same prompt run it through the model once (packed_sdpa attention only; others
+    ignore it). Same values and gradients, up to float rounding."""
     check_packed(input_ids, cu_seqlens)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
@@ -177,9 +196,15 @@ def packed_logprobs(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor, *, 
             raise ValueError(f"only: expected shape ({num_tokens},), got {tuple(only.shape)}")
         wanted &= only.to(device=wanted.device, dtype=torch.bool)
     tokens = wanted.nonzero()[:, 0]
-    hidden = packed_hidden_states(model, input_ids, cu_seqlens)
+    compact_of = None
+    if prompt_lens is not None and model.config._attn_implementation == PACKED_SDPA:
+        if prompt_lens.shape != (cu_seqlens.numel() - 1,):
+            raise ValueError(f"prompt_lens: expected shape ({cu_seqlens.numel() - 1},), got {tuple(prompt_lens.shape)}")
+        compact_of = share_prompts(input_ids, cu_seqlens, prompt_lens)
+    hidden = packed_hidden_states(model, input_ids, cu_seqlens, compact_of)
     # hidden state j predicts token j + 1
-    picked, entropy = head_logprobs(hidden[tokens - 1], lm_head, input_ids[tokens], temperature=temperature,
+    rows = tokens - 1 if compact_of is None else compact_of[tokens - 1]
+    picked, entropy = head_logprobs(hidden[rows], lm_head, input_ids[tokens], temperature=temperature,
                                     with_entropy=with_entropy, compiled=getattr(model, COMPILED_ATTR, False))
     logprobs = picked.new_zeros(num_tokens).index_add(0, tokens, picked)
     if not with_entropy:

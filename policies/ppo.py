@@ -20,6 +20,7 @@ from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
 from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
 from policies.precision import AUTO, resolve_bf16
+from policies.shared_prompts import prompt_lengths
 
 
 def _check(cond: bool, field: str, msg: str, value) -> None:
@@ -52,6 +53,7 @@ class PPOConfig:
     bf16: bool | Literal["auto"] = False  # bf16 weights and compute, fp32 master weights in the optimiser;
     # "auto": where bf16 is native (policies.precision)
     compile: bool = False            # torch.compile the decoder layers and the head math (policies.models)
+    share_prompts: bool = True       # the samples of a prompt run it through the model once (policies.shared_prompts)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.minibatches, int) and self.minibatches >= 1, "minibatches", "must be an int >= 1", self.minibatches)
@@ -75,6 +77,7 @@ class PPOConfig:
         _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _check(_is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
+        _check(isinstance(self.share_prompts, bool), "share_prompts", "must be a bool", self.share_prompts)
 
 
 @dataclass
@@ -186,7 +189,8 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
     device = _device(model)
     ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
     check_packed(ids, cu)
-    only = batch.loss_mask.to(device).bool() if loss_tokens_only else None
+    loss_mask = batch.loss_mask.to(device).bool()
+    only = loss_mask if loss_tokens_only else None
     was_training = model.training
     model.eval()
     out = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
@@ -194,7 +198,8 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
         for mb in _plan(cu, list(range(cu.numel() - 1)), cfg.max_tokens_per_micro_batch):
             pos, mb_cu = gather_sequences(cu, mb)
             lp, _ = packed_logprobs(model, ids[pos], mb_cu, temperature=cfg.temperature,
-                                    only=None if only is None else only[pos])
+                                    only=None if only is None else only[pos],
+                                    prompt_lens=prompt_lengths(loss_mask[pos], mb_cu) if cfg.share_prompts else None)
             out[pos] = lp.float()
     finally:
         model.train(was_training)
@@ -235,7 +240,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
             pos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
             mask = f["loss_mask"][pos]
             lp, ent = packed_logprobs(model, f["input_ids"][pos], mb_cu, temperature=cfg.temperature,
-                                      with_entropy=True, only=mask)
+                                      with_entropy=True, only=mask,
+                                      prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
             loss, st = ppo_loss(lp, prox[pos], behav[pos], adv[pos], mask, eps_clip=cfg.eps_clip,
                                 dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
                                 normalizer=n_loss)
