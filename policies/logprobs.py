@@ -151,23 +151,21 @@ def packed_hidden_states(model: nn.Module, input_ids: Tensor, cu_seqlens: Tensor
     """Final hidden states [T, H] of a packed batch, attention confined to each sequence. With
     `compact_of` (policies.shared_prompts: token -> its index once shared prompts are kept once)
     the states of those compact tokens, [max(compact_of) + 1, H]."""
+    attn = model.config._attn_implementation
     position_ids = position_ids_for(cu_seqlens)
     if compact_of is not None:
+        if attn != PACKED_SDPA:
+            raise ValueError(f"compact_of: shared prompts need the {PACKED_SDPA} attention, not {attn!r}")
         size = int(compact_of.max()) + 1
         input_ids = input_ids.new_empty(size).scatter_(0, compact_of, input_ids)  # the copies agree
         position_ids = position_ids.new_empty(size).scatter_(0, compact_of, position_ids)
     kwargs = {}
-    if model.config._attn_implementation == PACKED_SDPA:
+    if attn == PACKED_SDPA:
         kwargs = dict(packed_layout=packed_layout(cu_seqlens.to(input_ids.device), compact_of))
     elif _uses_flash_attention(model):
-        if compact_of is not None:
-            raise ValueError("compact_of: shared prompts need the packed_sdpa attention, not flash attention")
         cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-    elif compact_of is not None:
-        raise ValueError(f"compact_of: shared prompts need the packed_sdpa attention, not "
-                         f"{model.config._attn_implementation!r}")
     out = model.base_model(input_ids=input_ids.unsqueeze(0), position_ids=position_ids.unsqueeze(0),
                            attention_mask=None, use_cache=False, **kwargs)
     return out.last_hidden_state[0]

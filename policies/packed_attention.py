@@ -27,7 +27,7 @@ PACKED_SDPA = "packed_sdpa"
 class PackedLayout(NamedTuple):
     """The sequences of a packed batch as the rows of a padded [S, L] grid of packed token indices.
 
-    Sequences may share tokens: with a shared prompt (`policies.prefix_sharing`) the G samples of a
+    Sequences may share tokens: with a shared prompt (`policies.shared_prompts`) the G samples of a
     prompt all point at one copy of its tokens, so the layers run over that copy once while every
     sample still attends to it. Built once per micro-batch and passed to every layer.
     """
