@@ -12,7 +12,10 @@ from launcher.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids
 from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table
 
-STEPS = 40  # long enough that the job is still training when the attached generator has started
+# Long enough that the job is still training when the attached generator has started (~12 s to import
+# and load on a 2-core CI machine): a tiny-model step with 16 new tokens takes ~0.3 s there, so steps get
+# 64 new tokens and there are 60 of them.
+STEPS = 60
 
 
 def test_attached_generator_gets_weights_and_prompts(tmp_path):
@@ -22,6 +25,7 @@ def test_attached_generator_gets_weights_and_prompts(tmp_path):
     job = LiveProcess.launcher(
         "--config", str(ROOT / "configs/tiny.yaml"), "-o", "run_dir=run", "-o", "data.train=data/train.jsonl",
         "-o", "data.test=null", "-o", f"train.steps={STEPS}", "-o", "train.checkpoint_every=0",
+        "-o", "rollout.max_new_tokens=64",
         # never deal a prompt again for lateness: a step that finishes had all its prompts generated
         "-o", "rollout.request_timeout=600",
         cwd=tmp_path, name="job")
