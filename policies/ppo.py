@@ -19,17 +19,13 @@ from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
 from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
-from policies.precision import AUTO, resolve_bf16
+from policies.precision import is_bf16_setting, resolve_bf16
 from policies.shared_prompts import prompt_lengths
 
 
 def _check(cond: bool, field: str, msg: str, value) -> None:
     if not cond:
         raise ValueError(f"{field}={value!r}: {msg}")
-
-
-def _is_bf16_setting(value) -> bool:
-    return isinstance(value, bool) or value == AUTO
 
 
 @dataclass
@@ -75,7 +71,7 @@ class PPOConfig:
         _check(self.behaviour_imp_cap is None or self.behaviour_imp_cap > 1, "behaviour_imp_cap",
                "must be None or > 1", self.behaviour_imp_cap)
         _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _check(_is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
+        _check(is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
         _check(isinstance(self.share_prompts, bool), "share_prompts", "must be a bool", self.share_prompts)
 
@@ -101,7 +97,7 @@ class SFTConfig:
                "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1", self.batch_size)
-        _check(_is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
+        _check(is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 
