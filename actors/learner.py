@@ -1,7 +1,8 @@
 """Learner: trains on each packed batch in step order, bumps the version, checkpoints, hands weights on.
 
 Training math lives in policies.ppo; this shell only orders the steps, moves tensors, times things
-and reports. With max_staleness > 0 it recomputes proximal logprobs for the decoupled objective.
+and reports. It recomputes the proximal logprobs for the decoupled objective where the generator's
+own logprobs are not the learner's: stale data, or other kernels or precision (`recompute_needed`).
 TRAIN is acknowledged at once (a second copy is ignored). Every step's metrics are published and
 also kept, so the launcher can fetch a record whose publication a broker restart lost.
 """
@@ -12,13 +13,38 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from actors import checkpoint
 from actors import protocol as P
 from actors.base import Actor, handler
 from actors.broadcaster import WeightBroadcaster
 from policies.ppo import PPOConfig, recompute_logprobs, train_step
+from policies.precision import AUTO
 
 log = logging.getLogger("actors.learner")
+
+
+def recompute_needed(setting, *, max_staleness: int, generator_backend: str, generator_dtype,
+                     learner_dtype) -> tuple[bool, str]:
+    """ppo.recompute_logprobs -> (whether the learner recomputes proximal logprobs, why).
+
+    On-policy PPO takes the generator's logprobs as pi_old; that is exact only where the generator
+    computes them as the learner would. On SmolLM2 our bf16 decode and the learner's bf16 packed
+    forward differ by 0.036 in logprob on average and up to 0.42 (a ratio of 1.5, far outside PPO's
+    clip), which the clip would read as policy change; both in fp32 they differ by 2e-5. So "auto"
+    recomputes unless both sides are the torch code in fp32 (SGLang serves in bf16 with its own kernels).
+    """
+    if setting != AUTO:
+        return bool(setting), f"ppo.recompute_logprobs={str(setting).lower()}"
+    if max_staleness > 0:
+        return True, f"max_staleness={max_staleness}: the decoupled objective needs the current policy's logprobs"
+    if generator_backend != "torch":
+        return True, f"the {generator_backend} generator's logprobs come from other kernels"
+    if not generator_dtype == learner_dtype == torch.float32:
+        return True, (f"generator {str(generator_dtype).removeprefix('torch.')}, learner "
+                      f"{str(learner_dtype).removeprefix('torch.')}: their logprobs differ beyond rounding")
+    return False, "the torch generator's fp32 logprobs are the learner's (same weights and precision)"
 
 
 class Learner(Actor):
@@ -26,15 +52,17 @@ class Learner(Actor):
 
     def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig,
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
-                 start_step: int = 0, max_staleness: int = 0, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 2, transfer_timeout: float = 120.0, resumed: dict | None = None,
-                 name: str = P.LEARNER, **bus_kwargs):
+                 start_step: int = 0, max_staleness: int = 0, recompute_logprobs: bool | None = None,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2, transfer_timeout: float = 120.0,
+                 resumed: dict | None = None, name: str = P.LEARNER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
         self.broadcaster = broadcaster
         self.run_dir = Path(run_dir)
         self.total_steps, self.step = total_steps, start_step
         self.max_staleness = max_staleness
+        # None: only for stale data (the generator's logprobs taken as exact otherwise)
+        self.recompute = max_staleness > 0 if recompute_logprobs is None else recompute_logprobs
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
         self.transfer_timeout = transfer_timeout
         self.pending: dict[int, dict] = {}
@@ -116,11 +144,14 @@ class Learner(Actor):
         async with self._state_lock:
             if batch is not None and batch.num_seqs:
                 prox = None
-                if self.max_staleness > 0:
+                if self.recompute:
                     prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo,
                                                      loss_tokens_only=True)
                 stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
                                                 proximal_logprobs=prox)
+                if prox is not None:  # how far the generator's logprobs were from the learner's
+                    mask = batch.loss_mask.bool()
+                    stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
                 self.trained_qids.append(list(batch.meta.get("qids", [])))
             else:
                 log.warning("step %d: no group carried a learning signal; weights unchanged", step)

@@ -11,7 +11,8 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
 - ours (in-process): what the actors run, back to back: policies.sampling.GenerationEngine (KV cache,
   one prefill per group shared by its G samples) on the generator's own copy of the weights in
   `--gen-dtype` (auto by default: bf16, as SGLang serves, where the CPU has bf16 units, else fp32), the verifier,
-  PackedBatch.from_sequences (no padding), policies.ppo.train_step (packed micro-batches, chunked
+  PackedBatch.from_sequences (no padding), the learner's recompute of the proximal logprobs where it
+  makes one (bf16 on either side: actors.learner.recompute_needed), policies.ppo.train_step (packed micro-batches, chunked
   lm-head; bf16 weights and compute with fp32 master weights in AdamW where bf16 is native, unless --no-bf16; decoder
   layers and head math torch.compiled unless --no-compile, compiled during the warm-up), then the
   weight copy into the generator (what the broadcaster does), timed as part of the step.
@@ -23,7 +24,9 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
   may stop before N tokens: the last lines show its mean response length.
 
 The baseline stays fp32 (a plain loop's default); `--gen-dtype float32 --no-bf16` gives the
-same-precision comparison; `--no-compile` the eager one. Baseline and in-process runs alternate (`--repeats` each) so a shared
+same-precision comparison; `--no-compile` the eager one. The table also counts each side's matmul
+work (linear layers and lm head, from the model's shapes and the tokens each side runs) and the rate
+it ran at: the step ratio is the product of the two. Baseline and in-process runs alternate (`--repeats` each) so a shared
 machine's contention hits both alike; the table shows medians. Learner tokens/s counts real
 (non-pad) prompt + response tokens.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -52,10 +56,13 @@ from actors.dataset import build_prompt, load_problems  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
-from policies.ppo import PPOConfig, make_optimizer, train_step  # noqa: E402
+from actors.learner import recompute_needed  # noqa: E402
+from policies.ppo import (PPOConfig, gather_sequences, make_optimizer, micro_batches,  # noqa: E402
+                          recompute_logprobs, split_minibatches, train_step)
 from policies.precision import resolve_bf16, resolve_dtype  # noqa: E402
 from policies.reward import reward  # noqa: E402
 from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
+from policies.shared_prompts import prompt_lengths, share_prompts  # noqa: E402
 from policies.verifier import is_correct  # noqa: E402
 from tensors.packed import PackedBatch  # noqa: E402
 
@@ -70,6 +77,7 @@ class StepTimes:
     gen_tokens: int
     train_tokens: int  # real prompt + response tokens the learner saw
     reward_mean: float
+    tflop: float  # matmul work of the step's linear layers and lm head (see linear_flops)
 
     @property
     def total_s(self) -> float:
@@ -78,6 +86,39 @@ class StepTimes:
 
 def rewards_for(texts: list[str], answers: list[list[str]]) -> list[float]:
     return [reward(is_correct(t, a)) for t, a in zip(texts, answers)]
+
+
+def linear_flops(model) -> tuple[int, int]:
+    """Multiply-add flops per token of the decoder layers' linear weights and of the lm head.
+    Attention scores and elementwise work are left out: a few percent here."""
+    layers = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * layers, 2 * model.lm_head.weight.numel()
+
+
+def step_tflop(model, gen_layer_tokens: int, gen_head_rows: int, learn_layer_tokens: int,
+               learn_head_rows: int, learn_forwards: int = 3) -> float:
+    """Generation is forward only; training is forward + backward (3 forwards' worth), plus one
+    forward where the learner recomputes the proximal logprobs."""
+    body, head = linear_flops(model)
+    return (gen_layer_tokens * body + gen_head_rows * head
+            + learn_forwards * (learn_layer_tokens * body + learn_head_rows * head)) / 1e12
+
+
+def learner_rows(batch, cfg: PPOConfig) -> tuple[int, int]:
+    """(tokens through the layers, rows through the head) of one train_step: micro-batches as it plans
+    them, each repeated prompt once where cfg.share_prompts, the head on loss tokens only."""
+    cu = batch.cu_seqlens
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    layer_tokens = head_rows = 0
+    for seqs in split_minibatches(len(lengths), cfg.minibatches):
+        for mb in micro_batches([lengths[i] for i in seqs], cfg.max_tokens_per_micro_batch):
+            pos, mb_cu = gather_sequences(cu, [seqs[i] for i in mb])
+            mask = batch.loss_mask[pos].bool()
+            kept = (share_prompts(batch.input_ids[pos], mb_cu, prompt_lengths(mask, mb_cu))
+                    if cfg.share_prompts else None)
+            layer_tokens += pos.numel() if kept is None else int(kept.max()) + 1
+            head_rows += int(mask.sum())
+    return layer_tokens, head_rows
 
 
 # ----------------------------------------------------------------------------- ours (in-process)
@@ -106,12 +147,18 @@ def ours_step(model, opt, engine: GenerationEngine, tokenizer, prompts, answers,
             "rewards": r, "group_ids": j // args.samples})
     batch = PackedBatch.from_sequences(seqs)
     t2 = time.perf_counter()
-    train_step(model, opt, batch, cfg)
+    prox = recompute_logprobs(model, batch, cfg, loss_tokens_only=True) if args.recompute else None
+    train_step(model, opt, batch, cfg, proximal_logprobs=prox)
     if engine.model is not model:  # the generator's own copy: what the weight broadcaster refreshes
         engine.update_weights(dict(model.named_parameters()), engine.version + 1)
     t3 = time.perf_counter()
+    # generation: one prefill per prompt (its last row through the head), then one row per later token
+    prefill = sum(len(p) for p in prompts)
+    decoded = sum(len(f.output_ids) - 1 for f in samples)
+    tflop = step_tflop(model, prefill + decoded, len(prompts) + decoded, *learner_rows(batch, cfg),
+                       learn_forwards=4 if args.recompute else 3)
     return StepTimes(t1 - t0, t2 - t1, t3 - t2, sum(len(f.output_ids) for f in samples), batch.num_tokens,
-                     sum(rewards) / len(rewards))
+                     sum(rewards) / len(rewards), tflop)
 
 
 # ----------------------------------------------------------------------------- baseline (naive HF loop)
@@ -160,7 +207,11 @@ def baseline_step(model, opt, tokenizer, prompts, answers, args, cfg: PPOConfig)
         opt.step()
     opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
-    return StepTimes(t1 - t0, t2 - t1, t3 - t2, gen.numel(), int(attn.sum()), float(rewards.mean()))
+    # generate: every row prefills the padded prompt (the head on its last position), then one token per
+    # step; training: every padded position through the layers and the head
+    rows, decoded = seqs.shape[0], gen.numel() - seqs.shape[0]
+    tflop = step_tflop(model, rows * width + decoded, rows + decoded, seqs.numel(), seqs.numel())
+    return StepTimes(t1 - t0, t2 - t1, t3 - t2, gen.numel(), int(attn.sum()), float(rewards.mean()), tflop)
 
 
 # ----------------------------------------------------------------------------- ours (the whole system)
@@ -258,6 +309,10 @@ def main() -> None:
     cfg = PPOConfig(minibatches=args.minibatches, bf16=False if args.no_bf16 else resolve_bf16("auto", "cpu"),
                     compile=not args.no_compile)
     gen_dtype = resolve_dtype(args.gen_dtype, "cpu")
+    # as the learner actor decides it (synchronous recipe, torch generator)
+    args.recompute, why = recompute_needed(cfg.recompute_logprobs, max_staleness=0, generator_backend="torch",
+                                           generator_dtype=gen_dtype,
+                                           learner_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     ours_model = load_model(path, dtype=torch.float32)
     base_model = load_model(path, dtype=torch.float32)
     ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, base_cfg)
@@ -269,11 +324,11 @@ def main() -> None:
           f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
           f"{args.minibatches} PPO minibatches, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
           f"ours: generator {str(gen_dtype).removeprefix('torch.')}, learner "
-          f"{'bf16 on fp32 masters' if cfg.bf16 else 'fp32'}{'' if args.no_compile else ', compiled'}; "
-          f"baseline fp32", flush=True)
+          f"{'bf16 on fp32 masters' if cfg.bf16 else 'fp32'}{'' if args.no_compile else ', compiled'}, proximal "
+          f"logprobs {'recomputed' if args.recompute else 'from the generator'} ({why}); baseline fp32", flush=True)
 
     # warm-up: allocator, kernels, the optimiser states of both sides and the compilation
-    small = argparse.Namespace(samples=2, new_tokens=4)
+    small = argparse.Namespace(samples=2, new_tokens=4, recompute=args.recompute)
     baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, base_cfg)
     ours_step(ours_model, ours_opt, engine, tok, prompts[:2], answers[:2], small, cfg, step=-1)
     if cfg.compile:  # a full-size step too: dynamo specialises on what it sees first (e.g. mask or none)
@@ -307,7 +362,11 @@ def main() -> None:
     o_learn = med(ours, lambda s: s.train_tokens / s.train_s)
     rows = [("seconds / RL step", f"{b_step:.2f}", f"{o_step:.2f}", f"{b_step / o_step:.2f}x", ">= 3x"),
             ("generated tokens / s", f"{b_gen:.0f}", f"{o_gen:.0f}", f"{o_gen / b_gen:.2f}x", ">= 2x"),
-            ("learner tokens / s", f"{b_learn:.0f}", f"{o_learn:.0f}", f"{o_learn / b_learn:.2f}x", "")]
+            ("learner tokens / s", f"{b_learn:.0f}", f"{o_learn:.0f}", f"{o_learn / b_learn:.2f}x", ""),
+            ("matmul TFLOP / step (fewer)", f"{base[0].tflop:.2f}", f"{ours[0].tflop:.2f}",
+             f"{base[0].tflop / ours[0].tflop:.2f}x", ""),
+            ("matmul GFLOP/s achieved", f"{base[0].tflop * 1e3 / b_step:.0f}", f"{ours[0].tflop * 1e3 / o_step:.0f}",
+             f"{(ours[0].tflop / o_step) / (base[0].tflop / b_step):.2f}x", "")]
     for s in systems:
         rows.append((f"s/step, system, staleness {s.staleness}", f"{b_step:.2f}", f"{s.s_per_step:.2f}",
                      f"{b_step / s.s_per_step:.2f}x", ">= 3x"))
@@ -324,6 +383,7 @@ def main() -> None:
     for s in systems:
         print(f"system staleness {s.staleness}: mean response {s.response_len:.1f} tokens/sample (eos not ignored), "
               f"learner {s.learner_tok_s:.0f} tok/s, train {s.train_s:.2f} s + weight sync {s.sync_s:.2f} s per step")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept when a run fails: its error names the logs in there
 
 
 if __name__ == "__main__":

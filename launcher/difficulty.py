@@ -20,10 +20,10 @@ def keep_ids(per_problem: list[dict]) -> set[str]:
 
 
 def run_filter_command(args) -> int:
-    from policies.models import load_model, load_tokenizer, smollm2_dir
+    from policies.models import load_model, load_tokenizer, model_path
     from policies.precision import resolve_dtype
-    path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
+        path = model_path(args.model)
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         model, tok = load_model(path, dtype=resolve_dtype(args.dtype, "cpu")), load_tokenizer(path)

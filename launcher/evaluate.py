@@ -93,10 +93,10 @@ def evaluate(model, tokenizer, problems: list[Problem], s: EvalSettings, *, pool
 
 
 def run_eval_command(args) -> int:
-    from policies.models import load_model, load_tokenizer, smollm2_dir
+    from policies.models import load_model, load_tokenizer, model_path
     from policies.precision import resolve_dtype
-    path = str(smollm2_dir()) if args.model == "smollm2" else args.model
     try:
+        path = model_path(args.model)
         problems = load_problems(args.data)
         s = EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed)

@@ -10,16 +10,25 @@ def _fmt_duration(s: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int = 0, mode: str = ""):
+    def __init__(self, total_steps: int, start_step: int = 0, mode: str = "", ends_at: float | None = None):
+        """`ends_at`: the time.monotonic() at which a time budget stops the run, if one does."""
         self.total, self.start = total_steps, start_step
         self.t0 = time.monotonic()
         self.mode = mode
+        self.ends_at = ends_at
+
+    def eta(self, done: int, per_step: float) -> str:
+        """Time to the last step, or to the end of the time budget where that comes first."""
+        eta = per_step * (self.total - done)
+        left = None if self.ends_at is None else self.ends_at - time.monotonic()
+        if left is not None and left < eta:
+            return f"ETA {_fmt_duration(left)} (time budget)"
+        return f"ETA {_fmt_duration(eta)}"
 
     def line(self, m: dict) -> str:
         done = int(m["step"]) + 1
         elapsed = time.monotonic() - self.t0
         per_step = elapsed / max(1, done - self.start)
-        eta = per_step * (self.total - done)
         tps = m.get("response_tokens", 0) / per_step if per_step else 0.0
         parts = [
             f"step {done}/{self.total}",
@@ -29,7 +38,7 @@ class Progress:
             f"gen {tps:.0f} tok/s",
             f"learn {m.get('learner_tokens_per_s', 0.0):.0f} tok/s",
             f"staleness {m.get('max_staleness_seen', 0)}",
-            f"ETA {_fmt_duration(eta)}",
+            self.eta(done, per_step),
         ]
         return " | ".join(parts)
 

@@ -104,6 +104,16 @@ def _dtype(cfg: ExperimentConfig, role: str = "learner") -> torch.dtype:
     return resolve_dtype(name, device_for(cfg))
 
 
+def learner_recomputes(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """Whether the learner recomputes the proximal logprobs, and why (actors.learner.recompute_needed)."""
+    from actors.learner import recompute_needed
+    from policies.precision import resolve_bf16
+    learner_dtype = torch.bfloat16 if resolve_bf16(cfg.ppo.bf16, device_for(cfg)) else _dtype(cfg)
+    return recompute_needed(cfg.ppo.recompute_logprobs, max_staleness=cfg.rollout.max_staleness,
+                            generator_backend=cfg.actors.generator.backend,
+                            generator_dtype=_dtype(cfg, "generator"), learner_dtype=learner_dtype)
+
+
 def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:
     r = cfg.rollout
     return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
@@ -188,9 +198,12 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
                      "matches the saved one" if saved else "(the checkpoint records none to compare)")
         bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
+        recompute, why = learner_recomputes(cfg)
+        log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
         learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
-                          max_staleness=cfg.rollout.max_staleness, checkpoint_every=cfg.train.checkpoint_every,
+                          max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
+                          checkpoint_every=cfg.train.checkpoint_every,
                           keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")

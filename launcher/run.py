@@ -84,8 +84,9 @@ def broker_spec(cfg: ExperimentConfig, bind: str) -> ProcessSpec:
 
 
 class Job:
-    def __init__(self, cfg: ExperimentConfig, *, hosts: list[Host] | None, echo: bool = True):
-        self.cfg, self.hosts, self.echo = cfg, hosts, echo
+    def __init__(self, cfg: ExperimentConfig, *, hosts: list[Host] | None, echo: bool = True,
+                 ends_at: float | None = None):
+        self.cfg, self.hosts, self.echo, self.ends_at = cfg, hosts, echo, ends_at
         self.rd = run_dir(cfg)
         self.procs: list[Process] = []
         self.broker: Process | None = None
@@ -116,7 +117,7 @@ class Job:
         specs = process_specs(cfg, config_path, address, start, self.hosts)
         await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
                                  key=lambda h: h.name))
-        progress = Progress(cfg.train.steps, start.step, describe_mode(cfg))
+        progress = Progress(cfg.train.steps, start.step, describe_mode(cfg), ends_at=self.ends_at)
         metrics = MetricsWriter(rd)
         tasks: list[asyncio.Task] = []
         try:
@@ -297,15 +298,17 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
                   deadline: float | None = None) -> dict:
     """Run to the configured number of steps; restart from the last checkpoint on a death if asked to.
 
-    With ``deadline`` (seconds), a run still going then writes a checkpoint and stops as a success.
+    With ``deadline`` (seconds from now, restarts included), a run still going then writes a checkpoint
+    and stops as a success.
     """
+    ends_at = None if deadline is None else time.monotonic() + deadline
     restarts = 0
     while True:
         start = resolve_start(cfg, resume)
         if start.step >= cfg.train.steps:
             print(f"[launcher] nothing to do: the last checkpoint is at step {start.step} of {cfg.train.steps}")
             return {}
-        job = Job(cfg, hosts=hosts, echo=echo)
+        job = Job(cfg, hosts=hosts, echo=echo, ends_at=ends_at)
         loop = asyncio.get_running_loop()
         interrupted = asyncio.Event()
 
@@ -322,7 +325,8 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
-        timer = loop.call_later(deadline, lambda: asyncio.ensure_future(_time_up(job))) if deadline else None
+        timer = None if ends_at is None else loop.call_later(max(0.0, ends_at - time.monotonic()),
+                                                             lambda: asyncio.ensure_future(_time_up(job)))
         try:
             return await job.run(start)
         except RunFailed as exc:

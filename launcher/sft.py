@@ -58,9 +58,9 @@ def train_sft(model, tokenizer, pairs, cfg: SFTConfig, *, seed: int = 1, on_step
 
 
 def run_sft(args) -> int:
-    from policies.models import load_model, load_tokenizer, save_checkpoint, smollm2_dir
-    path = str(smollm2_dir()) if args.model == "smollm2" else args.model
+    from policies.models import load_model, load_tokenizer, model_path, save_checkpoint
     try:
+        path = model_path(args.model)
         pairs = load_sft_pairs(args.data)
         cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16,
                         compile=args.compile)

@@ -284,3 +284,9 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         except ModelPathError:
             pass
         return convert_gguf(smollm2_gguf_path(), dest)
+
+
+def model_path(name: str) -> str:
+    """A command's --model as a path: the built-in name "smollm2" is the converted SmolLM2 copy, anything
+    else an HF directory or .gguf file, checked when loaded."""
+    return str(smollm2_dir()) if name == "smollm2" else name

@@ -19,7 +19,7 @@ from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
 from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
-from policies.precision import is_bf16_setting, resolve_bf16
+from policies.precision import is_bool_or_auto, resolve_bf16
 from policies.shared_prompts import prompt_lengths
 
 
@@ -50,6 +50,8 @@ class PPOConfig:
     # "auto": where bf16 is native (policies.precision)
     compile: bool = False            # torch.compile the decoder layers and the head math (policies.models)
     share_prompts: bool = True       # the samples of a prompt run it through the model once (policies.shared_prompts)
+    recompute_logprobs: bool | Literal["auto"] = "auto"  # the learner recomputes the proximal logprobs before
+    # the minibatches; "auto": unless the generator's logprobs are already the learner's (actors.learner.recompute_needed)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.minibatches, int) and self.minibatches >= 1, "minibatches", "must be an int >= 1", self.minibatches)
@@ -71,9 +73,11 @@ class PPOConfig:
         _check(self.behaviour_imp_cap is None or self.behaviour_imp_cap > 1, "behaviour_imp_cap",
                "must be None or > 1", self.behaviour_imp_cap)
         _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _check(is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
+        _check(is_bool_or_auto(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
         _check(isinstance(self.share_prompts, bool), "share_prompts", "must be a bool", self.share_prompts)
+        _check(is_bool_or_auto(self.recompute_logprobs), "recompute_logprobs", "must be true, false or 'auto'",
+               self.recompute_logprobs)
 
 
 @dataclass
@@ -97,7 +101,7 @@ class SFTConfig:
                "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1", self.epochs)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1", self.batch_size)
-        _check(is_bf16_setting(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
+        _check(is_bool_or_auto(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
         _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
 
 

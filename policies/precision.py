@@ -33,13 +33,13 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def is_bf16_setting(value) -> bool:
-    """True, False or "auto" (not 1, not "true")."""
+def is_bool_or_auto(value) -> bool:
+    """True, False or "auto" (not 1, not "true"): a switch that "auto" leaves to what is at hand."""
     return isinstance(value, bool) or value == AUTO
 
 
 def resolve_bf16(setting: bool | str, device: str | torch.device) -> bool:
     """A bf16-training setting (True, False or "auto") -> whether to train in bf16 on `device`."""
-    if not is_bf16_setting(setting):
+    if not is_bool_or_auto(setting):
         raise ValueError(f"bf16={setting!r}: must be true, false or {AUTO!r}")
     return bf16_is_fast(device) if setting == AUTO else setting

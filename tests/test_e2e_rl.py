@@ -27,6 +27,7 @@ def test_two_rl_steps_through_all_six_actors(tmp_path):
         assert sorted(set(m["qids"])) == expected
         assert len(m["qids"]) == 2 * len(expected)
         assert m["max_staleness_seen"] == 0
+        assert "behav_logprob_gap" not in m  # fp32 sampling for an fp32 learner: the generator's logprobs stand
 
     ckpt = run_dir / "checkpoints" / "step-000002" / "model"
     model = AutoModelForCausalLM.from_pretrained(ckpt)  # a real HF checkpoint
@@ -35,3 +36,21 @@ def test_two_rl_steps_through_all_six_actors(tmp_path):
     changed = [k for k, v in base.items() if k in trained and not torch.equal(v, trained[k])]
     assert changed, "two PPO steps left every weight unchanged"
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
+
+
+def test_asynchronous_steps_train_on_recomputed_proximal_logprobs(tmp_path):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    r = launch(["--quiet", "--config", "configs/tiny.yaml",
+                *tiny_overrides(run_dir, train, **{"train.steps": 3, "rollout.max_staleness": 1})])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "mode: asynchronous (max_staleness=1)" in r.stdout
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "proximal logprobs: recomputed by the learner (max_staleness=1" in learner_log
+
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records] == [0, 1, 2]
+    assert all(m["max_staleness_seen"] <= 1 for m in records)
+    # the learner's logprobs under its own weights, against the generator's: a gap exists and is reported
+    assert all(0.0 <= m["behav_logprob_gap"] < 10.0 for m in records)
+    assert any(m["behav_logprob_gap"] > 0.0 for m in records)

@@ -264,3 +264,12 @@ def test_filter_keeps_problems_never_always_solved(tmp_path, tiny_dir, data, cap
     # a random model solves nothing in 8 tokens, so every problem carries a signal and is kept, as written
     assert kept == src
     assert f"kept {len(src)} of {len(src)} problems" in out
+
+
+@pytest.mark.parametrize("command", ["sft", "eval", "filter"])
+def test_a_missing_model_is_an_error_naming_it(command, tmp_path, data, capsys):
+    out = [] if command == "eval" else ["--out", str(tmp_path / "out")]
+    rc, _, err = run_cli(capsys, command, "--data", str(data["sft" if command == "sft" else "test"]),
+                         "--model", str(tmp_path / "no-such-model"), *out)
+    assert rc == 2 and "no-such-model" in err
+    assert not (tmp_path / "out").exists()

@@ -127,6 +127,8 @@ def test_missing_required_field_and_top_level_type():
     ("sft:\n  epochs: 0\n", "sft.epochs: must be an int >= 1, got 0"),
     ("ppo:\n  bf16: fast\n", "ppo.bf16: expected true or false or one of 'auto', got 'fast'"),
     ("sft:\n  bf16: 1\n", "sft.bf16: expected true or false or one of 'auto', got 1"),
+    ("ppo:\n  recompute_logprobs: sometimes\n",
+     "ppo.recompute_logprobs: expected true or false or one of 'auto', got 'sometimes'"),
     ("actors:\n  generator:\n    hosts: node-1\n",
      "actors.generator.hosts: expected a list of strings or null, got 'node-1'"),
     ("actors:\n  genrator:\n    count: 2\n", "actors.genrator: unknown key; did you mean 'actors.generator'?"),
@@ -165,6 +167,32 @@ def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypat
         assert precision.resolve_bf16(cfg.ppo.bf16, "cpu") is native
     assert precision.resolve_dtype("float32", "cpu") == torch.float32  # explicit settings are kept as given
     assert precision.resolve_bf16(True, "cpu") is True
+
+
+@pytest.mark.parametrize("yaml_text, recompute", [
+    ("", False),                                                         # torch generator, fp32 both sides
+    ("rollout: {max_staleness: 1}\n", True),                             # stale data: the decoupled objective
+    ("actors: {generator: {backend: sglang}}\n", True),                  # another engine's kernels
+    ("actors: {generator: {dtype: bfloat16}}\n", True),                  # bf16 sampling, fp32 learner
+    ("ppo: {bf16: true}\n", True),                                       # fp32 sampling, bf16 learner
+    ("ppo: {bf16: true, recompute_logprobs: false}\n", False),           # the user's word stands
+    ("ppo: {recompute_logprobs: true}\n", True),
+])
+def test_the_learner_recomputes_logprobs_unless_the_generator_computed_them_its_way(tmp_path, yaml_text, recompute):
+    from launcher.roles import learner_recomputes
+    cfg = load_config(write(tmp_path, "model: {dtype: float32, device: cpu}\n" + yaml_text))
+    got, why = learner_recomputes(cfg)
+    assert got is recompute, why
+    assert why
+
+
+def test_auto_recompute_follows_auto_precision(tmp_path, monkeypatch):
+    from launcher.roles import learner_recomputes
+    from policies import precision
+    cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
+    for native in (True, False):
+        monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
+        assert learner_recomputes(cfg)[0] is native  # bf16 where native, and bf16 logprobs differ
 
 
 def test_defaults_and_derived_run_dir():
