@@ -53,10 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.dataset import build_prompt, load_problems  # noqa: E402
+from actors.learner import recompute_needed  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
-from actors.learner import recompute_needed  # noqa: E402
 from policies.ppo import (PPOConfig, gather_sequences, make_optimizer, micro_batches,  # noqa: E402
                           recompute_logprobs, split_minibatches, train_step)
 from policies.precision import resolve_bf16, resolve_dtype  # noqa: E402

@@ -9,14 +9,19 @@ from launcher.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 
 
-def test_two_rl_steps_through_all_six_actors(tmp_path):
+def run_tiny_job(tmp_path, **overrides):
+    """The launcher on configs/tiny.yaml to the end: (training data, run dir, its stdout)."""
     train = dataset(tmp_path)
     run_dir = tmp_path / "run"
-    # Without advantage normalisation the all-wrong rewards of a random model still move the weights.
-    r = launch(["--quiet", "--config", "configs/tiny.yaml",
-                *tiny_overrides(run_dir, train, **{"train.steps": 2, "ppo.normalize_advantages": "false"})])
+    r = launch(["--quiet", "--config", "configs/tiny.yaml", *tiny_overrides(run_dir, train, **overrides)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "mode: synchronous (max_staleness=0)" in r.stdout
+    return train, run_dir, r.stdout
+
+
+def test_two_rl_steps_through_all_six_actors(tmp_path):
+    # Without advantage normalisation the all-wrong rewards of a random model still move the weights.
+    train, run_dir, out = run_tiny_job(tmp_path, **{"train.steps": 2, "ppo.normalize_advantages": "false"})
+    assert "mode: synchronous (max_staleness=0)" in out
 
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1]
@@ -39,12 +44,8 @@ def test_two_rl_steps_through_all_six_actors(tmp_path):
 
 
 def test_asynchronous_steps_train_on_recomputed_proximal_logprobs(tmp_path):
-    train = dataset(tmp_path)
-    run_dir = tmp_path / "run"
-    r = launch(["--quiet", "--config", "configs/tiny.yaml",
-                *tiny_overrides(run_dir, train, **{"train.steps": 3, "rollout.max_staleness": 1})])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "mode: asynchronous (max_staleness=1)" in r.stdout
+    _, run_dir, out = run_tiny_job(tmp_path, **{"train.steps": 3, "rollout.max_staleness": 1})
+    assert "mode: asynchronous (max_staleness=1)" in out
     learner_log = (run_dir / "logs" / "learner.log").read_text()
     assert "proximal logprobs: recomputed by the learner (max_staleness=1" in learner_log
 
