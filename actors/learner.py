@@ -60,7 +60,6 @@ class Learner(Actor):
         self.broadcaster = broadcaster
         self.run_dir = Path(run_dir)
         self.total_steps, self.step = total_steps, start_step
-        self.max_staleness = max_staleness
         # None: only for stale data (the generator's logprobs taken as exact otherwise)
         self.recompute = max_staleness > 0 if recompute_logprobs is None else recompute_logprobs
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
