@@ -42,11 +42,26 @@ setup() {
     touch "$stamp"
 }
 
+test_hosts_setup() {
+    # The simulated-host tests (network namespaces, each with an sshd) need iproute2 and OpenSSH;
+    # as root on Debian we install what is missing, elsewhere those tests skip and say why.
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 0
+    local missing=""
+    command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+    { [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1; } || missing="$missing openssh-server openssh-client"
+    [ -n "$missing" ] || return 0
+    echo "[run.sh] installing$missing for the simulated-host tests" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null 2>&1; } \
+        || echo "[run.sh] could not install$missing: the simulated-host tests will skip" >&2
+}
+
 setup
 export PYTHONUNBUFFERED=1
 case "${1:-}" in
     test)
         shift
+        test_hosts_setup
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     setup)

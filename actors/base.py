@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from bus.client import BusClient
 from bus.errors import BusError, BusTimeout, MessageTooLarge, PeerGone, ProtocolError, RemoteError
+from tensors.channels.locality import Channels, TensorOptions
 
 log = logging.getLogger("actors.base")
 _ATTR = "__bus_handler__"
@@ -53,8 +54,13 @@ def declared_handlers(cls: type) -> dict[str, str]:
 
 
 class Actor:
-    def __init__(self, name: str, role: str, bus_address: str, **client_kwargs: Any):
+    def __init__(self, name: str, role: str, bus_address: str, *, tensors: TensorOptions | None = None,
+                 **client_kwargs: Any):
+        """`tensors`: where this process's tensor sockets live (default: the address that reaches the
+        bus); the actor registers with its host, so peers choose channels by locality."""
         self.name, self.role = name, role
+        self.channels = Channels(tensors or TensorOptions.for_bus(bus_address))
+        client_kwargs.setdefault("host", self.channels.host)
         self.bus = BusClient(bus_address, name, role, **client_kwargs)
         for type_, attr in declared_handlers(type(self)).items():
             self.bus.on(type_, getattr(self, attr))
@@ -160,6 +166,7 @@ class Actor:
             log.error("%s: on_stop failed: %s: %s", self.name, type(e).__name__, e)
         for task in list(self._background):
             task.cancel()
+        await self.channels.close()
         if not await self.bus.drain(grace):
             log.warning("%s: %d handlers still running after %.1fs; cancelling them",
                         self.name, self.bus.in_flight, grace)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import torch
 
@@ -35,7 +34,6 @@ class WeightBroadcaster(Actor):
         self.update_timeout = update_timeout
         self.attempt_timeout = attempt_timeout  # an update unanswered this long is sent again
         self.announced: dict | None = None  # the last announcement: a version and who runs it
-        self._channels: dict[str, object] = {}
         self._lock = asyncio.Lock()
         self.current: set[str] = set()  # generators known to run self.version
 
@@ -53,30 +51,16 @@ class WeightBroadcaster(Actor):
         """The last announcement (mid-update, the new version is not yet served by anyone)."""
         return self.announced or {"version": -1, "generators": []}
 
-    async def on_stop(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-
-    def _kind(self, host: str) -> str:
-        from tensors.channels import choose_kind
-        return choose_kind(same_process=False, same_host=host == socket.gethostname(), device="cpu")
-
-    def _channel(self, kind: str):
-        from tensors.channels import open_channel
-        if kind not in self._channels:
-            self._channels[kind] = open_channel(kind)
-        return self._channels[kind]
-
     async def _offer(self, gens: list, weights: dict[str, torch.Tensor]) -> dict[str, dict]:
         """One send per channel kind, readable by every generator that uses that kind."""
         by_kind: dict[str, list] = {}
         for g in gens:
-            by_kind.setdefault(self._kind(g.host), []).append(g)
+            by_kind.setdefault(self.channels.kind_for([g]), []).append(g)
         descs = {}
         for kind, members in by_kind.items():
             # shm copies at send time; zero-copy kinds would otherwise serve tensors the learner keeps training
             payload = weights if kind == "shm" else {k: v.clone() for k, v in weights.items()}
-            desc = await self._channel(kind).send(payload, timeout=self.update_timeout, readers=len(members))
+            desc = await self.channels.send(payload, members, timeout=self.update_timeout)
             descs.update({g.name: desc for g in members})
         return descs
 

@@ -1,7 +1,7 @@
 """Generator actor: turns prompts into scored-to-be rollouts with one of two backends (torch | sglang).
 
 The backend does the generating; this shell takes GENERATE messages, ships each finished group's
-tensors over a tensor channel (shared memory when the packer shares our host, zmq otherwise), hands
+tensors over a tensor channel (chosen by the packer's locality: shared memory on our host, zmq otherwise), hands
 the texts to a verifier, and applies weight updates between decode steps. Its messages are delivered
 (acknowledged, sent again if lost); a second copy of a prompt or a weight update is ignored.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,7 +72,6 @@ class Generator(Actor):
         self._updated_to: int | None = None  # version of the last weight update applied
         self._verifiers = itertools.count()
         self._tasks: set[asyncio.Task] = set()
-        self._channels: dict[str, object] = {}
 
     async def on_start(self) -> None:
         await self.backend.start()
@@ -82,17 +80,6 @@ class Generator(Actor):
         for t in list(self._tasks):
             t.cancel()
         await self.backend.close()
-        for ch in self._channels.values():
-            await ch.close()
-
-    async def _channel_to(self, role: str):
-        from tensors.channels import choose_kind, open_channel
-        peers = await self.bus.actors(role=role)
-        same_host = bool(peers) and all(p.host == socket.gethostname() for p in peers)
-        kind = choose_kind(same_process=False, same_host=same_host, device="cpu")
-        if kind not in self._channels:
-            self._channels[kind] = open_channel(kind)
-        return self._channels[kind]
 
     @handler(P.GENERATE)
     async def on_generate(self, body: dict, src: str) -> None:
@@ -108,8 +95,10 @@ class Generator(Actor):
         try:
             samples = await self.backend.generate_group(rid, body["prompt_ids"], body["n"], body["sampling"])
             batch = rollout_batch(body["prompt_ids"], samples)
-            channel = await self._channel_to("packer")
-            desc = await channel.send(batch, timeout=self.rollout_ttl)
+            packers = await self.bus.actors(role="packer")
+            if not packers:
+                raise RuntimeError("no packer is registered on the bus")
+            desc = await self.channels.send(batch, packers[:1], timeout=self.rollout_ttl)
             verifiers = sorted(a.name for a in await self.bus.actors(role="verifier"))
             if not verifiers:
                 raise RuntimeError("no verifier is registered on the bus")
@@ -143,12 +132,11 @@ class Generator(Actor):
 
     @handler(P.UPDATE_WEIGHTS)
     async def on_update_weights(self, body: dict, src: str) -> dict:
-        from tensors.channels import receive
         version = int(body["version"])
         async with self._update_lock:  # a second copy (its first answer was lost) waits, then is answered
             if self._updated_to == version and self.backend.version == version:
                 return {"version": version}
-            weights = await receive(body["weights"], timeout=self.transfer_timeout)
+            weights = await self.channels.recv(body["weights"], timeout=self.transfer_timeout)
             await self.backend.update_weights(weights, version)
             self._updated_to = version
         log.info("weights updated to version %d", self.backend.version)

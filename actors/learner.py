@@ -132,12 +132,11 @@ class Learner(Actor):
         await self.bus.publish(P.RUN_FINISHED, {"step": self.step})
 
     async def _train_one(self, body: dict) -> None:
-        from tensors.channels import receive
         step, t0 = int(body["step"]), time.perf_counter()
         self._training = step
         batch = None
         if body["batch"] is not None:
-            batch = await receive(body["batch"], timeout=self.transfer_timeout)
+            batch = await self.channels.recv(body["batch"], timeout=self.transfer_timeout)
         t_recv = time.perf_counter()
         stats: dict = {}
         async with self._state_lock:

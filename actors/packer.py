@@ -9,8 +9,8 @@ loses no group and no step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ class _Group:
     batch: PackedBatch
     correct: list[bool]
     stats: dict
+    generator: str = "?"
 
 
 def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
@@ -46,6 +47,7 @@ def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
         "groups": len(groups),
         "groups_dropped": dropped,
         "max_staleness_seen": step - oldest,
+        "groups_by_generator": dict(collections.Counter(g.generator for g in groups)),
     }
 
 
@@ -65,13 +67,8 @@ class Packer(Actor):
         self.groups: dict[int, dict[str, _Group]] = {}
         self.dropped: dict[int, int] = {}
         self.ready: dict[int, tuple[dict, dict]] = {}  # step -> (descriptor, stats) not yet delivered
-        self._channel = None
         self._fetching: set[tuple[int, str]] = set()
         self._pack_lock = asyncio.Lock()
-
-    async def on_stop(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
 
     @handler(P.SCORED)
     async def on_scored(self, body: dict, src: str) -> None:
@@ -86,16 +83,16 @@ class Packer(Actor):
         self.spawn(self._take(step, qid, body))
 
     async def _take(self, step: int, qid: str, body: dict) -> None:
-        from tensors.channels import receive
         try:
-            batch = await receive(body["rollout"], timeout=self.transfer_timeout)
+            batch = await self.channels.recv(body["rollout"], timeout=self.transfer_timeout)
             batch = batch.with_fields(seqs={"rewards": torch.tensor(body["rewards"], dtype=torch.float32)})
         except Exception as exc:
             self._fetching.discard((step, qid))
             log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
             await self._tell_sampler(P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
             return
-        self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"])
+        self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"],
+                                                     body.get("generator", "?"))
         self._fetching.discard((step, qid))
         self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
         await self._pack_ready()
@@ -122,8 +119,12 @@ class Packer(Actor):
                                              frozenset({"qids"})))
                 packed = PackedBatch.concat(parts) if parts else None
                 try:
-                    channel = await self._learner_channel()
-                    desc = await channel.send(packed, timeout=self.batch_ttl) if packed is not None else None
+                    desc = None
+                    if packed is not None:
+                        learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
+                        if not learners:
+                            raise RuntimeError("no learner is registered on the bus")
+                        desc = await self.channels.send(packed, learners, timeout=self.batch_ttl)
                 except Exception as exc:  # keep the groups: the step is packed again, never lost
                     self.groups[step] = {g.qid: g for g in groups}
                     self.next_step = step
@@ -139,14 +140,6 @@ class Packer(Actor):
     async def _pack_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         await self._pack_ready()
-
-    async def _learner_channel(self):
-        from tensors.channels import choose_kind, open_channel
-        if self._channel is None:
-            learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
-            same_host = bool(learners) and learners[0].host == socket.gethostname()
-            self._channel = open_channel(choose_kind(same_process=False, same_host=same_host, device="cpu"))
-        return self._channel
 
     async def _send_train(self, step: int) -> None:
         desc, stats = self.ready[step]

@@ -56,6 +56,8 @@ class PromptSampler(Actor):
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
         self.generators: dict[str, int] = {}  # name -> prompts in flight there
+        self._last_dealt: dict[str, int] = {}  # name -> number of the last deal it got (ties: least recent)
+        self._deals = 0
         self._watchdog: asyncio.Task | None = None
 
     async def on_start(self) -> None:
@@ -139,13 +141,16 @@ class PromptSampler(Actor):
         await self._deal()
 
     async def _deal(self) -> None:
-        """Give queued prompts to the least-loaded live generator."""
+        """Give queued prompts to the least-loaded live generator; among equals, the one dealt to least
+        recently (by name, the first generators would take every prompt of a batch smaller than the pool)."""
         while self.queue and self.generators:
             key = self.queue.popleft()
             owed = self.owed.get(key)
             if owed is None or owed.holder is not None:
                 continue
-            gen = min(self.generators, key=lambda g: (self.generators[g], g))
+            gen = min(self.generators, key=lambda g: (self.generators[g], self._last_dealt.get(g, -1), g))
+            self._deals += 1
+            self._last_dealt[gen] = self._deals
             owed.holder, owed.since = gen, time.monotonic()
             self.generators[gen] += 1
             self.spawn(self._give(key, owed, gen))

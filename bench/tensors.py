@@ -8,7 +8,10 @@ Two figures per channel and size:
   send() + handing the descriptor over a pipe + recv() there (tensors ready, pages mapped) + its
   ack, so it includes one inter-process round trip ("handoff", shown apart; the bus adds a similar
   one in real use);
-* 1-proc: sender and receiver channels in this process, no handoff: the channel's own cost.
+* 1-proc: sender and receiver channels in this process, no handoff: the channel's own cost;
+* zmq-veth (root only): zmq between two network namespaces joined by a veth pair and a bridge
+  (tests/simhosts.py, no sshd), the receiver on the other simulated host: a real network stack
+  crossed, as between hosts, shown as a ratio to the same-host shm path.
 `memcpy` copies the same bytes into an already-faulted buffer with torch copy_, using as many
 threads as the channels' copies (1 by default, which keeps figures steady on a shared machine).
 Rounds interleave memcpy and every channel so that load from other processes hits them alike.
@@ -28,12 +31,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from tensors.channels import open_channel  # noqa: E402
+from tests.simhosts import SimHosts, enter, skip_reason  # noqa: E402
 
 MB = 1 << 20
 
@@ -42,11 +47,13 @@ def _checksum(t: torch.Tensor) -> int:
     return int(t[:: max(1, t.numel() // 64)].sum())  # touches a little, to prove the bytes arrived
 
 
-def _receiver(kind: str, conn, threads: int) -> None:
+def _receiver(kind: str, conn, threads: int, netns: str | None = None) -> None:
     torch.set_num_threads(threads)
+    if netns is not None:
+        enter(netns)
 
     async def loop() -> None:
-        chan = open_channel(kind)
+        chan = open_channel(_base_kind(kind))
         while True:
             desc = conn.recv()
             if desc is None:
@@ -63,17 +70,23 @@ def _receiver(kind: str, conn, threads: int) -> None:
     asyncio.run(loop())
 
 
+def _base_kind(kind: str) -> str:
+    return "zmq" if kind == "zmq-veth" else kind
+
+
 class Peer:
     """A channel, a spawned process that receives from it, and a second channel in this process."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, net=None):
         ctx = mp.get_context("spawn")
         self.kind = kind
         self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_receiver, args=(kind, child, torch.get_num_threads()), daemon=True)
+        remote = net.hosts[1].ns if kind == "zmq-veth" else None
+        self.proc = ctx.Process(target=_receiver, args=(kind, child, torch.get_num_threads(), remote), daemon=True)
         self.proc.start()
-        self.chan = open_channel(kind)
-        self.local_rx = open_channel(kind)
+        opts = {"bind": f"tcp://{net.hosts[0].addr}:0"} if kind == "zmq-veth" else {}
+        self.chan = open_channel(_base_kind(kind), **opts)
+        self.local_rx = open_channel(_base_kind(kind))
 
     async def two_process(self, x: torch.Tensor, expected: int) -> float:
         t0 = time.perf_counter()
@@ -112,9 +125,9 @@ def memcpy_time(src: torch.Tensor, dst: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-async def run(kinds: list[str], sizes: list[int], repeats: int) -> dict:
+async def run(kinds: list[str], sizes: list[int], repeats: int, net=None) -> dict:
     """results[(name, size)] = list of seconds; names: memcpy, handoff, <kind>, <kind>-1p, <kind>-cold."""
-    peers = [Peer(k) for k in kinds]
+    peers = [Peer(k, net) for k in kinds]
     results: dict = {}
 
     def add(name: str, size: int, seconds: float) -> None:
@@ -145,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 512], help="payload sizes in MB (<= 512)")
     ap.add_argument("--repeats", type=int, default=7, help="warm rounds per size")
-    ap.add_argument("--kinds", nargs="+", default=["shm", "zmq"], choices=["shm", "zmq"])
+    ap.add_argument("--kinds", nargs="+", default=["shm", "zmq", "zmq-veth"], choices=["shm", "zmq", "zmq-veth"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (memcpy and the shm copy use them)")
     args = ap.parse_args()
     if max(args.sizes) > 512 or min(args.sizes) < 1:
@@ -154,7 +167,21 @@ def main() -> None:
     sizes = [s * MB for s in args.sizes]
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    res = asyncio.run(run(args.kinds, sizes, args.repeats))
+    net = None
+    if "zmq-veth" in args.kinds:
+        why = skip_reason()
+        if why:
+            print(f"zmq-veth left out: {why}")
+            args.kinds.remove("zmq-veth")
+        else:
+            import tempfile
+            net = SimHosts(2, Path(tempfile.mkdtemp(prefix="bench-tensors-")), sshd=False).__enter__()
+            enter(net.hosts[0].ns)  # this process (sender, loopback peers) on host A; the veth receiver on B
+    try:
+        res = asyncio.run(run(args.kinds, sizes, args.repeats, net))
+    finally:
+        if net is not None:
+            net.close()
 
     def gbps(name: str, size: int) -> float:
         return size / statistics.median(res[(name, size)]) / 1e9
@@ -179,6 +206,10 @@ def main() -> None:
         goal, ok = (">= 0.5x memcpy", w >= 0.5) if k == "shm" else (">= 1 GB/s", w >= 1.0)
         unit = "x" if k == "shm" else " GB/s"
         print(f"{k} 2-proc: goal {goal}: worst size {w:.2f}{unit} -> {'met' if ok else 'NOT met'} at every size")
+    if "zmq-veth" in args.kinds and "shm" in args.kinds:
+        ratios = [gbps("zmq-veth", s) / gbps("shm", s) for s in sizes]
+        print("zmq across hosts (veth) / shm on one host, 2-proc: "
+              + ", ".join(f"{s // MB} MB {r:.2f}x" for s, r in zip(sizes, ratios)))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
     from launcher.run import RunFailed, dry_run, run_job
     try:
         cfg = absolute_paths(_load(args))
-        hosts = parse_hosts(args.hosts) if args.hosts else None
+        hosts = parse_hosts(args.hosts, args.ssh_config) if args.hosts else None
         from launcher.config import check_trainable
         check_trainable(cfg)
         check_model_path(cfg)

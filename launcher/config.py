@@ -349,6 +349,14 @@ class BusConfig(Checked):
 
 
 @dataclass
+class TensorsConfig(Checked):
+    bind: str | None = opt(None, check=lambda v: v is None or bool(v), expect="an interface address or null",
+                           doc="interface of the zmq tensor sockets; null = the host's address on the route "
+                               "to bus.host (also the address peers dial)")
+    max_frame_bytes: int = opt(4 << 30, check=lambda v: v >= 1024, expect=">= 1024")
+
+
+@dataclass
 class VerifierConfig(Checked):
     workers: int = opt(2, check=_at_least_one, expect=">= 1")
     timeout: float = opt(5.0, check=_positive, expect="> 0 (seconds)")
@@ -380,6 +388,7 @@ class ExperimentConfig(Checked):
     train: TrainConfig = field(default_factory=TrainConfig)
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     bus: BusConfig = field(default_factory=BusConfig)
+    tensors: TensorsConfig = field(default_factory=TensorsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -12,6 +12,9 @@ all hosts in proportion to their slots; every other unpinned role runs on the fi
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -32,15 +35,17 @@ class Host:
     name: str
     slots: int = 1
     user: str | None = None
+    ssh_config: str | None = None  # `ssh -F FILE` (launcher --ssh-config): keys, known hosts, jump hosts
 
     @property
     def is_local(self) -> bool:
-        """True when processes for this host start here, without ssh."""
+        """True when processes for this host start here, without ssh: a loopback name, this machine's
+        hostname, or an address of one of its interfaces (e.g. the head node's own cluster address)."""
         n = self.name.lower()
         if n in ("localhost", "::1", "ip6-localhost") or n.startswith("127."):
             return True
         me = socket.gethostname().lower()
-        return n == me or n == me.split(".")[0]
+        return n == me or n == me.split(".")[0] or _is_own_address(n)
 
     @property
     def ssh_target(self) -> str:
@@ -51,6 +56,23 @@ class Host:
 
 
 LOCALHOST = Host("localhost")
+
+
+@functools.lru_cache(maxsize=256)
+def _is_own_address(name: str) -> bool:
+    """Whether `name` is a literal address of this machine (only a local address can be bound)."""
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr[0], 0))
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def parse_hosts_text(text: str, source: str = "<hosts>") -> list[Host]:
@@ -94,7 +116,7 @@ def parse_hosts_text(text: str, source: str = "<hosts>") -> list[Host]:
     return hosts
 
 
-def parse_hosts(path: str | Path) -> list[Host]:
+def parse_hosts(path: str | Path, ssh_config: str | None = None) -> list[Host]:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -102,7 +124,23 @@ def parse_hosts(path: str | Path) -> list[Host]:
         raise HostsError(f"{p}: cannot read hostfile: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise HostsError(f"{p}: not UTF-8 text: {e}") from None
-    return parse_hosts_text(text, str(p))
+    hosts = parse_hosts_text(text, str(p))
+    if ssh_config is not None:
+        if not Path(ssh_config).is_file():
+            raise HostsError(f"--ssh-config: no such file {ssh_config!r}")
+        hosts = [dataclasses.replace(h, ssh_config=str(Path(ssh_config).resolve())) for h in hosts]
+    return hosts
+
+
+def slot_env(host: Host, slot: int) -> dict[str, str]:
+    """The environment of the `slot`-th generator on `host`: its own device. On a GPU host GPU
+    `slot` (counted among the launcher's CUDA_VISIBLE_DEVICES for a local host); on a CPU host the
+    variable is inert and BOBA_SLOTS gives it 1/slots of the cores (`roles.torch_threads`)."""
+    index = slot % host.slots
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if host.is_local else ""
+    ids = [d for d in visible.split(",") if d.strip()]
+    return {"CUDA_VISIBLE_DEVICES": ids[index % len(ids)] if ids else str(index),
+            "BOBA_SLOT": str(index), "BOBA_SLOTS": str(host.slots)}
 
 
 def place(counts: dict[str, int], hosts: list[Host] | None = None,

@@ -129,11 +129,26 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def tensor_options(cfg: ExperimentConfig, bus_address: str):
+    """This process's tensor sockets: its host's address towards the bus, CurveZMQ with the bus's keys."""
+    from tensors.channels import Curve, TensorOptions
+    curve = None
+    if cfg.bus.keys_dir:
+        from bus.keys import load_keys
+        keys = load_keys(cfg.bus.keys_dir)
+        public, secret = keys.client_keys
+        curve = Curve(public, secret, keys.authorized)
+    return TensorOptions.for_bus(bus_address, bind=cfg.tensors.bind, curve=curve,
+                                 max_frame_bytes=cfg.tensors.max_frame_bytes)
+
+
 def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: Start,
           bus_kwargs: dict) -> list[Actor]:
     """The actors of one process (two for the learner: learner + broadcaster)."""
     from actors.dataset import build_prompt, load_problems
     from policies.models import load_model, load_tokenizer
+
+    bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address)}
 
     seed = cfg.seed
     torch.manual_seed(seed)
@@ -210,6 +225,7 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
 
 
 def torch_threads() -> None:
-    """Leave one core to the bus and the verifier pool where there are several."""
-    n = int(os.environ.get("BOBA_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+    """BOBA_TORCH_THREADS if set; else the cores, shared among a host's BOBA_SLOTS generators."""
+    slots = max(1, int(os.environ.get("BOBA_SLOTS", "1")))
+    n = int(os.environ.get("BOBA_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 1) // slots)
     torch.set_num_threads(n)

@@ -21,7 +21,7 @@ from actors import protocol as P
 from bus.client import BusClient
 from bus.errors import BusError
 from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
-from launcher.hosts import Host, place
+from launcher.hosts import Host, place, slot_env
 from launcher.metrics import MetricsWriter
 from launcher.progress import Progress
 from launcher.roles import Start, resolve_start, run_dir
@@ -63,13 +63,18 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
     pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
     specs = []
+    slots_taken: dict[Host, int] = {}
     for role, index, host in place(counts, hosts, pinned):
         name = f"{role}-{index}" if role in ("generator", "verifier") else role
         argv = [sys.executable, "-m", "launcher", "actor", role, "--name", name, "--bus", address,
                 "--config", str(config_path), "--start-step", str(start.step), "--model-path", start.model_path]
         if start.checkpoint:
             argv += ["--checkpoint", start.checkpoint]
-        specs.append(ProcessSpec(name, role, argv, host))
+        env = {}
+        if role == "generator":
+            slot = slots_taken[host] = slots_taken.get(host, -1) + 1
+            env = slot_env(host, slot)
+        specs.append(ProcessSpec(name, role, argv, host, env))
     return specs
 
 
@@ -367,6 +372,12 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
     for spec in process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts):
-        lines.append(f"# {spec.name} on {spec.host.name if spec.host else 'localhost'}\n"
-                     + shlex.join(spec.command(PROJECT_DIR)))
+        where = f"# {spec.name} on {spec.host.name if spec.host else 'localhost'}"
+        command = spec.command(PROJECT_DIR)
+        if spec.env:
+            where += (f", slot {spec.env['BOBA_SLOT']} of {spec.env['BOBA_SLOTS']}: GPU "
+                      f"{spec.env['CUDA_VISIBLE_DEVICES']}, or 1/{spec.env['BOBA_SLOTS']} of the cores on a CPU host")
+            if command[0] != "ssh":  # a remote command carries its env inline already
+                command = ["env", *(f"{k}={v}" for k, v in sorted(spec.env.items())), *command]
+        lines.append(where + "\n" + shlex.join(command))
     return lines

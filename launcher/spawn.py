@@ -16,6 +16,17 @@ from pathlib import Path
 from launcher.hosts import Host, HostsError
 
 SSH_CONNECT_TIMEOUT = 10  # seconds; ssh's own limit on reaching a host
+# what a local actor inherits from the launcher and a remote one gets on its command line
+FORWARDED_ENV = ("BOBA_TORCH_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED")
+SSH_ALIVE = (10, 3)  # a host silent for 10 s x 3 probes ends its ssh, and so its actor (-tt: SIGHUP)
+
+
+def ssh_argv(host: Host, *, tty: bool = False) -> list[str]:
+    """`ssh [-tt] [-F config] -o ... user@host`: no prompts, bounded connect, dead links noticed."""
+    argv = ["ssh"] + (["-tt"] if tty else []) + (["-F", host.ssh_config] if host.ssh_config else [])
+    return argv + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
+                   "-o", f"ServerAliveInterval={SSH_ALIVE[0]}", "-o", f"ServerAliveCountMax={SSH_ALIVE[1]}",
+                   host.ssh_target]
 
 
 @dataclass
@@ -30,12 +41,12 @@ class ProcessSpec:
         """The full command line, wrapped in ssh for a remote host (what --dry-run prints)."""
         if self.host is None or self.host.is_local:
             return list(self.argv)
-        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | self.env
+        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
         remote = f"cd {shlex.quote(cwd)} && {envs + ' ' if envs else ''}exec {shlex.join(self.argv)}"
-        target = f"{self.host.user}@{self.host.name}" if self.host.user else self.host.name
         # -tt: a remote terminal, so the remote process gets SIGHUP and ends with this ssh (stopped by
         # the launcher, or the connection lost); without one it would outlive the job on its host
-        return ["ssh", "-tt", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", target, remote]
+        return ssh_argv(self.host, tty=True) + [remote]
 
 
 class Process:
@@ -111,7 +122,7 @@ async def check_hosts(hosts: list[Host], timeout: float = SSH_CONNECT_TIMEOUT) -
     the job has started.
     """
     async def probe(host: Host) -> str | None:
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", host.ssh_target, "true"]
+        argv = ssh_argv(host) + ["true"]
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=asyncio.subprocess.PIPE,

@@ -55,11 +55,12 @@ class LiveProcess:
         with self._cond:
             return "\n".join(self.lines[-last:] if last else self.lines)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """The first output line matching `pattern`; fails naming the process and the pattern."""
+    def wait_for(self, pattern: str, timeout: float, *, after: int = 0) -> re.Match:
+        """The first output line (from line `after` on) matching `pattern`; fails naming the process and
+        the pattern."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = after
         with self._cond:
             while True:
                 for line in self.lines[seen:]:

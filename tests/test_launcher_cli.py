@@ -52,7 +52,7 @@ def _commands(stdout: str) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for i, line in enumerate(lines):
         if line.startswith("# ") and " on " in line:
-            name, host = line[2:].split(" on ")
+            name, host = line[2:].split(", slot ")[0].split(" on ")
             out[name] = (host, shlex.split(lines[i + 1]))
     return out
 
@@ -74,21 +74,30 @@ def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
     assert set(cmds) == {"sampler", "packer", "learner", "verifier-0", "generator-0", "generator-1", "generator-2"}
     remote = {n for n, (host, _) in cmds.items() if host == "node-7"}
     assert len(remote) == 2 and remote < {"generator-0", "generator-1", "generator-2"}  # by slots: 2 of 3
+    devices = {}
     for name, (host, argv) in cmds.items():
         if host == "node-7":
             assert argv[0] == "ssh" and "BatchMode=yes" in argv and argv[-2] == "alice@node-7"
             assert "-tt" in argv   # a remote terminal: the remote actor ends with its ssh
             inner = shlex.split(argv[-1])
             assert inner[:3] == ["cd", str(ROOT), "&&"]
-            actor = inner[inner.index("exec") + 1:]
+            env, actor = inner[3:inner.index("exec")], inner[inner.index("exec") + 1:]
         else:
             assert host == "localhost" and "ssh" not in argv
-            actor = argv
+            env, actor = (argv[1:argv.index(sys.executable)], argv[argv.index(sys.executable):]) \
+                if argv[0] == "env" else ([], argv)
+        env = dict(kv.split("=", 1) for kv in env if kv.startswith(("CUDA_", "BOBA_SLOT")))
+        if name.startswith("generator"):  # each generator of a host on its own device (slot)
+            assert env["BOBA_SLOTS"] == ("2" if host == "node-7" else "1")
+            devices.setdefault(host, []).append(env["CUDA_VISIBLE_DEVICES"])
+        else:
+            assert env == {}
         assert actor[:5] == [sys.executable, "-m", "launcher", "actor", name.split("-")[0]]
         assert actor[actor.index("--name") + 1] == name
         assert actor[actor.index("--bus") + 1] == "tcp://10.0.0.5:6000"
         # an absolute config path: the actor starts in the project directory, maybe on another host
         assert actor[actor.index("--config") + 1] == str(run_dir / "config.yaml")
+    assert sorted(devices["node-7"]) == ["0", "1"] and devices["localhost"] == ["0"]
     assert not run_dir.exists(), "a dry run started something"
 
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from launcher.hosts import Host, HostsError, parse_hosts, parse_hosts_text, place
+from launcher.hosts import Host, HostsError, parse_hosts, parse_hosts_text, place, slot_env
 
 GOOD = """\
 # the head node first
@@ -30,6 +30,25 @@ def test_is_local():
     assert Host("127.0.0.2").is_local and Host("LOCALHOST").is_local
     assert Host(socket.gethostname()).is_local
     assert not Host("surely-not-this-machine-42").is_local
+
+
+def test_a_generator_gets_the_device_of_its_slot(monkeypatch):
+    node = Host("node-1", 4)
+    assert [slot_env(node, k)["CUDA_VISIBLE_DEVICES"] for k in range(5)] == ["0", "1", "2", "3", "0"]
+    assert slot_env(node, 1)["BOBA_SLOTS"] == "4"
+    # a local host counts among the GPUs the launcher itself was given; a remote one ignores them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [slot_env(Host("localhost", 2), k)["CUDA_VISIBLE_DEVICES"] for k in range(2)] == ["3", "5"]
+    assert slot_env(node, 1)["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_ssh_config_is_checked_and_given_to_every_host(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost\nnode-1\n")
+    with pytest.raises(HostsError, match="--ssh-config: no such file"):
+        parse_hosts(hosts, str(tmp_path / "missing"))
+    (tmp_path / "ssh_config").write_text("Host *\n")
+    assert {h.ssh_config for h in parse_hosts(hosts, str(tmp_path / "ssh_config"))} == {str(tmp_path / "ssh_config")}
 
 
 @pytest.mark.parametrize("line, message", [

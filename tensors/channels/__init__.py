@@ -6,10 +6,10 @@ import asyncio
 import weakref
 from typing import Any
 
-import torch
-
 from tensors.channels.base import Channel, Descriptor, Payload
 from tensors.channels.local import DEFAULT_HUB, LocalChannel, LocalHub
+from tensors.channels.locality import Channels, TensorOptions, choose_kind
+from tensors.channels.outbox import Curve
 from tensors.channels.shm import ShmChannel, sweep_orphans
 from tensors.channels.zmq_channel import ZmqChannel
 
@@ -82,17 +82,8 @@ async def receive(
     return await receivers.get(kind, **opts).recv(descriptor, timeout=timeout)
 
 
-def choose_kind(same_process: bool, same_host: bool, device: str | torch.device = "cpu") -> str:
-    """The cheapest channel for a peer: by reference, shared memory / CUDA IPC, or zmq / NCCL."""
-    on_gpu = torch.device(device).type == "cuda"
-    if same_process:
-        return "local"
-    if same_host:
-        return "cuda_ipc" if on_gpu else "shm"
-    return "nccl" if on_gpu else "zmq"
-
-
 __all__ = [
     "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind", "receive", "Receivers",
+    "Channels", "TensorOptions", "Curve",
     "LocalChannel", "LocalHub", "DEFAULT_HUB", "ShmChannel", "sweep_orphans", "ZmqChannel",
 ]  # fmt: skip

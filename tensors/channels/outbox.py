@@ -10,6 +10,12 @@ Receiver: DEALER connections (kept per endpoint between pulls) with a socket mon
 that dies mid-transfer is noticed from the disconnect rather than by waiting out the timeout.
 ZeroMQ delivers a multipart message whole or not at all, so a cut transfer never yields a
 half-filled payload.
+
+Limits, so that no peer can grow our memory: the outbox takes requests of at most
+``MAX_REQUEST_BYTES`` and queues at most ``REQUEST_HWM`` of them; a puller takes frames of at most
+``max_frame_bytes`` (a larger one drops the connection: TransferError, never an allocation).
+With a `Curve` both sides speak CurveZMQ: the outbox serves with its key pair and lets in only the
+authorised client keys (ZAP), the puller dials with its pair and the server key the descriptor names.
 """
 
 from __future__ import annotations
@@ -26,12 +32,39 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
 from tensors.errors import TransferError
 
 log = logging.getLogger(__name__)
 _POLL_MS = 100
+MAX_REQUEST_BYTES = 4096  # a request is ``verb, transfer id``
+REQUEST_HWM = 1024
+DEFAULT_MAX_FRAME_BYTES = 4 << 30  # the largest tensor of a 7B model is ~1.1 GB
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CurveZMQ identity of a process's tensor sockets (z85 or raw 32-byte keys)."""
+
+    public: bytes
+    secret: bytes
+    authorized: frozenset[bytes]  # client public keys an outbox lets in
+
+
+class _KeyCheck:
+    """ZAP credentials provider: only the authorised client keys get in."""
+
+    def __init__(self, authorized: frozenset[bytes]):
+        self.authorized = {_z85(k) for k in authorized}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return _z85(key) in self.authorized
+
+
+def _z85(key: bytes) -> bytes:
+    return zmq.utils.z85.encode(key) if len(key) == 32 else key
 
 
 @dataclass
@@ -48,15 +81,32 @@ class _Entry:
 class Outbox:
     """Frames waiting to be pulled, served by a background thread."""
 
-    def __init__(self, bind: str = "tcp://127.0.0.1:0", advertise: str | None = None):
+    def __init__(self, bind: str = "tcp://127.0.0.1:0", advertise: str | None = None, curve: Curve | None = None):
         self._ctx = zmq.Context()
+        self._auth = None
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.linger = 0
-        self._sock.sndhwm = 0  # never drop replies under load: memory is bounded by the outbox
+        # replies are zero-copy references to payloads the outbox holds anyway: never drop one under load;
+        # what a peer can make us queue is its requests, bounded in size and number
+        self._sock.sndhwm = 0
+        self._sock.rcvhwm = REQUEST_HWM
+        self._sock.maxmsgsize = MAX_REQUEST_BYTES
+        self.server_key = None
         try:
+            if curve is not None:
+                from zmq.auth.thread import ThreadAuthenticator
+
+                self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".auth"))
+                self._auth.start()
+                self._auth.configure_curve_callback("*", credentials_provider=_KeyCheck(curve.authorized))
+                self._sock.curve_secretkey, self._sock.curve_publickey = curve.secret, curve.public
+                self._sock.curve_server = True
+                self.server_key = _z85(curve.public).decode()
             self._sock.bind(bind[:-2] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind)
         except zmq.ZMQError:
             self._sock.close()
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
             raise
         self.endpoint = _connectable(self._sock.getsockopt_string(zmq.LAST_ENDPOINT), advertise)
@@ -90,6 +140,8 @@ class Outbox:
             entries, self._entries = list(self._entries.values()), {}
         for e in entries:
             _release(e)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # ---- the serving thread ----
@@ -174,11 +226,20 @@ def _connectable(endpoint: str, advertise: str | None) -> str:
 class _Conn:
     """One DEALER to one outbox, with a monitor telling whether the link is up."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str):
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, max_frame_bytes: int,
+                 curve: Curve | None, server_key: str | None):
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock.maxmsgsize = max_frame_bytes
+        if server_key is not None:
+            assert curve is not None
+            self.sock.curve_serverkey = server_key.encode()
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve.public, curve.secret
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.connected = self.dropped = False
+        self.refused: str | None = None  # why the outbox's CurveZMQ handshake turned us away
         self.sock.connect(endpoint)
 
     def drain_events(self) -> None:
@@ -191,7 +252,11 @@ class _Conn:
             self._apply(parse_monitor_message(msg)["event"])
 
     def _apply(self, event: int) -> None:
-        if event == zmq.EVENT_CONNECTED:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused = "the outbox refused this process's CurveZMQ key"
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            self.refused = "the security handshake failed (CurveZMQ on one side only, or the wrong server key?)"
+        elif event == zmq.EVENT_CONNECTED:
             self.connected = True
         elif event == zmq.EVENT_DISCONNECTED:
             self.connected, self.dropped = False, True
@@ -215,24 +280,26 @@ class Puller:
     closed, so a late reply can never be taken for the next transfer's.  Use from one event loop.
     """
 
-    def __init__(self, max_endpoints: int = 32):
+    def __init__(self, max_endpoints: int = 32, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 curve: Curve | None = None):
         self._ctx: zmq.asyncio.Context | None = None
-        self._idle: collections.OrderedDict[str, list[_Conn]] = collections.OrderedDict()
+        self._idle: collections.OrderedDict[tuple, list[_Conn]] = collections.OrderedDict()
         self._max_endpoints = max_endpoints
+        self.max_frame_bytes, self.curve = max_frame_bytes, curve
 
-    def _take(self, endpoint: str) -> _Conn:
+    def _take(self, endpoint: str, server_key: str | None) -> _Conn:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        pool = self._idle.get(endpoint)
+        pool = self._idle.get((endpoint, server_key))
         while pool:
             conn = pool.pop()
             conn.drain_events()
             if not conn.dropped:
                 return conn
             conn.close()  # the peer went away while idle: start afresh
-        return _Conn(self._ctx, endpoint)
+        return _Conn(self._ctx, endpoint, self.max_frame_bytes, self.curve, server_key)
 
-    def _give_back(self, endpoint: str, conn: _Conn) -> None:
+    def _give_back(self, endpoint: tuple, conn: _Conn) -> None:
         pool = self._idle.setdefault(endpoint, [])
         self._idle.move_to_end(endpoint)
         if len(pool) >= 4:
@@ -243,20 +310,24 @@ class Puller:
             for old in self._idle.popitem(last=False)[1]:
                 old.close()
 
-    async def request(self, endpoint: str, verb: bytes, tid: str, *, peer: str, timeout: float) -> list[zmq.Frame]:
+    async def request(self, endpoint: str, verb: bytes, tid: str, *, peer: str, timeout: float,
+                      server_key: str | None = None) -> list[zmq.Frame]:
         """Send ``verb tid`` to an outbox and return the reply frames after ``OK``.
 
-        Raises TransferError naming the phase: "connect" (nobody answered), "pull" (the peer went
-        away or did not answer in time) or "refused" (the outbox does not have the transfer).
+        Raises TransferError naming the phase: "connect" (nobody answered; with CurveZMQ also a
+        handshake the outbox refused), "pull" (the peer went away or did not answer in time),
+        "refused" (the outbox does not have the transfer) or "keys" (a Curve outbox, and we have none).
         """
+        if server_key is not None and self.curve is None:
+            raise TransferError(peer, tid, "keys", f"{endpoint} serves CurveZMQ and this process has no keys")
         deadline = time.monotonic() + timeout
-        conn = self._take(endpoint)
+        conn = self._take(endpoint, server_key)
         try:
             frames = await self._exchange(conn, endpoint, verb, tid, peer, timeout, deadline)
         except BaseException:
             conn.close()
             raise
-        self._give_back(endpoint, conn)
+        self._give_back((endpoint, server_key), conn)
         status = frames[0].bytes
         if status != b"OK":
             reason = frames[1].bytes.decode(errors="replace") if len(frames) > 1 else "no reason given"
@@ -282,6 +353,8 @@ class Puller:
                 return await conn.sock.recv_multipart(copy=False)
             if conn.monitor in events:
                 conn._apply(parse_monitor_message(await conn.monitor.recv_multipart())["event"])
+                if conn.refused:
+                    raise TransferError(peer, tid, "auth", f"{endpoint}: {conn.refused}")
                 if conn.dropped:
                     if await conn.sock.poll(50):  # the reply may have landed just before the close
                         return await conn.sock.recv_multipart(copy=False)
