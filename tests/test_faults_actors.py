@@ -1,0 +1,164 @@
+"""Actor faults in one process over a real broker: a failed weight push, a failing decode step, a
+step the learner is slow to take, a verifier gone before its GENERATED arrives, and rogue peers.
+
+The other actors are bare bus clients in their role (`Peer`), so each test sees exactly the
+messages the actor under test sends. Every wait has a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import pytest
+
+from bus.broker import Broker
+from bus.client import BusClient
+
+HB = 0.2
+WAIT = 10.0  # seconds any one expected message may take
+pytestmark = pytest.mark.timeout(60)
+
+
+class Peer:
+    """A bus client in `role` that acknowledges and records every message of the given types."""
+
+    def __init__(self, address: str, name: str, role: str, types=(), reply=None):
+        self.client = BusClient(address, name, role, heartbeat_interval=HB)
+        self.got: dict[str, asyncio.Queue] = defaultdict(asyncio.Queue)
+        for t in types:
+            self.client.on(t, lambda body, src, t=t: self._record(t, body, src, reply))
+
+    def _record(self, type: str, body, src: str, reply):
+        self.got[type].put_nowait(body)
+        return reply(type, body, src) if reply else None
+
+    async def next(self, type: str, timeout: float = WAIT):
+        try:
+            return await asyncio.wait_for(self.got[type].get(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.client.name}: no {type!r} within {timeout:g}s") from None
+
+    def empty(self, type: str) -> bool:
+        return self.got[type].empty()
+
+
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture
+async def broker():
+    b = Broker(heartbeat_interval=HB)
+    await b.start()
+    yield b
+    await b.stop()
+
+
+@pytest.fixture
+async def peer(broker):
+    made: list[Peer] = []
+
+    async def make(name: str, role: str, types=(), reply=None) -> Peer:
+        p = Peer(broker.address, name, role, types, reply)
+        await p.client.connect(timeout=5)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.client.close()
+
+
+def _prompt(qid: str, batch: int = 0) -> dict:
+    return {"batch": batch, "qid": qid, "prompt_ids": [1, 5, 9], "n": 2, "sampling": {"max_new_tokens": 3},
+            "answers": ["1"]}
+
+
+# ----------------------------------------------------------------------------------------- torch generator
+
+def _flaky_engine(backend, fail_first: int | None) -> list:
+    """Make the engine's decode step raise: the first `fail_first` calls, or every call (None)."""
+    step, calls = backend.engine.step, []
+
+    def flaky():
+        calls.append(1)
+        if fail_first is None or len(calls) <= fail_first:
+            raise RuntimeError("injected: device-side assert")
+        return step()
+
+    backend.engine.step = flaky
+    return calls
+
+
+async def test_a_failing_decode_step_rejects_its_rollouts_and_later_prompts_still_work(broker, peer):
+    from actors.generator import Generator
+    from actors.torch_backend import TorchBackend
+    from policies.models import tiny_model
+
+    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
+    verifier = await peer("verifier-0", "verifier", ["score"])
+    await peer("packer", "packer")
+    backend = TorchBackend(tiny_model())
+    _flaky_engine(backend, fail_first=1)
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    await gen.start()
+    try:
+        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
+        rejected = await sampler.next("rejected")
+        assert rejected["qid"] == "q1" and "generator-0" in rejected["reason"] and "injected" in rejected["reason"]
+        for qid in ("q1", "q2"):  # the same prompt dealt again, and a new one
+            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
+            assert (await sampler.next("generated"))["qid"] == qid
+            score = await verifier.next("score")
+            assert score["qid"] == qid and len(score["texts"]) == 2
+        assert sampler.empty("rejected") and gen.bus.registered
+    finally:
+        await gen.stop()
+
+
+async def test_an_engine_that_keeps_failing_makes_the_generator_leave(broker, peer):
+    from actors.generator import Generator
+    from actors.torch_backend import TorchBackend
+    from policies.models import tiny_model
+
+    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
+    left: asyncio.Queue = asyncio.Queue()
+    await sampler.client.subscribe("left", lambda t, body, src: left.put_nowait(body["name"]))
+    await peer("verifier-0", "verifier", ["score"])
+    backend = TorchBackend(tiny_model(), max_step_failures=2)
+    _flaky_engine(backend, fail_first=None)
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    await gen.start()
+    try:
+        for qid in ("q1", "q2"):
+            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
+            assert (await sampler.next("rejected"))["qid"] == qid
+        assert await asyncio.wait_for(left.get(), WAIT) == "generator-0"
+        assert backend.failed is not None and sampler.empty("generated")
+    finally:
+        await gen.stop()
+
+
+async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeout(broker, peer):
+    from actors.generator import Generator
+
+    class Stuck:
+        version = 0
+
+        async def start(self): ...
+        async def close(self): ...
+
+        async def generate_group(self, rid, prompt_ids, n, sampling):
+            await asyncio.Event().wait()
+
+    sampler = await peer("sampler", "sampler", ["rejected"])
+    gen = Generator("generator-0", broker.address, backend=Stuck(), tokenizer=FakeTokenizer(),
+                    generate_timeout=0.3, heartbeat_interval=HB)
+    await gen.start()
+    try:
+        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
+        reason = (await sampler.next("rejected"))["reason"]
+        assert "generator-0" in reason and "q1" in reason and "generate_timeout=0.3s" in reason
+    finally:
+        await gen.stop()
