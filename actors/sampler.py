@@ -18,6 +18,7 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.data_order import batch_indices
 from actors.dataset import Problem
+from bus.errors import BusError
 
 log = logging.getLogger("actors.sampler")
 
@@ -196,12 +197,33 @@ class PromptSampler(Actor):
 
     @handler(P.GENERATED)
     async def on_generated(self, body: dict, src: str) -> None:
-        key = (int(body["batch"]), body["qid"])
-        owed = self.owed.get(key)
-        if owed is not None and owed.holder == src:
-            self._release(key, src)
-            owed.holder, owed.since = body["verifier"], time.monotonic()
+        """The prompt moves from generator ``src`` to the verifier it names, if that one is still there.
+
+        A verifier that left before this arrived would hold the prompt until request_timeout (its
+        ``left`` event came first and found nothing to re-deal): such a prompt is dealt again at once.
+        """
+        key, verifier = (int(body["batch"]), body["qid"]), body["verifier"]
+        if self._owed_by(key, src) is not None:
+            try:
+                live = verifier in {a.name for a in await self.bus.actors(role="verifier")}
+            except BusError as exc:  # cannot tell: trust it (its `left`, or request_timeout, re-deals)
+                log.warning("cannot list the verifiers (%s); assuming %s is there", exc, verifier)
+                live = True
+            owed = self._owed_by(key, src)
+            if owed is not None:
+                self._release(key, src)
+                if live:
+                    owed.holder, owed.since = verifier, time.monotonic()
+                else:
+                    log.warning("%s: %s gave it to verifier %r, which is not on the bus: dealing it again",
+                                key, src, verifier)
+                    owed.holder = None
+                    self.queue.appendleft(key)
         await self._deal()
+
+    def _owed_by(self, key: tuple[int, str], holder: str) -> _Owed | None:
+        owed = self.owed.get(key)
+        return owed if owed is not None and owed.holder == holder else None
 
     @handler(P.ACCEPTED)
     async def on_accepted(self, body: dict, src: str) -> None:

@@ -162,3 +162,68 @@ async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeou
         assert "generator-0" in reason and "q1" in reason and "generate_timeout=0.3s" in reason
     finally:
         await gen.stop()
+
+
+# ----------------------------------------------------------------------------------------- packer and sampler
+
+def _scored(qid: str, desc: dict, batch: int = 0) -> dict:
+    return {"batch": batch, "qid": qid, "rewards": [5.0, -5.0], "correct": [True, False], "rollout": desc,
+            "generator": "generator-0", "stats": {"truncated": [False, False], "response_tokens": [2, 2],
+                                                  "version_min": 0, "version_max": 0}}
+
+
+async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped(broker, peer):
+    from actors.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import open_channel, receive
+
+    await peer("sampler", "sampler", ["accepted", "rejected"])
+    verifier = await peer("verifier-0", "verifier")
+    packer = Packer(broker.address, batch_prompts=1, batch_ttl=0.4, heartbeat_interval=HB)
+    channel = open_channel("shm")
+    batch = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
+    try:
+        await packer.start()
+        await verifier.client.request("packer", "scored", _scored("q-1", await channel.send(batch, timeout=30)),
+                                      timeout=5)
+        await asyncio.sleep(1.5)  # the learner is away for several batch_ttl (restarting, or busy)
+        learner = await peer("learner", "learner", ["train"])
+        train = await learner.next("train")
+        assert train["step"] == 0
+        trained = await receive(train["batch"], timeout=5)  # offered again: still there to read
+        assert trained.meta["qids"] == ["q-1", "q-1"] and trained.input_ids.tolist() == batch.input_ids.tolist()
+    finally:
+        await packer.stop()
+        await channel.close()
+
+
+def _sampler(broker, **cfg):
+    from actors.dataset import Problem
+    from actors.sampler import PromptSampler, SamplerConfig
+    return PromptSampler(broker.address, problems=[Problem("q-1", "1+0?", ["1"])], prompt_ids=[[1, 2, 3]],
+                         cfg=SamplerConfig(batch_prompts=1, group_size=2, total_batches=1, **cfg),
+                         heartbeat_interval=HB)
+
+
+async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(broker, peer):
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
+    gen = await peer("generator-0", "generator", ["generate"])
+    verifier = await peer("verifier-1", "verifier", ["score"])
+    sampler = _sampler(broker)  # request_timeout 600 s: nothing here may wait for it
+    try:
+        await sampler.start()
+        first = await gen.next("generate")
+        assert first["qid"] == "q-1"
+        # the verifier it names left before GENERATED arrived
+        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-0"},
+                                 timeout=5)
+        assert (await gen.next("generate"))["qid"] == "q-1"
+        # a verifier that was there and leaves later: its `left` event deals the prompt again
+        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-1"},
+                                 timeout=5)
+        assert sampler.owed[(0, "q-1")].holder == "verifier-1"
+        await verifier.client.close()
+        assert (await gen.next("generate"))["qid"] == "q-1"
+    finally:
+        await sampler.stop()
