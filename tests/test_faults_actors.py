@@ -227,3 +227,46 @@ async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(br
         assert (await gen.next("generate"))["qid"] == "q-1"
     finally:
         await sampler.stop()
+
+
+# ----------------------------------------------------------------------------------------- weight broadcaster
+
+async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_prompts_again(broker, peer):
+    import torch
+
+    from actors.broadcaster import WeightBroadcaster
+    from tensors.channels import receive
+
+    model = torch.nn.Linear(4, 3)
+    updates: dict[str, list] = {"generator-0": [], "generator-1": []}
+
+    async def update(name: str, body: dict, fail: bool):
+        weights = await receive(body["weights"], timeout=5)
+        updates[name].append((body["version"], weights))
+        if fail:
+            raise RuntimeError("injected: out of memory loading the weights")
+        return {"version": body["version"]}
+
+    gen0 = await peer("generator-0", "generator", ["generate", "update_weights"],
+                      reply=lambda t, body, src: update("generator-0", body, fail=len(updates["generator-0"]) == 0)
+                      if t == "update_weights" else None)
+    await peer("generator-1", "generator", ["update_weights"],  # never takes them: retried a bounded number of times
+               reply=lambda t, body, src: update("generator-1", body, fail=True))
+    sampler = _sampler(broker)
+    bc = WeightBroadcaster(broker.address, model=model, retry_attempts=3, retry_backoff=0.05, update_timeout=20,
+                           heartbeat_interval=HB)
+    try:
+        await sampler.start()
+        await bc.start()  # pushes v0: both fail; generator-0 takes the second copy
+        assert (await gen0.next("generate"))["qid"] == "q-1"
+        assert [v for v, _ in updates["generator-0"]] == [0, 0]
+        assert all(torch.equal(w[k], v) for _, w in updates["generator-0"] for k, v in model.state_dict().items())
+        assert bc.announced == {"version": 0, "generators": ["generator-0"]}
+        assert sampler.generators == {"generator-0": 1}
+        retry = bc._retries.get("generator-1")
+        if retry is not None:
+            await asyncio.wait_for(asyncio.shield(retry), WAIT)
+        assert len(updates["generator-1"]) == 1 + 3  # the broadcast, then retry_attempts more: bounded
+    finally:
+        await bc.stop()
+        await sampler.stop()
