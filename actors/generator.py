@@ -99,7 +99,7 @@ class Generator(Actor):
             self._channels[kind] = open_channel(kind)
         return self._channels[kind]
 
-    @handler(P.GENERATE)
+    @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
         rid = f"{body['batch']}:{body['qid']}"
         if rid in self._active:
@@ -158,7 +158,7 @@ class Generator(Actor):
         finally:
             self._active.discard(rid)
 
-    @handler(P.UPDATE_WEIGHTS)
+    @handler(P.UPDATE_WEIGHTS, from_roles=(P.BROADCASTER,))
     async def on_update_weights(self, body: dict, src: str) -> dict:
         from tensors.channels import receive
         version = int(body["version"])

@@ -75,7 +75,7 @@ class Packer(Actor):
         if self._channel is not None:
             await self._channel.close()
 
-    @handler(P.SCORED)
+    @handler(P.SCORED, from_roles=(P.VERIFIER,))
     async def on_scored(self, body: dict, src: str) -> None:
         step, qid = int(body["batch"]), body["qid"]
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both

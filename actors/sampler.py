@@ -195,7 +195,7 @@ class PromptSampler(Actor):
             self.queue.extendleft(sorted(lost, reverse=True))
             await self._deal()
 
-    @handler(P.GENERATED)
+    @handler(P.GENERATED, from_roles=(P.GENERATOR,))
     async def on_generated(self, body: dict, src: str) -> None:
         """The prompt moves from generator ``src`` to the verifier it names, if that one is still there.
 
@@ -225,7 +225,7 @@ class PromptSampler(Actor):
         owed = self.owed.get(key)
         return owed if owed is not None and owed.holder == holder else None
 
-    @handler(P.ACCEPTED)
+    @handler(P.ACCEPTED, from_roles=(P.PACKER,))
     async def on_accepted(self, body: dict, src: str) -> None:
         key = (int(body["batch"]), body["qid"])
         owed = self.owed.pop(key, None)
@@ -233,7 +233,7 @@ class PromptSampler(Actor):
             self._release(key, owed.holder)
         await self._deal()
 
-    @handler(P.REJECTED)
+    @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["batch"]), body["qid"])
         owed = self.owed.get(key)

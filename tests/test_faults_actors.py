@@ -201,7 +201,7 @@ def _sampler(broker, **cfg):
     from actors.dataset import Problem
     from actors.sampler import PromptSampler, SamplerConfig
     return PromptSampler(broker.address, problems=[Problem("q-1", "1+0?", ["1"])], prompt_ids=[[1, 2, 3]],
-                         cfg=SamplerConfig(batch_prompts=1, group_size=2, total_batches=1, **cfg),
+                         cfg=SamplerConfig(**{"batch_prompts": 1, "group_size": 2, "total_batches": 1, **cfg}),
                          heartbeat_interval=HB)
 
 
@@ -270,3 +270,119 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     finally:
         await bc.stop()
         await sampler.stop()
+
+
+# ----------------------------------------------------------------------------------------- rogue bus members
+
+def test_the_broker_knows_the_owner_of_every_control_topic():
+    from actors import protocol as P
+    from bus.broker import BROKER_TOPICS, TOPIC_OWNERS
+    assert set(BROKER_TOPICS) == {P.JOINED, P.LEFT}
+    assert TOPIC_OWNERS == {P.WEIGHTS_VERSION: (P.BROADCASTER,), P.RUN_FINISHED: (P.LEARNER,),
+                            P.METRICS: (P.LEARNER,)}
+
+
+async def test_a_rogue_publishing_control_topics_is_refused_and_nothing_changes(broker, peer, caplog):
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
+    await peer("generator-0", "generator", ["generate"])
+    heard: list = []
+    watcher = await peer("watcher", "test", ["ping"])
+    for topic in ("left", "joined", "weights.version", "run.finished", "metrics"):
+        await watcher.client.subscribe(topic, lambda t, body, src: heard.append((t, src)))
+    sampler = _sampler(broker, total_batches=0)  # deals nothing: only its view of the generators matters
+    rogue = await peer("rogue", "generator")
+    try:
+        await sampler.start()
+        assert sampler.generators == {"generator-0": 0} and sampler.version == 0
+        caplog.set_level("WARNING", logger="bus.client")
+        await rogue.client.publish("left", {"name": "generator-0", "role": "generator", "host": "", "pid": 0,
+                                            "capabilities": {}, "reason": "bye"})
+        await rogue.client.publish("joined", {"name": "ghost", "role": "generator"})
+        await rogue.client.publish("weights.version", {"version": 99, "generators": []})
+        await rogue.client.publish("run.finished", {"step": 99})
+        await rogue.client.publish("metrics", {"step": 99})
+        # the broker handles a connection's frames in order: once these answers are back, the
+        # publications above were refused or delivered (and a subscriber's callback ran)
+        await rogue.client.request("watcher", "ping", None, timeout=5)
+        await rogue.client.request("sampler", "sampler_state", None, timeout=5)
+        assert [h for h in heard if h[1] != ""] == []  # only the broker's own membership events came
+        assert sampler.generators == {"generator-0": 0} and sampler.version == 0
+        refused = [r.getMessage() for r in caplog.records
+                   if r.name == "bus.client" and "broker refused" in r.getMessage()]
+        assert len(refused) == 5 and "publication on 'left' from 'rogue'" in refused[0]
+        assert "only the broker may publish it" in refused[0]
+        assert "only members of role broadcaster may publish it" in refused[2]
+    finally:
+        await sampler.stop()
+
+
+async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path):
+    import msgpack
+
+    from actors.generator import Generator
+    from actors.learner import Learner
+    from bus import envelope as E
+    from bus.errors import RemoteError
+    from policies.ppo import PPOConfig
+
+    class Recording:
+        version = 0
+
+        def __init__(self):
+            self.updates = []
+
+        async def start(self): ...
+        async def close(self): ...
+
+        async def update_weights(self, weights, version):
+            self.updates.append(version)
+            self.version = version
+
+    backend = Recording()
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    learner = Learner(broker.address, model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(), broadcaster=None,
+                      run_dir=tmp_path, total_steps=10, heartbeat_interval=HB)
+    rogue = await peer("rogue", "verifier")
+    packer = await peer("packer", "packer")
+    try:
+        await gen.start()
+        await learner.start()
+        with pytest.raises(RemoteError, match=r"refused 'train' from 'rogue': its registered role is 'verifier', "
+                                              r"and only role packer may send it"):
+            await rogue.client.request("learner", "train", {"step": 0, "batch": None, "stats": {}}, timeout=5)
+        with pytest.raises(RemoteError, match=r"refused 'update_weights' from 'rogue'.*only role broadcaster"):
+            await rogue.client.request("generator-0", "update_weights", {"version": 7, "weights": {}}, timeout=5)
+        # claiming a role in the envelope does not help: the broker drops a frame with a key it did not add
+        dropped = broker.stats["dropped"]
+        rogue.client._send_frame(msgpack.packb({"v": 1, "type": "train", "src": "rogue", "dst": "learner", "cid": 0,
+                                                "body": {"step": 1, "batch": None, "stats": {}}, "role": "packer"}))
+        with pytest.raises(RemoteError, match="refused 'train'"):  # a frame after it: the first was handled
+            await rogue.client.request("learner", "train", {"step": 2}, timeout=5)
+        assert broker.stats["dropped"] == dropped + 1
+        assert learner.pending == {} and backend.updates == []
+        await packer.client.request("learner", "train", {"step": 5, "batch": None, "stats": {}}, timeout=5)
+        assert list(learner.pending) == [5]  # the packer is served (step 5 waits for steps 0-4)
+    finally:
+        await learner.stop()
+        await gen.stop()
+
+
+async def test_an_unknown_sender_error_from_a_peer_does_not_make_a_client_register_again(broker, peer):
+    from bus import envelope as E
+    from bus.errors import BusError
+
+    victim = await peer("victim", "sampler", ["ping"])
+    rogue = await peer("rogue", "generator")
+    forged = {"kind": "UnknownSender", "message": "this connection is not registered with the broker"}
+
+    def answer_with_forged_error(env):
+        rogue.client._send_frame(rogue.client._codec.pack(E.ERROR, "rogue", env.src, env.cid, forged))
+
+    rogue.client._on_message = answer_with_forged_error
+    # unasked, and as the answer to the victim's own request
+    rogue.client._send_frame(rogue.client._codec.pack(E.ERROR, "rogue", "victim", 0, forged))
+    await rogue.client.request("victim", "ping", None, timeout=5)  # handled after the forged error
+    with pytest.raises(BusError, match="UnknownSender from 'rogue'"):
+        await victim.client.request("rogue", "echo", None, timeout=5)
+    assert victim.client.registered and victim.client._rereg_task is None
