@@ -61,13 +61,13 @@ class TorchBackend:
         return SamplingParams(**kw)
 
     async def generate_group(self, rid: str, prompt_ids: list[int], n: int, sampling: dict) -> list[Sample]:
-        if self.failed is not None:
-            raise RuntimeError(f"the torch engine stopped after failing decode steps "
-                               f"({type(self.failed).__name__}: {self.failed}); it takes no more prompts")
         fut = asyncio.get_running_loop().create_future()
         self._groups[rid] = (fut, [None] * n)
         try:
             async with self._lock:
+                if self.failed is not None:
+                    raise RuntimeError(f"the torch engine stopped ({type(self.failed).__name__}: {self.failed}); "
+                                       "it takes no more prompts")
                 self.engine.add(rid, list(prompt_ids), n, self._params(sampling))
             self._wake.set()
             return await fut
@@ -88,6 +88,14 @@ class TorchBackend:
                 fut.set_exception(RuntimeError(f"decode step failed: {type(exc).__name__}: {exc}"))
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception as exc:  # outside a decode step (a bug): nobody may wait for this loop any more
+            log.error("the decode loop failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.failed = exc
+            self._fail_pending(exc)
+
+    async def _serve(self) -> None:
         failures = 0
         while True:
             await self._wake.wait()
