@@ -179,14 +179,14 @@ async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped
 
     await peer("sampler", "sampler", ["accepted", "rejected"])
     verifier = await peer("verifier-0", "verifier")
-    packer = Packer(broker.address, batch_prompts=1, batch_ttl=0.4, heartbeat_interval=HB)
+    packer = Packer(broker.address, batch_prompts=1, batch_ttl=1.0, heartbeat_interval=HB)
     channel = open_channel("shm")
     batch = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
     try:
         await packer.start()
         await verifier.client.request("packer", "scored", _scored("q-1", await channel.send(batch, timeout=30)),
                                       timeout=5)
-        await asyncio.sleep(1.5)  # the learner is away for several batch_ttl (restarting, or busy)
+        await asyncio.sleep(2.5)  # the learner is away for over two batch_ttl (restarting, or busy)
         learner = await peer("learner", "learner", ["train"])
         train = await learner.next("train")
         assert train["step"] == 0
