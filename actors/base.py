@@ -25,13 +25,18 @@ log = logging.getLogger("actors.base")
 _ATTR = "__bus_handler__"
 
 
-def handler(type: str) -> Callable:
-    """Mark an async method `(self, body, src) -> reply body` as the handler of `type`."""
+def handler(type: str, *, from_roles: tuple[str, ...] | None = None) -> Callable:
+    """Mark an async method `(self, body, src) -> reply body` as the handler of `type`.
+
+    `from_roles`: the only sender roles it serves (the role the broker registered, not a claim);
+    others get a RemoteError saying so. Messages that change what an actor does (TRAIN,
+    UPDATE_WEIGHTS, ...) name their one sender role, so no other bus member can forge them."""
     if not isinstance(type, str) or not type or type.startswith("_"):
         raise ValueError(f"handler type must be a non-empty string not starting with '_', got {type!r}")
 
     def mark(fn: Callable) -> Callable:
         setattr(fn, _ATTR, type)
+        fn.__bus_from_roles__ = None if from_roles is None else tuple(from_roles)
         return fn
 
     return mark
@@ -63,7 +68,8 @@ class Actor:
         client_kwargs.setdefault("host", self.channels.host)
         self.bus = BusClient(bus_address, name, role, **client_kwargs)
         for type_, attr in declared_handlers(type(self)).items():
-            self.bus.on(type_, getattr(self, attr))
+            method = getattr(self, attr)
+            self.bus.on(type_, method, from_roles=getattr(method, "__bus_from_roles__", None))
         self._started = False
         self._stopped: asyncio.Event | None = None
         self._stopping: asyncio.Task | None = None

@@ -81,7 +81,7 @@ class Learner(Actor):
         if self._worker:
             self._worker.cancel()
 
-    @handler(P.TRAIN)
+    @handler(P.TRAIN, from_roles=(P.PACKER,))
     async def on_train(self, body: dict, src: str) -> None:
         step = int(body["step"])
         if step < self.step or step == self._training:

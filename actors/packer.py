@@ -4,7 +4,8 @@ Each group's tensors are pulled the moment its score arrives, so a generator tha
 cannot take an accepted group with it; a group seen twice (a re-dealt prompt) is dropped.
 Batches leave in step order, packed into one PackedBatch with no padding. SCORED is acknowledged at
 once; ACCEPTED, REJECTED and TRAIN are delivered (sent again until acknowledged), so a broker restart
-loses no group and no step.
+loses no group and no step. A packed step is never dropped: TRAIN is delivered until the learner takes
+it (however long its current step takes), or the packer stops naming the learner and the step.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from actors import protocol as P
 from actors.base import Actor, handler
+from bus.errors import RemoteError
 from tensors.packed import PackedBatch
 
 log = logging.getLogger("actors.packer")
@@ -66,11 +68,11 @@ class Packer(Actor):
         self.deliver_timeout = deliver_timeout
         self.groups: dict[int, dict[str, _Group]] = {}
         self.dropped: dict[int, int] = {}
-        self.ready: dict[int, tuple[dict, dict]] = {}  # step -> (descriptor, stats) not yet delivered
+        self.ready: dict[int, tuple[PackedBatch | None, dict, dict]] = {}  # step -> (batch, descriptor, stats)
         self._fetching: set[tuple[int, str]] = set()
         self._pack_lock = asyncio.Lock()
 
-    @handler(P.SCORED)
+    @handler(P.SCORED, from_roles=(P.VERIFIER,))
     async def on_scored(self, body: dict, src: str) -> None:
         step, qid = int(body["batch"]), body["qid"]
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
@@ -119,12 +121,7 @@ class Packer(Actor):
                                              frozenset({"qids"})))
                 packed = PackedBatch.concat(parts) if parts else None
                 try:
-                    desc = None
-                    if packed is not None:
-                        learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
-                        if not learners:
-                            raise RuntimeError("no learner is registered on the bus")
-                        desc = await self.channels.send(packed, learners, timeout=self.batch_ttl)
+                    desc = await self._offer(packed) if packed is not None else None
                 except Exception as exc:  # keep the groups: the step is packed again, never lost
                     self.groups[step] = {g.qid: g for g in groups}
                     self.next_step = step
@@ -132,7 +129,7 @@ class Packer(Actor):
                               type(exc).__name__, exc)
                     self.spawn(self._pack_later(1.0))
                     return
-                self.ready[step] = (desc, stats)
+                self.ready[step] = (packed, desc, stats)
                 self.spawn(self._send_train(step))
                 log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
                          len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
@@ -141,12 +138,45 @@ class Packer(Actor):
         await asyncio.sleep(delay)
         await self._pack_ready()
 
+    async def _offer(self, packed: PackedBatch) -> dict:
+        """Make a step's batch available to the learner, over the channel its locality calls for."""
+        learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
+        if not learners:
+            raise RuntimeError("no learner is registered on the bus")
+        return await self.channels.send(packed, learners, timeout=self.batch_ttl)
+
     async def _send_train(self, step: int) -> None:
-        desc, stats = self.ready[step]
-        try:
-            await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats},
-                               within=self.batch_ttl, gone_grace=self.batch_ttl)
-        except Exception as exc:
-            log.error("step %d never reached the learner: %s", step, exc)
-            return
-        del self.ready[step]
+        """Deliver TRAIN for ``step`` until the learner takes it.
+
+        The learner may sit on an earlier step, or be restarting, for longer than ``batch_ttl``; each
+        round that ends unanswered offers the batch again on the channel (its descriptor has expired)
+        and tries again, so the step waits, never vanishes. A learner that refuses it (its handler
+        raised) will refuse every copy: the packer then stops with an error naming the learner and the
+        step, and the launcher ends the run instead of leaving it waiting forever.
+        """
+        rounds = 0
+        while self._stopping is None:
+            packed, desc, stats = self.ready[step]
+            try:
+                await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats},
+                                   within=self.batch_ttl, gone_grace=self.batch_ttl)
+                del self.ready[step]
+                return
+            except RemoteError as exc:
+                log.error("%r refused step %d (%s); the step cannot be trained: the packer stops", P.LEARNER, step, exc)
+                asyncio.ensure_future(self.stop())
+                return
+            except Exception as exc:
+                if self._stopping is not None:
+                    return
+                rounds += 1
+                log.error("step %d not taken by %r within batch_ttl=%gs (round %d: %s); offering it again",
+                          step, P.LEARNER, self.batch_ttl, rounds, exc)
+            try:
+                if packed is not None:
+                    desc = await self._offer(packed)
+                self.ready[step] = (packed, desc, stats)
+            except Exception as exc:
+                log.error("step %d could not be offered again (%s: %s); trying again in 1 s", step,
+                          type(exc).__name__, exc)
+                await asyncio.sleep(1.0)

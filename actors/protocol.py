@@ -15,6 +15,10 @@ launcher    <- anyone       CONFIG (request) -> the run's config as a dict
 launcher    -> learner      LEARNER_STATE (request) -> {step, version, total_steps, resumed, trained_qids}
 launcher    -> learner      LEARNER_METRICS (request) {since} -> {step, total_steps, records}
 
+Each of these is served only from its sender's role (left column; REJECTED from the packer, a
+generator or a verifier), as registered with the broker, and each topic is published only by its
+owner (``bus.broker.TOPIC_OWNERS``; ``joined`` / ``left`` by the broker alone).
+
 GENERATE, SCORE, GENERATED, SCORED, ACCEPTED, REJECTED and TRAIN are delivered: sent as requests and
 sent again until acknowledged (``Actor.deliver``), so a broker restart loses none; each receiver
 answers at once and ignores a second copy.
@@ -40,6 +44,10 @@ WEIGHTS_VERSION = "weights.version"
 RUN_FINISHED = "run.finished"
 JOINED = "joined"
 LEFT = "left"
+
+# roles (the names of the single-instance actors are their roles)
+GENERATOR = "generator"
+VERIFIER = "verifier"
 
 # well-known names of the single-instance actors
 SAMPLER = "sampler"

@@ -18,6 +18,7 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.data_order import batch_indices
 from actors.dataset import Problem
+from bus.errors import BusError
 
 log = logging.getLogger("actors.sampler")
 
@@ -199,16 +200,37 @@ class PromptSampler(Actor):
             self.queue.extendleft(sorted(lost, reverse=True))
             await self._deal()
 
-    @handler(P.GENERATED)
+    @handler(P.GENERATED, from_roles=(P.GENERATOR,))
     async def on_generated(self, body: dict, src: str) -> None:
-        key = (int(body["batch"]), body["qid"])
-        owed = self.owed.get(key)
-        if owed is not None and owed.holder == src:
-            self._release(key, src)
-            owed.holder, owed.since = body["verifier"], time.monotonic()
+        """The prompt moves from generator ``src`` to the verifier it names, if that one is still there.
+
+        A verifier that left before this arrived would hold the prompt until request_timeout (its
+        ``left`` event came first and found nothing to re-deal): such a prompt is dealt again at once.
+        """
+        key, verifier = (int(body["batch"]), body["qid"]), body["verifier"]
+        if self._owed_by(key, src) is not None:
+            try:
+                live = verifier in {a.name for a in await self.bus.actors(role="verifier")}
+            except BusError as exc:  # cannot tell: trust it (its `left`, or request_timeout, re-deals)
+                log.warning("cannot list the verifiers (%s); assuming %s is there", exc, verifier)
+                live = True
+            owed = self._owed_by(key, src)
+            if owed is not None:
+                self._release(key, src)
+                if live:
+                    owed.holder, owed.since = verifier, time.monotonic()
+                else:
+                    log.warning("%s: %s gave it to verifier %r, which is not on the bus: dealing it again",
+                                key, src, verifier)
+                    owed.holder = None
+                    self.queue.appendleft(key)
         await self._deal()
 
-    @handler(P.ACCEPTED)
+    def _owed_by(self, key: tuple[int, str], holder: str) -> _Owed | None:
+        owed = self.owed.get(key)
+        return owed if owed is not None and owed.holder == holder else None
+
+    @handler(P.ACCEPTED, from_roles=(P.PACKER,))
     async def on_accepted(self, body: dict, src: str) -> None:
         key = (int(body["batch"]), body["qid"])
         owed = self.owed.pop(key, None)
@@ -216,7 +238,7 @@ class PromptSampler(Actor):
             self._release(key, owed.holder)
         await self._deal()
 
-    @handler(P.REJECTED)
+    @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["batch"]), body["qid"])
         owed = self.owed.get(key)

@@ -2,6 +2,11 @@
 
 One decode step at a time runs in a worker thread; weight updates are applied between steps, so
 an update never waits for a whole generation and later tokens carry the new version.
+
+A decode step that raises must not lock the generator: every pending group fails with the error
+(the generator reports it as REJECTED, so the sampler deals the prompt again), the engine drops its
+groups and the loop goes on. After ``max_step_failures`` failed steps in a row, or when the engine
+cannot be cleared, the backend is ``failed`` and refuses new groups (the generator then leaves the bus).
 """
 from __future__ import annotations
 
@@ -19,11 +24,15 @@ _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token
 
 
 class TorchBackend:
-    def __init__(self, model: torch.nn.Module, *, stop_token_ids: tuple[int, ...] = (), **engine_kwargs):
+    def __init__(self, model: torch.nn.Module, *, stop_token_ids: tuple[int, ...] = (), max_step_failures: int = 3,
+                 **engine_kwargs):
         self.model = model
         self.engine = GenerationEngine(model, **engine_kwargs)
         self.stop_token_ids = tuple(stop_token_ids)
+        self.max_step_failures = max_step_failures
+        self.failed: BaseException | None = None  # why the decode loop stopped for good
         self._groups: dict[str, tuple[asyncio.Future, list]] = {}
+        self._aborted: set[str] = set()  # groups nobody waits for any more: dropped between steps
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # a decode step or a weight update, never both
         self._loop_task: asyncio.Task | None = None
@@ -54,11 +63,18 @@ class TorchBackend:
     async def generate_group(self, rid: str, prompt_ids: list[int], n: int, sampling: dict) -> list[Sample]:
         fut = asyncio.get_running_loop().create_future()
         self._groups[rid] = (fut, [None] * n)
-        async with self._lock:
-            self.engine.add(rid, list(prompt_ids), n, self._params(sampling))
-        self._wake.set()
         try:
+            async with self._lock:
+                if self.failed is not None:
+                    raise RuntimeError(f"the torch engine stopped ({type(self.failed).__name__}: {self.failed}); "
+                                       "it takes no more prompts")
+                self.engine.add(rid, list(prompt_ids), n, self._params(sampling))
+            self._wake.set()
             return await fut
+        except asyncio.CancelledError:  # the caller gave up (deadline): free the engine's rows for others
+            self._aborted.add(rid)
+            self._wake.set()
+            raise
         finally:
             self._groups.pop(rid, None)
 
@@ -66,14 +82,47 @@ class TorchBackend:
         async with self._lock:
             await asyncio.to_thread(self.engine.update_weights, weights, version)
 
+    def _fail_pending(self, exc: BaseException) -> None:
+        for fut, _ in self._groups.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"decode step failed: {type(exc).__name__}: {exc}"))
+
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception as exc:  # outside a decode step (a bug): nobody may wait for this loop any more
+            log.error("the decode loop failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.failed = exc
+            self._fail_pending(exc)
+
+    async def _serve(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             async with self._lock:
+                while self._aborted:
+                    self.engine.abort(self._aborted.pop())
                 if not self.engine.has_work():
                     self._wake.clear()
                     continue
-                finished = await asyncio.to_thread(self.engine.step)
+                try:
+                    finished = await asyncio.to_thread(self.engine.step)
+                except Exception as exc:
+                    failures += 1
+                    log.error("decode step failed (%d in a row): %s: %s; failing the %d pending groups", failures,
+                              type(exc).__name__, exc, len(self._groups), exc_info=exc)
+                    self._fail_pending(exc)
+                    try:
+                        self.engine.abort_all()  # their rows and rids, so a re-dealt copy can be added again
+                    except Exception as exc2:
+                        log.error("the engine cannot drop its groups (%s: %s)", type(exc2).__name__, exc2)
+                        failures = self.max_step_failures
+                    if failures >= self.max_step_failures:
+                        self.failed = exc
+                        log.error("the torch engine stops: %d decode steps failed in a row", failures)
+                        return
+                    continue
+            failures = 0
             for f in finished:
                 entry = self._groups.get(f.rid)
                 if entry is None:

@@ -29,7 +29,7 @@ class Verifier(Actor):
     async def on_stop(self) -> None:
         self.pool.close()
 
-    @handler(P.SCORE)
+    @handler(P.SCORE, from_roles=(P.GENERATOR,))
     async def on_score(self, body: dict, src: str) -> None:
         key = (int(body["batch"]), body["qid"])
         if key not in self._active:

@@ -1,9 +1,14 @@
 """The bus broker: one ROUTER socket, a registry of live actors, routing, pub/sub, heartbeats.
 
 The routing loop is a tight synchronous poll loop (ZeroMQ guide, Paranoid Pirate broker) in a
-thread of its own: it forwards application frames untouched, so the hot path is one decode, two
-dict lookups and one send. `await start()` runs it beside an asyncio program; `python -m
-bus.broker --bind tcp://127.0.0.1:5555` runs it as its own process.
+thread of its own: it forwards application frames with one key added (the sender's registered role,
+see `bus.envelope.stamp_role`), so the hot path is one decode, two dict lookups, one copy and one
+send. `await start()` runs it beside an asyncio program; `python -m bus.broker --bind
+tcp://127.0.0.1:5555` runs it as its own process.
+
+The control plane cannot be impersonated: `joined` / `left` are published by the broker alone, and
+each topic of `topic_owners` only by members registered with one of its roles; a refused publication
+is dropped and its sender told (NotAllowed). Receivers check the stamped role of application messages.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import zmq
 
 from bus import envelope as E
 from bus.envelope import Codec, decode
-from bus.errors import BusError, BusTimeout, MessageTooLarge, NameTaken, PeerGone, ProtocolError, error_body
+from bus.errors import (BusError, BusTimeout, MessageTooLarge, NameTaken, NotAllowed, PeerGone, ProtocolError,
+                        error_body)
 from bus.keys import CurveKeys, load_keys
 from bus.registry import ActorInfo, Entry, Registry
 
@@ -30,6 +36,10 @@ MiB = 1 << 20
 NOBLOCK, SNDMORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 _send = zmq.backend.Socket.send  # the Cython send, skipping pyzmq's Python wrapper (~0.4 us a call)
 LOOPBACK_HOSTS = {"localhost", "::1", "[::1]", "lo", "ip6-localhost"}
+BROKER_TOPICS = ("joined", "left")  # membership events: published by the broker itself, never by a member
+# The control topics of actors/protocol.py and the roles that own them (bus/ imports nothing of
+# actors/, so they are named here; tests/test_faults_actors.py checks the two agree).
+TOPIC_OWNERS = {"weights.version": ("broadcaster",), "run.finished": ("learner",), "metrics": ("learner",)}
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -89,6 +99,7 @@ class Broker:
         curve: CurveKeys | None = None,
         insecure: bool = False,
         hwm: int = 100_000,
+        topic_owners: dict[str, tuple[str, ...]] | None = None,
     ):
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError(f"heartbeat_interval must be > 0 and heartbeat_liveness >= 1, got "
@@ -106,6 +117,9 @@ class Broker:
         self.bind, self.curve, self.hwm = bind, curve, hwm
         self.heartbeat_interval, self.heartbeat_liveness = heartbeat_interval, heartbeat_liveness
         self.max_message_bytes = max_message_bytes
+        # topic -> the roles that may publish it (none: the broker's own topics); other topics are free
+        owners = TOPIC_OWNERS if topic_owners is None else topic_owners
+        self.topic_owners = {t: frozenset(r) for t, r in owners.items()} | {t: frozenset() for t in BROKER_TOPICS}
         self.session = uuid.uuid4().hex  # changes on every broker start; clients log it
         self.stats = {"routed": 0, "dropped": 0}
         self._registry = Registry()
@@ -265,6 +279,9 @@ class Broker:
         if t[0] != "_" or t == E.REPLY or t == E.ERROR:
             return self._route(entry, env, frame)
         if t == E.PUBLISH:
+            owners = self.topic_owners.get(env.dst)
+            if owners is not None and entry.info.role not in owners:
+                return self._refuse_publish(entry, env.dst, owners)
             subs = self._registry.subscribers.get(env.dst)
             if subs:
                 for sub in list(subs):
@@ -291,6 +308,8 @@ class Broker:
                 log.debug("reply from %s to departed %s dropped", entry.info.name, env.dst)
                 return
             return self._error(entry.ident, env.cid, PeerGone(env.dst))
+        if env.type[0] != "_":  # the receiver decides whom it serves by the role we registered, not a claim
+            frame = E.stamp_role(frame, env, entry.info.role)
         problem = self._send(target.ident, frame)
         if problem and env.type[0] != "_":
             self._error(entry.ident, env.cid, PeerGone(env.dst) if problem == "gone" else
@@ -311,6 +330,13 @@ class Broker:
             if e.errno == zmq.EHOSTUNREACH:
                 return "gone"
             raise
+
+    def _refuse_publish(self, entry: Entry, topic: str, owners: frozenset) -> None:
+        who = f"members of role {', '.join(sorted(owners))}" if owners else "the broker"
+        exc = NotAllowed(entry.info.name, f"a publication on {topic!r}",
+                         f"it is registered with role {entry.info.role!r}; only {who} may publish it")
+        self._drop(entry.ident, str(exc))
+        self._error(entry.ident, 0, exc)
 
     def _reply(self, ident: bytes, cid: int, type: str, body) -> None:
         self._send(ident, self._codec.pack(type, E.BROKER, "", cid, body))

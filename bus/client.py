@@ -7,7 +7,12 @@ edge-like, so after every send we re-check ZMQ_EVENTS and drain anything the sen
 
 Liveness follows the Paranoid Pirate pattern: a heartbeat every `heartbeat_interval`; if the
 broker stays silent for `heartbeat_liveness` intervals the socket is rebuilt and the client
-registers again; an "unknown sender" answer (broker restarted) triggers the same at once.
+registers again; an "unknown sender" answer (broker restarted) triggers the same at once. Only
+the broker can give that answer: the same words from a peer (whose frames carry its own name as
+`src`, checked by the broker) are an ordinary error of that peer's reply.
+
+A handler may be limited to senders of some roles (`on(type, handler, from_roles=...)`): the role
+is the one the broker registered for the sender and stamped on the message, not anything it claims.
 """
 from __future__ import annotations
 
@@ -90,6 +95,7 @@ class BusClient:
         self._pending: dict[int, _Pending] = {}
         self._parked: list[int] = []  # requests the broker bounced as "unknown sender": resent on re-register
         self._handlers: dict[str, Handler] = {}
+        self._from_roles: dict[str, frozenset[str]] = {}  # type -> the only sender roles served
         self._subs: dict[str, list[Callback]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -274,10 +280,17 @@ class BusClient:
     def _done(self) -> "Awaitable[None]":
         return _READY
 
-    def on(self, type: str, handler: Handler) -> None:
-        """Serve messages of `type` with `handler(body, src)`; its return value is the reply."""
+    def on(self, type: str, handler: Handler, *, from_roles: tuple[str, ...] | None = None) -> None:
+        """Serve messages of `type` with `handler(body, src)`; its return value is the reply.
+
+        With `from_roles`, a sender registered with another role is refused (a RemoteError to a
+        request). It stays in force when `type` gets another handler without `from_roles` (a wrapper)."""
         _check_user_type(type)
+        if isinstance(from_roles, str):
+            raise ValueError(f"from_roles of {type!r} must be a tuple of role names, got the string {from_roles!r}")
         self._handlers[type] = handler
+        if from_roles is not None:
+            self._from_roles[type] = frozenset(from_roles)
 
     async def actors(self, role: str | None = None, timeout: float | None = None) -> list[ActorInfo]:
         t = self.connect_timeout if timeout is None else timeout
@@ -395,7 +408,7 @@ class BusClient:
 
     def _on_error(self, env: E.Envelope) -> None:
         body = env.body
-        if isinstance(body, dict) and body.get("kind") == "UnknownSender":
+        if env.src == E.BROKER and isinstance(body, dict) and body.get("kind") == "UnknownSender":
             p = self._pending.get(env.cid)
             if p is not None and p.type == "registration reply":
                 p.future.set_exception(BusError("broker refused registration as unknown sender"))
@@ -439,6 +452,14 @@ class BusClient:
                 self._reply_error(env, RemoteError(self.name, env.type, f"no handler for {env.type!r}"))
             else:
                 log.warning("%s: no handler for one-way %r from %r", self.name, env.type, env.src)
+            return
+        roles = self._from_roles.get(env.type)
+        if roles is not None and env.role not in roles:
+            exc = RemoteError(self.name, env.type, f"refused {env.type!r} from {env.src!r}: its registered role "
+                              f"is {env.role!r}, and only role {' or '.join(sorted(roles))} may send it")
+            log.warning("%s: %s", self.name, exc.message)
+            if env.cid:
+                self._reply_error(env, exc)
             return
         try:
             r = h(env.body, env.src)

@@ -2,10 +2,13 @@
 
 `cid` 0 means one-way (no reply expected); a request carries a cid > 0 that its reply echoes.
 Types starting with "_" belong to the protocol (see PROTOCOL_TYPES); any other type is an
-application message the broker forwards untouched to the actor named by `dst`.
+application message the broker forwards to the actor named by `dst`, adding one key, `role`: the
+role the sender registered with (`stamp_role`). A client cannot set it: `decode` refuses any key
+but the six, so a receiver can trust `role` (and `src`, which the broker checks) to decide whom it serves.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,7 @@ class Envelope:
     cid: int
     body: Any
     v: int = SCHEMA_VERSION
+    role: str | None = None  # the sender's registered role, stamped by the broker on application messages
 
 
 class Codec:
@@ -95,10 +99,34 @@ def decode(frame: bytes) -> Envelope:
     return Envelope(type_, src, dst, cid, m["body"], v)
 
 
+# A frame `decode` accepted is a map of six keys, so its header is one of these (fixmap, map16, map32);
+# the stamped frame has the same kind of header counting seven.
+_HEADERS = {0x86: (b"\x86", b"\x87"), 0xDE: (b"\xde\x00\x06", b"\xde\x00\x07"),
+            0xDF: (b"\xdf\x00\x00\x00\x06", b"\xdf\x00\x00\x00\x07")}
+
+
+@functools.lru_cache(maxsize=256)
+def _role_entry(role: str) -> bytes:
+    return msgpack.packb("role") + msgpack.packb(role)
+
+
+def stamp_role(frame, env: Envelope, role: str) -> bytes:
+    """`frame` (which `decode` turned into `env`) with the key `role` added.
+
+    Appending one map entry costs a copy, not a re-encode; a map with repeated keys (valid msgpack,
+    another header count) is packed afresh."""
+    buf = memoryview(frame)
+    six, seven = _HEADERS.get(buf[0], (None, None)) if len(buf) else (None, None)
+    if six is not None and buf[:len(six)] == six:
+        return b"".join((seven, buf[len(six):], _role_entry(role)))
+    return msgpack.packb({"v": env.v, "type": env.type, "src": env.src, "dst": env.dst, "cid": env.cid,
+                          "body": env.body, "role": role}, use_bin_type=True)
+
+
 def decode_trusted(frame: bytes) -> Envelope:
     """Decode a frame the broker has already validated (clients use this; the broker never does)."""
     try:
         m = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-        return Envelope(m["type"], m["src"], m["dst"], m["cid"], m["body"], m["v"])
+        return Envelope(m["type"], m["src"], m["dst"], m["cid"], m["body"], m["v"], m.get("role"))
     except Exception as e:
         raise ProtocolError(f"undecodable frame from the broker ({type(e).__name__}: {e})"[:200]) from None

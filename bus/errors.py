@@ -67,6 +67,17 @@ class RemoteError(BusError):
         return (type(self), (self.peer, self.type, self.message))
 
 
+class NotAllowed(BusError):
+    """The broker refused `what` from actor `name`: `reason` says who may (e.g. a broker-owned topic)."""
+
+    def __init__(self, name: str, what: str, reason: str):
+        self.name, self.what, self.reason = name, what, reason
+        super().__init__(f"broker refused {what} from {name!r}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.what, self.reason))
+
+
 class MessageTooLarge(BusError):
     """An encoded envelope exceeds the bus's max_message_bytes."""
 
@@ -94,6 +105,8 @@ def error_body(exc: BusError) -> dict:
         body["size"], body["limit"] = exc.size, exc.limit
     if isinstance(exc, ProtocolError):
         body["reason"] = exc.reason
+    if isinstance(exc, NotAllowed):
+        body["name"], body["what"], body["reason"] = exc.name, exc.what, exc.reason
     return body
 
 
@@ -113,6 +126,8 @@ def error_from_body(body: object, peer: str) -> BusError:
             return MessageTooLarge(int(body["size"]), int(body["limit"]))
         if kind == "ProtocolError":
             return ProtocolError(str(body["reason"]))
+        if kind == "NotAllowed":
+            return NotAllowed(str(body["name"]), str(body["what"]), str(body["reason"]))
     except (KeyError, TypeError, ValueError):
         pass
     return BusError(f"{kind} from {peer!r}: {msg}")

@@ -96,8 +96,8 @@ async def test_pubsub_and_membership_events(connect):
     await watcher.subscribe("joined", lambda t, body, src: events.append((t, body["name"], body["role"])))
     await watcher.subscribe("left", lambda t, body, src: events.append((t, body["name"], body["role"])))
     gen = await connect("gen-0", role="generator", capabilities={"backend": "torch"})
-    await gen.subscribe("weights.version", lambda t, body, src: versions.append((body, src)))
-    await watcher.publish("weights.version", {"version": 3})
+    await gen.subscribe("news", lambda t, body, src: versions.append((body, src)))
+    await watcher.publish("news", {"version": 3})
     await wait_for(lambda: versions == [({"version": 3}, "watcher")])
     listed = await watcher.actors(role="generator")
     assert [(i.name, i.capabilities) for i in listed] == [("gen-0", {"backend": "torch"})]

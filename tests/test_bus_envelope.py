@@ -107,3 +107,15 @@ async def test_deadlines_fire_in_order_and_skip_answered():
     assert fired == [2, 4]
     await asyncio.sleep(0.1)
     assert fired == [2, 4, 1] and d.timer is None
+
+
+@pytest.mark.parametrize("header", [b"\x86", b"\xde\x00\x06", b"\xdf\x00\x00\x00\x06"])
+def test_stamp_role_adds_the_senders_role_that_a_client_cannot_set(header):
+    from bus.envelope import decode_trusted, stamp_role
+    frame = encode(Envelope("train", "packer", "learner", 3, {"step": 1}))
+    frame = header + frame[1:]  # the same six entries under each map header msgpack allows
+    env = decode(frame)
+    assert decode_trusted(stamp_role(frame, env, "packer")) == Envelope("train", "packer", "learner", 3,
+                                                                        {"step": 1}, role="packer")
+    with pytest.raises(ProtocolError, match="unexpected .*role"):  # the broker refuses a claimed role
+        decode(_frame(role="packer"))

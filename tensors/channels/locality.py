@@ -111,10 +111,10 @@ class Channels:
             self._open[kind] = open_channel(kind, **(self.options.zmq_opts() if kind == "zmq" else {}))
         return self._open[kind]
 
-    async def send(self, payload: Payload, peers: list[Peer], *, timeout: float) -> Descriptor:
-        """Offer `payload` to `peers` (each may read it once) for `timeout` seconds."""
+    async def send(self, payload: Payload, peers: list[Peer], *, timeout: float, reads: int = 1) -> Descriptor:
+        """Offer `payload` to `peers` (each may read it `reads` times) for `timeout` seconds."""
         kind = self.kind_for(peers)
-        desc = await self.channel(kind).send(payload, timeout=timeout, readers=len(peers))
+        desc = await self.channel(kind).send(payload, timeout=timeout, readers=len(peers) * reads)
         for host in sorted({p.host for p in peers} - {h for k, h in self._said if k == kind}):
             self._said.add((kind, host))
             log.info("tensors from %s to host %s travel over %s%s", self.host, host, kind,

@@ -1,0 +1,388 @@
+"""Actor faults in one process over a real broker: a failed weight push, a failing decode step, a
+step the learner is slow to take, a verifier gone before its GENERATED arrives, and rogue peers.
+
+The other actors are bare bus clients in their role (`Peer`), so each test sees exactly the
+messages the actor under test sends. Every wait has a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import pytest
+
+from bus.broker import Broker
+from bus.client import BusClient
+
+HB = 0.2
+WAIT = 10.0  # seconds any one expected message may take
+pytestmark = pytest.mark.timeout(60)
+
+
+class Peer:
+    """A bus client in `role` that acknowledges and records every message of the given types."""
+
+    def __init__(self, address: str, name: str, role: str, types=(), reply=None):
+        self.client = BusClient(address, name, role, heartbeat_interval=HB)
+        self.got: dict[str, asyncio.Queue] = defaultdict(asyncio.Queue)
+        for t in types:
+            self.client.on(t, lambda body, src, t=t: self._record(t, body, src, reply))
+
+    def _record(self, type: str, body, src: str, reply):
+        self.got[type].put_nowait(body)
+        return reply(type, body, src) if reply else None
+
+    async def next(self, type: str, timeout: float = WAIT):
+        try:
+            return await asyncio.wait_for(self.got[type].get(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.client.name}: no {type!r} within {timeout:g}s") from None
+
+    def empty(self, type: str) -> bool:
+        return self.got[type].empty()
+
+
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture
+async def broker():
+    b = Broker(heartbeat_interval=HB)
+    await b.start()
+    yield b
+    await b.stop()
+
+
+@pytest.fixture
+async def peer(broker):
+    made: list[Peer] = []
+
+    async def make(name: str, role: str, types=(), reply=None) -> Peer:
+        p = Peer(broker.address, name, role, types, reply)
+        await p.client.connect(timeout=5)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.client.close()
+
+
+def _prompt(qid: str, batch: int = 0) -> dict:
+    return {"batch": batch, "qid": qid, "prompt_ids": [1, 5, 9], "n": 2, "sampling": {"max_new_tokens": 3},
+            "answers": ["1"]}
+
+
+# ----------------------------------------------------------------------------------------- torch generator
+
+def _flaky_engine(backend, fail_first: int | None) -> list:
+    """Make the engine's decode step raise: the first `fail_first` calls, or every call (None)."""
+    step, calls = backend.engine.step, []
+
+    def flaky():
+        calls.append(1)
+        if fail_first is None or len(calls) <= fail_first:
+            raise RuntimeError("injected: device-side assert")
+        return step()
+
+    backend.engine.step = flaky
+    return calls
+
+
+async def test_a_failing_decode_step_rejects_its_rollouts_and_later_prompts_still_work(broker, peer):
+    from actors.generator import Generator
+    from actors.torch_backend import TorchBackend
+    from policies.models import tiny_model
+
+    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
+    verifier = await peer("verifier-0", "verifier", ["score"])
+    await peer("packer", "packer")
+    backend = TorchBackend(tiny_model())
+    _flaky_engine(backend, fail_first=1)
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    await gen.start()
+    try:
+        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
+        rejected = await sampler.next("rejected")
+        assert rejected["qid"] == "q1" and "generator-0" in rejected["reason"] and "injected" in rejected["reason"]
+        for qid in ("q1", "q2"):  # the same prompt dealt again, and a new one
+            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
+            assert (await sampler.next("generated"))["qid"] == qid
+            score = await verifier.next("score")
+            assert score["qid"] == qid and len(score["texts"]) == 2
+        assert sampler.empty("rejected") and gen.bus.registered
+    finally:
+        await gen.stop()
+
+
+async def test_an_engine_that_keeps_failing_makes_the_generator_leave(broker, peer):
+    from actors.generator import Generator
+    from actors.torch_backend import TorchBackend
+    from policies.models import tiny_model
+
+    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
+    left: asyncio.Queue = asyncio.Queue()
+    await sampler.client.subscribe("left", lambda t, body, src: left.put_nowait(body["name"]))
+    await peer("verifier-0", "verifier", ["score"])
+    backend = TorchBackend(tiny_model(), max_step_failures=2)
+    _flaky_engine(backend, fail_first=None)
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    await gen.start()
+    try:
+        for qid in ("q1", "q2"):
+            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
+            assert (await sampler.next("rejected"))["qid"] == qid
+        assert await asyncio.wait_for(left.get(), WAIT) == "generator-0"
+        assert backend.failed is not None and sampler.empty("generated")
+    finally:
+        await gen.stop()
+
+
+async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeout(broker, peer):
+    from actors.generator import Generator
+
+    class Stuck:
+        version = 0
+
+        async def start(self): ...
+        async def close(self): ...
+
+        async def generate_group(self, rid, prompt_ids, n, sampling):
+            await asyncio.Event().wait()
+
+    sampler = await peer("sampler", "sampler", ["rejected"])
+    gen = Generator("generator-0", broker.address, backend=Stuck(), tokenizer=FakeTokenizer(),
+                    generate_timeout=0.3, heartbeat_interval=HB)
+    await gen.start()
+    try:
+        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
+        reason = (await sampler.next("rejected"))["reason"]
+        assert "generator-0" in reason and "q1" in reason and "generate_timeout=0.3s" in reason
+    finally:
+        await gen.stop()
+
+
+# ----------------------------------------------------------------------------------------- packer and sampler
+
+def _scored(qid: str, desc: dict, batch: int = 0) -> dict:
+    return {"batch": batch, "qid": qid, "rewards": [5.0, -5.0], "correct": [True, False], "rollout": desc,
+            "generator": "generator-0", "stats": {"truncated": [False, False], "response_tokens": [2, 2],
+                                                  "version_min": 0, "version_max": 0}}
+
+
+async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped(broker, peer):
+    from actors.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import open_channel, receive
+
+    await peer("sampler", "sampler", ["accepted", "rejected"])
+    verifier = await peer("verifier-0", "verifier")
+    packer = Packer(broker.address, batch_prompts=1, batch_ttl=1.0, heartbeat_interval=HB)
+    channel = open_channel("shm")
+    batch = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
+    try:
+        await packer.start()
+        await verifier.client.request("packer", "scored", _scored("q-1", await channel.send(batch, timeout=30)),
+                                      timeout=5)
+        await asyncio.sleep(2.5)  # the learner is away for over two batch_ttl (restarting, or busy)
+        learner = await peer("learner", "learner", ["train"])
+        train = await learner.next("train")
+        assert train["step"] == 0
+        trained = await receive(train["batch"], timeout=5)  # offered again: still there to read
+        assert trained.meta["qids"] == ["q-1", "q-1"] and trained.input_ids.tolist() == batch.input_ids.tolist()
+    finally:
+        await packer.stop()
+        await channel.close()
+
+
+def _sampler(broker, **cfg):
+    from actors.dataset import Problem
+    from actors.sampler import PromptSampler, SamplerConfig
+    return PromptSampler(broker.address, problems=[Problem("q-1", "1+0?", ["1"])], prompt_ids=[[1, 2, 3]],
+                         cfg=SamplerConfig(**{"batch_prompts": 1, "group_size": 2, "total_batches": 1, **cfg}),
+                         heartbeat_interval=HB)
+
+
+async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(broker, peer):
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
+    gen = await peer("generator-0", "generator", ["generate"])
+    verifier = await peer("verifier-1", "verifier", ["score"])
+    sampler = _sampler(broker)  # request_timeout 600 s: nothing here may wait for it
+    try:
+        await sampler.start()
+        first = await gen.next("generate")
+        assert first["qid"] == "q-1"
+        # the verifier it names left before GENERATED arrived
+        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-0"},
+                                 timeout=5)
+        assert (await gen.next("generate"))["qid"] == "q-1"
+        # a verifier that was there and leaves later: its `left` event deals the prompt again
+        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-1"},
+                                 timeout=5)
+        assert sampler.owed[(0, "q-1")].holder == "verifier-1"
+        await verifier.client.close()
+        assert (await gen.next("generate"))["qid"] == "q-1"
+    finally:
+        await sampler.stop()
+
+
+# ----------------------------------------------------------------------------------------- weight broadcaster
+
+async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_prompts_again(broker, peer):
+    import torch
+
+    from actors.broadcaster import WeightBroadcaster
+    from tensors.channels import receive
+
+    model = torch.nn.Linear(4, 3)
+    updates: dict[str, list] = {"generator-0": [], "generator-1": []}
+
+    async def update(name: str, body: dict, fail: bool):
+        weights = await receive(body["weights"], timeout=5)
+        updates[name].append((body["version"], weights))
+        if fail:
+            raise RuntimeError("injected: out of memory loading the weights")
+        return {"version": body["version"]}
+
+    gen0 = await peer("generator-0", "generator", ["generate", "update_weights"],
+                      reply=lambda t, body, src: update("generator-0", body, fail=len(updates["generator-0"]) == 0)
+                      if t == "update_weights" else None)
+    await peer("generator-1", "generator", ["update_weights"],  # never takes them: retried a bounded number of times
+               reply=lambda t, body, src: update("generator-1", body, fail=True))
+    sampler = _sampler(broker)
+    bc = WeightBroadcaster(broker.address, model=model, retry_attempts=3, retry_backoff=0.05, update_timeout=20,
+                           heartbeat_interval=HB)
+    try:
+        await sampler.start()
+        await bc.start()  # pushes v0: both fail; generator-0 takes the second copy
+        assert (await gen0.next("generate"))["qid"] == "q-1"
+        assert [v for v, _ in updates["generator-0"]] == [0, 0]
+        assert all(torch.equal(w[k], v) for _, w in updates["generator-0"] for k, v in model.state_dict().items())
+        assert bc.announced == {"version": 0, "generators": ["generator-0"]}
+        assert sampler.generators == {"generator-0": 1}
+        retry = bc._retries.get("generator-1")
+        if retry is not None:
+            await asyncio.wait_for(asyncio.shield(retry), WAIT)
+        assert len(updates["generator-1"]) == 1 + 3  # the broadcast, then retry_attempts more: bounded
+    finally:
+        await bc.stop()
+        await sampler.stop()
+
+
+# ----------------------------------------------------------------------------------------- rogue bus members
+
+def test_the_broker_knows_the_owner_of_every_control_topic():
+    from actors import protocol as P
+    from bus.broker import BROKER_TOPICS, TOPIC_OWNERS
+    assert set(BROKER_TOPICS) == {P.JOINED, P.LEFT}
+    assert TOPIC_OWNERS == {P.WEIGHTS_VERSION: (P.BROADCASTER,), P.RUN_FINISHED: (P.LEARNER,),
+                            P.METRICS: (P.LEARNER,)}
+
+
+async def test_a_rogue_publishing_control_topics_is_refused_and_nothing_changes(broker, peer, caplog):
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
+    await peer("generator-0", "generator", ["generate"])
+    heard: list = []
+    watcher = await peer("watcher", "test", ["ping"])
+    for topic in ("left", "joined", "weights.version", "run.finished", "metrics"):
+        await watcher.client.subscribe(topic, lambda t, body, src: heard.append((t, src)))
+    sampler = _sampler(broker, total_batches=0)  # deals nothing: only its view of the generators matters
+    rogue = await peer("rogue", "generator")
+    try:
+        await sampler.start()
+        assert sampler.generators == {"generator-0": 0} and sampler.version == 0
+        caplog.set_level("WARNING", logger="bus.client")
+        await rogue.client.publish("left", {"name": "generator-0", "role": "generator", "host": "", "pid": 0,
+                                            "capabilities": {}, "reason": "bye"})
+        await rogue.client.publish("joined", {"name": "ghost", "role": "generator"})
+        await rogue.client.publish("weights.version", {"version": 99, "generators": []})
+        await rogue.client.publish("run.finished", {"step": 99})
+        await rogue.client.publish("metrics", {"step": 99})
+        # the broker handles a connection's frames in order: once these answers are back, the
+        # publications above were refused or delivered (and a subscriber's callback ran)
+        await rogue.client.request("watcher", "ping", None, timeout=5)
+        await rogue.client.request("sampler", "sampler_state", None, timeout=5)
+        assert [h for h in heard if h[1] != ""] == []  # only the broker's own membership events came
+        assert sampler.generators == {"generator-0": 0} and sampler.version == 0
+        refused = [r.getMessage() for r in caplog.records
+                   if r.name == "bus.client" and "broker refused" in r.getMessage()]
+        assert len(refused) == 5 and "publication on 'left' from 'rogue'" in refused[0]
+        assert "only the broker may publish it" in refused[0]
+        assert "only members of role broadcaster may publish it" in refused[2]
+    finally:
+        await sampler.stop()
+
+
+async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path):
+    import msgpack
+
+    from actors.generator import Generator
+    from actors.learner import Learner
+    from bus import envelope as E
+    from bus.errors import RemoteError
+    from policies.ppo import PPOConfig
+
+    class Recording:
+        version = 0
+
+        def __init__(self):
+            self.updates = []
+
+        async def start(self): ...
+        async def close(self): ...
+
+        async def update_weights(self, weights, version):
+            self.updates.append(version)
+            self.version = version
+
+    backend = Recording()
+    gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
+    learner = Learner(broker.address, model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(), broadcaster=None,
+                      run_dir=tmp_path, total_steps=10, heartbeat_interval=HB)
+    rogue = await peer("rogue", "verifier")
+    packer = await peer("packer", "packer")
+    try:
+        await gen.start()
+        await learner.start()
+        with pytest.raises(RemoteError, match=r"refused 'train' from 'rogue': its registered role is 'verifier', "
+                                              r"and only role packer may send it"):
+            await rogue.client.request("learner", "train", {"step": 0, "batch": None, "stats": {}}, timeout=5)
+        with pytest.raises(RemoteError, match=r"refused 'update_weights' from 'rogue'.*only role broadcaster"):
+            await rogue.client.request("generator-0", "update_weights", {"version": 7, "weights": {}}, timeout=5)
+        # claiming a role in the envelope does not help: the broker drops a frame with a key it did not add
+        dropped = broker.stats["dropped"]
+        rogue.client._send_frame(msgpack.packb({"v": 1, "type": "train", "src": "rogue", "dst": "learner", "cid": 0,
+                                                "body": {"step": 1, "batch": None, "stats": {}}, "role": "packer"}))
+        with pytest.raises(RemoteError, match="refused 'train'"):  # a frame after it: the first was handled
+            await rogue.client.request("learner", "train", {"step": 2}, timeout=5)
+        assert broker.stats["dropped"] == dropped + 1
+        assert learner.pending == {} and backend.updates == []
+        await packer.client.request("learner", "train", {"step": 5, "batch": None, "stats": {}}, timeout=5)
+        assert list(learner.pending) == [5]  # the packer is served (step 5 waits for steps 0-4)
+    finally:
+        await learner.stop()
+        await gen.stop()
+
+
+async def test_an_unknown_sender_error_from_a_peer_does_not_make_a_client_register_again(broker, peer):
+    from bus import envelope as E
+    from bus.errors import BusError
+
+    victim = await peer("victim", "sampler", ["ping"])
+    rogue = await peer("rogue", "generator")
+    forged = {"kind": "UnknownSender", "message": "this connection is not registered with the broker"}
+
+    def answer_with_forged_error(env):
+        rogue.client._send_frame(rogue.client._codec.pack(E.ERROR, "rogue", env.src, env.cid, forged))
+
+    rogue.client._on_message = answer_with_forged_error
+    # unasked, and as the answer to the victim's own request
+    rogue.client._send_frame(rogue.client._codec.pack(E.ERROR, "rogue", "victim", 0, forged))
+    await rogue.client.request("victim", "ping", None, timeout=5)  # handled after the forged error
+    with pytest.raises(BusError, match="UnknownSender from 'rogue'"):
+        await victim.client.request("rogue", "echo", None, timeout=5)
+    assert victim.client.registered and victim.client._rereg_task is None
