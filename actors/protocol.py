@@ -12,8 +12,10 @@ packer      -> learner      TRAIN      {step, batch, stats}
 broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}
 learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WEIGHTS_VERSION {version}
 launcher    <- anyone       CONFIG (request) -> the run's config as a dict
-launcher    -> learner      LEARNER_STATE (request) -> {step, version, total_steps, resumed, trained_qids}
-launcher    -> learner      LEARNER_METRICS (request) {since} -> {step, total_steps, records}
+launcher    -> learner      LEARNER_STATE (request) {qids?} -> {step, version, total_steps, resumed, trained_file,
+                            trained_steps: [first, next), trained_qids: {step: qids} of the recent steps only}
+                            (every step's qids: actors.trained_log.read_trained(run_dir))
+launcher    -> learner      LEARNER_METRICS (request) {since, limit?} -> {step, total_steps, records (at most limit)}
 
 GENERATE, SCORE, GENERATED, SCORED, ACCEPTED, REJECTED and TRAIN are delivered: sent as requests and
 sent again until acknowledged (``Actor.deliver``), so a broker restart loses none; each receiver

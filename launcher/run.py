@@ -183,16 +183,17 @@ class Job:
 
     async def _fetch_metrics(self, writer: MetricsWriter, progress: Progress, timeout: float = 10.0) -> None:
         """Ask the learner for the records of steps not yet written; finish when all are."""
-        missing = [s for s in self.steps if s not in self.recorded]
-        if not missing:
-            return
-        try:
-            reply = await self.client.request(P.LEARNER, P.LEARNER_METRICS, {"since": missing[0]}, timeout=timeout)
-        except BusError as exc:
-            log.debug("no metrics from the learner: %s", exc)
-            return
-        for rec in sorted(reply["records"], key=lambda r: r["step"]):
-            if rec["step"] not in self.recorded:
+        while missing := [s for s in self.steps if s not in self.recorded]:
+            try:  # a reply holds a few records (each carries a step's query ids): ask until none is new
+                reply = await self.client.request(P.LEARNER, P.LEARNER_METRICS, {"since": missing[0]},
+                                                  timeout=timeout)
+            except BusError as exc:
+                log.debug("no metrics from the learner: %s", exc)
+                return
+            new = [r for r in sorted(reply["records"], key=lambda r: r["step"]) if r["step"] not in self.recorded]
+            if not new:
+                break
+            for rec in new:
                 log.info("step %d: metrics fetched from the learner (their publication was lost)", rec["step"])
                 self._record(writer, progress, rec)
         if all(s in self.recorded for s in self.steps) and not self.finished.is_set():
