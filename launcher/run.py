@@ -9,6 +9,7 @@ arrive by publication and, for any a broker restart lost, by asking the learner.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -41,6 +42,33 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, role: str | None = None):
         super().__init__(message)
         self.role = role
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_run_dir(rd: Path):
+    """An exclusive flock on RUN_DIR/.lock, held (by the returned open file) for the job's life.
+
+    Two launchers on one run directory (a second job, or --resume while the first still runs)
+    would train over each other's checkpoints and metrics.  The lock is released by the kernel
+    when the launcher dies however it dies; the file holds the holder's pid for the message.
+    """
+    rd.mkdir(parents=True, exist_ok=True)
+    f = open(rd / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFailed(f"run dir {rd} is in use by a live launcher (pid {holder}, lock {rd / LOCK_FILE}): "
+                        f"stop that job first, or choose another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def free_port(host: str) -> int:
@@ -122,7 +150,7 @@ class Job:
         tasks: list[asyncio.Task] = []
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,
-                                              echo=self.echo)
+                                              echo=self.echo, run_dir=rd)
             self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg))
             await self._connect(address)
             self.client.on(P.CONFIG, self._serve_config(start))
@@ -131,7 +159,8 @@ class Job:
             self.client.subscribe(P.LEFT, self._on_left)
             tasks.append(asyncio.create_task(self._keep_broker(broker_spec(cfg, address), address)))
             for spec in specs:
-                self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo))
+                self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
+                                                      run_dir=rd))
             tasks += [asyncio.create_task(self._watch(p)) for p in self.procs]
             tasks.append(asyncio.create_task(self._follow_learner(metrics, progress)))
             await self.finished.wait()
@@ -270,7 +299,8 @@ class Job:
                   f"({restart}/{BROKER_RESTARTS})", flush=True)
             await asyncio.sleep(0.2 * (restart - 1))
             try:
-                self.broker = await start_process(spec, log_dir=self.rd / "logs", cwd=PROJECT_DIR, echo=self.echo)
+                self.broker = await start_process(spec, log_dir=self.rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
+                                                  run_dir=self.rd)
             except OSError as exc:
                 return self._fail(f"could not start the broker again: {exc}", "broker")
         rc = await self.broker.wait()
@@ -303,6 +333,15 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
     and stops as a success.
     """
     ends_at = None if deadline is None else time.monotonic() + deadline
+    lock = lock_run_dir(run_dir(cfg))  # before resolve_start: a live job's checkpoints are not ours to take
+    try:
+        return await _run_locked(cfg, hosts=hosts, resume=resume, echo=echo, ends_at=ends_at)
+    finally:
+        lock.close()
+
+
+async def _run_locked(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bool, echo: bool,
+                      ends_at: float | None) -> dict:
     restarts = 0
     while True:
         start = resolve_start(cfg, resume)
@@ -319,8 +358,8 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
                 print("\n[launcher] interrupted: writing a checkpoint, then stopping (Ctrl-C again to abort)",
                       flush=True)
                 asyncio.ensure_future(_interrupt(job))
-            else:
-                for p in job.procs:
+            else:  # the second Ctrl-C: everything now, the broker too
+                for p in [*job.procs, *([job.broker] if job.broker else [])]:
                     p.kill()
                 os._exit(130)
 
