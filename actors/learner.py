@@ -97,7 +97,8 @@ class Learner(Actor):
         """Where training stands; the query ids of the recent steps only (the file has them all)."""
         t = self.trained
         reply = {"step": self.step, "version": self.step, "total_steps": self.total_steps,
-                 "resumed": self.resumed, "trained_file": str(t.path), "trained_steps": [t.first_step, t.next_step]}
+                 "resumed": self.resumed, "trained_file": str(t.path), "trained_steps": [t.first_step, t.next_step],
+                 "training": self._training, "pending": sorted(self.pending)}
         if (body or {}).get("qids", True):
             reply["trained_qids"] = {str(r["step"]): r["qids"] for r in t.recent}
         return reply

@@ -163,6 +163,7 @@ class Job:
                                                       run_dir=rd))
             tasks += [asyncio.create_task(self._watch(p)) for p in self.procs]
             tasks.append(asyncio.create_task(self._follow_learner(metrics, progress)))
+            tasks.append(asyncio.create_task(self._watchdog()))
             await self.finished.wait()
             if not self.failure:  # records whose publication was lost (a broker restart)
                 await self._fetch_metrics(metrics, progress)
@@ -235,6 +236,62 @@ class Job:
         while not self.finished.is_set():
             await asyncio.sleep(every)
             await self._fetch_metrics(writer, progress)
+
+    async def _watchdog(self, poll: float = 1.0) -> None:
+        """Stop a run whose learner finishes no step within the limit, naming the stage that is stuck.
+
+        A hang (a generator frozen with its prompts, a batch that never reaches the learner) otherwise
+        shows only as silence.  The limit is max(train.step_timeout, 5x the slowest step so far), so a
+        slow but moving run is never stopped; it is armed at the job's first step, as start-up
+        (loading, compiling) runs at a pace of its own.
+        """
+        floor = self.cfg.train.step_timeout
+        if not floor:
+            return
+        seen, last, slowest = len(self.recorded), None, 0.0
+        while not self.finished.is_set():
+            await asyncio.sleep(min(poll, floor / 4))
+            now = time.monotonic()
+            if len(self.recorded) != seen:
+                if last is not None:
+                    slowest = max(slowest, (now - last) / (len(self.recorded) - seen))
+                seen, last = len(self.recorded), now
+                continue
+            limit = max(floor, 5 * slowest)
+            if last is not None and now - last > limit:
+                stage = await self._stuck_stage()
+                self._fail(f"no learner step within {limit:.0f} s (train.step_timeout={floor:g}, slowest step "
+                           f"so far {slowest:.1f} s): {stage}")
+                return
+
+    async def _stuck_stage(self) -> str:
+        """Which stage holds the next step, from what the learner and the sampler say over the bus."""
+        async def ask(dst: str, type_: str, body: dict) -> dict:
+            try:
+                return await self.client.request(dst, type_, body, timeout=5.0)
+            except BusError as exc:
+                return {"error": str(exc)}
+
+        learner = await ask(P.LEARNER, P.LEARNER_STATE, {"qids": False})
+        sampler = await ask(P.SAMPLER, "sampler_state", {})
+        step = learner.get("step")
+        seen = (f"learner at step {step}, training {learner.get('training')}, batches waiting "
+                f"{learner.get('pending')}; sampler next batch {sampler.get('next_batch')}, policy version "
+                f"{sampler.get('version')}, {sampler.get('owed')} prompt(s) owed, in flight per generator "
+                f"{sampler.get('generators')}")
+        if "error" in learner:
+            return f"the learner does not answer ({learner['error']})"
+        if learner.get("training") is not None:
+            return f"the learner is stuck training step {learner['training']} ({seen})"
+        if "error" in sampler:
+            return f"the sampler does not answer ({sampler['error']}); {seen}"
+        if sampler.get("owed"):
+            held = [f"{g} holds {n}" for g, n in sorted(sampler.get("generators", {}).items()) if n]
+            return (f"rollout: {sampler['owed']} prompt(s) not yet generated, scored and accepted "
+                    f"({', '.join(held) if held else 'no generator holds any: none on the bus?'}); {seen}")
+        if sampler.get("next_batch", 0) <= (step or 0):
+            return f"the sampler has not admitted batch {step} ({seen})"
+        return f"the packer: batch {step} was accepted whole but never reached the learner ({seen})"
 
     async def _on_finished(self, topic: str, body: dict, src: str) -> None:
         print(f"[launcher] training finished at step {body.get('step')}", flush=True)

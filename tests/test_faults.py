@@ -333,6 +333,26 @@ def test_a_second_launcher_on_a_live_run_dir_is_refused_naming_the_holder(tmp_pa
     job.kill_all()
 
 
+def test_a_stalled_rollout_stops_the_run_naming_the_stage(tmp_path, jobs):
+    """A generator frozen mid-run holds the rollout: no heartbeat failure stops a non-critical role,
+    so without the watchdog the run waits for ever."""
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = jobs(job_args(run_dir, train, **{"train.steps": 100_000, "train.step_timeout": 8}))
+    gen = job.wait_actors({"generator-0"})["generator-0"]
+    job.wait_for(r"\[progress\] step 3/100000", 150)
+    os.kill(gen.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    rc = job.finish(90)
+    assert rc == 1, job.tail()
+    out = job.output()
+    stopped = re.search(r"run failed: no learner step within \d+ s \(train.step_timeout=8, slowest step so far "
+                        r"[\d.]+ s\): rollout: \d+ prompt\(s\) not yet generated.*", out)
+    assert stopped, job.tail()
+    assert time.monotonic() - frozen_at < 60
+    print(stopped.group(0))
+
+
 def test_broker_restart_mid_step_actors_register_again_and_nothing_is_lost(tmp_path, jobs):
     import zmq
 
