@@ -181,6 +181,7 @@ class Learner(Actor):
         # the published record (and the in-memory copy) add the weight sync; the file line has not
         metrics.update({"time_sync_s": t_end - t_train, "generators_updated": sync["updated"],
                         "generators_failed": sync["failed"]})
+        self.trained.complete(metrics)  # only now served to a launcher that missed the publication
         await self.bus.publish(P.METRICS, metrics)
         log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,
                  metrics.get("reward_mean", float("nan")), metrics.get("accuracy", float("nan")),

@@ -109,3 +109,30 @@ def test_a_skipped_step_is_named(tmp_path):
     log.record({"step": 0, "qids": ["a"]})
     with pytest.raises(TrainedLogError, match="step 2 skips steps 1..1"):
         log.record({"step": 2, "qids": ["b"]})
+
+
+async def test_a_step_is_served_only_once_its_weight_sync_is_done(tmp_path, no_training):
+    """A launcher that fetches while the learner broadcasts must not get a record without the sync
+    fields in place of the publication still to come (it would ignore the publication as a copy)."""
+    import asyncio
+
+    lrn = _learner(tmp_path)
+    await _train(lrn, range(1))
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    class SlowBroadcaster:
+        async def broadcast(self, version):
+            entered.set()
+            await release.wait()
+            return {"updated": 1, "failed": 0}
+
+    lrn.broadcaster = SlowBroadcaster()
+    training = asyncio.create_task(_train(lrn, range(1, 2)))
+    await asyncio.wait_for(entered.wait(), 10)
+    assert [r["step"] for r in read_trained(tmp_path)] == [0, 1], "on disk before the sync"
+    assert (await lrn.on_metrics({"since": 1}, "t"))["records"] == []
+    release.set()
+    await asyncio.wait_for(training, 10)
+    [rec] = (await lrn.on_metrics({"since": 1}, "t"))["records"]
+    assert rec["step"] == 1 and rec["generators_updated"] == 1
