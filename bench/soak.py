@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,11 +110,21 @@ def main() -> int:
     ap.add_argument("--fd-growth", type=int, default=8, help="most open fds a process may gain")
     ap.add_argument("--shm-growth", type=int, default=2, help="most /dev/shm segments a process may gain")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the soak gives up")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data and run directory")
     args = ap.parse_args()
     if not 0 < args.early < args.late < args.steps:
         ap.error("need 0 < --early < --late < --steps")
-
     tmp = Path(tempfile.mkdtemp(prefix="boba-soak-"))
+    try:
+        return soak(args, tmp)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def soak(args: argparse.Namespace, tmp: Path) -> int:
     make_dataset(tmp / "data", n_train=64, n_test=4, n_sft=4, seed=0)
     run_dir = tmp / "run"
     sets = {"run_dir": run_dir, "data.train": tmp / "data" / "train.jsonl", "data.test": "null",
@@ -159,7 +170,7 @@ def main() -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
-    print(f"job finished with code {rc} after {time.monotonic() - t0:.0f} s; run dir {run_dir}")
+    print(f"job finished with code {rc} after {time.monotonic() - t0:.0f} s")
 
     early, late = snaps[args.early], snaps[args.late]
     failures = []
