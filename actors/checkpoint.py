@@ -5,12 +5,19 @@ so a crash mid-save leaves the previous checkpoint as the latest usable one. sta
 file's size and a digest of the model and optimizer state: `verify` finds a checkpoint that was
 damaged on disk later (truncated, a file missing), and a resumed learner can prove it holds exactly
 what was saved.
+
+Resuming never unpickles: the run directory often sits on a shared filesystem, and a pickle there is
+code anyone who can write the file runs in the learner.  optimizer.pt and rng.pt hold only tensors,
+numbers, strings and lists (the RNG states are converted to those), so both load with
+`torch.load(weights_only=True)`; a file that needs more (a checkpoint written before this format, or
+a planted pickle) is refused with a CheckpointError naming it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -64,8 +71,7 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
     tmp.mkdir(parents=True)
     save_checkpoint(model, tokenizer, tmp / "model", state_dict=full_precision_state(model, optimizer))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-               tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     meta = {"step": step, "version": step, "sampler": {"next_batch": step},
             "digest": state_digest(model, optimizer), "files": files, **(extra or {})}
@@ -180,12 +186,51 @@ def _check_torch_zip(path: Path, ckpt: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt}: {path.name} is damaged or truncated ({exc})") from exc
 
 
+_RNG_FORMAT = 2  # 1 (unversioned) pickled numpy's state tuple with its ndarray
+
+
+def rng_state() -> dict:
+    """The torch, numpy and python RNG states as tensors, numbers and lists (loadable weights_only)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "format": _RNG_FORMAT,
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    n, p = rng["numpy"], rng["python"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _load_tensors_only(path: Path):
+    """torch.load without unpickling arbitrary objects; CheckpointError naming the file otherwise."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path.parent}: {path.name} holds pickled objects that are not plain tensors or "
+            f"numbers, refused rather than executed (a checkpoint written by an older version, or a "
+            f"tampered file): {str(exc).splitlines()[0]}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is unreadable ({exc})") from exc
+
+
 def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    optimizer.load_state_dict(_load_tensors_only(Path(ckpt) / "optimizer.pt"))
 
 
 def restore_rng(ckpt: Path) -> None:
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    path = Path(ckpt) / "rng.pt"
+    rng = _load_tensors_only(path)
+    if not isinstance(rng, dict) or rng.get("format") != _RNG_FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt}: rng.pt is not an RNG state of format {_RNG_FORMAT}")
+    set_rng_state(rng)

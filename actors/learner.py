@@ -4,7 +4,8 @@ Training math lives in policies.ppo; this shell only orders the steps, moves ten
 and reports. It recomputes the proximal logprobs for the decoupled objective where the generator's
 own logprobs are not the learner's: stale data, or other kernels or precision (`recompute_needed`).
 TRAIN is acknowledged at once (a second copy is ignored). Every step's metrics are published and
-also kept, so the launcher can fetch a record whose publication a broker restart lost.
+also recorded in RUN_DIR/trained.jsonl (actors.trained_log: the exactly-once record of the query ids,
+bounded in memory), so the launcher can fetch a record whose publication a broker restart lost.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from actors import checkpoint
 from actors import protocol as P
 from actors.base import Actor, handler
 from actors.broadcaster import WeightBroadcaster
+from actors.trained_log import TrainedLog
 from policies.ppo import PPOConfig, recompute_logprobs, train_step
 from policies.precision import AUTO
 
@@ -54,7 +56,7 @@ class Learner(Actor):
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
                  start_step: int = 0, max_staleness: int = 0, recompute_logprobs: bool | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, transfer_timeout: float = 120.0,
-                 resumed: dict | None = None, name: str = P.LEARNER, **bus_kwargs):
+                 resumed: dict | None = None, recent_steps: int = 16, name: str = P.LEARNER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
         self.broadcaster = broadcaster
@@ -65,8 +67,8 @@ class Learner(Actor):
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
         self.transfer_timeout = transfer_timeout
         self.pending: dict[int, dict] = {}
-        self.trained_qids: list[list[str]] = []  # per step, for the exactly-once record
-        self.history: list[dict] = []  # every metrics record published by this process
+        # every step's record on disk, the last `recent_steps` in memory (8,192 qids a step add up)
+        self.trained = TrainedLog(self.run_dir, start_step, window=recent_steps)
         self.resumed = resumed  # {checkpoint, step, digest} of the state loaded at start, if resumed
         self._training: int | None = None
         self._state_lock = asyncio.Lock()  # a checkpoint never sees a half-trained step
@@ -92,18 +94,22 @@ class Learner(Actor):
 
     @handler(P.LEARNER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
+        """Where training stands; the query ids of the recent steps only (the file has them all)."""
+        t = self.trained
         reply = {"step": self.step, "version": self.step, "total_steps": self.total_steps,
-                 "resumed": self.resumed}
+                 "resumed": self.resumed, "trained_file": str(t.path), "trained_steps": [t.first_step, t.next_step],
+                 "training": self._training, "pending": sorted(self.pending)}
         if (body or {}).get("qids", True):
-            reply["trained_qids"] = self.trained_qids
+            reply["trained_qids"] = {str(r["step"]): r["qids"] for r in t.recent}
         return reply
 
     @handler(P.LEARNER_METRICS)
     async def on_metrics(self, body: dict, src: str) -> dict:
-        """The metrics records of steps >= since (for a launcher that missed a publication)."""
+        """Up to `limit` metrics records of steps >= since (for a launcher that missed a publication):
+        a bounded reply, the caller asks again from where it got to."""
         since = int((body or {}).get("since", 0))
-        return {"step": self.step, "total_steps": self.total_steps,
-                "records": [m for m in self.history if m["step"] >= since]}
+        limit = max(1, min(int((body or {}).get("limit", 4)), self.trained.recent.maxlen or 1))
+        return {"step": self.step, "total_steps": self.total_steps, "records": self.trained.since(since, limit)}
 
     @handler(P.CHECKPOINT)
     async def on_checkpoint(self, body: dict, src: str) -> dict:
@@ -150,27 +156,31 @@ class Learner(Actor):
                 if prox is not None:  # how far the generator's logprobs were from the learner's
                     mask = batch.loss_mask.bool()
                     stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
-                self.trained_qids.append(list(batch.meta.get("qids", [])))
+                qids = list(batch.meta.get("qids", []))
             else:
                 log.warning("step %d: no group carried a learning signal; weights unchanged", step)
-                self.trained_qids.append([])
+                qids = []
             t_train = time.perf_counter()
             self.step, self._training = step + 1, None
+            tokens = batch.num_tokens if batch is not None else 0
+            metrics = {
+                "step": step, "version": self.step, **body.get("stats", {}),
+                **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+                "train_tokens": tokens,
+                "learner_tokens_per_s": tokens / max(1e-9, t_train - t_recv),
+                "time_recv_s": t_recv - t0, "time_train_s": t_train - t_recv,
+                "qids": qids,  # the exactly-once record: one entry per trained sequence
+            }
+            # on disk before a checkpoint that includes the step: a resume never lacks its record
+            self.trained.record(metrics)
             if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                 await self._checkpoint()
         sync = await self.broadcaster.broadcast(self.step)
         t_end = time.perf_counter()
-        tokens = batch.num_tokens if batch is not None else 0
-        metrics = {
-            "step": step, "version": self.step, **body.get("stats", {}),
-            **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))},
-            "train_tokens": tokens,
-            "learner_tokens_per_s": tokens / max(1e-9, t_train - t_recv),
-            "time_recv_s": t_recv - t0, "time_train_s": t_train - t_recv, "time_sync_s": t_end - t_train,
-            "generators_updated": sync["updated"], "generators_failed": sync["failed"],
-            "qids": self.trained_qids[-1],  # the exactly-once record: one entry per trained sequence
-        }
-        self.history.append(metrics)
+        # the published record (and the in-memory copy) add the weight sync; the file line has not
+        metrics.update({"time_sync_s": t_end - t_train, "generators_updated": sync["updated"],
+                        "generators_failed": sync["failed"]})
+        self.trained.complete(metrics)  # only now served to a launcher that missed the publication
         await self.bus.publish(P.METRICS, metrics)
         log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,
                  metrics.get("reward_mean", float("nan")), metrics.get("accuracy", float("nan")),

@@ -12,8 +12,10 @@ packer      -> learner      TRAIN      {step, batch, stats}
 broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}
 learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WEIGHTS_VERSION {version}
 launcher    <- anyone       CONFIG (request) -> the run's config as a dict
-launcher    -> learner      LEARNER_STATE (request) -> {step, version, total_steps, resumed, trained_qids}
-launcher    -> learner      LEARNER_METRICS (request) {since} -> {step, total_steps, records}
+launcher    -> learner      LEARNER_STATE (request) {qids?} -> {step, version, total_steps, resumed, trained_file,
+                            trained_steps: [first, next), trained_qids: {step: qids} of the recent steps only}
+                            (every step's qids: actors.trained_log.read_trained(run_dir))
+launcher    -> learner      LEARNER_METRICS (request) {since, limit?} -> {step, total_steps, records (at most limit)}
 
 Each of these is served only from its sender's role (left column; REJECTED from the packer, a
 generator or a verifier), as registered with the broker, and each topic is published only by its

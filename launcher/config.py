@@ -300,6 +300,10 @@ class TrainConfig(Checked):
     checkpoint_every: int = opt(5, check=_non_negative, expect=">= 0 (0 = only at the end)")
     keep_checkpoints: int = opt(2, check=_at_least_one, expect=">= 1")
     on_learner_death: Literal["stop", "restart"] = "stop"
+    step_timeout: float = opt(3600.0, check=_non_negative, expect=">= 0 (0 = off)",
+                              doc="seconds without a learner step before the run stops naming the stage that "
+                                  "has not moved; the limit is max(this, 5x the slowest step so far), armed "
+                                  "after the job's first step; 0 = off")
 
 
 @dataclass

@@ -9,6 +9,7 @@ arrive by publication and, for any a broker restart lost, by asking the learner.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -41,6 +42,33 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, role: str | None = None):
         super().__init__(message)
         self.role = role
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_run_dir(rd: Path):
+    """An exclusive flock on RUN_DIR/.lock, held (by the returned open file) for the job's life.
+
+    Two launchers on one run directory (a second job, or --resume while the first still runs)
+    would train over each other's checkpoints and metrics.  The lock is released by the kernel
+    when the launcher dies however it dies; the file holds the holder's pid for the message.
+    """
+    rd.mkdir(parents=True, exist_ok=True)
+    f = open(rd / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFailed(f"run dir {rd} is in use by a live launcher (pid {holder}, lock {rd / LOCK_FILE}): "
+                        f"stop that job first, or choose another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def free_port(host: str) -> int:
@@ -127,7 +155,7 @@ class Job:
         tasks: list[asyncio.Task] = []
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,
-                                              echo=self.echo)
+                                              echo=self.echo, run_dir=rd)
             self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg))
             await self._connect(address)
             self.client.on(P.CONFIG, self._serve_config(start))
@@ -136,9 +164,11 @@ class Job:
             self.client.subscribe(P.LEFT, self._on_left)
             tasks.append(asyncio.create_task(self._keep_broker(broker_spec(cfg, address), address)))
             for spec in specs:
-                self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo))
+                self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
+                                                      run_dir=rd))
             tasks += [asyncio.create_task(self._watch(p)) for p in self.procs]
             tasks.append(asyncio.create_task(self._follow_learner(metrics, progress)))
+            tasks.append(asyncio.create_task(self._watchdog()))
             await self.finished.wait()
             if not self.failure:  # records whose publication was lost (a broker restart)
                 await self._fetch_metrics(metrics, progress)
@@ -188,16 +218,17 @@ class Job:
 
     async def _fetch_metrics(self, writer: MetricsWriter, progress: Progress, timeout: float = 10.0) -> None:
         """Ask the learner for the records of steps not yet written; finish when all are."""
-        missing = [s for s in self.steps if s not in self.recorded]
-        if not missing:
-            return
-        try:
-            reply = await self.client.request(P.LEARNER, P.LEARNER_METRICS, {"since": missing[0]}, timeout=timeout)
-        except BusError as exc:
-            log.debug("no metrics from the learner: %s", exc)
-            return
-        for rec in sorted(reply["records"], key=lambda r: r["step"]):
-            if rec["step"] not in self.recorded:
+        while missing := [s for s in self.steps if s not in self.recorded]:
+            try:  # a reply holds a few records (each carries a step's query ids): ask until none is new
+                reply = await self.client.request(P.LEARNER, P.LEARNER_METRICS, {"since": missing[0]},
+                                                  timeout=timeout)
+            except BusError as exc:
+                log.debug("no metrics from the learner: %s", exc)
+                return
+            new = [r for r in sorted(reply["records"], key=lambda r: r["step"]) if r["step"] not in self.recorded]
+            if not new:
+                break
+            for rec in new:
                 log.info("step %d: metrics fetched from the learner (their publication was lost)", rec["step"])
                 self._record(writer, progress, rec)
         if all(s in self.recorded for s in self.steps) and not self.finished.is_set():
@@ -210,6 +241,62 @@ class Job:
         while not self.finished.is_set():
             await asyncio.sleep(every)
             await self._fetch_metrics(writer, progress)
+
+    async def _watchdog(self, poll: float = 1.0) -> None:
+        """Stop a run whose learner finishes no step within the limit, naming the stage that is stuck.
+
+        A hang (a generator frozen with its prompts, a batch that never reaches the learner) otherwise
+        shows only as silence.  The limit is max(train.step_timeout, 5x the slowest step so far), so a
+        slow but moving run is never stopped; it is armed at the job's first step, as start-up
+        (loading, compiling) runs at a pace of its own.
+        """
+        floor = self.cfg.train.step_timeout
+        if not floor:
+            return
+        seen, last, slowest = len(self.recorded), None, 0.0
+        while not self.finished.is_set():
+            await asyncio.sleep(min(poll, floor / 4))
+            now = time.monotonic()
+            if len(self.recorded) != seen:
+                if last is not None:
+                    slowest = max(slowest, (now - last) / (len(self.recorded) - seen))
+                seen, last = len(self.recorded), now
+                continue
+            limit = max(floor, 5 * slowest)
+            if last is not None and now - last > limit:
+                stage = await self._stuck_stage()
+                self._fail(f"no learner step within {limit:.0f} s (train.step_timeout={floor:g}, slowest step "
+                           f"so far {slowest:.1f} s): {stage}")
+                return
+
+    async def _stuck_stage(self) -> str:
+        """Which stage holds the next step, from what the learner and the sampler say over the bus."""
+        async def ask(dst: str, type_: str, body: dict) -> dict:
+            try:
+                return await self.client.request(dst, type_, body, timeout=5.0)
+            except BusError as exc:
+                return {"error": str(exc)}
+
+        learner = await ask(P.LEARNER, P.LEARNER_STATE, {"qids": False})
+        sampler = await ask(P.SAMPLER, "sampler_state", {})
+        step = learner.get("step")
+        seen = (f"learner at step {step}, training {learner.get('training')}, batches waiting "
+                f"{learner.get('pending')}; sampler next batch {sampler.get('next_batch')}, policy version "
+                f"{sampler.get('version')}, {sampler.get('owed')} prompt(s) owed, in flight per generator "
+                f"{sampler.get('generators')}")
+        if "error" in learner:
+            return f"the learner does not answer ({learner['error']})"
+        if learner.get("training") is not None:
+            return f"the learner is stuck training step {learner['training']} ({seen})"
+        if "error" in sampler:
+            return f"the sampler does not answer ({sampler['error']}); {seen}"
+        if sampler.get("owed"):
+            held = [f"{g} holds {n}" for g, n in sorted(sampler.get("generators", {}).items()) if n]
+            return (f"rollout: {sampler['owed']} prompt(s) not yet generated, scored and accepted "
+                    f"({', '.join(held) if held else 'no generator holds any: none on the bus?'}); {seen}")
+        if sampler.get("next_batch", 0) <= (step or 0):
+            return f"the sampler has not admitted batch {step} ({seen})"
+        return f"the packer: batch {step} was accepted whole but never reached the learner ({seen})"
 
     async def _on_finished(self, topic: str, body: dict, src: str) -> None:
         print(f"[launcher] training finished at step {body.get('step')}", flush=True)
@@ -274,7 +361,8 @@ class Job:
                   f"({restart}/{BROKER_RESTARTS})", flush=True)
             await asyncio.sleep(0.2 * (restart - 1))
             try:
-                self.broker = await start_process(spec, log_dir=self.rd / "logs", cwd=PROJECT_DIR, echo=self.echo)
+                self.broker = await start_process(spec, log_dir=self.rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
+                                                  run_dir=self.rd)
             except OSError as exc:
                 return self._fail(f"could not start the broker again: {exc}", "broker")
         rc = await self.broker.wait()
@@ -307,6 +395,15 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
     and stops as a success.
     """
     ends_at = None if deadline is None else time.monotonic() + deadline
+    lock = lock_run_dir(run_dir(cfg))  # before resolve_start: a live job's checkpoints are not ours to take
+    try:
+        return await _run_locked(cfg, hosts=hosts, resume=resume, echo=echo, ends_at=ends_at)
+    finally:
+        lock.close()
+
+
+async def _run_locked(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bool, echo: bool,
+                      ends_at: float | None) -> dict:
     restarts = 0
     while True:
         start = resolve_start(cfg, resume)
@@ -323,8 +420,8 @@ async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bo
                 print("\n[launcher] interrupted: writing a checkpoint, then stopping (Ctrl-C again to abort)",
                       flush=True)
                 asyncio.ensure_future(_interrupt(job))
-            else:
-                for p in job.procs:
+            else:  # the second Ctrl-C: everything now, the broker too
+                for p in [*job.procs, *([job.broker] if job.broker else [])]:
                     p.kill()
                 os._exit(130)
 

@@ -2,10 +2,16 @@
 
 Every process's output is prefixed with its name on our stdout and kept in run_dir/logs/NAME.log,
 so one terminal shows the whole job and a post-mortem has each actor's full log.
+
+Every process dies with the launcher, even a SIGKILLed one: local processes (ssh included) are
+started with PR_SET_PDEATHSIG = SIGKILL, and a remote process ends with its ssh (-tt gives it a
+terminal, so it gets SIGHUP).  Each also carries RUN_DIR_ENV = the run directory in its
+environment, so a process of a job can be found by its run directory.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shlex
 import signal
@@ -27,6 +33,8 @@ def ssh_argv(host: Host, *, tty: bool = False) -> list[str]:
     return argv + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
                    "-o", f"ServerAliveInterval={SSH_ALIVE[0]}", "-o", f"ServerAliveCountMax={SSH_ALIVE[1]}",
                    host.ssh_target]
+RUN_DIR_ENV = "BOBA_RUN_DIR"  # in every process's environment: the run directory of its job
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -106,12 +114,34 @@ class Process:
             self.proc.kill()
 
 
-async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True) -> Process:
+def _die_with_parent(parent: int):
+    """preexec_fn: SIGKILL this child when the thread that started it exits (the launcher's loop
+    thread: the main thread), and at once if that already happened between fork and now.
+
+    Children run in sessions of their own (a Ctrl-C meant for the launcher must not reach them
+    first), so nothing else would end them when a launcher is SIGKILLed.  Linux only; elsewhere a
+    no-op.
+    """
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the launcher died before the prctl took effect
+    return preexec
+
+
+async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True,
+                run_dir: Path | None = None) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+    if run_dir is not None:
+        env[RUN_DIR_ENV] = str(run_dir)
     proc = await asyncio.create_subprocess_exec(
         *spec.command(cwd), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None)
     return Process(spec, proc, log_dir / f"{spec.name}.log", echo)
 
 

@@ -12,7 +12,10 @@ Then a swap pass (move or exchange one sequence between the heaviest and one of 
 micro-batches) evens out the loads without ever exceeding the budget.
 
 With n_ranks > 1 the count is a multiple of n_ranks and the micro-batches are dealt to ranks so
-that every rank gets the same number and about the same tokens.  Everything is deterministic.
+that every rank gets the same number and about the same tokens.  When that count exceeds the number
+of sequences (fewer sequences than rank slots, e.g. 3 sequences that pairwise overflow the budget on
+2 ranks need 4 slots) the spare slots are empty micro-batches rather than a refusal: a batch that
+one rank could train is never refused.  Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def allocate_micro_batches(
     """Per rank, the micro-batches as sorted lists of sequence indices.
 
     Never exceeds `max_tokens` per micro-batch, puts every index in exactly one micro-batch and gives
-    every rank the same number of micro-batches.  Raises AllocationError naming a sequence longer
-    than the budget, or when there are fewer sequences than ranks.
+    every rank the same number of micro-batches.  Micro-batches are empty only when there are more
+    of them than sequences (so callers that train on each must skip empty ones).  Raises
+    AllocationError naming a sequence longer than the budget, or on malformed arguments.
     """
     lens = _validate(lengths, max_tokens, n_ranks)
     if lens.size == 0:
@@ -50,11 +54,6 @@ def allocate_micro_batches(
     k = _round_up(max(lower_bound(lens, max_tokens), n_ranks), n_ranks)
     best_fit = _BestFit(items, max_tokens)
     for attempt in itertools.count():
-        if k > n_seqs:
-            raise AllocationError(
-                f"cannot give each of {n_ranks} ranks the same number of non-empty micro-batches: "
-                f"{n_seqs} sequences would need {k} micro-batches of at most {max_tokens} tokens"
-            )
         # LPT's loads differ by about the shortest sequence: skip it when the free room is smaller.
         bins = None
         if attempt < _LPT_TRIES and (k * max_tokens - total) / k >= shortest:
@@ -63,6 +62,7 @@ def allocate_micro_batches(
             bins = best_fit.bins
         if bins is not None:
             break
+        assert k < n_seqs, "one sequence per micro-batch always fits: _validate checked each"
         k += n_ranks
     bins += [[] for _ in range(k - len(bins))]
     loads = np.array([int(lens[b].sum()) for b in bins], dtype=np.int64)
@@ -128,9 +128,14 @@ class _BestFit:
 
 
 def _fill_empty(bins: list[list[int]], loads: np.ndarray, lens: np.ndarray) -> None:
-    """Give every empty micro-batch the shortest sequence of the heaviest micro-batch holding two or more."""
+    """Give every empty micro-batch the shortest sequence of the heaviest micro-batch holding two or more.
+
+    Stops when no micro-batch holds two: with more micro-batches than sequences some stay empty.
+    """
     for e in [b for b in range(len(bins)) if not bins[b]]:
         donors = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not donors:
+            return
         donor = max(donors, key=lambda b: (loads[b], -b))
         i = min(bins[donor], key=lambda i: (lens[i], i))
         bins[donor].remove(i)

@@ -1,8 +1,23 @@
-"""Suite-wide rules: `gpu` tests skip cleanly without CUDA."""
+"""Suite-wide rules: `gpu` tests skip cleanly without CUDA; hypothesis is deterministic under CI.
+
+With the environment variable CI set (CI runs with CI=true) the `ci` hypothesis profile is loaded:
+derandomized examples, no example database, no deadline, so a fresh clone passes or fails the same
+way every time instead of failing by luck.  Otherwise the `dev` profile explores random examples
+(and keeps the local database, so a failure found once is replayed first).  Per-test `@settings`
+only set `max_examples`/`deadline`/`database`, never `derandomize`, so the profile's choice holds.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, max_examples=100, database=None, deadline=None,
+                          print_blob=True)
+settings.register_profile("dev", derandomize=False, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_collection_modifyitems(config, items):

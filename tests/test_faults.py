@@ -31,6 +31,7 @@ class LiveJob:
 
     def __init__(self, args: list[str], keys: Path | None = None):
         self.keys = keys
+        self.run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
         self.proc = launch(args, wait=False)
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
@@ -113,8 +114,9 @@ class LiveJob:
         return rc
 
     def kill_all(self) -> None:
-        """SIGKILL the launcher and every process under it (actors run in sessions of their own)."""
-        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+        """SIGKILL the launcher and every process of the job (actors run in sessions of their own;
+        those a dead launcher left behind are found by the run dir they name)."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid), *job_processes(self.run_dir)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -155,8 +157,30 @@ def jobs():
         return job
     yield start
     for job in started:
-        if job.proc.poll() is None or descendants(job.proc.pid):
+        if job.proc.poll() is None or descendants(job.proc.pid) or job_processes(job.run_dir):
             job.kill_all()
+
+
+def job_processes(run_dir: str | Path, known: dict[int, str] | None = None) -> list[int]:
+    """Live processes of the job on `run_dir`: those of `known` (pid -> command line, a snapshot
+    taken while the launcher lived) still running that command, and any whose command line or
+    environment names the run dir.  A dead launcher's children are reparented to init, so
+    descendants() of the launcher no longer finds them: leaks are only visible this way."""
+    marker = str(run_dir).encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        pid = int(d.name)
+        try:
+            cmdline = (d / "cmdline").read_bytes()
+            environ = (d / "environ").read_bytes()
+        except OSError:
+            continue
+        same = known is not None and known.get(pid) == cmdline.replace(b"\0", b" ").decode()
+        if (same or marker in cmdline or b"BOBA_RUN_DIR=" + marker + b"\0" in environ) and alive(pid):
+            found.append(pid)
+    return found
 
 
 def commands_of(pid: int) -> dict[int, str]:
@@ -280,6 +304,55 @@ def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, j
     assert state_digest(model, opt) == saved["digest"]
 
 
+def test_sigkill_of_the_launcher_alone_ends_every_process_of_the_job(tmp_path, jobs):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = jobs(job_args(run_dir, train, **{"train.steps": 30}))
+    job.wait_for(r"\[progress\] step 1/30", 150)  # every actor up and training
+    procs = commands_of(job.proc.pid)
+    assert sum("bus.broker" in c for c in procs.values()) == 1 and len(procs) >= 7, procs
+    os.kill(job.proc.pid, signal.SIGKILL)  # only the launcher: nothing else is told
+    job.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while (left := job_processes(run_dir, procs)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes outlived their launcher: {[procs.get(p, p) for p in left]}"
+
+
+def test_a_second_launcher_on_a_live_run_dir_is_refused_naming_the_holder(tmp_path, jobs):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    args = job_args(run_dir, train, **{"train.steps": 100_000})  # still running while the others try
+    job = jobs(args)
+    job.wait_for(r"\[progress\] step 1/100000", 150)
+    for extra in ([], ["--resume"]):
+        second = launch(args + extra, timeout=60)
+        assert second.returncode == 1, second.stdout[-3000:]
+        assert f"run dir {run_dir} is in use by a live launcher (pid {job.proc.pid}" in second.stdout + second.stderr
+    assert job.proc.poll() is None, "the first job runs on"
+    job.kill_all()
+
+
+def test_a_stalled_rollout_stops_the_run_naming_the_stage(tmp_path, jobs):
+    """A generator frozen mid-run holds the rollout: no heartbeat failure stops a non-critical role,
+    so without the watchdog the run waits for ever."""
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = jobs(job_args(run_dir, train, **{"train.steps": 100_000, "train.step_timeout": 8}))
+    gen = job.wait_actors({"generator-0"})["generator-0"]
+    job.wait_for(r"\[progress\] step 3/100000", 150)
+    os.kill(gen.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    rc = job.finish(90)
+    assert rc == 1, job.tail()
+    out = job.output()
+    stopped = re.search(r"run failed: no learner step within \d+ s \(train.step_timeout=8, slowest step so far "
+                        r"[\d.]+ s\): rollout: \d+ prompt\(s\) not yet generated.*", out)
+    assert stopped, job.tail()
+    assert time.monotonic() - frozen_at < 60
+    print(stopped.group(0))
+
+
 def test_broker_restart_mid_step_actors_register_again_and_nothing_is_lost(tmp_path, jobs):
     import zmq
 
@@ -327,6 +400,7 @@ def test_frozen_learner_is_reported_within_the_heartbeat_window_and_stops_the_ru
     # more steps than the test lets it run: the learner must still be training when it is frozen
     job = jobs(job_args(run_dir, train, **{"train.steps": 30, "bus.keys_dir": keys}), keys=keys)
     learner = job.wait_actors({"learner"})["learner"]  # a keyed client gets in
+    procs = commands_of(job.proc.pid)
 
     async def unkeyed():
         c = BusClient(job.address, "intruder", "tool", heartbeat_interval=HB)
@@ -347,7 +421,7 @@ def test_frozen_learner_is_reported_within_the_heartbeat_window_and_stops_the_ru
     detected = seen_at - frozen_at
     assert detected < 3 * HB + 1.0, f"frozen learner reported {detected:.2f} s after SIGSTOP"
     assert stopped_at - frozen_at < 20
-    assert not [p for p in descendants(job.proc.pid) if alive(p)]
+    assert not job_processes(run_dir, procs), "a process of the stopped run survived its launcher"
     print(f"frozen learner: reported after {detected:.2f} s, launcher exited after {stopped_at - frozen_at:.1f} s")
 
 

@@ -413,3 +413,114 @@ async def test_shm_sender_killed_mid_write_then_orphans_swept():
         assert complete["path"] in removed and half["path"] in removed
         with pytest.raises(TransferError, match="gone"):
             await rx.recv(half, timeout=5)
+
+
+# ---- shm: a full tmpfs, other pid namespaces, hostile descriptors -----------------------------
+
+
+async def test_shm_full_tmpfs_is_a_transfer_error_naming_size_and_directory(monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")  # ENOSPC, what a full tmpfs answers
+
+    monkeypatch.setattr(shm_mod.os, "posix_fallocate", no_space)
+    async with ShmChannel(name="tx") as tx:
+        with pytest.raises(TransferError, match=r"cannot reserve \d+ bytes of shared memory in /") as info:
+            await tx.send(sample_weights(mb=2), timeout=5)
+        assert info.value.phase == "reserve" and tx.directory in str(info.value)
+        monkeypatch.undo()  # space again: the same channel sends
+        async with ShmChannel() as rx:
+            d = await tx.send(sample_weights(seed=4), timeout=5)
+            assert same_tensors(await rx.recv(d, timeout=5), sample_weights(seed=4))
+
+
+_SEND_ON_TINY_TMPFS = """
+import asyncio, sys
+from tensors.channels.shm import ShmChannel
+from tensors.errors import TransferError
+import torch
+async def main():
+    ch = ShmChannel(name="tx", directory=sys.argv[1])
+    try:
+        await ch.send({"w": torch.ones(1 << 20)}, timeout=5)  # 4 MiB into a 1 MiB tmpfs
+    except TransferError as e:
+        print("REFUSED", e)
+    ch.close_now()
+asyncio.run(main())
+"""
+
+
+def test_shm_send_into_a_real_full_tmpfs_does_not_kill_the_sender(tmp_path):
+    """Without the reservation the child dies of SIGBUS while copying into the segment."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a 1 MiB tmpfs")
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.run([sys.executable, "-c", _SEND_ON_TINY_TMPFS, str(mnt)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"sender died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+        assert "REFUSED" in proc.stdout and "cannot reserve" in proc.stdout and str(mnt) in proc.stdout
+        assert os.listdir(mnt) == [], "the sender unlinked its segment"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_shm_sweep_spares_other_namespaces_live_owners_and_foreign_names(tmp_path):
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    me, start = os.getpid(), shm_mod._start_time(os.getpid())
+    dead = 4_194_000  # above any pid in use here
+    names = {
+        f"boba-shm-{dead}-{ns + 1}-5-0123abcd-1": True,  # another container's live segment: its pid means nothing here
+        f"boba-shm-{me}-{ns}-{start}-0123abcd-1": True,  # ours, alive
+        f"boba-shm-{me}-{ns}-{start + 1}-0123abcd-1": False,  # a recycled pid: not the owner
+        f"boba-shm-{dead}-{ns}-5-0123abcd-1": False,  # dead owner in our namespace
+        f"boba-shm-{dead}-0123abcd-1": True,  # a name of another format is not ours to judge
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    removed = {os.path.basename(p) for p in sweep_orphans(str(tmp_path))}
+    assert removed == {n for n, kept in names.items() if not kept}
+    assert set(os.listdir(tmp_path)) == {n for n, kept in names.items() if kept}
+
+
+async def test_shm_receive_opens_only_segments_in_its_directory(tmp_path):
+    outside = tmp_path / "boba-shm-1-2-3-0123abcd-1"  # a valid name, in the wrong directory
+    outside.write_bytes(b"\0" * 4096)
+    async with ShmChannel(name="tx") as tx, ShmChannel() as rx:
+        good = await tx.send(sample_batch(), timeout=5)
+        link = os.path.join(rx.directory, "boba-shm-1-2-3-0123abcd-9")
+        os.symlink(outside, link)
+        try:
+            bad_paths = [str(outside), "/etc/passwd", os.path.join(rx.directory, "..", "etc", "passwd"),
+                         os.path.join(rx.directory, "not-a-segment"), good["path"] + "/../x", 7]
+            for bad in bad_paths:
+                with pytest.raises(TransferError, match="refusing segment path") as info:
+                    await rx.recv(dict(good, path=bad), timeout=2)
+                assert repr(bad) in str(info.value)
+            with pytest.raises(TransferError, match="symbolic link"):
+                await rx.recv(dict(good, path=link), timeout=2)
+        finally:
+            os.unlink(link)
+        assert outside.read_bytes() == b"\0" * 4096
+        await rx.recv(good, timeout=5)
+
+
+async def test_shm_header_claims_are_capped():
+    async with ShmChannel(name="tx") as tx, ShmChannel() as rx:
+        for field, value, message in [("readers", shm_mod.MAX_READERS + 1, "claims 17 readers"),
+                                      ("data_end", 1 << 40, "but the file holds")]:
+            d = await tx.send(sample_batch(), timeout=5)
+            fd = os.open(d["path"], os.O_RDWR)
+            try:
+                state = shm_mod._State.read(fd)
+                setattr(state, field, value)
+                state.write(fd)
+            finally:
+                os.close(fd)
+            with pytest.raises(TransferError, match=message):
+                await rx.recv(d, timeout=2)

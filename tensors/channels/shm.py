@@ -5,15 +5,27 @@ state to READY last, so a half-written segment is never mistaken for a payload. 
 maps the segment and builds the tensors on the mapping (no pickling, no copy).
 
 Ownership and cleanup:
-* the sender owns its segments (files ``boba-shm-<pid>-<token>-<n>``) and reuses them, so their
+* the sender owns its segments (files ``boba-shm-<pid>-<pidns>-<start>-<token>-<n>``: its pid, the
+  inode of its pid namespace and its start time in clock ticks since boot) and reuses them, so their
   pages are faulted in once rather than on every transfer;
+* the pages a send writes are reserved first (posix_fallocate): writing an unbacked page of a full
+  tmpfs (Docker's /dev/shm is 64 MiB) would kill the sender with SIGBUS, a reservation fails with
+  ENOSPC, which send() raises as TransferError naming the size and the directory;
 * a reader records its pid in the segment (under an flock) and clears it when all the tensors it
   built are garbage collected;
 * a segment is written again only when each reader that came has released it or died, and either
   all readers came or the send's time to live passed (a late reader then gets TransferError
   "expired");
 * the sender unlinks its segments on close() and at interpreter exit; segments of a sender that was
-  killed (dead pid) are unlinked by sweep_orphans(), which every ShmChannel runs when created.
+  killed are unlinked by sweep_orphans(), which every ShmChannel runs when created.  A segment counts
+  as orphaned only when its pid namespace is ours and no process with its pid and start time runs:
+  a /dev/shm shared between containers holds other namespaces' live segments, whose pids mean
+  nothing here, and a recycled pid is not the owner.
+
+A receiver trusts a descriptor only as far as it must: the path has to be a segment name in the
+channel's directory (no other file is opened), opened without following links, its header may
+claim at most MAX_READERS readers and no more bytes than the file holds (a read past the end of a
+shared file is a SIGBUS too).
 Tensors received with readers > 1 share pages with the other readers: treat them as read-only.
 """
 
@@ -22,11 +34,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
 import re
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -59,7 +73,8 @@ _ALIGN = 64
 _WRITING, _READY = 1, 2
 _THREAD_BYTES = 64 << 20  # copies this big (> ~10 ms) run in a worker thread, off the event loop
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the receiver's page tables in one call
-_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
+# pid, pid-namespace inode, start time (clock ticks since boot), channel token, segment number
+_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)-(\d+)-[0-9a-f]{{8}}-\d+$")
 
 
 def shm_directory() -> str:
@@ -134,14 +149,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> int:
+    """Inode of this process's pid namespace (0 where /proc has none): pids compare only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (0 where /proc has none); None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc/self") else (0 if _alive(pid) else None)
+    except OSError:  # hidden by hidepid: fall back to the signal check
+        return 0 if _alive(pid) else None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22; the name in () may hold spaces
+
+
+_OWNER_TAGS: dict[int, str] = {}
+
+
+def _owner_tag() -> str:
+    """``<pid>-<pidns>-<start>`` of this process (recomputed after a fork)."""
+    pid = os.getpid()
+    if pid not in _OWNER_TAGS:
+        _OWNER_TAGS[pid] = f"{pid}-{_pid_namespace()}-{_start_time(pid) or 0}"
+    return _OWNER_TAGS[pid]
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    """The process that created a segment of our pid namespace still runs (not just its pid)."""
+    now = _start_time(pid)
+    return now is not None and (start == 0 or now == 0 or now == start)
+
+
 def sweep_orphans(directory: str | None = None) -> list[str]:
-    """Unlink segments whose owning process is dead; returns their paths."""
+    """Unlink segments of our pid namespace whose creating process is gone; returns their paths.
+
+    Segments of another pid namespace (another container sharing /dev/shm) are never touched, nor
+    are names of another format.
+    """
     directory = directory or shm_directory()
+    ns = _pid_namespace()
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(directory):
             m = _NAME_RE.match(name)
-            if m and not _alive(int(m.group(1))):
+            if m and int(m.group(2)) == ns and not _owner_alive(int(m.group(1)), int(m.group(3))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
                     removed.append(os.path.join(directory, name))
@@ -161,6 +218,25 @@ class _Segment:
     ready_at: float = 0.0
     ttl: float = 0.0
     busy: bool = False  # a send of this process is writing it
+    reserved: int = 0  # bytes from the start backed by tmpfs pages (posix_fallocate)
+
+
+def _reserve(seg: _Segment, end: int, sender: str, directory: str) -> None:
+    """Back bytes [0, end) with pages now, so that writing them cannot SIGBUS on a full tmpfs."""
+    if end <= seg.reserved or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(seg.fd, seg.reserved, end - seg.reserved)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: write sparse
+            seg.reserved = seg.capacity
+            return
+        raise TransferError(
+            sender, "-", "reserve",
+            f"cannot reserve {end} bytes of shared memory in {directory}: {e.strerror or e} "
+            f"(a full tmpfs; Docker's default /dev/shm is 64 MiB: raise it with --shm-size)",
+        ) from None
+    seg.reserved = end
 
 
 def _unlink_all(paths: set[str]) -> None:
@@ -219,6 +295,7 @@ class ShmChannel(Channel):
             raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
         copy = None
         try:
+            _reserve(seg, end, self.name, self.directory)
             if end >= _THREAD_BYTES:
                 copy = asyncio.get_running_loop().run_in_executor(None, _write_segment, seg, header, buffers, offsets)
                 await asyncio.shield(copy)
@@ -275,9 +352,9 @@ class ShmChannel(Channel):
         return not any(pid and _alive(pid) for pid in s.pids[: s.taken])
 
     def _create(self, size: int) -> _Segment:
-        capacity = max(1 << 20, 1 << (size - 1).bit_length())  # sparse file: only written pages cost memory
+        capacity = max(1 << 20, 1 << (size - 1).bit_length())  # sparse: only reserved pages cost memory
         self._count += 1
-        path = os.path.join(self.directory, f"{PREFIX}-{os.getpid()}-{self._token}-{self._count}")
+        path = os.path.join(self.directory, f"{PREFIX}-{_owner_tag()}-{self._token}-{self._count}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         self._paths.add(path)
         try:
@@ -327,20 +404,28 @@ class ShmChannel(Channel):
 
     def _recv(self, d: Descriptor, peer: str, tid: str, timeout: float) -> Payload:
         deadline = time.monotonic() + timeout
-        path, gen = d["path"], d["gen"]
+        path, gen = self._segment_path(d["path"], peer, tid), d["gen"]
         try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise TransferError(peer, tid, "open", f"segment {path} is a symbolic link") from None
+            if e.errno != errno.ENOENT:
+                raise TransferError(peer, tid, "open", f"cannot open segment {path}: {e.strerror}") from None
             where = "" if d["host"] == self._host else f" (it lives on host {d['host']}, this is {self._host})"
             raise TransferError(
                 peer, tid, "open", f"segment {path} is gone: the sender closed or died and was swept{where}"
             ) from None
         try:
-            ino = os.fstat(fd).st_ino
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TransferError(peer, tid, "open", f"segment {path} is not a regular file")
+            ino = st.st_ino
             try:
                 with _locked(fd, deadline):
                     state = _State.read(fd)
                     self._check_state(state, gen, peer, tid)
+                    self._check_sizes(state, st.st_size, path, peer, tid)
                     state.pids[state.taken] = os.getpid()
                     state.taken += 1
                     state.write(fd)
@@ -361,10 +446,36 @@ class ShmChannel(Channel):
         except WireError as e:
             raise TransferError(peer, tid, "decode", str(e)) from e
 
+    def _segment_path(self, path: object, peer: str, tid: str) -> str:
+        """The descriptor's path, if it names a segment in our directory: no other file is ever opened."""
+        if (not isinstance(path, str) or os.path.dirname(path) != self.directory
+                or not _NAME_RE.match(os.path.basename(path))):
+            raise TransferError(
+                peer, tid, "open",
+                f"refusing segment path {path!r}: not a {PREFIX}-<pid>-<pidns>-<start>-<token>-<n> "
+                f"file directly in {self.directory}",
+            )
+        return path
+
+    @staticmethod
+    def _check_sizes(state: _State, file_size: int, path: str, peer: str, tid: str) -> None:
+        """A header that claims bytes past the end of the file would SIGBUS the reader."""
+        if not _HEADER_OFFSET <= _HEADER_OFFSET + state.header_len <= state.data_end <= file_size:
+            raise TransferError(
+                peer, tid, "open",
+                f"segment {path} header claims {state.header_len} header bytes and data up to byte "
+                f"{state.data_end}, but the file holds {file_size}",
+            )
+
     @staticmethod
     def _check_state(state: _State | None, gen: int, peer: str, tid: str) -> None:
         if state is None:
             raise TransferError(peer, tid, "open", "not a boba shm segment (bad magic or truncated)")
+        if not 1 <= state.readers <= MAX_READERS or state.taken > state.readers:
+            raise TransferError(
+                peer, tid, "open",
+                f"segment header claims {state.readers} readers ({state.taken} taken); at most {MAX_READERS}",
+            )
         if state.gen != gen:
             raise TransferError(
                 peer, tid, "open", f"expired: the segment now holds generation {state.gen}, not {gen}"
@@ -405,7 +516,7 @@ class ShmChannel(Channel):
 def _release(path: str, ino: int, gen: int) -> None:
     """A reader's tensors are gone: count it released (best effort; the segment may be gone)."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # path was checked by _recv
     except Exception:  # gone, or the interpreter is shutting down
         return
     try:

@@ -1,0 +1,73 @@
+"""Checkpoint files load without unpickling: a planted pickle is refused, a round trip is exact."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors import checkpoint
+from actors.checkpoint import CheckpointError
+from policies.models import tiny_model
+from policies.ppo import PPOConfig, make_optimizer, train_step
+from tests.test_policies_ppo import make_batch
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a planted optimizer.pt / rng.pt would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _trained(seed: int = 0):
+    model = tiny_model(seed=seed)
+    cfg = PPOConfig(lr=1e-3, minibatches=2)
+    opt = make_optimizer(model, cfg)
+    train_step(model, opt, make_batch(model), cfg)
+    return model, opt
+
+
+def test_resume_round_trip_restores_optimizer_and_rng_exactly(tmp_path):
+    model, opt = _trained()
+    torch.manual_seed(11), np.random.seed(12), random.seed(13)
+    np.random.standard_normal()  # a cached gaussian is part of numpy's state too
+    ckpt = checkpoint.save(tmp_path, 1, model, None, opt)
+    want = (torch.rand(4), np.random.rand(4), np.random.standard_normal(), random.random(), random.gauss(0, 1))
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+
+    other, other_opt = _trained(seed=5)
+    other.load_state_dict(model.state_dict())
+    checkpoint.restore_optimizer(ckpt, other_opt)
+    checkpoint.restore_rng(ckpt)
+    got = (torch.rand(4), np.random.rand(4), np.random.standard_normal(), random.random(), random.gauss(0, 1))
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+    assert checkpoint.state_digest(other, other_opt) == checkpoint.state_digest(model, opt)
+    assert checkpoint.verify(ckpt)["step"] == 1
+
+
+@pytest.mark.parametrize("name, restore", [("optimizer.pt", "restore_optimizer"), ("rng.pt", "restore_rng")])
+def test_a_checkpoint_file_holding_a_code_running_pickle_is_refused(tmp_path, name, restore):
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, 1, model, None, opt)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _RunsCode(marker)}, ckpt / name)
+    with pytest.raises(CheckpointError, match=rf"{name} holds pickled objects .* refused") as info:
+        getattr(checkpoint, restore)(ckpt, opt) if restore == "restore_optimizer" else checkpoint.restore_rng(ckpt)
+    assert str(ckpt) in str(info.value)
+    assert not marker.exists(), "the pickle ran"
+
+
+def test_an_old_format_rng_file_is_named(tmp_path):
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, 1, model, None, opt)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               ckpt / "rng.pt")  # how checkpoints were written before: a pickled numpy array
+    with pytest.raises(CheckpointError, match=r"rng.pt holds pickled objects"):
+        checkpoint.restore_rng(ckpt)
