@@ -99,6 +99,24 @@ class LiveProcess:
         return self.proc.returncode
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (by the parent pids in /proc), parents before their children."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def status_table(address: str) -> dict[str, str]:
     """`python -m launcher status --bus ADDRESS` (run in this process) as name -> role."""
     import contextlib

@@ -19,6 +19,7 @@ import pytest
 
 from launcher.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
+from tests.live_job import descendants
 
 pytestmark = pytest.mark.timeout(240)
 HB = 0.2  # bus.heartbeat_interval of every job here (liveness 3: a silent peer is gone after 0.6 s)
@@ -127,23 +128,6 @@ class LiveJob:
 
 async def _by_name(listing) -> dict:
     return {a.name: a for a in await listing}
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 @pytest.fixture
