@@ -272,13 +272,27 @@ class ModelConfig(Checked):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+def _key_or_none(v) -> bool: return v is None or (isinstance(v, str) and bool(v.strip()))
+
+
 @dataclass
 class DataConfig(Checked):
-    train: str | None = opt(None, doc="JSONL of problems; required to train")
+    train: str | None = opt(None, doc="problems: JSONL, .json, .parquet, .arrow or a save_to_disk directory; "
+                                      "required to train")
     test: str | None = None
     prompt_directive: str = DIRECTIVE
     skip_malformed: bool = False
     max_prompt_tokens: int = opt(1024, check=_at_least_one, expect=">= 1")
+    prompt_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                                 doc="the column holding the prompt; null = prompt / question / problem")
+    answer_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                                 doc="the column holding the reference answer; null = solutions / answer")
+    id_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                             doc="the column holding a unique id; null = query_id / id, else FILE:ROW")
+    answer_format: Literal["raw", "boxed", "gsm8k"] = opt(
+        "raw", doc="raw: as is; boxed: the last \\boxed{} (MATH solutions); gsm8k: the text after ####")
+    split: str = opt("train", check=bool, expect="(non-empty)", doc="the split of a saved DatasetDict directory")
+    system_prompt: str | None = opt(None, doc="a system turn before the problem in the chat template; null = none")
 
 
 @dataclass
@@ -402,7 +416,7 @@ def check_trainable(cfg: ExperimentConfig) -> None:
     """What training needs beyond a well-formed config; raises `ConfigError`."""
     if cfg.data.train is None:
         raise ConfigError("data.train: required to train, expected a path to a JSONL of problems, got None")
-    if not Path(cfg.data.train).is_file():
+    if not Path(cfg.data.train).exists():
         raise ConfigError(f"data.train: no such file {cfg.data.train!r}")
     if cfg.data.test is not None and not Path(cfg.data.test).is_file():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")

@@ -72,6 +72,20 @@ def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
     return Start(0, base_model_path(cfg))
 
 
+def data_layout(cfg: ExperimentConfig):
+    """How rows of data.train are read (actors.dataset.Layout) from the data.* keys."""
+    from actors.dataset import Layout
+    d = cfg.data
+    return Layout(prompt_key=d.prompt_key, answer_key=d.answer_key, id_key=d.id_key,
+                  answer_format=d.answer_format, split=d.split)
+
+
+def load_train_problems(cfg: ExperimentConfig):
+    """data.train as `Problem`s (raises actors.dataset.DatasetError naming the file and the row)."""
+    from actors.dataset import load_problems
+    return load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed, layout=data_layout(cfg))
+
+
 def check_model_path(cfg: ExperimentConfig) -> None:
     """Fail before any process starts when model.path is not a model (ModelPathError names it)."""
     if cfg.model.path in ("smollm2", "tiny"):
@@ -145,7 +159,7 @@ def tensor_options(cfg: ExperimentConfig, bus_address: str):
 def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: Start,
           bus_kwargs: dict) -> list[Actor]:
     """The actors of one process (two for the learner: learner + broadcaster)."""
-    from actors.dataset import build_prompt, load_problems
+    from actors.dataset import build_prompt
     from policies.models import load_model, load_tokenizer
 
     bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address)}
@@ -155,8 +169,9 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
     if role == "sampler":
         from actors.sampler import PromptSampler, SamplerConfig
         tok = load_tokenizer(start.model_path)
-        problems = load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed)
-        prompt_ids = [build_prompt(tok, p.prompt, cfg.data.prompt_directive, cfg.rollout.force_newline)
+        problems = load_train_problems(cfg)
+        prompt_ids = [build_prompt(tok, p.prompt, cfg.data.prompt_directive, cfg.rollout.force_newline,
+                                   system_prompt=cfg.data.system_prompt)
                       for p in problems]
         too_long = [p.id for p, ids in zip(problems, prompt_ids) if len(ids) > cfg.data.max_prompt_tokens]
         if too_long:
