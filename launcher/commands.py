@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.config import ConfigError, config_to_yaml, describe_mode, from_dict, load_config, ExperimentConfig
@@ -51,6 +52,11 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg.model.path = absolute(cfg.model.path)
     if cfg.bus.keys_dir:
         cfg.bus.keys_dir = absolute(cfg.bus.keys_dir)
+    from policies.reward_fns import is_file_spec
+    fns = tuple(replace(f, fn=absolute(f.fn.rpartition(":")[0]) + ":" + f.fn.rpartition(":")[2])
+                if is_file_spec(f.fn) else f for f in cfg.reward.fns)
+    if fns != cfg.reward.fns:
+        cfg.reward = replace(cfg.reward, fns=fns)
     return cfg
 
 

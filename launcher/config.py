@@ -420,6 +420,17 @@ def check_trainable(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.train: no such file {cfg.data.train!r}")
     if cfg.data.test is not None and not Path(cfg.data.test).is_file():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")
+    check_reward_fns(cfg)
+
+
+def check_reward_fns(cfg: ExperimentConfig) -> None:
+    """Every reward.fns[i].fn imports and takes (prompt, response, reference, extra); raises `ConfigError`."""
+    from policies.reward_fns import RewardFnError, load_reward_fn
+    for i, f in enumerate(cfg.reward.fns):
+        try:
+            load_reward_fn(f.fn)
+        except RewardFnError as e:
+            raise ConfigError(f"reward.fns[{i}].fn: {e}") from None
 
 
 def describe_mode(cfg: ExperimentConfig) -> str:
