@@ -20,6 +20,7 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.broadcaster import WeightBroadcaster
 from policies.ppo import PPOConfig, recompute_logprobs, train_step
+from policies.schedule import scheduled_lr
 from policies.precision import AUTO
 
 log = logging.getLogger("actors.learner")
@@ -146,7 +147,7 @@ class Learner(Actor):
                     prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo,
                                                      loss_tokens_only=True)
                 stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
-                                                proximal_logprobs=prox)
+                                                proximal_logprobs=prox, lr=scheduled_lr(self.ppo, step, self.total_steps))
                 if prox is not None:  # how far the generator's logprobs were from the learner's
                     mask = batch.loss_mask.bool()
                     stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())

@@ -28,13 +28,15 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     r = launch(["--quiet", "--config", "configs/tiny.yaml", *tiny_overrides(run_dir, train, **{
         "train.steps": 2, "data.prompt_key": "question", "data.answer_key": "answer",
         "data.answer_format": "gsm8k", "data.system_prompt": "You are a careful solver.",
-        "reward.fns": fns, "reward.on_error": -7.0})])
+        "reward.fns": fns, "reward.on_error": -7.0,
+        "ppo.warmup_steps": 2, "ppo.lr_schedule": "cosine", "ppo.normalize_advantages": "group"})])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = make_gsm8k_parquet.rows(12)
     medium = {f"train.parquet:{i}" for i, row in enumerate(rows) if row["difficulty"] == "medium"}
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1]
+    assert [m["lr"] for m in records] == [5e-5, 1e-4]          # tiny.yaml's 1e-4, warmed up over 2 steps
     for m in records:
         qids = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
         assert sorted(set(m["qids"])) == qids
