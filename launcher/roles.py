@@ -90,7 +90,8 @@ def check_model_path(cfg: ExperimentConfig) -> None:
     """Fail before any process starts when model.path is not a model (ModelPathError names it)."""
     if cfg.model.path in ("smollm2", "tiny"):
         return
-    from policies.models import ModelPathError, check_model_dir
+    from policies.llama_infer import SUPPORTED_MODEL_TYPES
+    from policies.models import ModelPathError, check_causal_lm, check_model_dir
     path = Path(cfg.model.path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -98,8 +99,12 @@ def check_model_path(cfg: ExperimentConfig) -> None:
         return
     try:
         check_model_dir(path)
+        model_type = check_causal_lm(path)
     except ModelPathError as exc:
         raise ModelPathError(f"model.path: {exc}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES and cfg.actors.generator.backend == "torch":
+        log.warning("model.path: model_type %r generates on HF's forward, slower than the torch engine "
+                    "(which runs %s)", model_type, ", ".join(SUPPORTED_MODEL_TYPES))
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ModelPathError(f"model.path: {str(path)!r} has no tokenizer (missing tokenizer.json)")
 
