@@ -410,9 +410,7 @@ class ExperimentConfig(Checked):
         super().__post_init__()
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
-        if self.ppo.kl_coef != 0:   # policies.ppo takes ref_logprobs, but no actor computes them yet
-            raise FieldError("ppo.kl_coef", "0 (a KL penalty needs a frozen reference model, which the learner "
-                             "does not keep yet)", self.ppo.kl_coef)
+
 
 
 def check_trainable(cfg: ExperimentConfig) -> None:

@@ -232,6 +232,12 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
             log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
                      "matches the saved one" if saved else "(the checkpoint records none to compare)")
+        ref_model = None
+        if cfg.ppo.kl_coef > 0:   # the KL's reference is the run's base model, also after a resume
+            ref_model = load_model(base_model_path(cfg), dtype=_dtype(cfg), device=device_for(cfg))
+            ref_model.requires_grad_(False).eval()
+            log.info("KL penalty: kl_coef %g (%s) against a frozen reference model, %s", cfg.ppo.kl_coef,
+                     cfg.ppo.kl_estimator, base_model_path(cfg))
         bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
@@ -239,7 +245,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
                           checkpoint_every=cfg.train.checkpoint_every,
-                          keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name, **bus_kwargs)
+                          keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name,
+                          ref_model=ref_model, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
 

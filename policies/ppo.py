@@ -308,6 +308,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         n_minibatches=float(len(losses)),
         n_micro_batches=float(n_micro),
         lr=float(optimizer.param_groups[0]["lr"]),
+        **({} if ref is None or not mask.any() else
+           {"ref_kl": float(kl_estimate(prox, ref, cfg.kl_estimator)[mask].mean())}),
     )
 
 

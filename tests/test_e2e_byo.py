@@ -1,6 +1,7 @@
 """Bring your own data and reward: a tiny job on a GSM8K-style parquet through the config keys alone."""
 from __future__ import annotations
 
+import math
 import sys
 
 from launcher.metrics import read_metrics
@@ -29,7 +30,8 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
         "train.steps": 2, "data.prompt_key": "question", "data.answer_key": "answer",
         "data.answer_format": "gsm8k", "data.system_prompt": "You are a careful solver.",
         "reward.fns": fns, "reward.on_error": -7.0,
-        "ppo.warmup_steps": 2, "ppo.lr_schedule": "cosine", "ppo.normalize_advantages": "group"})])
+        "ppo.warmup_steps": 2, "ppo.lr_schedule": "cosine", "ppo.normalize_advantages": "group",
+        "ppo.kl_coef": 0.05})])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = make_gsm8k_parquet.rows(12)
@@ -37,6 +39,9 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1]
     assert [m["lr"] for m in records] == [5e-5, 1e-4]          # tiny.yaml's 1e-4, warmed up over 2 steps
+    # the KL to the frozen base model is reported; at step 0 the policy is that model (fp32 rounding apart)
+    assert abs(records[0]["ref_kl"]) < 1e-3 and all(math.isfinite(m["ref_kl"]) for m in records)
+    assert "KL penalty: kl_coef 0.05 (k1) against a frozen reference model" in (run_dir / "logs" / "learner.log").read_text()
     for m in records:
         qids = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
         assert sorted(set(m["qids"])) == qids

@@ -37,10 +37,10 @@ def test_schedule_keys_are_checked_and_reach_the_optimizer():
             load_config(overrides=[o])
 
 
-def test_kl_coef_above_zero_is_a_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match=r"^ppo\.kl_coef: expected 0 \(a KL penalty needs a frozen reference "
-                                          r"model.*got 0\.1"):
-        load_config(overrides=["ppo.kl_coef=0.1"])
+def test_kl_coef_is_a_valid_key_and_negative_is_refused():
+    assert load_config(overrides=["ppo.kl_coef=0.1"]).ppo.kl_coef == 0.1
+    with pytest.raises(ConfigError, match=r"ppo\.kl_coef: must be >= 0"):
+        load_config(overrides=["ppo.kl_coef=-0.1"])
 
 
 def _two_groups():
@@ -69,12 +69,16 @@ def test_group_normalisation_is_per_prompt_and_sequence_weighted():
         advantages_for(rewards, mask, cu, normalize="group")
 
 
-def test_train_step_uses_the_given_lr_and_group_ids():
+def _tiny(seed=0):
     from policies.models import tiny_model
+    return tiny_model(seed=seed, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1)
+
+
+def test_train_step_uses_the_given_lr_and_group_ids():
     from tensors.packed import PackedBatch
     torch.manual_seed(0)
-    model = tiny_model(seed=0, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                       num_key_value_heads=1)
+    model = _tiny()
     seqs = []
     for i, r in enumerate([1.0, -1.0, 1.0, 1.0]):
         ids = torch.randint(5, 100, (6,))
@@ -88,3 +92,30 @@ def test_train_step_uses_the_given_lr_and_group_ids():
     stats = train_step(model, opt, batch, cfg, lr=1e-4)
     assert stats["lr"] == pytest.approx(1e-4) and opt.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert stats["grad_norm"] > 0       # group 0 (+1 / -1) carries a gradient; group 1 (uniform) none
+
+
+def test_kl_penalty_against_a_frozen_reference_model():
+    """The learner's path for kl_coef > 0: the reference's logprobs (micro-batched) enter the advantages."""
+    from policies.ppo import recompute_logprobs
+    from tensors.packed import PackedBatch
+    torch.manual_seed(0)
+    seqs = []
+    for r in [1.0, -1.0]:
+        ids = torch.randint(5, 100, (8,))
+        mask = torch.tensor([False] * 3 + [True] * 5)
+        seqs.append(dict(input_ids=ids, loss_mask=mask, logprobs=torch.zeros(8), rewards=torch.tensor(r),
+                         versions=torch.where(mask, 0, -1).int(), group_ids=torch.tensor(0)))
+    batch = PackedBatch.from_sequences(seqs)
+    cfg = PPOConfig(minibatches=1, kl_coef=0.5, max_tokens_per_micro_batch=8, normalize_advantages=False)
+    ref_model, policy = _tiny(seed=1).requires_grad_(False), _tiny(seed=0)
+    ref = recompute_logprobs(ref_model, batch, cfg, loss_tokens_only=True)
+    own = recompute_logprobs(policy, batch, cfg, loss_tokens_only=True)
+    batch = batch.with_fields(tokens={"logprobs": own})
+    assert ref[batch.loss_mask].abs().min() > 0 and not torch.allclose(ref, own)
+    stats = train_step(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, cfg, ref_logprobs=ref)
+    kl = (own - ref)[batch.loss_mask]
+    assert stats["ref_kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    # advantages carry -kl_coef * KL on every response token: the mean moves by it from the plain reward's
+    assert stats["advantage_mean"] != pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="kl_coef"):
+        train_step(policy, torch.optim.AdamW(policy.parameters()), batch, cfg)     # no reference given
