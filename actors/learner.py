@@ -20,8 +20,8 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.broadcaster import WeightBroadcaster
 from policies.ppo import PPOConfig, recompute_logprobs, train_step
-from policies.schedule import scheduled_lr
 from policies.precision import AUTO
+from policies.schedule import scheduled_lr
 
 log = logging.getLogger("actors.learner")
 

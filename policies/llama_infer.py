@@ -305,7 +305,8 @@ class CompactDecoder:
             out.append(LayerWeights(layer.input_layernorm.weight, qkv_w, qkv_b, attn.o_proj.weight, attn.o_proj.bias,
                                     layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
                                     mlp.down_proj.weight, mlp.down_proj.bias,
-                                    None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight))
+                                    None if q_norm is None else q_norm.weight,
+                                    None if k_norm is None else k_norm.weight))
         return out
 
     def logits(self, h: Tensor) -> Tensor:

@@ -41,7 +41,8 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     assert [m["lr"] for m in records] == [5e-5, 1e-4]          # tiny.yaml's 1e-4, warmed up over 2 steps
     # the KL to the frozen base model is reported; at step 0 the policy is that model (fp32 rounding apart)
     assert abs(records[0]["ref_kl"]) < 1e-3 and all(math.isfinite(m["ref_kl"]) for m in records)
-    assert "KL penalty: kl_coef 0.05 (k1) against a frozen reference model" in (run_dir / "logs" / "learner.log").read_text()
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "KL penalty: kl_coef 0.05 (k1) against a frozen reference model" in learner_log
     for m in records:
         qids = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
         assert sorted(set(m["qids"])) == qids
