@@ -388,6 +388,22 @@ class EvalConfig(Checked):
 
 
 @dataclass
+class LoggingConfig(Checked):
+    wandb: bool = opt(False, doc="also log each step's scalars to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = opt("boba-actors", check=bool, expect="(non-empty)")
+    wandb_mode: Literal["online", "offline"] = opt("offline", doc="offline: written under RUN_DIR/wandb, no "
+                                                              "network (`wandb sync` uploads it later)")
+
+
+def wandb_options(cfg: "ExperimentConfig") -> dict | None:
+    """launcher.metrics.MetricsWriter's `wandb` options from logging.*; None when off."""
+    if not cfg.logging.wandb:
+        return None
+    return {"project": cfg.logging.wandb_project, "name": cfg.name, "mode": cfg.logging.wandb_mode,
+            "config": dump_config(cfg)}
+
+
+@dataclass
 class ExperimentConfig(Checked):
     name: str = opt("exp", check=lambda v: bool(re.fullmatch(r"[A-Za-z0-9._-]+", v)),
                     expect="made of letters, digits, '.', '_', '-'")
@@ -405,6 +421,7 @@ class ExperimentConfig(Checked):
     tensors: TensorsConfig = field(default_factory=TensorsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -422,6 +439,10 @@ def check_trainable(cfg: ExperimentConfig) -> None:
     if cfg.data.test is not None and not Path(cfg.data.test).is_file():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")
     check_reward_fns(cfg)
+    if cfg.logging.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb: true needs the wandb package, which is not installed (pip install wandb)")
 
 
 def check_reward_fns(cfg: ExperimentConfig) -> None:
