@@ -56,10 +56,12 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     assert "RuntimeError: medium rows are not graded" in log
 
 
-def test_an_unimportable_reward_function_stops_the_launch_naming_the_key(tmp_path):
+def test_an_unimportable_reward_function_stops_the_launch_naming_the_key(tmp_path, capsys):
+    from launcher.__main__ import main     # in this process: the launch stops before any process starts
     train = make_gsm8k_parquet.write(tmp_path / "train.parquet", n=4)
-    r = launch(["--quiet", "--config", "configs/tiny.yaml", *tiny_overrides(tmp_path / "run", train, **{
-        "reward.fns": "[{fn: examples/gsm8k_reward.py:no_such_function}]"})], timeout=120)
-    assert r.returncode != 0
-    assert "reward.fns[0].fn: " in r.stderr and "has no attribute 'no_such_function'" in r.stderr
+    argv = ["--quiet", "--config", str(ROOT / "configs/tiny.yaml"), *tiny_overrides(tmp_path / "run", train, **{
+        "reward.fns": f"[{{fn: '{ROOT}/examples/gsm8k_reward.py:no_such_function'}}]"})]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "reward.fns[0].fn: " in err and "has no attribute 'no_such_function'" in err
     assert not (tmp_path / "run" / "logs").exists()     # nothing started
