@@ -436,7 +436,7 @@ def check_trainable(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.train: required to train, expected a path to a JSONL of problems, got None")
     if not Path(cfg.data.train).exists():
         raise ConfigError(f"data.train: no such file {cfg.data.train!r}")
-    if cfg.data.test is not None and not Path(cfg.data.test).is_file():
+    if cfg.data.test is not None and not Path(cfg.data.test).exists():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")
     check_reward_fns(cfg)
     if cfg.logging.wandb:
