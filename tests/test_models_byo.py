@@ -125,3 +125,16 @@ def test_preflight_names_a_missing_or_unsupported_model(tmp_path):
         check_model_path(load_config(overrides=[f"model.path={bad}"]))
     with pytest.raises(ModelPathError, match=r"model.path: model path .*missing.* does not exist"):
         check_model_path(load_config(overrides=[f"model.path={tmp_path / 'missing'}"]))
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3, tiny_mistral], ids=["qwen3", "mistral"])
+def test_the_learner_packed_logprobs_agree_with_hf(tmp_path, make):
+    """What the learner computes (load_model's packed attention, several sequences in one row)."""
+    from policies.logprobs import packed_logprobs
+    from policies.models import load_model
+    make().save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    seqs = prompts(model.config.vocab_size, [7, 12, 5])
+    lp, _ = packed_logprobs(model, torch.tensor(sum(seqs, [])), torch.tensor([0, 7, 19, 24], dtype=torch.int32))
+    expected = torch.cat([torch.cat([torch.zeros(1), hf_logprobs(model, s[:1], s[1:])]) for s in seqs])
+    torch.testing.assert_close(lp.detach(), expected, atol=1e-4, rtol=0)
