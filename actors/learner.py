@@ -55,11 +55,13 @@ class Learner(Actor):
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
                  start_step: int = 0, max_staleness: int = 0, recompute_logprobs: bool | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, transfer_timeout: float = 120.0,
-                 resumed: dict | None = None, name: str = P.LEARNER, ref_model=None, **bus_kwargs):
+                 resumed: dict | None = None, name: str = P.LEARNER, ref_model=None, periodic_eval=None,
+                 **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
         self.broadcaster = broadcaster
         self.ref_model = ref_model  # frozen, for ppo.kl_coef > 0 (its logprobs are the KL's reference)
+        self.periodic_eval = periodic_eval  # eval.every: .due(steps_done), (model) -> metrics
         self.run_dir = Path(run_dir)
         self.total_steps, self.step = total_steps, start_step
         # None: only for stale data (the generator's logprobs taken as exact otherwise)
@@ -166,6 +168,8 @@ class Learner(Actor):
             if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                 await self._checkpoint()
         sync = await self.broadcaster.broadcast(self.step)
+        if self.periodic_eval is not None and self.periodic_eval.due(self.step):
+            stats.update(await asyncio.to_thread(self.periodic_eval, self.model))
         t_end = time.perf_counter()
         tokens = batch.num_tokens if batch is not None else 0
         metrics = {

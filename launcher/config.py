@@ -385,6 +385,8 @@ class EvalConfig(Checked):
     force_newline: bool = False
     dtype: Literal["float32", "bfloat16", "auto"] = opt(
         "float32", doc="the sampling model's weights; auto = bfloat16 where it is native")
+    every: int = opt(0, check=_non_negative, expect=">= 0 (0 = never)",
+                     doc="during an RL run, pass@1 on data.test every K steps, in the step's metrics")
 
 
 @dataclass
@@ -438,6 +440,8 @@ def check_trainable(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.train: no such file {cfg.data.train!r}")
     if cfg.data.test is not None and not Path(cfg.data.test).exists():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")
+    if cfg.eval.every and cfg.data.test is None:
+        raise ConfigError(f"eval.every: {cfg.eval.every} needs data.test (the problems to evaluate on), got None")
     check_reward_fns(cfg)
     if cfg.logging.wandb:
         import importlib.util

@@ -238,6 +238,11 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             ref_model.requires_grad_(False).eval()
             log.info("KL penalty: kl_coef %g (%s) against a frozen reference model, %s", cfg.ppo.kl_coef,
                      cfg.ppo.kl_estimator, base_model_path(cfg))
+        periodic_eval = None
+        if cfg.eval.every:
+            from launcher.periodic_eval import PeriodicEval
+            periodic_eval = PeriodicEval(cfg, start.model_path, tok, device=device_for(cfg),
+                                         dtype=_dtype(cfg, "generator"))
         bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
@@ -246,7 +251,7 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
                           checkpoint_every=cfg.train.checkpoint_every,
                           keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name,
-                          ref_model=ref_model, **bus_kwargs)
+                          ref_model=ref_model, periodic_eval=periodic_eval, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
 

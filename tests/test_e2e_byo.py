@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import sys
 
+import pytest
+
 from launcher.metrics import read_metrics
 from tests.launch_util import ROOT, expected_qids, launch, tiny_overrides
 
@@ -31,7 +33,7 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
         "data.answer_format": "gsm8k", "data.system_prompt": "You are a careful solver.",
         "reward.fns": fns, "reward.on_error": -7.0,
         "ppo.warmup_steps": 2, "ppo.lr_schedule": "cosine", "ppo.normalize_advantages": "group",
-        "ppo.kl_coef": 0.05})])
+        "ppo.kl_coef": 0.05, "data.test": str(train), "eval.every": 2, "eval.k": 1, "eval.max_new_tokens": 4})])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = make_gsm8k_parquet.rows(12)
@@ -39,6 +41,8 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1]
     assert [m["lr"] for m in records] == [5e-5, 1e-4]          # tiny.yaml's 1e-4, warmed up over 2 steps
+    assert "eval_pass@1" not in records[0] and 0.0 <= records[1]["eval_pass@1"] <= 1.0   # eval.every: 2
+    assert records[1]["eval_truncation_rate"] == 1.0             # a random model never stops within 4 tokens
     # the KL to the frozen base model is reported; at step 0 the policy is that model (fp32 rounding apart)
     assert abs(records[0]["ref_kl"]) < 1e-3 and all(math.isfinite(m["ref_kl"]) for m in records)
     learner_log = (run_dir / "logs" / "learner.log").read_text()
@@ -65,3 +69,10 @@ def test_an_unimportable_reward_function_stops_the_launch_naming_the_key(tmp_pat
     err = capsys.readouterr().err
     assert "reward.fns[0].fn: " in err and "has no attribute 'no_such_function'" in err
     assert not (tmp_path / "run" / "logs").exists()     # nothing started
+
+
+def test_eval_every_needs_data_test(tmp_path):
+    from launcher.config import ConfigError, check_trainable, load_config
+    train = make_gsm8k_parquet.write(tmp_path / "train.parquet", n=2)
+    with pytest.raises(ConfigError, match=r"^eval\.every: 3 needs data\.test"):
+        check_trainable(load_config(overrides=[f"data.train={train}", "eval.every=3"]))
