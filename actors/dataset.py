@@ -8,6 +8,11 @@ Accepts AReaL's layout (one problem per line)::
 Each entry of `Problem.answers` is a reference for the verifier: a bare answer or a solution text whose
 last \\boxed{} holds the answer. A malformed line is a `DatasetError` naming file:line and the fault;
 with `skip_malformed=True` it is skipped, logged and counted in the result's `.stats`.
+
+Other layouts (a GSM8K or MATH dump, any column names) are read through a `Layout` (the `data.*_key`
+and `data.answer_format` config keys); JSON, parquet, arrow files and saved dataset directories go
+through the `datasets` library (actors.table_data), JSONL stays on this line-by-line reader so its
+errors keep naming file:line.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import orjson
+
+from actors.answers import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,28 @@ class Problem:
     id: str
     prompt: str
     answers: list[str]
+    # the row's other fields, for reward functions (reward.fns); not part of a problem's identity
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a row keeps its prompt, reference answer and id, and how to read the answer.
+
+    None keys mean AReaL's layout (prompt/question/problem, solutions/answer, query_id/id).
+    `answer_format`: raw (as is: a bare answer, or a solution whose last \\boxed{} holds it),
+    boxed (the last \\boxed{} content: MATH's `solution`), gsm8k (the text after "####").
+    `split`: which split of a saved DatasetDict directory.
+    """
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    id_key: str | None = None
+    answer_format: str = "raw"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r}: must be one of {', '.join(FORMATS)}")
 
 
 class SFTPair(NamedTuple):
@@ -81,7 +110,20 @@ def _text(obj: dict, keys: tuple[str, ...], what: str) -> str:
     return value
 
 
-def _answers(obj: dict) -> list[str]:
+def _answers(obj: dict, layout: Layout | None = None) -> list[str]:
+    """The references of a row, read through `layout` (None: AReaL's keys, answers as they are)."""
+    from actors.answers import reference_answers
+    if layout is not None and layout.answer_key is not None:
+        if layout.answer_key not in obj:
+            raise _Bad(f"missing reference: no key {layout.answer_key!r} (data.answer_key)")
+        return reference_answers(obj[layout.answer_key], layout.answer_format, layout.answer_key)
+    answers = _areal_answers(obj)
+    if layout is None or layout.answer_format == "raw":
+        return answers
+    return reference_answers(answers, layout.answer_format, "solutions" if "solutions" in obj else "answer")
+
+
+def _areal_answers(obj: dict) -> list[str]:
     if "solutions" in obj:
         sols = obj["solutions"]
         if not isinstance(sols, list) or not sols:
@@ -140,28 +182,64 @@ def _read_jsonl(path: str | os.PathLike, parse: Callable[[dict, str, int], Any],
     return out
 
 
-def load_problems(path: str | os.PathLike, *, skip_malformed: bool = False) -> Records:
-    """Problems from JSONL; the result is a list of `Problem` with a `.stats` (`LoadStats`)."""
-    p = Path(path)
-    first_line: dict[str, int] = {}
+def problem_parser(name: str, layout: Layout | None, unit: str = "line") -> Callable[[dict, str, int], Problem]:
+    """A row -> `Problem` parser with the shared rules (keys by `layout`, unique ids; a row without an id
+    is called `name:N`); raises `_Bad` with the row's fault. `unit` names a row in duplicate-id messages."""
+    first: dict[str, int] = {}
+    lay = layout or Layout()
+    prompt_keys = (lay.prompt_key,) if lay.prompt_key else PROMPT_KEYS
+    id_keys = (lay.id_key,) if lay.id_key else ID_KEYS
 
-    def parse(obj: dict, where: str, lineno: int) -> Problem:
-        prompt = _text(obj, PROMPT_KEYS, "prompt")
-        answers = _answers(obj)
-        key, qid = _first(obj, ID_KEYS)
+    def parse(obj: dict, where: str, n: int) -> Problem:
+        try:
+            prompt = _text(obj, prompt_keys, "prompt")
+            answers = _answers(obj, layout)
+        except _Bad as e:
+            if str(e).startswith("missing"):
+                raise _Bad(f"{e}; the row has {', '.join(map(repr, obj)) or 'no keys'}") from None
+            raise
+        key, qid = _first(obj, id_keys)
         if key is None:
-            qid = f"{p.name}:{lineno}"
+            if lay.id_key:
+                raise _Bad(f"missing id: no key {lay.id_key!r} (data.id_key); the row has {', '.join(map(repr, obj))}")
+            qid = f"{name}:{n}"
         elif isinstance(qid, bool) or not isinstance(qid, (str, int)):
             raise _Bad(f"{key!r} must be a string or an integer, got {type(qid).__name__}")
         qid = str(qid)
         if not qid:
             raise _Bad(f"{key!r} is empty")
-        if qid in first_line:
-            raise _Bad(f"duplicate id {qid!r} (first at line {first_line[qid]})")
-        first_line[qid] = lineno
-        return Problem(qid, prompt, answers)
+        if qid in first:
+            raise _Bad(f"duplicate id {qid!r} (first at {unit} {first[qid]})")
+        first[qid] = n
+        used = {k for k in (*prompt_keys, *id_keys) if k in obj}
+        used.update((lay.answer_key,) if lay.answer_key else ("solutions", "answer"))
+        return Problem(qid, prompt, answers, extra={k: _plain(v) for k, v in obj.items() if k not in used})
 
-    return _read_jsonl(p, parse, skip_malformed=skip_malformed)
+    return parse
+
+
+def _plain(v: Any) -> Any:
+    """A value that travels in a bus message (msgpack): JSON-like types as they are, anything else as str."""
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
+TABLE_SUFFIXES = (".json", ".parquet", ".arrow")
+
+
+def load_problems(path: str | os.PathLike, *, skip_malformed: bool = False, layout: Layout | None = None) -> Records:
+    """Problems from JSONL (or, by suffix, JSON / parquet / arrow, or a saved dataset directory: those go
+    through `datasets`); the result is a list of `Problem` with a `.stats` (`LoadStats`)."""
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() in TABLE_SUFFIXES:
+        from actors.table_data import load_table_problems
+        return load_table_problems(p, layout or Layout(), skip_malformed=skip_malformed)
+    return _read_jsonl(p, problem_parser(p.name, layout), skip_malformed=skip_malformed)
 
 
 def load_sft_pairs(path: str | os.PathLike, *, skip_malformed: bool = False) -> Records:
@@ -204,14 +282,18 @@ def _ids(encoded: Any) -> list[int]:
     return [int(t) for t in encoded]
 
 
-def build_prompt(tokenizer: Any, problem_prompt: str, directive: str, force_newline: bool = False) -> list[int]:
+def build_prompt(tokenizer: Any, problem_prompt: str, directive: str, force_newline: bool = False, *,
+                 system_prompt: str | None = None) -> list[int]:
     """Token ids of the chat prompt "{problem} {directive}" ready for the assistant's answer.
 
     With `force_newline` the assistant turn starts with "\\n" (the release's "force the response to begin
     with a newline" option): the newline is appended as its own token(s), as if the model had sampled it.
+    With `system_prompt` a system turn comes first (the template's own default system turn, if any, gives way).
     """
     content = f"{problem_prompt} {directive}" if directive else problem_prompt
     messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
     ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     if force_newline:
         ids += list(tokenizer.encode("\n", add_special_tokens=False))

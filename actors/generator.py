@@ -126,7 +126,8 @@ class Generator(Actor):
             }
             await self.deliver(verifier, P.SCORE, {
                 "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
-                "rollout": desc, "generator": self.name, "stats": stats}, within=self.deliver_timeout)
+                "problem": body.get("problem"), "rollout": desc, "generator": self.name, "stats": stats},
+                within=self.deliver_timeout)
             await self.deliver(sampler, P.GENERATED, {"batch": body["batch"], "qid": body["qid"],
                                                       "verifier": verifier}, within=self.deliver_timeout)
         except asyncio.CancelledError:

@@ -23,6 +23,7 @@ from actors.broadcaster import WeightBroadcaster
 from actors.trained_log import TrainedLog
 from policies.ppo import PPOConfig, recompute_logprobs, train_step
 from policies.precision import AUTO
+from policies.schedule import scheduled_lr
 
 log = logging.getLogger("actors.learner")
 
@@ -56,10 +57,13 @@ class Learner(Actor):
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
                  start_step: int = 0, max_staleness: int = 0, recompute_logprobs: bool | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, transfer_timeout: float = 120.0,
-                 resumed: dict | None = None, recent_steps: int = 16, name: str = P.LEARNER, **bus_kwargs):
+                 resumed: dict | None = None, recent_steps: int = 16, name: str = P.LEARNER, ref_model=None,
+                 periodic_eval=None, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
         self.broadcaster = broadcaster
+        self.ref_model = ref_model  # frozen, for ppo.kl_coef > 0 (its logprobs are the KL's reference)
+        self.periodic_eval = periodic_eval  # eval.every: .due(steps_done), (model) -> metrics
         self.run_dir = Path(run_dir)
         self.total_steps, self.step = total_steps, start_step
         # None: only for stale data (the generator's logprobs taken as exact otherwise)
@@ -151,8 +155,13 @@ class Learner(Actor):
                 if self.recompute:
                     prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo,
                                                      loss_tokens_only=True)
+                ref = None
+                if self.ref_model is not None:
+                    ref = await asyncio.to_thread(recompute_logprobs, self.ref_model, batch, self.ppo,
+                                                  loss_tokens_only=True)
                 stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
-                                                proximal_logprobs=prox)
+                                                proximal_logprobs=prox, ref_logprobs=ref,
+                                                lr=scheduled_lr(self.ppo, step, self.total_steps))
                 if prox is not None:  # how far the generator's logprobs were from the learner's
                     mask = batch.loss_mask.bool()
                     stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
@@ -176,6 +185,8 @@ class Learner(Actor):
             if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                 await self._checkpoint()
         sync = await self.broadcaster.broadcast(self.step)
+        if self.periodic_eval is not None and self.periodic_eval.due(self.step):
+            stats.update(await asyncio.to_thread(self.periodic_eval, self.model))
         t_end = time.perf_counter()
         # the published record (and the in-memory copy) add the weight sync; the file line has not
         metrics.update({"time_sync_s": t_end - t_train, "generators_updated": sync["updated"],

@@ -48,6 +48,7 @@ def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
         "response_tokens": sum(lengths),
         "groups": len(groups),
         "groups_dropped": dropped,
+        "reward_errors": sum(int(g.stats.get("reward_errors", 0)) for g in groups),  # users' reward functions
         "max_staleness_seen": step - oldest,
         "groups_by_generator": dict(collections.Counter(g.generator for g in groups)),
     }

@@ -3,10 +3,10 @@
 Bodies are plain msgpack maps. Token tensors never ride in them: a body carries a channel
 descriptor (``tensors.channels``) and the bytes travel over that channel.
 
-sampler     -> generator    GENERATE   {batch, qid, prompt_ids, n, sampling, answers}
-generator   -> verifier     SCORE      {batch, qid, texts, answers, rollout, generator, stats}
+sampler     -> generator    GENERATE   {batch, qid, prompt_ids, n, sampling, answers, problem: {prompt, extra}}
+generator   -> verifier     SCORE      {batch, qid, texts, answers, problem, rollout, generator, stats}
 generator   -> sampler      GENERATED  {batch, qid, verifier}
-verifier    -> packer       SCORED     {batch, qid, rewards, correct, rollout, generator, stats}
+verifier    -> packer       SCORED     {batch, qid, rewards, correct, rollout, generator, stats (+ reward_errors)}
 packer      -> sampler      ACCEPTED   {batch, qid} | REJECTED {batch, qid, reason}
 packer      -> learner      TRAIN      {step, batch, stats}
 broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}

@@ -130,6 +130,7 @@ class PromptSampler(Actor):
             self.owed[key] = _Owed({
                 "batch": batch, "qid": key[1], "prompt_ids": self.prompt_ids[i],
                 "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
+                "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
             })
             self.queue.append(key)
         log.info("batch %d admitted (%d prompts, policy version %d, max_staleness %d)",

@@ -1,7 +1,9 @@
 """Verifier actor: scores a group's responses in the policies verifier's process pool.
 
 A SCORE is acknowledged at once and scored in the background (a second copy of one being scored is
-ignored); the result is delivered to the packer, so a broker restart loses none.
+ignored); the result is delivered to the packer, so a broker restart loses none. With `reward.fns`
+the pool runs the users' functions instead of the \\boxed{} check: a response on which one fails
+gets `reward.on_error`, and the group's failures ride to the packer as `stats.reward_errors`.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ class Verifier(Actor):
     def __init__(self, name: str, bus_address: str, *, workers: int = 2, timeout: float = 5.0,
                  reward_cfg: RewardConfig | None = None, deliver_timeout: float = 30.0, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
-        self.pool = VerifierPool(workers=workers, timeout=timeout)
         self.reward_cfg = reward_cfg or RewardConfig()
+        self.pool = VerifierPool(workers=workers, timeout=timeout,
+                                 reward_fns=[(f.fn, f.weight) for f in self.reward_cfg.fns])
+        self.reward_errors = 0
         self.deliver_timeout = deliver_timeout
         self._active: set[tuple[int, str]] = set()
 
@@ -39,11 +43,16 @@ class Verifier(Actor):
     async def _score(self, key: tuple[int, str], body: dict) -> None:
         try:
             texts = body["texts"]
-            correct = await self.pool.score(texts, [body["answers"]] * len(texts))
+            if self.reward_cfg.fns:
+                rewards, errors = await self._user_rewards(key, body)
+                correct = [r > 0 for r in rewards]
+            else:
+                correct = await self.pool.score(texts, [body["answers"]] * len(texts))
+                rewards, errors = [reward(c, self.reward_cfg) for c in correct], 0
             await self.deliver(P.PACKER, P.SCORED, {
-                "batch": body["batch"], "qid": body["qid"], "correct": correct,
-                "rewards": [reward(c, self.reward_cfg) for c in correct],
-                "rollout": body["rollout"], "generator": body["generator"], "stats": body["stats"]},
+                "batch": body["batch"], "qid": body["qid"], "correct": correct, "rewards": rewards,
+                "rollout": body["rollout"], "generator": body["generator"],
+                "stats": {**body["stats"], "reward_errors": errors}},
                 within=self.deliver_timeout)
         except Exception as exc:
             log.error("could not score %s: %s: %s", key, type(exc).__name__, exc)
@@ -54,3 +63,24 @@ class Verifier(Actor):
                 log.error("could not tell the sampler that %s failed: %s", key, exc2)
         finally:
             self._active.discard(key)
+
+    async def _user_rewards(self, key: tuple[int, str], body: dict) -> tuple[list[float], int]:
+        """The reward functions' weighted sums; failures get reward.on_error, are counted and logged."""
+        texts = body["texts"]
+        problem = body.get("problem") or {}
+        answers = body["answers"]
+        reference = answers[0] if len(answers) == 1 else answers
+        n = len(texts)
+        outcomes = await self.pool.rewards([problem.get("prompt", "")] * n, texts, [reference] * n,
+                                           [problem.get("extra") or {}] * n)
+        rewards, errors = [], 0
+        for o in outcomes:
+            if o.value is None:
+                errors += 1
+                self.reward_errors += 1
+                if self.reward_errors <= 5 or self.reward_errors % 100 == 0:
+                    log.warning("reward function failed on %s (%d so far): %s", key, self.reward_errors, o.error)
+                rewards.append(float(self.reward_cfg.on_error))
+            else:
+                rewards.append(float(o.value))
+        return rewards, errors

@@ -9,6 +9,18 @@ import sys
 COMMANDS = ("run", "actor", "attach", "status", "keys", "plot", "sft", "eval", "filter", "main", "config")
 
 
+def _data_args(p) -> None:
+    """The data.* layout keys and a device, as flags of eval and filter (configs/example.yaml explains them)."""
+    p.add_argument("--prompt-key", help="column with the prompt (default: prompt / question / problem)")
+    p.add_argument("--answer-key", help="column with the reference (default: solutions / answer)")
+    p.add_argument("--id-key", help="column with a unique id (default: query_id / id)")
+    p.add_argument("--answer-format", choices=["raw", "boxed", "gsm8k"], default="raw",
+                   help="gsm8k: the text after ####; boxed: the last \\boxed{}")
+    p.add_argument("--split", default="train", help="the split of a saved DatasetDict directory")
+    p.add_argument("--system-prompt", help="a system turn before each problem")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
+
+
 def _common_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML (defaults apply to keys it leaves out)")
     p.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -80,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                     help="the sampling model's weights; auto = bfloat16 where it is native")
 
+    _data_args(ev)
+
     flt = sub.add_parser("filter", help="drop problems the base model always solves")
     flt.add_argument("--data", required=True)
     flt.add_argument("--model", default="smollm2")
@@ -90,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
     flt.add_argument("--seed", type=int, default=1)
     flt.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                     help="the sampling model's weights; auto = bfloat16 where it is native")
+
+    _data_args(flt)
+    sft.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
 
     main = sub.add_parser("main", help="the demo: data, SFT, eval, RL, eval, before/after table")
     main.add_argument("--out", default="runs/main")

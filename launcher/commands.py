@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.config import ConfigError, config_to_yaml, describe_mode, from_dict, load_config, ExperimentConfig
@@ -51,6 +52,11 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg.model.path = absolute(cfg.model.path)
     if cfg.bus.keys_dir:
         cfg.bus.keys_dir = absolute(cfg.bus.keys_dir)
+    from policies.reward_fns import is_file_spec
+    fns = tuple(replace(f, fn=absolute(f.fn.rpartition(":")[0]) + ":" + f.fn.rpartition(":")[2])
+                if is_file_spec(f.fn) else f for f in cfg.reward.fns)
+    if fns != cfg.reward.fns:
+        cfg.reward = replace(cfg.reward, fns=fns)
     return cfg
 
 
@@ -59,9 +65,9 @@ def cmd_run(args) -> int:
     # launcher and its actors encode prompts one at a time, so it buys nothing here.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from actors.checkpoint import CheckpointError
-    from actors.dataset import DatasetError, load_problems
+    from actors.dataset import DatasetError
     from launcher.hosts import HostsError, parse_hosts
-    from launcher.roles import check_model_path
+    from launcher.roles import check_model_path, load_train_problems
     from launcher.run import RunFailed, dry_run, run_job
     try:
         cfg = absolute_paths(_load(args))
@@ -69,7 +75,7 @@ def cmd_run(args) -> int:
         from launcher.config import check_trainable
         check_trainable(cfg)
         check_model_path(cfg)
-        load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed)  # a bad line stops us here, named
+        load_train_problems(cfg)  # a bad line or row stops us here, named
     except (ConfigError, HostsError, DatasetError, OSError) as exc:
         return _die(str(exc))
     loopback = cfg.bus.host.lower() in ("localhost", "::1") or cfg.bus.host.startswith("127.")

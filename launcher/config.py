@@ -272,13 +272,27 @@ class ModelConfig(Checked):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+def _key_or_none(v) -> bool: return v is None or (isinstance(v, str) and bool(v.strip()))
+
+
 @dataclass
 class DataConfig(Checked):
-    train: str | None = opt(None, doc="JSONL of problems; required to train")
+    train: str | None = opt(None, doc="problems: JSONL, .json, .parquet, .arrow or a save_to_disk directory; "
+                                      "required to train")
     test: str | None = None
     prompt_directive: str = DIRECTIVE
     skip_malformed: bool = False
     max_prompt_tokens: int = opt(1024, check=_at_least_one, expect=">= 1")
+    prompt_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                                 doc="the column holding the prompt; null = prompt / question / problem")
+    answer_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                                 doc="the column holding the reference answer; null = solutions / answer")
+    id_key: str | None = opt(None, check=_key_or_none, expect="(a column name) or null",
+                             doc="the column holding a unique id; null = query_id / id, else FILE:ROW")
+    answer_format: Literal["raw", "boxed", "gsm8k"] = opt(
+        "raw", doc="raw: as is; boxed: the last \\boxed{} (MATH solutions); gsm8k: the text after ####")
+    split: str = opt("train", check=bool, expect="(non-empty)", doc="the split of a saved DatasetDict directory")
+    system_prompt: str | None = opt(None, doc="a system turn before the problem in the chat template; null = none")
 
 
 @dataclass
@@ -375,6 +389,24 @@ class EvalConfig(Checked):
     force_newline: bool = False
     dtype: Literal["float32", "bfloat16", "auto"] = opt(
         "float32", doc="the sampling model's weights; auto = bfloat16 where it is native")
+    every: int = opt(0, check=_non_negative, expect=">= 0 (0 = never)",
+                     doc="during an RL run, pass@1 on data.test every K steps, in the step's metrics")
+
+
+@dataclass
+class LoggingConfig(Checked):
+    wandb: bool = opt(False, doc="also log each step's scalars to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = opt("boba-actors", check=bool, expect="(non-empty)")
+    wandb_mode: Literal["online", "offline"] = opt("offline", doc="offline: written under RUN_DIR/wandb, no "
+                                                              "network (`wandb sync` uploads it later)")
+
+
+def wandb_options(cfg: "ExperimentConfig") -> dict | None:
+    """launcher.metrics.MetricsWriter's `wandb` options from logging.*; None when off."""
+    if not cfg.logging.wandb:
+        return None
+    return {"project": cfg.logging.wandb_project, "name": cfg.name, "mode": cfg.logging.wandb_mode,
+            "config": dump_config(cfg)}
 
 
 @dataclass
@@ -395,6 +427,7 @@ class ExperimentConfig(Checked):
     tensors: TensorsConfig = field(default_factory=TensorsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -402,14 +435,32 @@ class ExperimentConfig(Checked):
             self.run_dir = f"runs/{self.name}"
 
 
+
 def check_trainable(cfg: ExperimentConfig) -> None:
     """What training needs beyond a well-formed config; raises `ConfigError`."""
     if cfg.data.train is None:
         raise ConfigError("data.train: required to train, expected a path to a JSONL of problems, got None")
-    if not Path(cfg.data.train).is_file():
+    if not Path(cfg.data.train).exists():
         raise ConfigError(f"data.train: no such file {cfg.data.train!r}")
-    if cfg.data.test is not None and not Path(cfg.data.test).is_file():
+    if cfg.data.test is not None and not Path(cfg.data.test).exists():
         raise ConfigError(f"data.test: no such file {cfg.data.test!r}")
+    if cfg.eval.every and cfg.data.test is None:
+        raise ConfigError(f"eval.every: {cfg.eval.every} needs data.test (the problems to evaluate on), got None")
+    check_reward_fns(cfg)
+    if cfg.logging.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb: true needs the wandb package, which is not installed (pip install wandb)")
+
+
+def check_reward_fns(cfg: ExperimentConfig) -> None:
+    """Every reward.fns[i].fn imports and takes (prompt, response, reference, extra); raises `ConfigError`."""
+    from policies.reward_fns import RewardFnError, load_reward_fn
+    for i, f in enumerate(cfg.reward.fns):
+        try:
+            load_reward_fn(f.fn)
+        except RewardFnError as e:
+            raise ConfigError(f"reward.fns[{i}].fn: {e}") from None
 
 
 def describe_mode(cfg: ExperimentConfig) -> str:

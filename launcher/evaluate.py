@@ -33,6 +33,7 @@ class EvalSettings:
     force_newline: bool = False
     directive: str = DIRECTIVE
     seed: int = 1
+    system_prompt: str | None = None
     max_active_sequences: int = 64  # samples decoded at once; bounds memory on small machines
 
     def __post_init__(self) -> None:
@@ -49,7 +50,8 @@ def sample_answers(model, tokenizer, problems: list[Problem], s: EvalSettings, *
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                             stop_token_ids=tuple(stop_ids(tokenizer)), seed=s.seed)
     engine = GenerationEngine(model, max_batch_size=s.max_active_sequences)
-    prompts = [build_prompt(tokenizer, p.prompt, s.directive, s.force_newline) for p in problems]
+    prompts = [build_prompt(tokenizer, p.prompt, s.directive, s.force_newline, system_prompt=s.system_prompt)
+               for p in problems]
     texts: list[list[str | None]] = [[None] * s.k for _ in problems]
     truncated: list[list[bool]] = [[False] * s.k for _ in problems]
     for i, ids in enumerate(prompts):  # the engine admits groups as room frees up
@@ -92,15 +94,36 @@ def evaluate(model, tokenizer, problems: list[Problem], s: EvalSettings, *, pool
             "sample": texts[0][0] if texts else None}
 
 
+def cli_device(args) -> str:
+    """--device: auto = cuda when present."""
+    device = getattr(args, "device", "auto") or "auto"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    return device
+
+
+def cli_problems(args) -> list[Problem]:
+    """--data read through the layout flags (--prompt-key, --answer-key, --id-key, --answer-format, --split)."""
+    from actors.dataset import Layout
+    layout = Layout(prompt_key=args.prompt_key, answer_key=args.answer_key, id_key=args.id_key,
+                    answer_format=args.answer_format, split=args.split)
+    return load_problems(args.data, layout=layout)
+
+
 def run_eval_command(args) -> int:
     from policies.models import load_model, load_tokenizer, model_path
     from policies.precision import resolve_dtype
     try:
         path = model_path(args.model)
-        problems = load_problems(args.data)
+        problems = cli_problems(args)
         s = EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed)
-        model, tok = load_model(path, dtype=resolve_dtype(args.dtype, "cpu")), load_tokenizer(path)
+                         max_new_tokens=args.max_new_tokens, force_newline=args.force_newline, seed=args.seed,
+                         system_prompt=args.system_prompt)
+        device = cli_device(args)
+        model = load_model(path, dtype=resolve_dtype(args.dtype, device), device=device)
+        tok = load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

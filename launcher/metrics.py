@@ -65,10 +65,23 @@ def _salvage_partial_line(path: Path) -> None:
     log.warning("%s: moved an unterminated last line (%d bytes) to %s.partial", path, len(partial), path.name)
 
 
-class MetricsWriter:
-    """Append metrics records to `run_dir/metrics.jsonl` and scalars to `run_dir/tb`."""
+def open_wandb(options: Mapping[str, Any], run_dir: Path):
+    """A W&B run (`logging.wandb`): wandb is optional, imported only when asked for; mode "offline" writes
+    under run_dir/wandb and needs no network (`wandb sync` uploads it later)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise MetricsError(f"logging.wandb: needs the wandb package (pip install wandb): {e}") from None
+    return wandb.init(project=options.get("project"), name=options.get("name"), mode=options.get("mode", "offline"),
+                      dir=str(run_dir), config=options.get("config"))
 
-    def __init__(self, run_dir: str | Path, *, fsync: bool = False, tensorboard: bool = True):
+
+class MetricsWriter:
+    """Append metrics records to `run_dir/metrics.jsonl`, scalars to `run_dir/tb` and, with `wandb`
+    (options: project, name, mode, config), to a W&B run."""
+
+    def __init__(self, run_dir: str | Path, *, fsync: bool = False, tensorboard: bool = True,
+                 wandb: Mapping[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -79,6 +92,7 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter   # slow import; only when wanted
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        self._wandb = open_wandb(wandb, self.run_dir) if wandb else None
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         if self._file.closed:
@@ -100,6 +114,8 @@ class MetricsWriter:
                 if name not in ("step", "time"):
                     self._tb.add_scalar(name, value, global_step=int(step), walltime=record["time"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({n: v for n, v in _scalars(record) if n not in ("step", "time")}, step=int(step))
         return record
 
     def close(self) -> None:
@@ -108,6 +124,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -72,11 +72,26 @@ def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
     return Start(0, base_model_path(cfg))
 
 
+def data_layout(cfg: ExperimentConfig):
+    """How rows of data.train are read (actors.dataset.Layout) from the data.* keys."""
+    from actors.dataset import Layout
+    d = cfg.data
+    return Layout(prompt_key=d.prompt_key, answer_key=d.answer_key, id_key=d.id_key,
+                  answer_format=d.answer_format, split=d.split)
+
+
+def load_train_problems(cfg: ExperimentConfig):
+    """data.train as `Problem`s (raises actors.dataset.DatasetError naming the file and the row)."""
+    from actors.dataset import load_problems
+    return load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed, layout=data_layout(cfg))
+
+
 def check_model_path(cfg: ExperimentConfig) -> None:
     """Fail before any process starts when model.path is not a model (ModelPathError names it)."""
     if cfg.model.path in ("smollm2", "tiny"):
         return
-    from policies.models import ModelPathError, check_model_dir
+    from policies.llama_infer import SUPPORTED_MODEL_TYPES
+    from policies.models import ModelPathError, check_causal_lm, check_model_dir
     path = Path(cfg.model.path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -84,8 +99,12 @@ def check_model_path(cfg: ExperimentConfig) -> None:
         return
     try:
         check_model_dir(path)
+        model_type = check_causal_lm(path)
     except ModelPathError as exc:
         raise ModelPathError(f"model.path: {exc}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES and cfg.actors.generator.backend == "torch":
+        log.warning("model.path: model_type %r generates on HF's forward, slower than the torch engine "
+                    "(which runs %s)", model_type, ", ".join(SUPPORTED_MODEL_TYPES))
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ModelPathError(f"model.path: {str(path)!r} has no tokenizer (missing tokenizer.json)")
 
@@ -145,7 +164,7 @@ def tensor_options(cfg: ExperimentConfig, bus_address: str):
 def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: Start,
           bus_kwargs: dict) -> list[Actor]:
     """The actors of one process (two for the learner: learner + broadcaster)."""
-    from actors.dataset import build_prompt, load_problems
+    from actors.dataset import build_prompt
     from policies.models import load_model, load_tokenizer
 
     bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address)}
@@ -155,8 +174,9 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
     if role == "sampler":
         from actors.sampler import PromptSampler, SamplerConfig
         tok = load_tokenizer(start.model_path)
-        problems = load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed)
-        prompt_ids = [build_prompt(tok, p.prompt, cfg.data.prompt_directive, cfg.rollout.force_newline)
+        problems = load_train_problems(cfg)
+        prompt_ids = [build_prompt(tok, p.prompt, cfg.data.prompt_directive, cfg.rollout.force_newline,
+                                   system_prompt=cfg.data.system_prompt)
                       for p in problems]
         too_long = [p.id for p, ids in zip(problems, prompt_ids) if len(ids) > cfg.data.max_prompt_tokens]
         if too_long:
@@ -212,6 +232,17 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
             log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
                      "matches the saved one" if saved else "(the checkpoint records none to compare)")
+        ref_model = None
+        if cfg.ppo.kl_coef > 0:   # the KL's reference is the run's base model, also after a resume
+            ref_model = load_model(base_model_path(cfg), dtype=_dtype(cfg), device=device_for(cfg))
+            ref_model.requires_grad_(False).eval()
+            log.info("KL penalty: kl_coef %g (%s) against a frozen reference model, %s", cfg.ppo.kl_coef,
+                     cfg.ppo.kl_estimator, base_model_path(cfg))
+        periodic_eval = None
+        if cfg.eval.every:
+            from launcher.periodic_eval import PeriodicEval
+            periodic_eval = PeriodicEval(cfg, start.model_path, tok, device=device_for(cfg),
+                                         dtype=_dtype(cfg, "generator"))
         bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
@@ -219,7 +250,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
                           checkpoint_every=cfg.train.checkpoint_every,
-                          keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name, **bus_kwargs)
+                          keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name,
+                          ref_model=ref_model, periodic_eval=periodic_eval, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from actors import protocol as P
 from bus.client import BusClient
 from bus.errors import BusError
-from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
+from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config, wandb_options
 from launcher.hosts import Host, place, slot_env
 from launcher.metrics import MetricsWriter
 from launcher.progress import Progress
@@ -151,7 +151,7 @@ class Job:
         await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
                                  key=lambda h: h.name))
         progress = Progress(cfg.train.steps, start.step, describe_mode(cfg), ends_at=self.ends_at)
-        metrics = MetricsWriter(rd)
+        metrics = MetricsWriter(rd, wandb=wandb_options(cfg))
         tasks: list[asyncio.Task] = []
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,

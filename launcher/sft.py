@@ -64,7 +64,8 @@ def run_sft(args) -> int:
         pairs = load_sft_pairs(args.data)
         cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16,
                         compile=args.compile)
-        model, tok = load_model(path), load_tokenizer(path)
+        from launcher.evaluate import cli_device
+        model, tok = load_model(path, device=cli_device(args)), load_tokenizer(path)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

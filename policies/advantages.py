@@ -4,6 +4,11 @@ A sequence's response is its loss-mask tokens, in order. The sequence reward lan
 response token; an optional KL penalty -kl_coef * KL_t lands on every response token. With values
 all zero, GAE's delta_t is the reward r_t, so A_t = sum_l (gamma * lam)^l r_{t+l} and the return
 equals the advantage; with gamma = lam = 1 every response token gets the sequence reward.
+
+Normalisation (`normalize`): "batch" (True; boba) takes mean/std over all response tokens of the batch;
+"group" (GRPO) over the sequences answering the same prompt (`group_ids`), one value per sequence
+(its return: the advantage of its first response token), so a long response weighs as much as a
+short one in its group's statistics; "none" (False) leaves the advantages as they are.
 """
 from __future__ import annotations
 
@@ -83,10 +88,43 @@ def normalize_masked(x: Tensor, mask: Tensor, eps: float = NORM_EPS) -> Tensor:
     return torch.where(mask, (x.double() - mean) / (std + eps), 0.0).float()
 
 
+def normalize_groups(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor,
+                     eps: float = NORM_EPS) -> Tensor:
+    """(A - mean_g) / (std_g + eps) on response tokens, with a group's mean/std (biased) over its
+    sequences' returns (each sequence's first response-token advantage); 0 elsewhere."""
+    group_ids = group_ids.to(adv.device)
+    if group_ids.numel() != cu_seqlens.numel() - 1:
+        raise ValueError(f"group_ids: expected {cu_seqlens.numel() - 1} sequence group ids, got {group_ids.numel()}")
+    pos, seq, rank, counts = response_layout(loss_mask, cu_seqlens)
+    out = torch.zeros(adv.numel(), dtype=torch.float32, device=adv.device)
+    if pos.numel() == 0:
+        return out
+    _, gidx = torch.unique(group_ids, return_inverse=True)          # [S] dense group index
+    n_groups = int(gidx.max()) + 1
+    first = rank == 0
+    returns = adv[pos[first]].double()
+    g_of = gidx[seq[first]]
+    n = torch.zeros(n_groups, dtype=torch.float64, device=adv.device).index_add_(0, g_of, torch.ones_like(returns))
+    mean = torch.zeros_like(n).index_add_(0, g_of, returns) / n.clamp(min=1)
+    var = torch.zeros_like(n).index_add_(0, g_of, (returns - mean[g_of]).pow(2)) / n.clamp(min=1)
+    tok_g = gidx[seq]
+    out[pos] = ((adv[pos].double() - mean[tok_g]) / (var.sqrt()[tok_g] + eps)).float()
+    return out
+
+
+NORMALIZE = {True: "batch", False: "none", "batch": "batch", "group": "group", "none": "none"}
+
+
 def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *, gamma: float = 1.0,
-                   lam: float = 1.0, normalize: bool = True, logprobs: Tensor | None = None,
-                   ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1") -> Tensor:
-    """Advantages [T] of a whole batch, normalised over all its response tokens when asked."""
+                   lam: float = 1.0, normalize: bool | str = True, logprobs: Tensor | None = None,
+                   ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1",
+                   group_ids: Tensor | None = None) -> Tensor:
+    """Advantages [T] of a whole batch, normalised over the batch or per group when asked (module doc)."""
+    mode = NORMALIZE.get(normalize) if isinstance(normalize, (bool, str)) else None
+    if mode is None:
+        raise ValueError(f"normalize={normalize!r}: must be batch, group, none (or True / False)")
+    if mode == "group" and group_ids is None:
+        raise ValueError("normalize='group': needs the batch's group_ids (which prompt each sequence answers)")
     if seq_rewards.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"rewards: expected {cu_seqlens.numel() - 1} sequence rewards, got {seq_rewards.numel()}")
     if loss_mask.numel() != int(cu_seqlens[-1]):
@@ -98,4 +136,8 @@ def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *
         kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
     rewards = token_rewards(seq_rewards, loss_mask, cu_seqlens, kl=kl, kl_coef=kl_coef)
     adv = gae_advantages(rewards, loss_mask, cu_seqlens, gamma=gamma, lam=lam)
-    return normalize_masked(adv, loss_mask) if normalize else adv
+    if mode == "batch":
+        return normalize_masked(adv, loss_mask)
+    if mode == "group":
+        return normalize_groups(adv, loss_mask, cu_seqlens, group_ids)
+    return adv

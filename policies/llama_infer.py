@@ -1,10 +1,11 @@
-"""A compact inference forward for HF Llama / Qwen2 causal LMs, with a per-row KV cache.
+"""A compact inference forward for HF Llama / Qwen2 / Qwen3 causal LMs, with a per-row KV cache.
 
 Why not the HF forward: HF's DynamicCache concatenates the whole cache every step and a batch of
 samples must share one padded layout, so on a small CPU most of a decode step is copying. This
 module runs the same math (RMSNorm, rotary, GQA attention, SwiGLU, tied or untied head) straight on
 the HF model's own parameter tensors, so an in-place weight update of the HF model is seen at the
 next call, and keeps keys/values in a preallocated cache whose rows have their own lengths.
+Qwen3 adds an RMSNorm over each head's queries and keys (`q_norm` / `k_norm`) before the rotary.
 
 Only architectures whose math is reproduced exactly are accepted (`check_supported`); anything
 else raises `UnsupportedModelError` rather than silently generating from a different model.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # Rope types whose frequencies do not depend on the sequence length, so one table serves all positions.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -66,6 +67,15 @@ def col_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight[:, None] * h.to(x.dtype)
 
 
+def head_rms_norm_col(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Qwen3's per-head q/k RMSNorm on column-major heads x [heads, D, B] (over D); identity without weight."""
+    if weight is None:
+        return x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + eps)
+    return weight[None, :, None] * h.to(x.dtype)
+
+
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """HF's apply_rotary_pos_emb for one tensor: x*cos + rotate_half(x)*sin, with rotate_half's
     sign folded into signed_sin = cat(-sin[:half], sin[half:]) so that it is a plain roll."""
@@ -104,6 +114,8 @@ class LayerWeights(NamedTuple):
     gate_up_bias: tuple[Tensor | None, ...]
     down: Tensor
     down_bias: Tensor | None
+    q_norm: Tensor | None = None  # Qwen3: RMSNorm weight [head_dim] over each query head
+    k_norm: Tensor | None = None  # ... and each key head
 
 
 class KVCache:
@@ -289,9 +301,12 @@ class CompactDecoder:
                 fused.check()
                 qkv_w, qkv_b = (fused.qkv,), (fused.qkv_bias,)
                 gate_up_w, gate_up_b = (fused.gate_up,), (fused.gate_up_bias,)
+            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
             out.append(LayerWeights(layer.input_layernorm.weight, qkv_w, qkv_b, attn.o_proj.weight, attn.o_proj.bias,
                                     layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
-                                    mlp.down_proj.weight, mlp.down_proj.bias))
+                                    mlp.down_proj.weight, mlp.down_proj.bias,
+                                    None if q_norm is None else q_norm.weight,
+                                    None if k_norm is None else k_norm.weight))
         return out
 
     def logits(self, h: Tensor) -> Tensor:
@@ -313,8 +328,11 @@ class CompactDecoder:
         keys, values = [], []
         for w in self._weights():
             q, k, v = project(rms_norm(h, w.input_norm, self.eps), w.qkv, w.qkv_bias, self.qkv_sizes, col=False)
-            q = rotate(q.unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(0, 1)
-            k = rotate(k.unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(0, 1)
+            q, k = q.unflatten(-1, (self.n_heads, self.head_dim)), k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+            if w.q_norm is not None:
+                q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
+            q = rotate(q, cos, sin).transpose(0, 1)
+            k = rotate(k, cos, sin).transpose(0, 1)
             v = v.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(0, 1)  # [heads, N, D]
             keys.append(k)
             values.append(v)
@@ -364,8 +382,8 @@ class CompactDecoder:
         at = positions[:, None]
         for w, key, value in zip(self._weights(), keys, values):
             q, k, v = project(col_rms_norm(h, w.input_norm, self.eps), w.qkv, w.qkv_bias, self.qkv_sizes, col=True)
-            q = rotate_col(q.reshape(self.n_heads, hd, b), cos, sin)
-            k = rotate_col(k.reshape(n_kv, hd, b), cos, sin)
+            q = rotate_col(head_rms_norm_col(q.reshape(self.n_heads, hd, b), w.q_norm, self.eps), cos, sin)
+            k = rotate_col(head_rms_norm_col(k.reshape(n_kv, hd, b), w.k_norm, self.eps), cos, sin)
             key[rows, :, at] = k.permute(2, 0, 1)
             value[rows, at] = v.reshape(n_kv, hd, b).permute(2, 0, 1)
             q = q.view(n_kv, group, hd, b).permute(3, 0, 1, 2).reshape(b * n_kv, group, hd)

@@ -82,6 +82,32 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_causal_lm(path: str | os.PathLike) -> str:
+    """The model_type of an HF model directory, or ModelPathError when transformers has no causal LM for it.
+
+    Says nothing of speed: Llama / Qwen2 / Qwen3 generate on the compact engine, every other causal LM on
+    HF's forward (policies.sampling.make_decoder)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelPathError(f"model path {str(path)!r}: cannot read config.json: {e}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise ModelPathError(f"model path {str(path)!r}: config.json names no model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelPathError(f"model path {str(path)!r}: model_type {model_type!r} is unknown to transformers "
+                             f"(a newer transformers, or a model that needs trust_remote_code, which we do not run)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelPathError(f"model path {str(path)!r}: model_type {model_type!r} is not a causal LM "
+                             "(AutoModelForCausalLM has no class for it)")
+    return model_type
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _is_gguf(path: Path) -> bool:

@@ -20,6 +20,7 @@ from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
 from policies.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
 from policies.precision import is_bool_or_auto, resolve_bf16
+from policies.schedule import SCHEDULES
 from policies.shared_prompts import prompt_lengths
 
 
@@ -41,7 +42,11 @@ class PPOConfig:
     lam: float = 1.0
     kl_coef: float = 0.0
     kl_estimator: str = "k1"        # "k1" | "k3"
-    normalize_advantages: bool = True
+    normalize_advantages: bool | Literal["batch", "group", "none"] = True  # true = batch, false = none;
+    # batch: mean/std over all response tokens of the batch (boba); group: per prompt's G samples (GRPO)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay after warm-up (policies.schedule)
+    warmup_steps: int = 0            # RL steps of linear warm-up to lr
+    min_lr_ratio: float = 0.0        # linear/cosine decay ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0
     max_tokens_per_micro_batch: int = 8192
     behaviour_imp_cap: float | None = 5.0   # decoupled PPO: cap on pi_prox/pi_behav; tokens above are masked
@@ -67,6 +72,13 @@ class PPOConfig:
         _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
         _check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be 'k1' or 'k3'", self.kl_estimator)
+        _check(self.normalize_advantages in (True, False, "batch", "group", "none"), "normalize_advantages",
+               "must be batch, group, none (or true = batch, false = none)", self.normalize_advantages)
+        _check(self.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {', '.join(SCHEDULES)}",
+               self.lr_schedule)
+        _check(isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
+               and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
         _check(isinstance(self.max_tokens_per_micro_batch, int) and self.max_tokens_per_micro_batch >= 1,
                "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
@@ -179,7 +191,14 @@ def compute_advantages(batch, cfg: PPOConfig, *, logprobs: Tensor | None = None,
     lp = batch.logprobs if logprobs is None else logprobs
     return advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, gamma=cfg.gamma, lam=cfg.lam,
                           normalize=cfg.normalize_advantages, logprobs=lp, ref_logprobs=ref_logprobs,
-                          kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
+                          kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, group_ids=_group_ids(batch))
+
+
+def _group_ids(batch) -> Tensor | None:
+    try:
+        return batch.group_ids
+    except (KeyError, AttributeError):
+        return None
 
 
 @torch.no_grad()
@@ -207,13 +226,20 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: PPOConfig, *,
-               proximal_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None) -> dict[str, float]:
+               proximal_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
+               lr: float | None = None) -> dict[str, float]:
     """One PPO training batch: `cfg.minibatches` optimiser steps. Without `proximal_logprobs` the
-    behaviour logprobs serve as proximal ones (on-policy data: standard PPO)."""
+    behaviour logprobs serve as proximal ones (on-policy data: standard PPO). `lr` (policies.schedule)
+    sets every parameter group's learning rate first."""
     assert_trainable(model)
     device = _device(model)
     _check_precision(optimizer, cfg, device)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr)
     f = _token_fields(batch, device)
+    groups = _group_ids(batch)
+    groups = None if groups is None else groups.to(device)
     num_tokens = f["input_ids"].numel()
     behav = f["logprobs"].float()
     prox = _check_token_tensor("proximal_logprobs", proximal_logprobs, num_tokens, device)
@@ -224,7 +250,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
                              kl_estimator=cfg.kl_estimator)
     adv = advantages_for(f["rewards"], f["loss_mask"], f["cu_seqlens"], gamma=cfg.gamma, lam=cfg.lam,
                          normalize=cfg.normalize_advantages, logprobs=prox, ref_logprobs=ref,
-                         kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
+                         kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, group_ids=groups)
 
     model.train()
     totals: dict[str, float] = {}
@@ -282,6 +308,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         n_minibatches=float(len(losses)),
         n_micro_batches=float(n_micro),
         lr=float(optimizer.param_groups[0]["lr"]),
+        **({} if ref is None or not mask.any() else
+           {"ref_kl": float(kl_estimate(prox, ref, cfg.kl_estimator)[mask].mean())}),
     )
 
 

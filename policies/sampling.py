@@ -21,6 +21,7 @@ Conventions
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 from collections import deque
@@ -31,7 +32,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.llama_infer import CompactDecoder, KVCache
+from policies.llama_infer import CompactDecoder, KVCache, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+_FALLBACK_SAID: set[str] = set()   # model classes already reported as running on the HF fallback
+
+
+def make_decoder(model: nn.Module, *, fuse: bool = True, hf_fallback: bool = True):
+    """The compact decoder where it reproduces the model's math, else (with hf_fallback) HF's forward
+    (policies.hf_decoder: any causal LM, slower; said once per model class in the log)."""
+    try:
+        return CompactDecoder(model, fuse=fuse)
+    except UnsupportedModelError as e:
+        if not hf_fallback:
+            raise
+        from policies.hf_decoder import HFDecoder
+        name = type(model).__name__
+        if name not in _FALLBACK_SAID:
+            _FALLBACK_SAID.add(name)
+            log.warning("%s runs on the HF forward without a KV cache (slower than the torch engine): %s", name, e)
+        return HFDecoder(model)
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -225,7 +245,7 @@ def _eos_ids(model: nn.Module) -> tuple[int, ...]:
 
 
 class GenerationEngine:
-    """Continuous-batching sampler over a HF causal LM (Llama / Qwen2 architectures).
+    """Continuous-batching sampler over a HF causal LM (Llama / Qwen2 / Qwen3 run the compact decoder).
 
     Shares the model's parameters (no copy): an in-place update of the model, or
     `update_weights`, is seen at the next step. Thread-safe: `step`, `abort` and `update_weights`
@@ -236,7 +256,8 @@ class GenerationEngine:
     of prompt + max_new_tokens within `max_batch_tokens`. The KV cache holds
     rows x longest-row positions x (2 x layers x kv_heads x head_dim) values, grown on demand
     (46 KiB per position for SmolLM2-135M in fp32) and freed when the engine goes idle.
-    Models of other architectures raise `UnsupportedModelError` (no silent HF fallback).
+    Models of other architectures run on HF's forward (`policies.hf_decoder`, slower, logged once);
+    with hf_fallback=False they raise `UnsupportedModelError`.
     fuse_projections re-homes each layer's q/k/v and gate/up weights into one buffer each (same
     Parameter objects and values; see `policies.llama_infer.FusedLayer`) for fewer, larger matmuls.
     """
@@ -253,12 +274,13 @@ class GenerationEngine:
         eos_token_ids: tuple[int, ...] | None = None,
         seed: int | None = None,
         version: int = 0,
+        hf_fallback: bool = True,
     ):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
-        self.decoder = CompactDecoder(model, fuse=fuse_projections)  # raises UnsupportedModelError
+        self.decoder = make_decoder(model, fuse=fuse_projections, hf_fallback=hf_fallback)
         here = self.decoder.device
         if device is not None:
             want = torch.device(device)

@@ -12,6 +12,12 @@ chunk goes back to the front of the queue: nothing is lost or answered twice.
 Inside a worker a SIGALRM at 80% of the deadline interrupts slow pure-Python
 sympy work, which saves a respawn; C-level work (a huge integer power) does
 not see the signal, and the kill at 100% handles it.
+
+The same workers run users' reward functions (``reward_fns``, see
+policies.reward_fns): ``rewards()`` hands each worker (prompt, response,
+reference, extra) tasks under the same deadline, memory limit and kill, and
+hears back the weighted sum, or why it failed (the function raised, returned
+no number, ran past the deadline, or took its worker down).
 """
 
 from __future__ import annotations
@@ -46,19 +52,29 @@ class VerifierStats:
     respawns: int = 0
 
 
+@dataclass(frozen=True)
+class RewardOutcome:
+    """One response's reward from the users' functions: ``value``, or None and the ``error``."""
+    value: float | None
+    error: str | None = None
+
+
+MATCH, REWARD = "m", "r"  # the two kinds of task a worker runs
+
+
 @dataclass
 class _Job:
-    results: list[bool]
+    results: list
     left: int
     future: cf.Future
+    kind: str = MATCH
 
 
 @dataclass
 class _Task:
     job: _Job
     index: int
-    answer: str
-    golds: list[str]
+    payload: tuple  # MATCH: (answer, golds); REWARD: (prompt, response, reference, extra)
 
 
 @dataclass
@@ -90,6 +106,7 @@ class VerifierPool:
         start_timeout: float = 60.0,
         memory_limit_mb: int | None = 4096,
         start_method: str | None = None,
+        reward_fns: Sequence[tuple[str, float]] = (),
     ) -> None:
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
@@ -105,6 +122,7 @@ class VerifierPool:
         if method == "fork":
             raise ValueError("VerifierPool: start_method 'fork' is unsafe in a threaded parent; use forkserver or spawn")
         self.workers, self.timeout, self.guard = workers, float(timeout), guard
+        self.reward_fns = tuple((str(spec), float(w)) for spec, w in reward_fns)
         self._chunk, self._start_timeout, self._mem_mb = chunk_size, start_timeout, memory_limit_mb
         self._soft = interrupt_at * self.timeout if interrupt_at else 0.0
         self._ctx = mp.get_context(method)
@@ -131,6 +149,22 @@ class VerifierPool:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=limit)
         except asyncio.TimeoutError:
             raise self._late(len(responses), limit) from None
+
+    async def rewards(self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str],
+                      extras: Sequence[dict]) -> list[RewardOutcome]:
+        """The weighted sum of ``reward_fns`` for each response, in order; never raises for a user's fault."""
+        if not self.reward_fns:
+            raise RuntimeError("VerifierPool.rewards: the pool was made without reward_fns")
+        n = len(responses)
+        if not (len(prompts) == len(references) == len(extras) == n):
+            raise ValueError(f"VerifierPool.rewards: {len(prompts)} prompts, {n} responses, "
+                             f"{len(references)} references, {len(extras)} extras: expected equal lengths")
+        items = [(str(p), str(r), ref, dict(e)) for p, r, ref, e in zip(prompts, responses, references, extras)]
+        fut, limit = self._enqueue(REWARD, items)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=limit)
+        except asyncio.TimeoutError:
+            raise self._late(n, limit) from None
 
     def score_sync(self, responses: Sequence[str], references: Sequence[Reference]) -> list[bool]:
         fut, limit = self._submit(responses, references)
@@ -209,13 +243,18 @@ class VerifierPool:
                 golds.append(gold_answers(ref))
             except TypeError as e:
                 raise TypeError(f"VerifierPool.score: references[{i}]: {e}") from None
+        return self._enqueue(MATCH, list(zip(responses, golds)))
+
+    def _enqueue(self, kind: str, items: list[tuple]) -> tuple[cf.Future, float]:
+        if self._closed:
+            raise RuntimeError("VerifierPool: scoring on a closed pool")
         fut: cf.Future = cf.Future()
-        if not responses:
+        if not items:
             fut.set_result([])
             return fut, self._start_timeout
         with self._lock:
-            self._requests.append((list(responses), golds, fut))
-            self._outstanding += len(responses)
+            self._requests.append((kind, items, fut))
+            self._outstanding += len(items)
             ahead = self._outstanding  # this batch and every answer queued before it
         self._wake()
         # each answer ends or is killed within `timeout`; allow a respawn each, and start-up
@@ -247,15 +286,18 @@ class VerifierPool:
     def _take_requests(self, pending: deque[_Task]) -> None:
         with self._lock:
             batches, self._requests = list(self._requests), deque()
-        for responses, golds, fut in batches:
-            job = _Job([False] * len(responses), len(responses), fut)
-            for i, (resp, g) in enumerate(zip(responses, golds)):
+        for kind, items, fut in batches:
+            job = _Job([None] * len(items), len(items), fut, kind)
+            if kind == REWARD:
+                pending.extend(_Task(job, i, item) for i, item in enumerate(items))
+                continue
+            for i, (resp, g) in enumerate(items):
                 ans = final_answer(resp, self.guard)
                 if ans is None or not g:
                     self._count(refused=1)
                     self._finish(job, i, False)
                 else:
-                    pending.append(_Task(job, i, ans, g))
+                    pending.append(_Task(job, i, (ans, g)))
 
     def _assign(self, pending: deque[_Task]) -> None:
         idle = [w for w in self._pool if w.ready and not w.inflight]
@@ -265,7 +307,7 @@ class VerifierPool:
             size = max(1, min(self._chunk, -(-len(pending) // (2 * len(self._pool)))))
             chunk = [pending.popleft() for _ in range(min(size, len(pending)))]
             try:
-                w.conn.send([(id(t), t.answer, t.golds) for t in chunk])
+                w.conn.send([(id(t), t.job.kind, t.payload) for t in chunk])
             except (OSError, EOFError):
                 pending.extendleft(reversed(chunk))
                 self._replace(w, pending, reason="crash")
@@ -303,12 +345,18 @@ class VerifierPool:
                     w.ready = True
                     self._start_failures = 0
                     continue
-                tid, code = msg
+                tid, code, value = msg
                 task = w.inflight.popleft()
                 assert id(task) == tid, "verifier worker answered out of order"
                 w.started = time.monotonic()
                 self._count(timeouts=code == TIMEOUT, errors=code == ERROR)
-                self._finish(task.job, task.index, code == OK)
+                if task.job.kind == MATCH:
+                    self._finish(task.job, task.index, code == OK)
+                elif code == OK:
+                    self._finish(task.job, task.index, RewardOutcome(value))
+                else:
+                    why = value if code == ERROR else f"interrupted at {self._soft:.1f} s (reward timeout)"
+                    self._finish(task.job, task.index, RewardOutcome(None, why))
         except (EOFError, OSError):
             if not w.ready:
                 self._start_failures += 1
@@ -326,7 +374,12 @@ class VerifierPool:
         if w.inflight:
             lost = w.inflight.popleft()
             self._count(timeouts=reason == "timeout", crashes=reason == "crash")
-            self._finish(lost.job, lost.index, False)
+            if lost.job.kind == MATCH:
+                self._finish(lost.job, lost.index, False)
+            else:
+                why = (f"killed after the {self.timeout:g} s timeout" if reason == "timeout" else
+                       f"its worker process died (exit code {w.proc.exitcode}; a crash or the memory limit)")
+                self._finish(lost.job, lost.index, RewardOutcome(None, why))
             pending.extendleft(reversed(w.inflight))
         i = self._pool.index(w)
         self._pool[i] = self._spawn()
@@ -335,7 +388,8 @@ class VerifierPool:
     def _spawn(self) -> _Worker:
         ours, theirs = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(theirs, self._soft, self._mem_mb), name="verifier-worker", daemon=True
+            target=_worker_main, args=(theirs, self._soft, self._mem_mb, self.reward_fns), name="verifier-worker",
+            daemon=True
         )
         proc.start()
         theirs.close()
@@ -353,12 +407,12 @@ class VerifierPool:
             w.proc.join(timeout=5.0)
         w.conn.close()
 
-    def _finish(self, job: _Job, index: int, ok: bool) -> None:
-        job.results[index] = ok
+    def _finish(self, job: _Job, index: int, result) -> None:
+        job.results[index] = result
         job.left -= 1
         with self._lock:
             self._outstanding -= 1
-        self._count(answered=1, correct=ok)
+        self._count(answered=1, correct=result is True)
         if job.left == 0 and not job.future.done():
             try:
                 job.future.set_result(job.results)
@@ -387,7 +441,8 @@ class _SoftTimeout(BaseException):
     """Raised by SIGALRM in a worker; BaseException so library code can't swallow it."""
 
 
-def _worker_main(conn: Connection, soft_timeout: float, memory_limit_mb: int | None) -> None:
+def _worker_main(conn: Connection, soft_timeout: float, memory_limit_mb: int | None,
+                 reward_fns: tuple[tuple[str, float], ...] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if memory_limit_mb:
         try:
@@ -400,6 +455,9 @@ def _worker_main(conn: Connection, soft_timeout: float, memory_limit_mb: int | N
     from policies.math_equal import match_answer
 
     match_answer("\\frac{1}{2}", ["x^2"])  # warm up the LaTeX parser and sympy
+    if reward_fns:
+        from policies.reward_fns import load_reward_fn, weighted_reward
+        fns = [(load_reward_fn(spec), weight) for spec, weight in reward_fns]
 
     def on_alarm(signum, frame):
         raise _SoftTimeout
@@ -413,18 +471,22 @@ def _worker_main(conn: Connection, soft_timeout: float, memory_limit_mb: int | N
             return
         if chunk is None:
             return
-        for tid, answer, golds in chunk:
+        for tid, kind, payload in chunk:
+            value = None
             try:
                 try:
                     if soft_timeout:
                         signal.setitimer(signal.ITIMER_REAL, soft_timeout)
-                    code = OK if match_answer(answer, golds) else WRONG
+                    if kind == MATCH:
+                        code = OK if match_answer(*payload) else WRONG
+                    else:
+                        value, code = weighted_reward(fns, *payload), OK
                 finally:
                     if soft_timeout:
                         signal.setitimer(signal.ITIMER_REAL, 0)
             except _SoftTimeout:
                 code = TIMEOUT
-            except Exception:  # RecursionError, MemoryError, a sympy bug: wrong, keep serving
-                code = ERROR
-            conn.send((tid, code))
+            except Exception as e:  # RecursionError, MemoryError, a sympy bug, a user's bug: keep serving
+                code, value = ERROR, f"{type(e).__name__}: {e}"[:500]
+            conn.send((tid, code, value))
 

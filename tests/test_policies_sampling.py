@@ -144,10 +144,10 @@ def test_fusion_keeps_parameters_and_sees_every_update():
     assert before != after_copy != after_assign
 
 
-def test_unsupported_architecture_is_refused():
+def test_unsupported_architecture_is_refused_without_the_hf_fallback():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="model_type='gpt2'"):
-        GenerationEngine(gpt2)
+        GenerationEngine(gpt2, hf_fallback=False)
 
 
 # ------------------------------------------------------------------ sampling semantics
