@@ -185,12 +185,12 @@ class Learner(Actor):
             if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                 await self._checkpoint()
         sync = await self.broadcaster.broadcast(self.step)
-        if self.periodic_eval is not None and self.periodic_eval.due(self.step):
-            stats.update(await asyncio.to_thread(self.periodic_eval, self.model))
         t_end = time.perf_counter()
-        # the published record (and the in-memory copy) add the weight sync; the file line has not
+        # the published record (and the in-memory copy) add the weight sync and any eval; the file line has not
         metrics.update({"time_sync_s": t_end - t_train, "generators_updated": sync["updated"],
                         "generators_failed": sync["failed"]})
+        if self.periodic_eval is not None and self.periodic_eval.due(self.step):
+            metrics.update(await asyncio.to_thread(self.periodic_eval, self.model))
         self.trained.complete(metrics)  # only now served to a launcher that missed the publication
         await self.bus.publish(P.METRICS, metrics)
         log.info("step %d done: reward %.3f acc %.3f loss %s (%.1f s train, %.1f s sync)", step,

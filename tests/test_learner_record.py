@@ -8,6 +8,7 @@ import torch
 import actors.learner as learner_mod
 from actors.learner import Learner
 from actors.trained_log import TrainedLog, TrainedLogError, read_trained
+from policies.ppo import PPOConfig
 from tensors.channels import open_channel
 from tensors.packed import PackedBatch
 
@@ -28,7 +29,7 @@ def _batch(step: int) -> PackedBatch:
 
 
 def _learner(run_dir, start_step: int = 0, total: int = 10_000) -> Learner:
-    lrn = Learner("tcp://127.0.0.1:1", model=None, tokenizer=None, optimizer=None, ppo=None,
+    lrn = Learner("tcp://127.0.0.1:1", model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(),
                   broadcaster=_Broadcaster(), run_dir=run_dir, total_steps=total, start_step=start_step,
                   recent_steps=WINDOW)
     published = []
