@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -411,22 +411,6 @@ def _concat(first: GenSample, more: GenSample) -> GenSample:
                      first.resumes + 1)
 
 
-async def _gather_or_cancel(*aws: Awaitable) -> list[Any]:
-    """Like gather, but the first failure cancels the rest (no orphan NCCL waits)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 # ---------------------------------------------------------------- server process
 
 
@@ -790,53 +774,28 @@ class SGLangBackend:
 
     async def init_weights_group(self, master_address: str, master_port: int, rank_offset: int,
                                  world_size: int, group_name: str = DEFAULT_GROUP, *,
-                                 timeout: float | None = None) -> None:
-        """Join the trainer's NCCL group. SGLang answers only once the trainer has joined, so
-        run this concurrently with the trainer's own init_process_group(rank=0)."""
+                                 backend: str = "nccl", timeout: float | None = None) -> None:
+        """Make the server join the trainer's weight-update group (torch.distributed, `backend`
+        nccl on GPUs, gloo on CPUs). SGLang answers only once every rank has joined, so run this
+        concurrently with the trainer's own join (actors.weight_group.TrainerGroup.join)."""
         if not 0 < rank_offset < world_size:
             raise ValueError(f"rank_offset={rank_offset} must be in [1, world_size={world_size})"
                              " (rank 0 is the trainer)")
         body = {"master_address": master_address, "master_port": int(master_port),
                 "rank_offset": rank_offset, "world_size": world_size,
-                "group_name": group_name, "backend": "nccl"}
+                "group_name": group_name, "backend": backend}
         await self._post("/init_weights_update_group", body, "init_weights_update_group",
                          self.update_timeout if timeout is None else timeout)
-
-    def weight_update(self, version: int, *, mode: str = "abort",
-                      group_name: str = DEFAULT_GROUP) -> "WeightUpdate":
-        """An async context manager for one update session (0.5.23 order): entering pauses
-        and begins; `await s.update_bucket(bucket)` once per bucket, gathered with the
-        trainer's broadcast of that bucket; leaving flushes, ends and continues."""
-        return WeightUpdate(self, version, mode, group_name)
 
     async def update_bucket(self, bucket: Sequence[Any], version: int,
                             group_name: str = DEFAULT_GROUP, *,
                             timeout: float | None = None) -> None:
-        """One POST /update_weights_from_distributed; returns when SGLang received the bucket.
-        Valid only inside an open session (0.5.23 refuses it otherwise)."""
+        """One POST /update_weights_from_distributed; returns when SGLang received the bucket
+        (the trainer broadcasts it meanwhile). Valid only between begin/end_weight_update."""
         body = update_bucket_body(check_tensor_meta(bucket), group_name, version)
         await self._post("/update_weights_from_distributed", body,
                          "update_weights_from_distributed",
                          self.update_timeout if timeout is None else timeout)
-
-    async def update_weights_distributed(
-            self, named_meta: Sequence[Any], version: int, *,
-            broadcast: Callable[[list[TensorMeta]], Awaitable[Any]] | None = None,
-            bucket_bytes: int = 1 << 30, mode: str = "abort",
-            group_name: str = DEFAULT_GROUP) -> None:
-        """The whole update on this server: buckets in list order, each POST gathered with
-        `broadcast(bucket)` (the caller's NCCL broadcast of those tensors from rank 0).
-        With several servers in one group, use weight_update() sessions on each instead."""
-        buckets = bucket_tensors(named_meta, bucket_bytes)
-        async with self.weight_update(version, mode=mode, group_name=group_name) as session:
-            for k, bucket in enumerate(buckets):
-                log.info("sglang at %s: weights v%d bucket %d/%d (%d tensors, %.1f MiB)",
-                         self.url, version, k + 1, len(buckets), len(bucket),
-                         sum(map(tensor_bytes, bucket)) / 2**20)
-                ops = [session.update_bucket(bucket)]
-                if broadcast is not None:
-                    ops.append(broadcast(bucket))
-                await _gather_or_cancel(*ops)
 
     async def update_weights_from_disk(self, path: str, version: int, *,
                                        timeout: float | None = None) -> None:
@@ -846,69 +805,3 @@ class SGLangBackend:
             await self._post("/update_weights_from_disk", body, "update_weights_from_disk",
                              self.update_timeout if timeout is None else timeout)
             self.version = version
-
-
-class WeightUpdate:
-    """pause -> begin_weight_update -> buckets -> flush_cache -> end_weight_update -> continue.
-
-    On any failure the server is still ended and resumed (best effort, short deadline) so it
-    is never left paused, and the first error is raised."""
-
-    def __init__(self, backend: SGLangBackend, version: int, mode: str, group_name: str):
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode {mode!r} is not one of {PAUSE_MODES}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"weight version {version!r} must be an int >= 0")
-        self.backend, self.version, self.mode, self.group_name = backend, version, mode, group_name
-        self._begun = False
-
-    async def __aenter__(self) -> "WeightUpdate":
-        b = self.backend
-        await b._update_lock.acquire()
-        try:
-            await b.pause(self.mode)
-            await b._post("/begin_weight_update", {}, "begin_weight_update")
-            self._begun = True
-        except BaseException:
-            try:
-                await self._cleanup()  # a pause that half-happened must not stay
-            finally:
-                b._update_lock.release()
-            raise
-        return self
-
-    async def update_bucket(self, bucket: Sequence[Any], *, timeout: float | None = None) -> None:
-        await self.backend.update_bucket(bucket, self.version, self.group_name, timeout=timeout)
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        b = self.backend
-        try:
-            if exc_type is None:
-                try:
-                    await b.flush_cache()
-                    await b._post("/end_weight_update", {}, "end_weight_update")
-                    self._begun = False
-                    await b.resume()
-                    b.version = self.version
-                    return
-                except BaseException:
-                    await self._cleanup()
-                    raise
-            await self._cleanup()
-        finally:
-            b._update_lock.release()
-
-    async def _cleanup(self) -> None:
-        """Close the session and resume after a failure; errors here are only logged."""
-        b = self.backend
-        steps = ([("end_weight_update", lambda: b._post("/end_weight_update", {},
-                                                         "end_weight_update", 10.0))]
-                 if self._begun else [])
-        steps.append(("continue_generation", lambda: b.resume(10.0)))
-        for name, step in steps:
-            try:
-                await step()
-            except SGLangError as e:
-                log.error("sglang at %s: %s after a failed weight update failed too: %s",
-                          b.url, name, e)
-        self._begun = False
