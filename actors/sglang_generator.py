@@ -1,13 +1,17 @@
 """The sglang generator backend: an SGLang server (launched here or already running) behind the
 generator actor's Backend interface.
 
-Weights that arrive over a tensor channel are written as a safetensors checkpoint next to the
-base model's config and loaded with /update_weights_from_disk (which always flushes the radix
-cache, so generation stays on-policy). On GPU clusters the NCCL path of SGLangBackend
-(init_weights_group + update_weights_distributed) avoids the disk round trip.
+Weights reach the server one of two ways (``actors.generator.sglang_weights``):
+- distributed (default): the broadcaster, in the learner's process, broadcasts them over
+  torch.distributed straight into the server (actors.sglang_weights); this backend only tells
+  the bus where its server is (``capabilities``), and update_weights is never called;
+- disk: tensors that arrive over a tensor channel are written, off the event loop, as a
+  safetensors checkpoint next to the base model's config and loaded with
+  /update_weights_from_disk (which always flushes the radix cache).
 """
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import tempfile
@@ -23,16 +27,26 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 class SGLangGeneratorBackend(SGLangBackend):
-    def __init__(self, *args, model_path: str, **kwargs):
+    def __init__(self, *args, model_path: str, weights: str = "distributed", tp_size: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
+        if weights not in ("distributed", "disk"):
+            raise ValueError(f"sglang weights {weights!r} must be distributed or disk")
         self.model_path = Path(model_path)
-        self._weights_dir = Path(tempfile.mkdtemp(prefix="sglang-weights-"))
+        self.weights_mode, self.tp_size = weights, tp_size
+        self._weights_dir: Path | None = None
 
-    async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+    @property
+    def capabilities(self) -> dict:
+        """Registered on the bus: the broadcaster finds the server (and its GPUs) here."""
+        return {"sglang_url": self.url, "sglang_tp_size": self.tp_size, "weights": self.weights_mode}
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> str:
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="sglang-weights-"))
         for name in _COPY:
             if (self.model_path / name).exists():
                 shutil.copy2(self.model_path / name, self._weights_dir / name)
-        tensors = {k: v.contiguous() for k, v in weights.items()}
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
         # safetensors refuses shared storage (tied embeddings): keep one copy of each buffer
         seen: dict[int, str] = {}
         for k in list(tensors):
@@ -41,21 +55,28 @@ class SGLangGeneratorBackend(SGLangBackend):
                 tensors[k] = tensors[k].clone()
             seen[ptr] = k
         save_file(tensors, str(self._weights_dir / "model.safetensors"))
-        await self.update_weights_from_disk(str(self._weights_dir), version)
+        return str(self._weights_dir)
+
+    async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """The disk fallback; the write runs in a thread so the generator keeps answering."""
+        path = await asyncio.to_thread(self._write, weights)
+        await self.update_weights_from_disk(path, version)
 
     async def close(self) -> None:
         await super().close()
-        shutil.rmtree(self._weights_dir, ignore_errors=True)
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
 
 
 def make_sglang_backend(cfg, start) -> SGLangGeneratorBackend:
     g = cfg.actors.generator
-    timeout = cfg.rollout.request_timeout
+    kw = dict(model_path=start.model_path, request_timeout=cfg.rollout.request_timeout,
+              health_timeout=g.sglang_health_timeout, weights=g.sglang_weights, tp_size=g.sglang_tp_size)
     if g.sglang_url:
-        return SGLangGeneratorBackend(g.sglang_url, model_path=start.model_path, request_timeout=timeout)
+        return SGLangGeneratorBackend(g.sglang_url, **kw)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = SGLangLaunch(model_path=start.model_path, port=port, random_seed=cfg.seed,
-                          initial_version=start.step, extra_args=list(g.sglang_args))
-    return SGLangGeneratorBackend(launch=launch, model_path=start.model_path, request_timeout=timeout)
+    launch = SGLangLaunch(model_path=start.model_path, port=port, random_seed=cfg.seed, tp_size=g.sglang_tp_size,
+                          initial_version=start.step, extra_args=list(g.sglang_args), command=g.sglang_command)
+    return SGLangGeneratorBackend(launch=launch, **kw)

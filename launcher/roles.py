@@ -212,7 +212,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
             log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
                      "matches the saved one" if saved else "(the checkpoint records none to compare)")
-        bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
+        bc = WeightBroadcaster(bus_address, model=model, version=start.step, sglang=sglang_weight_sync(cfg),
+                               **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
         learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
@@ -222,6 +223,18 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                           keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
+
+
+def sglang_weight_sync(cfg: ExperimentConfig):
+    """The learner's weight-update session with SGLang servers (None unless their weights go
+    over torch.distributed): nccl where the learner runs on CUDA, gloo elsewhere."""
+    g = cfg.actors.generator
+    if g.backend != "sglang" or g.sglang_weights != "distributed":
+        return None
+    from actors.sglang_weights import SGLangWeightSync
+    backend = "nccl" if device_for(cfg) == "cuda" else "gloo"
+    log.info("sglang weights: over torch.distributed (%s) from the learner's process", backend)
+    return SGLangWeightSync(backend=backend, master_address=g.sglang_master_address)
 
 
 def torch_threads() -> None:
