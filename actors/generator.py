@@ -14,24 +14,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from actors import protocol as P
 from actors.base import Actor, handler
+from policies.sampling import Sample  # the one sample type of every backend
 from tensors.packed import PackedBatch
 
 log = logging.getLogger("actors.generator")
-
-
-@dataclass
-class Sample:
-    output_ids: list[int]
-    logprobs: list[float]
-    versions: list[int]
-    finish_reason: str  # stop | length | abort
 
 
 class Backend(Protocol):

@@ -20,20 +20,63 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from actors.sglang_backend import SGLangBackend, SGLangLaunch
+from actors.sglang_client import SGLangClient
+from actors.sglang_protocol import SGLangError, SGLangLaunchError
+from actors.sglang_server import ServerProcess, SGLangLaunch
 
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json")
 
 
-class SGLangGeneratorBackend(SGLangBackend):
-    def __init__(self, *args, model_path: str, weights: str = "distributed", tp_size: int = 1, **kwargs):
-        super().__init__(*args, **kwargs)
+class SGLangGeneratorBackend(SGLangClient):
+    """The generator's Backend: a client of its server, and that server's supervisor when it
+    launched it (`launch`; else `url` names a running one). start() returns once /health is 200."""
+
+    def __init__(self, url: str | None = None, *, launch: SGLangLaunch | None = None, model_path: str,
+                 weights: str = "distributed", tp_size: int = 1, **kwargs):
+        if (url is None) == (launch is None):
+            raise ValueError("the sglang backend needs a url or a launch config (one of them)")
+        if url is None:
+            host = "127.0.0.1" if launch.host in ("0.0.0.0", "::") else launch.host
+            url = f"http://{host}:{launch.port}"
+            tp_size = launch.tp_size
+        super().__init__(url, **kwargs)
+        self._server = ServerProcess(launch) if launch else None
         if weights not in ("distributed", "disk"):
             raise ValueError(f"sglang weights {weights!r} must be distributed or disk")
         self.model_path = Path(model_path)
         self.weights_mode, self.tp_size = weights, tp_size
         self._weights_dir: Path | None = None
+
+    async def start(self, wait: bool = True) -> "SGLangGeneratorBackend":
+        """Launch the server (if configured) and wait until it is healthy; on failure it is stopped."""
+        try:
+            if self._server and self._server.proc is None:
+                await self._server.start()
+            await super().start(wait)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _exited(self) -> SGLangError | None:
+        if self._server and self._server.returncode is not None:
+            await self._server.drain()
+            return SGLangLaunchError(self.url, self._server.returncode, self._server.tail)
+        return None
+
+    def _log_tail(self) -> list[str]:
+        return list(self._server.tail) if self._server else []
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the launched server (None when connected by URL)."""
+        return self._server.proc.pid if self._server and self._server.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code of the launched server once it has exited; None while it runs."""
+        return self._server.returncode if self._server else None
 
     @property
     def capabilities(self) -> dict:
@@ -64,6 +107,8 @@ class SGLangGeneratorBackend(SGLangBackend):
 
     async def close(self) -> None:
         await super().close()
+        if self._server is not None:
+            await self._server.stop()
         if self._weights_dir is not None:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sglang_backend import (DEFAULT_GROUP, SGLangBackend, SGLangError, bucket_tensors,
-                                   check_tensor_meta)
+from actors.sglang_client import SGLangClient
+from actors.sglang_protocol import DEFAULT_GROUP, SGLangError, bucket_tensors, check_tensor_meta
 from actors.weight_group import GroupError, TrainerGroup, free_port
 from tensors.channels.locality import route_address
 
@@ -62,7 +62,7 @@ class SGLangWeightSync:
         self.backend, self.group_name, self.master_address = backend, group_name, master_address
         self.bucket_bytes, self.pause_mode = bucket_bytes, pause_mode
         self.call_timeout, self.collective_timeout, self.attempts = call_timeout, collective_timeout, attempts
-        self._clients: dict[Server, SGLangBackend] = {}
+        self._clients: dict[Server, SGLangClient] = {}
         self._group: TrainerGroup | None = None
         self._members: tuple[Server, ...] = ()
         self._lock = asyncio.Lock()
@@ -70,10 +70,10 @@ class SGLangWeightSync:
 
     # ---- clients and the group
 
-    async def _client(self, s: Server) -> SGLangBackend:
+    async def _client(self, s: Server) -> SGLangClient:
         c = self._clients.get(s)
         if c is None:
-            c = SGLangBackend(s.url, control_timeout=self.call_timeout, update_timeout=self.collective_timeout,
+            c = SGLangClient(s.url, control_timeout=self.call_timeout, update_timeout=self.collective_timeout,
                               health_timeout=self.call_timeout)
             await c.start(wait=False)
             self._clients[s] = c

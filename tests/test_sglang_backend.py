@@ -1,4 +1,5 @@
-"""SGLangBackend against the fake SGLang 0.5.23 server, over real HTTP on loopback."""
+"""The SGLang client (and the generator backend that launches a server) against the fake SGLang
+0.5.23 server, over real HTTP on loopback."""
 
 import asyncio
 import logging
@@ -16,10 +17,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang, fake_logprob, fake_token  # noqa: E402
 
+from actors.sglang_server import SGLangLaunch, launch_argv  # noqa: E402
 from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
-from actors.sglang_backend import (  # noqa: E402
-    SGLangBackend, SGLangLaunch, SGLangLaunchError, SGLangProtocolError, SGLangRefused,
-    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors, launch_argv,
+
+from actors.sglang_client import SGLangClient  # noqa: E402
+from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
+from actors.sglang_protocol import (  # noqa: E402
+    SGLangLaunchError, SGLangProtocolError, SGLangRefused,
+    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors,
     normalize_sampling, parse_result)
 
 FAKE_CMD = [sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]
@@ -66,7 +71,7 @@ async def fake():
 
 @pytest.fixture
 async def backend(fake):
-    async with SGLangBackend(fake.url, request_timeout=20, control_timeout=5,
+    async with SGLangClient(fake.url, request_timeout=20, control_timeout=5,
                              update_timeout=5) as b:
         assert [c["path"] for c in fake.calls] == ["/model_info"] and b.version == 0
         fake.calls.clear()
@@ -252,23 +257,6 @@ async def test_retract_pause_keeps_requests_and_reports_per_token_versions(
     assert s.output_ids == expected([2, 3], ["0"] * k + ["4"] * (60 - k))[0]
 
 
-async def test_abort_one_request_by_rid_or_all(fake, backend):
-    fake.token_delay = 0.01
-    task = asyncio.create_task(backend.generate([[1], [2]], 1, {"max_new_tokens": 200},
-                                                rids=["a", "b"]))
-    await wait_until(lambda: len(fake.running) == 2
-                     and all(r.output for r in fake.running.values()))
-    await backend.abort("a")
-    a_len = len(fake.running["a"].output)
-    await wait_until(lambda: len(fake.running["b"].output) > a_len + 1)
-    await backend.abort()
-    [[a], [b]] = await task
-    assert (a.rid, b.rid) == ("a", "b") and a.finish_reason == b.finish_reason == "abort"
-    assert 0 < len(a.output_ids) < len(b.output_ids) < 200
-    assert [c["body"] for c in fake.calls if c["path"] == "/abort_request"] == [
-        {"rid": "a"}, {"abort_all": True}]
-
-
 async def test_refused_update_from_disk_quotes_the_server_message(fake, backend, tmp_path):
     with pytest.raises(SGLangRefused) as e:
         await backend.update_weights_from_disk("/no/such/checkpoint", 3)
@@ -324,9 +312,9 @@ def test_launch_argv_builds_the_sglang_command_line():
 
 
 async def test_launch_waits_through_503_then_serves_and_stops(caplog):
-    caplog.set_level(logging.INFO, logger="actors.sglang_backend")
+    caplog.set_level(logging.INFO, logger="actors.sglang_client")
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--startup-delay", "1.0"), health_timeout=20,
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--startup-delay", "1.0"), health_timeout=20,
                       progress_interval=0.2)
     async with b:
         url = f"http://127.0.0.1:{port}"
@@ -340,7 +328,7 @@ async def test_launch_waits_through_503_then_serves_and_stops(caplog):
 
 async def test_health_timeout_names_the_url_and_stops_the_server():
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--startup-delay", "30"), health_timeout=3.0)
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--startup-delay", "30"), health_timeout=3.0)
     with pytest.raises(SGLangTimeout) as e:
         await b.start()
     msg = str(e.value)
@@ -351,7 +339,7 @@ async def test_health_timeout_names_the_url_and_stops_the_server():
 
 async def test_server_dying_before_healthy_quotes_its_last_log_lines():
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--no-such-flag"), health_timeout=20)
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--no-such-flag"), health_timeout=20)
     t0 = time.monotonic()
     with pytest.raises(SGLangLaunchError) as e:
         await b.start()
@@ -363,7 +351,7 @@ async def test_server_dying_before_healthy_quotes_its_last_log_lines():
 
 async def test_server_killed_mid_request_is_a_clear_error_within_the_deadline():
     port = free_port()
-    async with SGLangBackend(launch=fake_launch(port, "--token-delay", "0.05"),
+    async with SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--token-delay", "0.05"),
                              request_timeout=30, health_timeout=20) as b:
         task = asyncio.create_task(b.generate([[1, 2, 3]], 1, {"max_new_tokens": 1000}))
         await asyncio.sleep(0.3)

@@ -1,4 +1,4 @@
-"""What SGLangBackend sends, and what the fake answers, checked against sglang 0.5.23 itself.
+"""What the SGLang client and the weight-update session send, and what the fake answers, checked against sglang 0.5.23 itself.
 
 Needs `pip install --no-deps sglang==0.5.23 msgspec` (skips otherwise). Importing sglang.srt
 pulls CUDA-era packages (triton, a matching torchvision, aiohttp, IPython, ...), so this test
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fake_sglang  # noqa: E402
 from fake_sglang import FakeSGLang  # noqa: E402
 
-from actors.sglang_backend import SGLangBackend  # noqa: E402
+from actors.sglang_client import SGLangClient  # noqa: E402
 from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
 
 META = [("model.embed_tokens.weight", "bfloat16", (64, 16)),
@@ -128,7 +128,7 @@ def check_body(cls: type, body: dict) -> None:
 
 
 async def run_every_backend_call(fake: FakeSGLang, tmp_path) -> None:
-    async with SGLangBackend(fake.url, request_timeout=20, control_timeout=5,
+    async with SGLangClient(fake.url, request_timeout=20, control_timeout=5,
                              update_timeout=5) as b:
         await b.health()
         await b.model_info()
@@ -136,28 +136,24 @@ async def run_every_backend_call(fake: FakeSGLang, tmp_path) -> None:
                                             "top_p": 0.95, "top_k": 20, "stop_token_ids": [7],
                                             "ignore_eos": False, "min_new_tokens": 1,
                                             "sampling_seed": 3}, rids=["p0", "p1"])
-        task = asyncio.create_task(b.generate_resumable([[4, 5]], 2, {"max_new_tokens": 30}))
-        await asyncio.sleep(0.05)
         sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=2048,
                                 call_timeout=10, collective_timeout=30, attempts=1)
         try:
             weights = {name: torch.zeros(shape, dtype=getattr(torch, dtype))
                        for name, dtype, shape in META}
-            assert await sync.update([Server("g", fake.url)], weights, 1) == {"g"}
+            assert await sync.update([Server("g", fake.url)], weights, 1) == {"g"}  # forms the group
+            task = asyncio.create_task(b.generate_resumable([[4, 5]], 2, {"max_new_tokens": 300}))
+            await asyncio.sleep(0.05)
+            assert await sync.update([Server("g", fake.url)], weights, 2) == {"g"}  # aborts it
             await task
             sync.pause_mode = "retract"
-            assert await sync.update([Server("g", fake.url)], weights, 2) == {"g"}
+            assert await sync.update([Server("g", fake.url)], weights, 3) == {"g"}
         finally:
             await sync.close()
-        task = asyncio.create_task(b.generate([[6]], 1, {"max_new_tokens": 300}, rids=["x"]))
-        await asyncio.sleep(0.05)
-        await b.abort("x")
-        await b.abort()
-        await task
         await b.pause("in_place")
         await b.resume()
         await b.flush_cache()
-        await b.update_weights_from_disk(str(tmp_path), 3)
+        await b.update_weights_from_disk(str(tmp_path), 4)
 
 
 async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(tmp_path):
@@ -188,7 +184,7 @@ async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(tmp_pa
     assert seen == {"/model_info", "/generate", "/init_weights_update_group",
                     "/pause_generation", "/begin_weight_update",
                     "/update_weights_from_distributed", "/flush_cache", "/end_weight_update",
-                    "/continue_generation", "/abort_request", "/update_weights_from_disk",
+                    "/continue_generation", "/update_weights_from_disk",
                     "/destroy_weights_update_group"}
 
 

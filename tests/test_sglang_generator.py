@@ -15,7 +15,7 @@ from actors import protocol as P  # noqa: E402
 from actors.base import Actor, handler  # noqa: E402
 from actors.broadcaster import WeightBroadcaster  # noqa: E402
 from actors.generator import Generator  # noqa: E402
-from actors.sglang_backend import SGLangTimeout  # noqa: E402
+from actors.sglang_protocol import SGLangTimeout  # noqa: E402
 from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
 from actors.sglang_weights import SGLangWeightSync  # noqa: E402
 from bus.broker import Broker  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang  # noqa: E402
 
-from actors.sglang_backend import SGLangBackend  # noqa: E402
+from actors.sglang_client import SGLangClient  # noqa: E402
 from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
 from actors.weight_group import free_port  # noqa: E402
 
@@ -86,7 +86,7 @@ async def test_two_servers_receive_every_tensor_in_order_and_in_the_0523_call_or
         # aborted by the pause (mode abort), not waited for
         w2 = weights(2)
         n_calls = len(a.calls)
-        async with SGLangBackend(a.url) as client:
+        async with SGLangClient(a.url) as client:
             gen = asyncio.create_task(client.generate([[1, 2]], 2, {"max_new_tokens": 5000}))
             await asyncio.sleep(0.1)
             assert await sync.update([Server("gen-a", a.url), Server("gen-b", b.url, 2)], w2, 2) == {"gen-a", "gen-b"}
@@ -154,7 +154,7 @@ async def test_a_server_killed_mid_update_is_dropped_and_the_others_get_the_weig
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        async with SGLangBackend(url, health_timeout=20):
+        async with SGLangClient(url, health_timeout=20):
             pass  # it is up
         sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=600, call_timeout=5,
                                 collective_timeout=5)
