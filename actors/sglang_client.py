@@ -314,6 +314,19 @@ class SGLangClient:
         await self._post("/init_weights_update_group", body, "init_weights_update_group",
                          self.update_timeout if timeout is None else timeout)
 
+    async def destroy_weights_group(self, group_name: str = DEFAULT_GROUP, *,
+                                    timeout: float | None = None) -> None:
+        """Make the server leave a weight-update group (before a group without it is formed)."""
+        await self._post("/destroy_weights_update_group", {"group_name": group_name},
+                         "destroy_weights_update_group", timeout)
+
+    async def begin_weight_update(self, timeout: float | None = None) -> None:
+        """Open the 0.5.23 update session; distributed updates are refused outside one."""
+        await self._post("/begin_weight_update", {}, "begin_weight_update", timeout)
+
+    async def end_weight_update(self, timeout: float | None = None) -> None:
+        await self._post("/end_weight_update", {}, "end_weight_update", timeout)
+
     async def update_bucket(self, bucket: Sequence[Any], version: int,
                             group_name: str = DEFAULT_GROUP, *,
                             timeout: float | None = None) -> None:

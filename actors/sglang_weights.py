@@ -86,9 +86,8 @@ class SGLangWeightSync:
         if group is None:
             return
         await group.destroy()
-        await asyncio.gather(*(self._best_effort(s, "/destroy_weights_update_group",
-                                                 {"group_name": group.group_name}) for s in members),
-                             return_exceptions=True)
+        await asyncio.gather(*(self._best_effort(s, "destroy_weights_group", group.group_name)
+                               for s in members), return_exceptions=True)
 
     async def _form(self, members: tuple[Server, ...]) -> dict[str, BaseException]:
         """A new group of exactly `members`; returns the servers that could not join."""
@@ -124,9 +123,11 @@ class SGLangWeightSync:
 
     # ---- one update
 
-    async def _best_effort(self, s: Server, path: str, body: dict, timeout: float = 10.0) -> None:
+    async def _best_effort(self, s: Server, call: str, *args) -> None:
+        """A clean-up call with a short deadline; a failure is only logged (the server may be gone)."""
         try:
-            await (await self._client(s))._post(path, body, path.lstrip("/"), min(timeout, self.call_timeout))
+            client = await self._client(s)
+            await getattr(client, call)(*args, timeout=min(10.0, self.call_timeout))
         except SGLangError as exc:
             log.warning("%s: %s", s.name, exc)
 
@@ -136,12 +137,12 @@ class SGLangWeightSync:
 
         async def start(s: Server):
             await clients[s].pause(self.pause_mode)
-            await clients[s]._post("/begin_weight_update", {}, "begin_weight_update")
+            await clients[s].begin_weight_update()
             begun.add(s)
 
         async def finish(s: Server):
             await clients[s].flush_cache()
-            await clients[s]._post("/end_weight_update", {}, "end_weight_update")
+            await clients[s].end_weight_update()
             begun.discard(s)
             await clients[s].resume()
 
@@ -193,8 +194,8 @@ class SGLangWeightSync:
     async def _cleanup(self, s: Server, begun: bool) -> None:
         """After a failed attempt: never leave a server paused or inside a session."""
         if begun:
-            await self._best_effort(s, "/end_weight_update", {})
-        await self._best_effort(s, "/continue_generation", {})
+            await self._best_effort(s, "end_weight_update")
+        await self._best_effort(s, "resume")
 
     async def _healthy(self, s: Server) -> bool:
         try:

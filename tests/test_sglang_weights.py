@@ -136,7 +136,7 @@ async def test_a_server_that_never_flushes_is_dropped_and_left_running(fakes, ca
     try:
         t0 = time.monotonic()
         assert await sync.update([Server("gen-a", a.url)], weights(4), 1) == set()
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 20  # bounded: the group forms (a process starts), then 2 x 0.5 s
     finally:
         await sync.close()
     assert not a.session_open and a.pause_mode is None  # ended and continued after each failed attempt
