@@ -69,6 +69,13 @@ class SGLangGeneratorBackend(SGLangClient):
         return list(self._server.tail) if self._server else []
 
     @property
+    def failed(self) -> str | None:
+        """Why this backend can generate no more (its launched server exited), else None: the
+        generator then leaves the bus, so its prompts go to the others and the broadcaster drops it."""
+        rc = self.returncode
+        return None if rc is None else f"its sglang server at {self.url} exited with code {rc}"
+
+    @property
     def pid(self) -> int | None:
         """Process id of the launched server (None when connected by URL)."""
         return self._server.proc.pid if self._server and self._server.proc else None

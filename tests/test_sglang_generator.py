@@ -110,3 +110,49 @@ async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_an
         await other.stop()
         await gen.stop()
         await fake.stop()
+
+
+def test_the_generator_section_decides_how_the_server_starts_and_how_weights_reach_it():
+    from actors.sglang_generator import make_sglang_backend
+    from actors.sglang_server import launch_argv
+    from launcher.config import load_config
+    from launcher.roles import Start
+    cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_tp_size=2",
+                             "actors.generator.sglang_command=[/opt/sgl/bin/python, -m, sglang.launch_server]",
+                             "actors.generator.sglang_args=[--dtype, bfloat16]"])
+    b = make_sglang_backend(cfg, Start(step=4, model_path="/m"))
+    argv = launch_argv(b._server.cfg)
+    assert argv[:3] == ["/opt/sgl/bin/python", "-m", "sglang.launch_server"]
+    assert argv[argv.index("--tp-size") + 1] == "2" and argv[argv.index("--weight-version") + 1] == "4"
+    assert argv[-2:] == ["--dtype", "bfloat16"]
+    assert b.capabilities == {"sglang_url": b.url, "sglang_tp_size": 2, "weights": "distributed"}
+    cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_url=http://h:30000",
+                             "actors.generator.sglang_weights=disk"])
+    b = make_sglang_backend(cfg, Start(step=0, model_path="/m"))
+    assert b._server is None and b.capabilities["weights"] == "disk" and b.url == "http://h:30000"
+
+
+async def test_a_launched_server_that_dies_marks_the_backend_failed():
+    import os
+    import signal
+
+    from actors.sglang_generator import SGLangGeneratorBackend
+    from actors.sglang_protocol import SGLangUnreachable
+    from actors.sglang_server import SGLangLaunch
+    from actors.weight_group import free_port
+    port = free_port()
+    b = SGLangGeneratorBackend(model_path="fake-model", health_timeout=20, launch=SGLangLaunch(
+        model_path="fake-model", port=port, command=[sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]))
+    await b.start()
+    try:
+        assert b.failed is None
+        os.killpg(b.pid, signal.SIGKILL)
+        with pytest.raises(SGLangUnreachable, match=f"127.0.0.1:{port}: generate"):
+            await b.generate_group("r", [1, 2], 1, {"max_new_tokens": 2})
+        for _ in range(100):
+            if b.failed:
+                break
+            await asyncio.sleep(0.02)
+        assert b.failed == f"its sglang server at http://127.0.0.1:{port} exited with code -9"
+    finally:
+        await b.close()
