@@ -184,3 +184,23 @@ async def test_a_server_killed_mid_update_is_dropped_and_the_others_get_the_weig
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+async def test_the_group_is_not_the_default_group_and_leaves_one_alone(fakes):
+    """A learner may own the default process group (data parallel); the weight group never touches it."""
+    import torch.distributed as dist
+    a = await fakes()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=10, collective_timeout=30)
+    try:
+        default = dist.group.WORLD
+        assert await sync.update([Server("gen-a", a.url)], weights(6), 1) == {"gen-a"}
+        assert dist.group.WORLD is default and dist.get_world_size() == 1 and dist.get_rank() == 0
+        assert sync._group._pg is not default
+        t = torch.ones(3)
+        dist.all_reduce(t)  # the default group still works
+        assert torch.equal(t, torch.ones(3))
+        assert_holds(a, weights(6))
+    finally:
+        await sync.close()
+        dist.destroy_process_group()
