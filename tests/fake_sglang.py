@@ -617,8 +617,8 @@ class _TPWorker:
             self.conn.send(("exit", ()))
         except (OSError, BrokenPipeError):
             pass
-        self.proc.join(5)
-        if self.proc.is_alive():
+        self.proc.join(2)
+        if self.proc.is_alive():  # e.g. still inside a collective whose peer is gone
             self.proc.kill()
             self.proc.join()
 
