@@ -631,10 +631,10 @@ def _tp_worker_main(conn) -> None:
         try:
             op, args = conn.recv()
         except EOFError:
-            return
+            os._exit(0)
         try:
-            if op == "exit":
-                return
+            if op == "exit":  # at once: torch's gloo threads can hold up interpreter shutdown
+                os._exit(0)
             if op == "init":
                 backend, init_method, world, rank, name, timeout = args
                 groups[name] = init_custom_process_group(backend, init_method, world, rank, name,
