@@ -193,7 +193,10 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         from actors.broadcaster import WeightBroadcaster
         from actors.learner import Learner
         from policies.ppo import make_optimizer
-        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
+        from policies.precision import resolve_bf16
+        bf16 = resolve_bf16(cfg.ppo.bf16, device_for(cfg))  # fp32 masters, bf16 compute (make_optimizer)
+        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg),
+                           compute_dtype=torch.bfloat16 if bf16 else None)
         tok = load_tokenizer(start.model_path)
         opt = make_optimizer(model, cfg.ppo)
         if cfg.ppo.compile:
