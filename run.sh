@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point.  `./run.sh` sets up .venv (once) and runs the main job;
 # `./run.sh test [pytest args]` does the same set-up and runs the test suite;
+# `./run.sh setup-sglang` makes a separate environment for SGLang servers (GPU machines; not CI);
 # any other arguments are passed to `python -m launcher`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,6 +43,19 @@ setup() {
     touch "$stamp"
 }
 
+setup_sglang() {
+    # SGLang 0.5.23 pins torch==2.14.1 and transformers==5.19.0, which this project's pins exclude,
+    # so its server runs from an environment of its own and talks to us over HTTP and
+    # torch.distributed only. Point the generator at it:
+    #   actors.generator.sglang_command: [.venv-sglang/bin/python, -m, sglang.launch_server]
+    local venv=${SGLANG_VENV:-.venv-sglang}
+    [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install -U pip
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install "sglang==0.5.23"
+    "$venv/bin/python" -c "import sglang; print('[run.sh] sglang', sglang.__version__, 'in $venv')"
+    echo "[run.sh] set actors.generator.sglang_command: [$venv/bin/python, -m, sglang.launch_server]" >&2
+}
+
 test_hosts_setup() {
     # The simulated-host tests (network namespaces, each with an sshd) need iproute2 and OpenSSH;
     # as root on Debian we install what is missing, elsewhere those tests skip and say why.
@@ -56,6 +70,10 @@ test_hosts_setup() {
         || echo "[run.sh] could not install$missing: the simulated-host tests will skip" >&2
 }
 
+if [ "${1:-}" = setup-sglang ]; then
+    setup_sglang
+    exit 0
+fi
 setup
 export PYTHONUNBUFFERED=1
 case "${1:-}" in

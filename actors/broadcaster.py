@@ -10,6 +10,10 @@ registered is pushed the same version again, ``retry_attempts`` times with doubl
 ``retry_backoff``, while the offered weights live (``update_timeout``); once it has them the version
 is announced again, naming it. Without this the sampler, which deals only to the generators of the
 announcement, would hold it out until the next version, and with a single generator that never comes.
+
+Generators whose SGLang server takes weights over torch.distributed (capability ``weights:
+distributed``) are not sent tensors: the broadcaster hands them, all together, to its ``sglang``
+weight-update session (actors.sglang_weights), which broadcasts into their servers from this process.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ class WeightBroadcaster(Actor):
 
     def __init__(self, bus_address: str, *, model: torch.nn.Module, version: int = 0,
                  update_timeout: float = 120.0, attempt_timeout: float = 10.0, retry_attempts: int = 5,
-                 retry_backoff: float = 1.0, name: str = P.BROADCASTER, **bus_kwargs):
+                 retry_backoff: float = 1.0, name: str = P.BROADCASTER, sglang=None, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
+        self.sglang = sglang  # SGLangWeightSync for generators that take weights "distributed", or None
         self.model, self.version = model, version
         self.update_timeout = update_timeout
         self.attempt_timeout = attempt_timeout  # an update unanswered this long is sent again
@@ -50,6 +55,10 @@ class WeightBroadcaster(Actor):
         self.bus.subscribe(P.LEFT, self._on_left)
         await self.broadcast(self.version)  # generators may hold other weights (a resumed run)
 
+    async def on_stop(self) -> None:
+        if self.sglang is not None:
+            await self.sglang.close()
+
     async def _announce(self) -> None:
         self.announced = {"version": self.version, "generators": sorted(self.current)}
         await self.bus.publish(P.WEIGHTS_VERSION, self.announced)
@@ -59,12 +68,34 @@ class WeightBroadcaster(Actor):
         """The last announcement (mid-update, the new version is not yet served by anyone)."""
         return self.announced or {"version": -1, "generators": []}
 
+    def _sglang_server(self, gen):
+        """The SGLang server this generator's weights go to over torch.distributed, or None."""
+        caps = gen.capabilities or {}
+        if self.sglang is None or caps.get("weights") != "distributed":
+            return None
+        from actors.sglang_weights import Server
+        return Server(gen.name, caps["sglang_url"], int(caps.get("sglang_tp_size", 1)))
+
+    async def _sync_sglang(self, gens: list, weights: dict[str, torch.Tensor], version: int) -> set[str]:
+        """The session's update for these generators' servers; the names that have ``version``."""
+        if not gens:
+            return set()
+        try:
+            return await self.sglang.update([self._sglang_server(g) for g in gens], weights, version)
+        except Exception as exc:
+            log.error("weight update v%d over torch.distributed to %s failed: %s: %s", version,
+                      ", ".join(g.name for g in gens), type(exc).__name__, exc)
+            return set()
+
     async def _offer(self, gens: list, weights: dict[str, torch.Tensor], reads: int = 1) -> dict[str, dict]:
         """One send per channel kind, readable ``reads`` times by every generator that uses that kind."""
         by_kind: dict[str, list] = {}
-        for g in gens:
-            by_kind.setdefault(self.channels.kind_for([g]), []).append(g)
         descs = {}
+        for g in gens:
+            if self._sglang_server(g) is not None:  # a copy: the learner trains on meanwhile
+                descs[g.name] = {"sglang": {k: v.clone() for k, v in weights.items()}}
+                continue
+            by_kind.setdefault(self.channels.kind_for([g]), []).append(g)
         for kind, members in by_kind.items():
             # shm copies at send time; zero-copy kinds would otherwise serve tensors the learner keeps training
             payload = weights if kind == "shm" else {k: v.clone() for k, v in weights.items()}
@@ -73,6 +104,8 @@ class WeightBroadcaster(Actor):
         return descs
 
     async def _push(self, gen, desc: dict, version: int, within: float | None = None) -> bool:
+        if "sglang" in desc:
+            return gen.name in await self._sync_sglang([gen], desc["sglang"], version)
         within = self.update_timeout if within is None else within
         try:
             reply = await self.request_until(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
@@ -93,8 +126,13 @@ class WeightBroadcaster(Actor):
             self.version = version
             gens = await self.bus.actors(role="generator")
             weights = snapshot(self.model)
-            descs = await self._offer(gens, weights) if gens else {}
-            results = await asyncio.gather(*(self._push(g, descs[g.name], version) for g in gens))
+            direct = [g for g in gens if self._sglang_server(g) is None]
+            descs = await self._offer(direct, weights) if direct else {}
+            pushed, synced = await asyncio.gather(
+                asyncio.gather(*(self._push(g, descs[g.name], version) for g in direct)),
+                self._sync_sglang([g for g in gens if g.name not in descs], weights, version))
+            ok_direct = dict(zip((g.name for g in direct), pushed))
+            results = [ok_direct[g.name] if g.name in ok_direct else g.name in synced for g in gens]
             self.current = {g.name for g, ok in zip(gens, results) if ok}
             await self._announce()
             await self._retry_later([g for g, ok in zip(gens, results) if not ok], weights, version)

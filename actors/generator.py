@@ -14,24 +14,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from actors import protocol as P
 from actors.base import Actor, handler
+from policies.sampling import Sample  # the one sample type of every backend
 from tensors.packed import PackedBatch
 
 log = logging.getLogger("actors.generator")
-
-
-@dataclass
-class Sample:
-    output_ids: list[int]
-    logprobs: list[float]
-    versions: list[int]
-    finish_reason: str  # stop | length | abort
 
 
 class Backend(Protocol):
@@ -65,7 +57,7 @@ class Generator(Actor):
     def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
                  transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, deliver_timeout: float = 30.0,
                  generate_timeout: float = 3600.0, **bus_kwargs):
-        caps = {"backend": type(backend).__name__}
+        caps = {"backend": type(backend).__name__, **getattr(backend, "capabilities", {})}
         super().__init__(name, self.role, bus_address, capabilities=caps, **bus_kwargs)
         self.backend, self.tokenizer = backend, tokenizer
         self.transfer_timeout = transfer_timeout
@@ -78,8 +70,16 @@ class Generator(Actor):
         self._verifiers = itertools.count()
         self._tasks: set[asyncio.Task] = set()
 
-    async def on_start(self) -> None:
-        await self.backend.start()
+    async def start(self) -> None:
+        """The backend first (a launched SGLang server answers /health, within its deadline), then
+        the bus: registered, a generator is dealt prompts and sent weights at once."""
+        if not self._started:
+            await self.backend.start()
+        try:
+            await super().start()
+        except BaseException:
+            await self.backend.close()
+            raise
 
     async def on_stop(self) -> None:
         for t in list(self._tasks):

@@ -128,7 +128,7 @@ class TorchBackend:
                 if entry is None:
                     continue
                 fut, slots = entry
-                slots[f.index] = Sample(list(f.output_ids), list(f.logprobs), list(f.versions), f.finish_reason)
+                slots[f.index] = f
                 if all(s is not None for s in slots) and not fut.done():
                     fut.set_result(slots)
             await asyncio.sleep(0)  # let handlers (new prompts, updates) in between steps

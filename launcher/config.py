@@ -335,6 +335,18 @@ class GeneratorConfig(RoleConfig):
                   "auto = bfloat16 where it is native; updates are cast on arrival")
     sglang_url: str | None = opt(None, doc="an already running SGLang server; null = launch one")
     sglang_args: list[str] = opt(factory=list)
+    sglang_command: list[str] | None = opt(
+        None, doc="what starts a server, before --model-path; null = [this python, -m, sglang.launch_server]. "
+                  "Point it at SGLang's own environment (./run.sh setup-sglang) since its pins differ from ours")
+    sglang_tp_size: int = opt(1, check=_at_least_one, expect=">= 1")
+    sglang_health_timeout: float = opt(600.0, check=_positive, expect="> 0 (seconds)",
+                                       doc="how long a launched server may take to answer /health")
+    sglang_weights: Literal["distributed", "disk"] = opt(
+        "distributed", doc="distributed: the learner broadcasts over torch.distributed (nccl on GPU, gloo on "
+                           "CPU) into every server; disk: safetensors + /update_weights_from_disk")
+    sglang_master_address: str | None = opt(
+        None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
+                  "address on the route to the first server")
 
 
 @dataclass

@@ -213,7 +213,10 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         from actors.broadcaster import WeightBroadcaster
         from actors.learner import Learner
         from policies.ppo import make_optimizer
-        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg))
+        from policies.precision import resolve_bf16
+        bf16 = resolve_bf16(cfg.ppo.bf16, device_for(cfg))  # fp32 masters, bf16 compute (make_optimizer)
+        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg),
+                           compute_dtype=torch.bfloat16 if bf16 else None)
         tok = load_tokenizer(start.model_path)
         opt = make_optimizer(model, cfg.ppo)
         if cfg.ppo.compile:
@@ -243,7 +246,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             from launcher.periodic_eval import PeriodicEval
             periodic_eval = PeriodicEval(cfg, start.model_path, tok, device=device_for(cfg),
                                          dtype=_dtype(cfg, "generator"))
-        bc = WeightBroadcaster(bus_address, model=model, version=start.step, **bus_kwargs)
+        bc = WeightBroadcaster(bus_address, model=model, version=start.step, sglang=sglang_weight_sync(cfg),
+                               **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
         learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
@@ -254,6 +258,18 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                           ref_model=ref_model, periodic_eval=periodic_eval, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
+
+
+def sglang_weight_sync(cfg: ExperimentConfig):
+    """The learner's weight-update session with SGLang servers (None unless their weights go
+    over torch.distributed): nccl where the learner runs on CUDA, gloo elsewhere."""
+    g = cfg.actors.generator
+    if g.backend != "sglang" or g.sglang_weights != "distributed":
+        return None
+    from actors.sglang_weights import SGLangWeightSync
+    backend = "nccl" if device_for(cfg) == "cuda" else "gloo"
+    log.info("sglang weights: over torch.distributed (%s) from the learner's process", backend)
+    return SGLangWeightSync(backend=backend, master_address=g.sglang_master_address)
 
 
 def torch_threads() -> None:

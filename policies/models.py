@@ -115,14 +115,17 @@ def _is_gguf(path: Path) -> bool:
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> nn.Module:
+               attn_implementation: str | None = None, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Load a causal LM from an HF directory (safetensors) or a .gguf file.
+
+    `compute_dtype`: what the model will run in when that differs from the loaded `dtype` (a learner
+    loads fp32 masters and computes in bf16); the attention kernel is chosen for it.
 
     A GGUF model is dequantized but flagged (attribute `boba_quantized_source`): `assert_trainable`
     refuses it, because training must start from the converted safetensors copy that generators also load.
     """
     path = Path(path).expanduser()
-    attn = attn_implementation or default_attn_implementation(device)
+    attn = attn_implementation or default_attn_implementation(device, compute_dtype or dtype)
     if _is_gguf(path):
         if not path.is_file():
             raise ModelPathError(f"GGUF file {str(path)!r} does not exist")
@@ -148,9 +151,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def default_attn_implementation(device: str | torch.device) -> str:
-    """Varlen flash attention on CUDA when the package is there, else SDPA per packed sequence."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def default_attn_implementation(device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Varlen flash attention on CUDA in bf16/fp16 (the only dtypes its kernels take) when the package
+    is there, else SDPA per packed sequence."""
+    if (torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return PACKED_SDPA
 

@@ -88,14 +88,19 @@ class SamplingParams:
 
 
 @dataclass
-class Finished:
-    rid: str
-    index: int  # sample j of the group
-    prompt_ids: list[int]
+class Sample:
+    """One generated response, whichever backend made it (this engine, an SGLang server): the
+    tokens, the behaviour logprob and policy version of each, and why it ended. `rid`/`index`
+    place it in its request (sample j of the group); `resumes` counts how often SGLang's
+    partial rollout was resubmitted after a weight update aborted it."""
     output_ids: list[int]
     logprobs: list[float]
     versions: list[int]  # policy version that produced each output token
-    finish_reason: FinishReason
+    finish_reason: FinishReason  # stop | length | abort
+    rid: str = ""
+    index: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+    resumes: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -229,9 +234,10 @@ class _Sample:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
-    def finished(self, reason: FinishReason) -> Finished:
+    def finished(self, reason: FinishReason) -> Sample:
         g = self.group
-        return Finished(g.rid, self.index, list(g.prompt_ids), self.output_ids, self.logprobs, self.versions, reason)
+        return Sample(self.output_ids, self.logprobs, self.versions, reason, rid=g.rid, index=self.index,
+                      prompt_ids=list(g.prompt_ids))
 
 
 def _eos_ids(model: nn.Module) -> tuple[int, ...]:
@@ -362,17 +368,17 @@ class GenerationEngine:
     def num_queued(self) -> int:
         return len(self._queue)
 
-    def step(self) -> list[Finished]:
+    def step(self) -> list[Sample]:
         """Admit queued groups that fit, decode one token for every active sample, and return the
         samples that finished during this step."""
         with self._lock, torch.inference_mode():
-            done: list[Finished] = []
+            done: list[Sample] = []
             self._admit(done)
             if self._rows:
                 self._decode(done)
             return done
 
-    def abort(self, rid: str) -> list[Finished]:
+    def abort(self, rid: str) -> list[Sample]:
         """Stop a group: its unfinished samples come back with finish_reason "abort" and their
         partial output. An unknown (or already finished) rid returns []."""
         with self._lock:
@@ -390,8 +396,8 @@ class GenerationEngine:
             self._remove_rows(dead)
             return sorted(out, key=lambda f: f.index)
 
-    def abort_all(self) -> list[Finished]:
-        out: list[Finished] = []
+    def abort_all(self) -> list[Sample]:
+        out: list[Sample] = []
         with self._qlock:
             rids = list(self._groups)
         for rid in rids:
@@ -422,7 +428,7 @@ class GenerationEngine:
 
     # ------------------------------------------------------------ internals
 
-    def _admit(self, done: list[Finished]) -> None:
+    def _admit(self, done: list[Sample]) -> None:
         """Move queued groups that fit into the batch, prefilling their prompts packed together
         (in chunks of at most max_prefill_tokens) and sampling each sample's first token."""
         while True:
@@ -447,7 +453,7 @@ class GenerationEngine:
                 return
             self._prefill(chunk, done)
 
-    def _prefill(self, groups: list[_Group], done: list[Finished]) -> None:
+    def _prefill(self, groups: list[_Group], done: list[Sample]) -> None:
         prompts = [torch.tensor(g.prompt_ids, device=self.device) for g in groups]
         logits, keys, values = self.decoder.prefill(prompts)
         self.stats.prefills += len(groups)
@@ -467,7 +473,7 @@ class GenerationEngine:
         counts = torch.tensor([g.n for g in groups], device=self.device)
         self._sample(logits.repeat_interleave(counts, dim=0), first, done)
 
-    def _decode(self, done: list[Finished]) -> None:
+    def _decode(self, done: list[Sample]) -> None:
         rows = self._rows
         tokens = torch.tensor([s.pending for s in rows], device=self.device)
         positions = torch.tensor([s.length for s in rows], device=self.device)
@@ -479,7 +485,7 @@ class GenerationEngine:
         self.stats.decode_steps += 1
         self._sample(logits, 0, done)
 
-    def _sample(self, logits: Tensor, first: int, done: list[Finished]) -> None:
+    def _sample(self, logits: Tensor, first: int, done: list[Sample]) -> None:
         """Sample the next token of rows first.. from logits [B', V]; record; retire finished rows."""
         rows = self._rows[first:]
         uniform = self._uniforms(rows)
@@ -546,12 +552,12 @@ class GenerationEngine:
 
 def generate(
     model: nn.Module, prompts: list[list[int]], n: int, params: SamplingParams, **engine_kwargs
-) -> list[list[Finished]]:
+) -> list[list[Sample]]:
     """Run prompts x n samples to completion; result[i][j] is sample j of prompt i."""
     engine = GenerationEngine(model, **engine_kwargs)
     for i, p in enumerate(prompts):
         engine.add(str(i), p, n, params)
-    results: list[list[Finished | None]] = [[None] * n for _ in prompts]
+    results: list[list[Sample | None]] = [[None] * n for _ in prompts]
     while engine.has_work():
         for f in engine.step():
             results[int(f.rid)][f.index] = f

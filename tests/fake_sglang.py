@@ -11,9 +11,15 @@ begin/end_weight_update; control bodies ignore unknown fields as SGLang's pydant
 "Generation" is a deterministic rule (fake_token below) so tests can predict every token: the
 next token hashes the weight version, the last tokens of the context and its length, so a
 request resumed with prompt + partial output continues exactly as an uninterrupted one would
-under the same weights. No NCCL: a distributed update records names/dtypes/shapes and bumps
-weight_version. Run it alone with `python tests/fake_sglang.py --model-path M --port P`.
-Only the standard library is imported, so it starts in a fraction of a second.
+under the same weights. Run it alone with `python tests/fake_sglang.py --model-path M --port P`.
+
+Weights travel as with the real server: /init_weights_update_group joins the trainer's
+torch.distributed TCP rendezvous with SGLang's own init_custom_process_group (copied below)
+as rank rank_offset + tp_rank, and /update_weights_from_distributed receives one broadcast from
+rank 0 per tensor in list order, each TP rank in a process of its own as SGLang's schedulers
+(the tensors are kept in `weights`; `--dump-weights DIR` also writes them at
+end_weight_update). Those processes start with the first group, so the server itself still
+starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -129,12 +135,15 @@ class FakeSGLang:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, model_path: str = "fake-model",
                  tp_size: int = 1, weight_version: str = "default", startup_delay: float = 0.0,
                  token_delay: float = 0.002, vocab_size: int = 32000, update_delay: float = 0.0,
-                 init_group_timeout: float = 30.0):
+                 group_timeout: float = 30.0, dump_weights: str | None = None):
         self.host, self.port, self.model_path, self.tp_size = host, port, model_path, tp_size
         self.weight_version = weight_version
         self.startup_delay, self.token_delay = startup_delay, token_delay
         self.vocab_size = vocab_size
-        self.update_delay, self.init_group_timeout = update_delay, init_group_timeout
+        # real SGLang uses torch's default (30 min); the fake waits less so a broken test ends
+        self.update_delay, self.group_timeout = update_delay, group_timeout
+        self.weights: dict = {}  # name -> tensor received over the weight-update group
+        self.dump_weights = dump_weights  # fake: write them here at end_weight_update
         self.calls: list[dict] = []  # every request but /health: method, path, body, status, reply
         self.received: list[dict] = []  # buckets of update_weights_from_distributed
         self.groups: dict[str, dict] = {}
@@ -150,6 +159,7 @@ class FakeSGLang:
         self._server: asyncio.base_events.Server | None = None
         self._started = time.monotonic()
         self._conns: dict[asyncio.StreamWriter, asyncio.Task] = {}
+        self._workers: list[_TPWorker] = []  # the TP ranks' processes (started by the first init)
 
     # ---- lifecycle
 
@@ -173,6 +183,9 @@ class FakeSGLang:
             await asyncio.gather(*self._conns.values(), return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
+        for w in self._workers:
+            await asyncio.to_thread(w.close)
+        self._workers = []
 
     # ---- HTTP/1.1 on asyncio streams (keep-alive, Content-Length bodies)
 
@@ -417,22 +430,23 @@ class FakeSGLang:
                        "group_name": (str, False), "backend": (str, False)})
         name = body.get("group_name", "weight_update_group")
         first, world = body["rank_offset"], body["world_size"]
+        backend = body.get("backend", "nccl")
         if first + self.tp_size > world:
             return 400, {"success": False, "message": "Failed to initialize custom process "
                          f"group: ranks {first}..{first + self.tp_size - 1} do not fit "
                          f"world_size {world}."}
-        # NCCL rendezvous: SGLang blocks until the trainer (rank 0) hosts the store
-        deadline = time.monotonic() + self.init_group_timeout
-        while True:
-            try:
-                _, w = await asyncio.open_connection(body["master_address"], body["master_port"])
-                w.close()
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    return 400, {"success": False, "message": "Failed to initialize custom "
-                                 f"process group: {e}."}
-                await asyncio.sleep(0.05)
+        # every TP rank joins the trainer's TCP rendezvous as rank_offset + tp_rank; the
+        # request answers once all of them (and the trainer) are in
+        init_method = f"tcp://{body['master_address']}:{body['master_port']}"
+        while len(self._workers) < self.tp_size:
+            self._workers.append(await asyncio.to_thread(_TPWorker))
+        try:
+            await asyncio.gather(*(asyncio.to_thread(
+                w.call, "init", backend, init_method, world, first + tp, name, self.group_timeout)
+                for tp, w in enumerate(self._workers)))
+        except Exception as e:
+            return 400, {"success": False,
+                         "message": f"Failed to initialize custom process group: {e}."}
         self.groups[name] = dict(body)
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
@@ -440,7 +454,13 @@ class FakeSGLang:
         _fields(body, {"group_name": (str, False)})
         name = body.get("group_name", "weight_update_group")
         if self.groups.pop(name, None) is None:
-            return 400, {"success": False, "message": f"Group {name} not found."}
+            return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+        try:
+            await asyncio.gather(*(asyncio.to_thread(w.call, "destroy", name)
+                                   for w in self._workers))
+        except Exception as e:
+            return 400, {"success": False,
+                         "message": f"Failed to destroy custom process group: {e}."}
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
     async def _h_begin_weight_update(self, body, query):
@@ -457,7 +477,16 @@ class FakeSGLang:
             return 400, {"success": False, "message": "no weight-update session is open; call "
                                                       "begin_weight_update() first"}
         self.session_open = False
+        if self.dump_weights and self.weights:
+            await asyncio.to_thread(self._dump, dict(self.weights), self.weight_version)
         return 200, {"success": True, "message": "Success"}
+
+    def _dump(self, weights: dict, version: str) -> None:
+        from safetensors.torch import save_file
+        os.makedirs(self.dump_weights, exist_ok=True)
+        tmp = os.path.join(self.dump_weights, ".weights.tmp")
+        save_file({k: v.clone() for k, v in weights.items()}, tmp, metadata={"version": version})
+        os.replace(tmp, os.path.join(self.dump_weights, "weights.safetensors"))
 
     def _set_version(self, version: str | None) -> None:
         if version is None or version == self.weight_version:
@@ -491,9 +520,17 @@ class FakeSGLang:
             return 400, {"success": False, "message": f"Failed to receive weights: {problem}"}
         self.update_in_flight += 1
         try:
-            await asyncio.sleep(self.update_delay)  # the NCCL receive of this bucket
+            await asyncio.sleep(self.update_delay)
+            # every TP rank receives one broadcast from rank 0 per tensor, in list order
+            received = await asyncio.gather(*(asyncio.to_thread(
+                w.call, "receive", group, names, dtypes, shapes) for w in self._workers))
+        except Exception as e:
+            return 400, {"success": False, "message": f"Failed to update parameter online: {e}. "
+                         "The full weights of the ModelRunner are partially updated. Please "
+                         "discard the whole weights."}
         finally:
             self.update_in_flight -= 1
+        self.weights.update(received[0])
         self.received.append({"names": names, "dtypes": dtypes, "shapes": shapes,
                               "group_name": group, "weight_version": body.get("weight_version")})
         return self._after_update(body, "Succeeded to update parameter online.")
@@ -534,6 +571,94 @@ class FakeSGLang:
                                   num_paused_requests=0)
 
 
+def init_custom_process_group(backend, init_method, world_size, rank, group_name, timeout):
+    """sglang.srt.utils.common.init_custom_process_group (0.5.23), as the server calls it."""
+    import datetime
+
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore,
+                                                    _new_process_group_helper, _world, rendezvous)
+    timeout = datetime.timedelta(seconds=timeout)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
+                                      group_name=group_name, backend_options=None,
+                                      timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class _TPWorker:
+    """One TP rank's process (SGLang runs a scheduler process per TP rank; torch also cannot
+    host two ranks of one gloo rendezvous in one process). It joins weight-update groups and
+    receives broadcasts; the HTTP side calls it over a pipe."""
+
+    def __init__(self):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_tp_worker_main, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self._lock = __import__("threading").Lock()
+
+    def call(self, op: str, *args, timeout: float = 120.0):
+        with self._lock:
+            self.conn.send((op, args))
+            if not self.conn.poll(timeout):
+                raise TimeoutError(f"TP worker: {op} took over {timeout:g} s")
+            ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("exit", ()))
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(2)
+        if self.proc.is_alive():  # e.g. still inside a collective whose peer is gone
+            self.proc.kill()
+            self.proc.join()
+
+
+def _tp_worker_main(conn) -> None:
+    import torch
+    import torch.distributed as dist
+    groups = {}
+    while True:
+        try:
+            op, args = conn.recv()
+        except EOFError:
+            os._exit(0)
+        try:
+            if op == "exit":  # at once: torch's gloo threads can hold up interpreter shutdown
+                os._exit(0)
+            if op == "init":
+                backend, init_method, world, rank, name, timeout = args
+                groups[name] = init_custom_process_group(backend, init_method, world, rank, name,
+                                                         timeout)
+                value = None
+            elif op == "receive":  # ModelRunner.receive_weights_from_distributed
+                name, names, dtypes, shapes = args
+                value, handles = {}, []
+                for n, dtype, shape in zip(names, dtypes, shapes):
+                    t = torch.empty(shape, dtype=getattr(torch, dtype))
+                    handles.append(dist.broadcast(t, src=0, group=groups[name], async_op=True))
+                    value[n] = t
+                for h in handles:
+                    h.wait()
+            elif op == "destroy":
+                pg = groups.pop(args[0], None)
+                if pg is not None:
+                    dist.destroy_process_group(pg)
+                value = None
+            conn.send((True, value))
+        except Exception as e:
+            conn.send((False, f"{type(e).__name__}: {e}"))
+
+
 def _spans(events: list[tuple[str, int]], current: str, n: int) -> list[dict]:
     """sglang.srt.utils.weight_versions.compute_weight_version_spans, as JSON."""
     spans: list[dict] = []
@@ -562,11 +687,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--token-delay", type=float, default=0.002, help="fake: seconds per token")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--update-delay", type=float, default=0.0)
+    ap.add_argument("--dump-weights", help="fake: write received weights here at each update")
     args = ap.parse_args(argv)
     fake = FakeSGLang(host=args.host, port=args.port, model_path=args.model_path,
                       tp_size=args.tp_size, weight_version=args.weight_version,
                       startup_delay=args.startup_delay, token_delay=args.token_delay,
-                      vocab_size=args.vocab_size, update_delay=args.update_delay)
+                      vocab_size=args.vocab_size, update_delay=args.update_delay,
+                      dump_weights=args.dump_weights)
 
     async def serve():
         await fake.start()

@@ -164,3 +164,18 @@ def test_two_processes_converting_at_once_convert_once(tmp_path):
     models.check_model_dir(outs[0])
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
         ["conversions.log", models.SMOLLM2_NAME]
+
+
+def test_flash_attention_only_for_cuda_in_bf16_or_fp16(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from policies.models import default_attn_implementation
+    from policies.packed_attention import PACKED_SDPA
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert default_attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"
+    assert default_attn_implementation("cuda", torch.float16) == "flash_attention_2"
+    assert default_attn_implementation("cuda", torch.float32) == PACKED_SDPA  # flash kernels refuse fp32
+    assert default_attn_implementation("cpu", torch.bfloat16) == PACKED_SDPA

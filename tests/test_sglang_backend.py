@@ -1,4 +1,5 @@
-"""SGLangBackend against the fake SGLang 0.5.23 server, over real HTTP on loopback."""
+"""The SGLang client (and the generator backend that launches a server) against the fake SGLang
+0.5.23 server, over real HTTP on loopback."""
 
 import asyncio
 import logging
@@ -11,13 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang, fake_logprob, fake_token  # noqa: E402
 
-from actors.sglang_backend import (  # noqa: E402
-    SGLangBackend, SGLangLaunch, SGLangLaunchError, SGLangProtocolError, SGLangRefused,
-    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors, launch_argv,
+from actors.sglang_server import SGLangLaunch, launch_argv  # noqa: E402
+from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
+
+from actors.sglang_client import SGLangClient  # noqa: E402
+from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
+from actors.sglang_protocol import (  # noqa: E402
+    SGLangLaunchError, SGLangProtocolError, SGLangRefused,
+    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors,
     normalize_sampling, parse_result)
 
 FAKE_CMD = [sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]
@@ -64,7 +71,7 @@ async def fake():
 
 @pytest.fixture
 async def backend(fake):
-    async with SGLangBackend(fake.url, request_timeout=20, control_timeout=5,
+    async with SGLangClient(fake.url, request_timeout=20, control_timeout=5,
                              update_timeout=5) as b:
         assert [c["path"] for c in fake.calls] == ["/model_info"] and b.version == 0
         fake.calls.clear()
@@ -72,12 +79,20 @@ async def backend(fake):
 
 
 @pytest.fixture
-async def trainer_store():
-    """A listening socket standing in for the trainer's rendezvous (rank 0's TCP store)."""
-    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
+async def synced(fake):
+    """A weight-update session whose gloo group with the fake is already formed (version 0)."""
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=5,
+                            collective_timeout=30, attempts=1)
+    assert await sync.update([Server("g", fake.url)], {"w": torch.zeros(2, 2)}, 0) == {"g"}
+    fake.calls.clear()
+    yield sync
+    await sync.close()
+
+
+async def update(sync, fake, version, mode="abort"):
+    sync.pause_mode = mode
+    return await sync.update([Server("g", fake.url)], {"w": torch.full((2, 2), float(version))},
+                             version)
 
 
 # ---------------------------------------------------------------- generation
@@ -122,7 +137,7 @@ async def test_bad_inputs_are_rejected_before_anything_is_sent(fake, backend):
     with pytest.raises(ValueError, match="pause mode 'stop'"):
         await backend.pause("stop")
     with pytest.raises(ValueError, match="tensor 'w': dtype 'float13'"):
-        await backend.update_weights_distributed([("w", "float13", (2,))], 1)
+        await backend.update_bucket([("w", "float13", (2,))], 1)
     assert fake.calls == []
 
 
@@ -162,53 +177,7 @@ async def test_malformed_reply_names_the_field(fake, backend):
 # ---------------------------------------------------------------- weight updates
 
 
-async def test_weight_update_follows_the_0523_order_with_concurrent_broadcasts(fake, backend):
-    fake.update_delay = 0.05
-    port = free_port()
-
-    async def trainer_joins_late():  # init_weights_update_group answers only once rank 0 is up
-        await asyncio.sleep(0.3)
-        return await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
-
-    t0 = time.monotonic()
-    store, _ = await asyncio.gather(trainer_joins_late(),
-                                    backend.init_weights_group("127.0.0.1", port, 1, 2))
-    assert time.monotonic() - t0 >= 0.3
-    assert fake.calls[0]["body"] == {"master_address": "127.0.0.1", "master_port": port,
-                                     "rank_offset": 1, "world_size": 2,
-                                     "group_name": "weight_update_group", "backend": "nccl"}
-    broadcast_seen = []
-
-    async def broadcast(bucket):  # NCCL: both sides are inside the collective at once
-        await wait_until(lambda: fake.update_in_flight == 1, 2.0)
-        broadcast_seen.append([m.name for m in bucket])
-
-    await backend.update_weights_distributed(META, 1, broadcast=broadcast, bucket_bytes=1024)
-    store.close()
-
-    calls = fake.calls[1:]
-    assert [c["path"] for c in calls] == (
-        ["/pause_generation", "/begin_weight_update"] + ["/update_weights_from_distributed"] * 4
-        + ["/flush_cache", "/end_weight_update", "/continue_generation"])
-    assert calls[0]["body"] == {"mode": "abort"}
-    buckets = [[META[0]], [META[1], META[2]], [META[3]], [META[4]]]
-    for call, bucket in zip(calls[2:6], buckets):
-        assert call["body"] == {"names": [m[0] for m in bucket], "dtypes": [m[1] for m in bucket],
-                                "shapes": [list(m[2]) for m in bucket],
-                                "group_name": "weight_update_group", "flush_cache": False,
-                                "weight_version": "1"}
-    assert broadcast_seen == [r["names"] for r in fake.received] == [[m[0] for m in b]
-                                                                     for b in buckets]
-    assert all(c["status"] == 200 for c in calls)
-    assert await backend.weight_version() == 1 and backend.version == 1
-    assert not fake.session_open and fake.pause_mode is None
-    [[s]] = await backend.generate([[4, 4]], 1, {"max_new_tokens": 3})
-    assert s.versions == [1, 1, 1] and s.output_ids == expected([4, 4], ["1"] * 3)[0]
-
-
-async def test_updates_outside_a_session_are_refused_and_failures_leave_the_server_running(
-        fake, backend, trainer_store):
-    await backend.init_weights_group("127.0.0.1", trainer_store, 1, 2)
+async def test_updates_outside_a_session_are_refused(fake, backend):
     with pytest.raises(SGLangRefused) as e:
         await backend.update_bucket([("w", "bfloat16", (2, 2))], 1)
     assert e.value.status == 400 and fake.url in str(e.value)
@@ -216,20 +185,6 @@ async def test_updates_outside_a_session_are_refused_and_failures_leave_the_serv
             "end_weight_update()") in str(e.value)
     assert fake.received == [] and fake.weight_version == "0"
 
-    fake.session_open = True  # a session left open by a crashed updater
-    with pytest.raises(SGLangRefused, match="already open"):
-        await backend.update_weights_distributed(META, 1)
-    assert fake.pause_mode is None  # continued again after the failed begin
-
-    fake.session_open = False
-
-    async def broken_broadcast(bucket):
-        raise RuntimeError("NCCL error: unhandled system error")
-
-    with pytest.raises(RuntimeError, match="NCCL error"):
-        await backend.update_weights_distributed(META, 1, broadcast=broken_broadcast)
-    assert not fake.session_open and fake.pause_mode is None
-    assert [c["path"] for c in fake.calls][-2:] == ["/end_weight_update", "/continue_generation"]
 
 
 async def test_flush_cache_retries_while_requests_run(fake, backend):
@@ -254,28 +209,27 @@ async def test_flush_cache_retries_while_requests_run(fake, backend):
 
 
 async def test_in_place_pause_cannot_flush_so_the_update_fails_but_the_server_resumes(
-        fake, backend, trainer_store):
+        fake, backend, synced, caplog):
     fake.token_delay = 0.01
-    backend.control_timeout = 0.5
-    await backend.init_weights_group("127.0.0.1", trainer_store, 1, 2)
+    for c in synced._clients.values():
+        c.control_timeout = 0.5
     gen = asyncio.create_task(backend.generate([[3]], 1, {"max_new_tokens": 60}))
     await wait_until(lambda: fake.running)
-    with pytest.raises(SGLangTimeout, match="flush_cache"):
-        await backend.update_weights_distributed(META[:1], 1, mode="in_place")
+    assert await update(synced, fake, 1, "in_place") == set()
+    assert "flush_cache: timed out" in caplog.text
     assert not fake.session_open and fake.pause_mode is None
     [[s]] = await gen
     assert s.finish_reason == "length" and len(s.output_ids) == 60
 
 
 async def test_pause_abort_then_resumable_generation_concatenates_partial_rollouts(
-        fake, backend, trainer_store):
+        fake, backend, synced):
     fake.token_delay = 0.01
-    await backend.init_weights_group("127.0.0.1", trainer_store, 1, 2)
     prompts = [[5, 6, 7], [9]]
     task = asyncio.create_task(backend.generate_resumable(prompts, 2, {"max_new_tokens": 60}))
     await wait_until(lambda: len(fake.running) == 4
                      and all(len(r.output) >= 3 for r in fake.running.values()))
-    await backend.update_weights_distributed(META, 1)
+    assert await update(synced, fake, 1) == {"g"}
     groups = await task
 
     resubmit = [c for c in fake.calls if c["path"] == "/generate"][1]["body"]
@@ -292,34 +246,15 @@ async def test_pause_abort_then_resumable_generation_concatenates_partial_rollou
 
 
 async def test_retract_pause_keeps_requests_and_reports_per_token_versions(
-        fake, backend, trainer_store):
+        fake, backend, synced):
     fake.token_delay = 0.01
-    await backend.init_weights_group("127.0.0.1", trainer_store, 1, 2)
     task = asyncio.create_task(backend.generate([[2, 3]], 1, {"max_new_tokens": 60}))
     await wait_until(lambda: fake.running and len(next(iter(fake.running.values())).output) >= 3)
-    async with backend.weight_update(4, mode="retract") as session:
-        await session.update_bucket(META[:2])
+    assert await update(synced, fake, 4, "retract") == {"g"}
     [[s]] = await task
     k = s.versions.count(0)
     assert s.resumes == 0 and 3 <= k < 60 and s.versions == [0] * k + [4] * (60 - k)
     assert s.output_ids == expected([2, 3], ["0"] * k + ["4"] * (60 - k))[0]
-
-
-async def test_abort_one_request_by_rid_or_all(fake, backend):
-    fake.token_delay = 0.01
-    task = asyncio.create_task(backend.generate([[1], [2]], 1, {"max_new_tokens": 200},
-                                                rids=["a", "b"]))
-    await wait_until(lambda: len(fake.running) == 2
-                     and all(r.output for r in fake.running.values()))
-    await backend.abort("a")
-    a_len = len(fake.running["a"].output)
-    await wait_until(lambda: len(fake.running["b"].output) > a_len + 1)
-    await backend.abort()
-    [[a], [b]] = await task
-    assert (a.rid, b.rid) == ("a", "b") and a.finish_reason == b.finish_reason == "abort"
-    assert 0 < len(a.output_ids) < len(b.output_ids) < 200
-    assert [c["body"] for c in fake.calls if c["path"] == "/abort_request"] == [
-        {"rid": "a"}, {"abort_all": True}]
 
 
 async def test_refused_update_from_disk_quotes_the_server_message(fake, backend, tmp_path):
@@ -377,9 +312,9 @@ def test_launch_argv_builds_the_sglang_command_line():
 
 
 async def test_launch_waits_through_503_then_serves_and_stops(caplog):
-    caplog.set_level(logging.INFO, logger="actors.sglang_backend")
+    caplog.set_level(logging.INFO, logger="actors.sglang_client")
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--startup-delay", "1.0"), health_timeout=20,
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--startup-delay", "1.0"), health_timeout=20,
                       progress_interval=0.2)
     async with b:
         url = f"http://127.0.0.1:{port}"
@@ -393,7 +328,7 @@ async def test_launch_waits_through_503_then_serves_and_stops(caplog):
 
 async def test_health_timeout_names_the_url_and_stops_the_server():
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--startup-delay", "30"), health_timeout=3.0)
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--startup-delay", "30"), health_timeout=3.0)
     with pytest.raises(SGLangTimeout) as e:
         await b.start()
     msg = str(e.value)
@@ -404,7 +339,7 @@ async def test_health_timeout_names_the_url_and_stops_the_server():
 
 async def test_server_dying_before_healthy_quotes_its_last_log_lines():
     port = free_port()
-    b = SGLangBackend(launch=fake_launch(port, "--no-such-flag"), health_timeout=20)
+    b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--no-such-flag"), health_timeout=20)
     t0 = time.monotonic()
     with pytest.raises(SGLangLaunchError) as e:
         await b.start()
@@ -416,7 +351,7 @@ async def test_server_dying_before_healthy_quotes_its_last_log_lines():
 
 async def test_server_killed_mid_request_is_a_clear_error_within_the_deadline():
     port = free_port()
-    async with SGLangBackend(launch=fake_launch(port, "--token-delay", "0.05"),
+    async with SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--token-delay", "0.05"),
                              request_timeout=30, health_timeout=20) as b:
         task = asyncio.create_task(b.generate([[1, 2, 3]], 1, {"max_new_tokens": 1000}))
         await asyncio.sleep(0.3)

@@ -1,4 +1,4 @@
-"""What SGLangBackend sends, and what the fake answers, checked against sglang 0.5.23 itself.
+"""What the SGLang client and the weight-update session send, and what the fake answers, checked against sglang 0.5.23 itself.
 
 Needs `pip install --no-deps sglang==0.5.23 msgspec` (skips otherwise). Importing sglang.srt
 pulls CUDA-era packages (triton, a matching torchvision, aiohttp, IPython, ...), so this test
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import pytest
+import torch
 
 msgspec = pytest.importorskip("msgspec")
 _spec = importlib.util.find_spec("sglang")
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fake_sglang  # noqa: E402
 from fake_sglang import FakeSGLang  # noqa: E402
 
-from actors.sglang_backend import SGLangBackend  # noqa: E402
+from actors.sglang_client import SGLangClient  # noqa: E402
+from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
 
 META = [("model.embed_tokens.weight", "bfloat16", (64, 16)),
         ("model.layers.0.mlp.up_proj.weight", "bfloat16", (32, 16)),
@@ -125,16 +127,8 @@ def check_body(cls: type, body: dict) -> None:
     msgspec.convert(msgspec.to_builtins(obj), cls)  # ValidationError: wrong type or Literal
 
 
-@pytest.fixture
-async def trainer_store():
-    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
-
-
-async def run_every_backend_call(fake: FakeSGLang, store_port: int, tmp_path) -> None:
-    async with SGLangBackend(fake.url, request_timeout=20, control_timeout=5,
+async def run_every_backend_call(fake: FakeSGLang, tmp_path) -> None:
+    async with SGLangClient(fake.url, request_timeout=20, control_timeout=5,
                              update_timeout=5) as b:
         await b.health()
         await b.model_info()
@@ -142,30 +136,31 @@ async def run_every_backend_call(fake: FakeSGLang, store_port: int, tmp_path) ->
                                             "top_p": 0.95, "top_k": 20, "stop_token_ids": [7],
                                             "ignore_eos": False, "min_new_tokens": 1,
                                             "sampling_seed": 3}, rids=["p0", "p1"])
-        task = asyncio.create_task(b.generate_resumable([[4, 5]], 2, {"max_new_tokens": 30}))
-        await asyncio.sleep(0.05)
-        await b.init_weights_group("127.0.0.1", store_port, 1, 2)
-        await b.update_weights_distributed(META, 1, bucket_bytes=2048)
-        await task
-        async with b.weight_update(2, mode="retract") as session:
-            await session.update_bucket(META[:1])
-        task = asyncio.create_task(b.generate([[6]], 1, {"max_new_tokens": 300}, rids=["x"]))
-        await asyncio.sleep(0.05)
-        await b.abort("x")
-        await b.abort()
-        await task
+        sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=2048,
+                                call_timeout=10, collective_timeout=30, attempts=1)
+        try:
+            weights = {name: torch.zeros(shape, dtype=getattr(torch, dtype))
+                       for name, dtype, shape in META}
+            assert await sync.update([Server("g", fake.url)], weights, 1) == {"g"}  # forms the group
+            task = asyncio.create_task(b.generate_resumable([[4, 5]], 2, {"max_new_tokens": 300}))
+            await asyncio.sleep(0.05)
+            assert await sync.update([Server("g", fake.url)], weights, 2) == {"g"}  # aborts it
+            await task
+            sync.pause_mode = "retract"
+            assert await sync.update([Server("g", fake.url)], weights, 3) == {"g"}
+        finally:
+            await sync.close()
         await b.pause("in_place")
         await b.resume()
         await b.flush_cache()
-        await b.update_weights_from_disk(str(tmp_path), 3)
+        await b.update_weights_from_disk(str(tmp_path), 4)
 
 
-async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(trainer_store,
-                                                                         tmp_path):
+async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(tmp_path):
     fake = FakeSGLang(weight_version="0", token_delay=0.005)
     await fake.start()
     try:
-        await run_every_backend_call(fake, trainer_store, tmp_path)
+        await run_every_backend_call(fake, tmp_path)
     finally:
         await fake.stop()
     routes, api = real_routes(), load_api_types()
@@ -189,7 +184,8 @@ async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(traine
     assert seen == {"/model_info", "/generate", "/init_weights_update_group",
                     "/pause_generation", "/begin_weight_update",
                     "/update_weights_from_distributed", "/flush_cache", "/end_weight_update",
-                    "/continue_generation", "/abort_request", "/update_weights_from_disk"}
+                    "/continue_generation", "/update_weights_from_disk",
+                    "/destroy_weights_update_group"}
 
 
 def test_the_checks_catch_a_drifted_body():
@@ -218,11 +214,11 @@ def test_fake_routes_exist_in_sglang_0523_with_the_same_methods():
         assert set(methods) <= routes[path][0], (path, methods, routes[path][0])
 
 
-async def test_fake_replies_decode_with_the_sglang_0523_schema(trainer_store, tmp_path):
+async def test_fake_replies_decode_with_the_sglang_0523_schema(tmp_path):
     fake = FakeSGLang(weight_version="0", token_delay=0.005)
     await fake.start()
     try:
-        await run_every_backend_call(fake, trainer_store, tmp_path)
+        await run_every_backend_call(fake, tmp_path)
     finally:
         await fake.stop()
     api = load_api_types()

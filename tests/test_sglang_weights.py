@@ -1,0 +1,206 @@
+"""The weight-update session against fake SGLang servers that join a real gloo group.
+
+The fakes join the trainer's torch.distributed rendezvous as SGLang does (init_custom_process_group,
+rank = rank_offset + tp_rank) and receive one broadcast per tensor, so what they hold at the end is
+what crossed the group."""
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_sglang import FakeSGLang  # noqa: E402
+
+from actors.sglang_client import SGLangClient  # noqa: E402
+from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
+from actors.weight_group import free_port  # noqa: E402
+
+ORDER = ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
+         "/flush_cache", "/end_weight_update", "/continue_generation"]
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed_tokens.weight": torch.randn(32, 8, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16),
+            "model.norm.weight": torch.randn(8, generator=g),
+            "lm_head.weight": torch.randn(32, 8, generator=g)}
+
+
+def paths(fake, start=0):
+    out = []
+    for c in fake.calls[start:]:
+        if not out or out[-1] != c["path"]:  # consecutive buckets and flush retries fold into one
+            out.append(c["path"])
+    return out
+
+
+def assert_holds(fake, w):
+    assert list(fake.weights) == list(w)
+    for k, v in w.items():
+        assert fake.weights[k].dtype == v.dtype and torch.equal(fake.weights[k], v), k
+
+
+@pytest.fixture
+async def fakes():
+    made = []
+
+    async def make(**kw):
+        f = FakeSGLang(weight_version="0", token_delay=0.002, group_timeout=30, **kw)
+        await f.start()
+        made.append(f)
+        return f
+    yield make
+    for f in made:
+        await f.stop()
+
+
+async def test_two_servers_receive_every_tensor_in_order_and_in_the_0523_call_order(fakes):
+    a, b = await fakes(), await fakes(tp_size=2)
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=1500,
+                            call_timeout=10, collective_timeout=30)
+    try:
+        w1 = weights(1)
+        assert await sync.update([Server("gen-a", a.url), Server("gen-b", b.url, 2)], w1, 1) == {"gen-a", "gen-b"}
+        for f in (a, b):
+            assert_holds(f, w1)
+            assert paths(f) [-6:] == ORDER
+            assert f.weight_version == "1" and not f.session_open and f.pause_mode is None
+            buckets = [c["body"] for c in f.calls if c["path"] == "/update_weights_from_distributed"]
+            assert [n for body in buckets for n in body["names"]] == list(w1)  # list order = broadcast order
+            assert len(buckets) == 2 and all(body["flush_cache"] is False and body["weight_version"] == "1"
+                                             for body in buckets)
+            assert buckets[0]["dtypes"] == ["float32", "bfloat16", "float32"]  # 1312 bytes, then lm_head
+        inits = [next(c["body"] for c in f.calls if c["path"] == "/init_weights_update_group") for f in (a, b)]
+        assert [(i["rank_offset"], i["world_size"], i["backend"]) for i in inits] == [(1, 4, "gloo"), (2, 4, "gloo")]
+        assert next(c["body"] for c in a.calls if c["path"] == "/pause_generation") == {"mode": "abort"}
+
+        # a second update reuses the group (no second rendezvous); a generation in flight is
+        # aborted by the pause (mode abort), not waited for
+        w2 = weights(2)
+        n_calls = len(a.calls)
+        async with SGLangClient(a.url) as client:
+            gen = asyncio.create_task(client.generate([[1, 2]], 2, {"max_new_tokens": 5000}))
+            await asyncio.sleep(0.1)
+            assert await sync.update([Server("gen-a", a.url), Server("gen-b", b.url, 2)], w2, 2) == {"gen-a", "gen-b"}
+            [[s1, _]] = await gen
+        assert s1.finish_reason == "abort" and len(s1.output_ids) < 5000
+        assert [p for p in paths(a, n_calls) if p not in ("/model_info", "/generate")] == ORDER
+        assert_holds(a, w2)
+        assert_holds(b, w2)
+    finally:
+        await sync.close()
+    assert a.groups == {} and b.groups == {}  # close() made the servers leave the group too
+
+
+async def test_a_refused_flush_is_retried_until_the_server_is_idle(fakes):
+    a = await fakes()
+    refusals = []
+    real_flush = a._h_flush_cache
+
+    async def busy_then_idle(body, query):  # requests still running: SGLang answers 400, plain text
+        if len(refusals) < 3:
+            refusals.append(1)
+            return 400, "Flush cache failed.\n"
+        return await real_flush(body, query)
+    a._h_flush_cache = busy_then_idle
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=10, collective_timeout=30)
+    try:
+        assert await sync.update([Server("gen-a", a.url)], weights(3), 7) == {"gen-a"}
+    finally:
+        await sync.close()
+    flushes = [c for c in a.calls if c["path"] == "/flush_cache"]
+    assert len(refusals) == 3 and [c.get("status", 200) for c in flushes][-1:] == [200]
+    assert paths(a)[-5:] == ["/update_weights_from_distributed", "/flush_cache", "/end_weight_update",
+                             "/continue_generation", "/destroy_weights_update_group"]
+    assert a.weight_version == "7"
+    assert_holds(a, weights(3))
+
+
+async def test_a_server_that_never_flushes_is_dropped_and_left_running(fakes, caplog):
+    caplog.set_level(logging.INFO)
+    a = await fakes()
+
+    async def always_busy(body, query):
+        return 400, "Flush cache failed.\n"
+    a._h_flush_cache = always_busy
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=0.5, collective_timeout=30,
+                            attempts=2)
+    try:
+        t0 = time.monotonic()
+        assert await sync.update([Server("gen-a", a.url)], weights(4), 1) == set()
+        assert time.monotonic() - t0 < 20  # bounded: the group forms (a process starts), then 2 x 0.5 s
+    finally:
+        await sync.close()
+    assert not a.session_open and a.pause_mode is None  # ended and continued after each failed attempt
+    assert paths(a).count("/begin_weight_update") == 2
+    assert "sglang server of gen-a" in caplog.text and "dropped from weight update v1 (2 failed attempts)" in caplog.text
+    assert "flush_cache" in caplog.text
+
+
+async def test_a_server_killed_mid_update_is_dropped_and_the_others_get_the_weights(fakes, caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    a = await fakes(update_delay=0.05)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sglang.py")), "--port", str(port),
+                             "--weight-version", "0", "--update-delay", "0.05"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with SGLangClient(url, health_timeout=20):
+            pass  # it is up
+        sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=600, call_timeout=5,
+                                collective_timeout=5)
+        w = weights(5)
+
+        async def kill_after_first_bucket():
+            while not any(c["path"] == "/update_weights_from_distributed" for c in a.calls):
+                await asyncio.sleep(0.005)
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            t0 = time.monotonic()
+            killer = asyncio.create_task(kill_after_first_bucket())
+            got = await sync.update([Server("gen-a", a.url), Server("gen-b", url)], w, 1)
+            elapsed = time.monotonic() - t0
+            await killer
+        finally:
+            await sync.close()
+        assert got == {"gen-a"}
+        assert elapsed < 15, elapsed
+        assert_holds(a, w)  # the survivor got the whole update again in a group formed without the dead one
+        assert a.weight_version == "1" and not a.session_open and a.pause_mode is None
+        inits = [c["body"] for c in a.calls if c["path"] == "/init_weights_update_group"]
+        assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 3), (1, 2)]
+        assert inits[0]["group_name"] != inits[1]["group_name"]
+        assert f"sglang server of gen-b ({url}) dropped from weight update v1" in caplog.text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def test_the_group_is_not_the_default_group_and_leaves_one_alone(fakes):
+    """A learner may own the default process group (data parallel); the weight group never touches it."""
+    import torch.distributed as dist
+    a = await fakes()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=10, collective_timeout=30)
+    try:
+        default = dist.group.WORLD
+        assert await sync.update([Server("gen-a", a.url)], weights(6), 1) == {"gen-a"}
+        assert dist.group.WORLD is default and dist.get_world_size() == 1 and dist.get_rank() == 0
+        assert sync._group._pg is not default
+        t = torch.ones(3)
+        dist.all_reduce(t)  # the default group still works
+        assert torch.equal(t, torch.ones(3))
+        assert_holds(a, weights(6))
+    finally:
+        await sync.close()
+        dist.destroy_process_group()
