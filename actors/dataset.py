@@ -81,6 +81,15 @@ class LoadStats:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)   # one message per skipped line
 
+    def malformed(self, msg: str, *, skip: bool, unit: str) -> None:
+        """A bad record: DatasetError(msg), or (skipping malformed records) counted and the first few logged."""
+        if not skip:
+            raise DatasetError(msg) from None  # the parse error is in the message
+        self.skipped += 1
+        self.errors.append(msg)
+        if self.skipped <= _LOGGED_SKIPS:
+            log.warning("skipping malformed %s %s", unit, msg)
+
 
 class Records(list):
     """A list of loaded records that also carries the `LoadStats` of the load."""
@@ -165,13 +174,7 @@ def _read_jsonl(path: str | os.PathLike, parse: Callable[[dict, str, int], Any],
                 raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
             out.append(parse(obj, where, lineno))
         except _Bad as e:
-            msg = f"{where}: {e}"
-            if not skip_malformed:
-                raise DatasetError(msg) from None
-            stats.skipped += 1
-            stats.errors.append(msg)
-            if stats.skipped <= _LOGGED_SKIPS:
-                log.warning("skipping malformed line %s", msg)
+            stats.malformed(f"{where}: {e}", skip=skip_malformed, unit="line")
     stats.loaded = len(out)
     if stats.skipped:
         log.warning("%s: skipped %d of %d lines as malformed", p, stats.skipped, stats.lines)

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from actors.dataset import _LOGGED_SKIPS, DatasetError, Layout, LoadStats, Records, _Bad, problem_parser
+from actors.dataset import DatasetError, Layout, LoadStats, Records, _Bad, problem_parser
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,7 @@ def load_table_problems(path: Path, layout: Layout, *, skip_malformed: bool = Fa
         try:
             out.append(parse(dict(row), where, i))
         except _Bad as e:
-            msg = f"{where}: {e}"
-            if not skip_malformed:
-                raise DatasetError(msg) from None
-            stats.skipped += 1
-            stats.errors.append(msg)
-            if stats.skipped <= _LOGGED_SKIPS:
-                log.warning("skipping malformed row %s", msg)
+            stats.malformed(f"{where}: {e}", skip=skip_malformed, unit="row")
     stats.loaded = len(out)
     if stats.skipped:
         log.warning("%s: skipped %d of %d rows as malformed", path, stats.skipped, stats.lines)

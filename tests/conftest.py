@@ -20,6 +20,16 @@ settings.register_profile("dev", derandomize=False, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+@pytest.fixture
+async def broker(request):
+    """A broker on loopback with the test module's heartbeat interval (its `HB`, else 0.2 s)."""
+    from bus.broker import Broker
+    b = Broker(heartbeat_interval=getattr(request.module, "HB", 0.2))
+    await b.start()
+    yield b
+    await b.stop()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,7 +5,6 @@ import signal
 import pytest
 
 from actors.base import Actor, declared_handlers, handler
-from bus.broker import Broker
 from bus.client import BusClient
 from bus.errors import PeerGone, RemoteError
 from bus_proc import kill, spawn_actor
@@ -36,14 +35,6 @@ class LoudScorer(Scorer):
     @handler("score")  # overrides the base handler
     async def loud(self, body, src):
         return f"{body}!"
-
-
-@pytest.fixture
-async def broker():
-    b = Broker(heartbeat_interval=HB)
-    await b.start()
-    yield b
-    await b.stop()
 
 
 def test_declared_handlers_follow_the_mro():

@@ -11,7 +11,6 @@ from collections import defaultdict
 
 import pytest
 
-from bus.broker import Broker
 from bus.client import BusClient
 
 HB = 0.2
@@ -45,14 +44,6 @@ class Peer:
 class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True) -> str:
         return " ".join(map(str, ids))
-
-
-@pytest.fixture
-async def broker():
-    b = Broker(heartbeat_interval=HB)
-    await b.start()
-    yield b
-    await b.stop()
 
 
 @pytest.fixture

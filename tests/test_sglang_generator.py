@@ -18,17 +18,8 @@ from actors.generator import Generator  # noqa: E402
 from actors.sglang_protocol import SGLangTimeout  # noqa: E402
 from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
 from actors.sglang_weights import SGLangWeightSync  # noqa: E402
-from bus.broker import Broker  # noqa: E402
 
 HB = 0.2
-
-
-@pytest.fixture
-async def broker():
-    b = Broker(heartbeat_interval=HB)
-    await b.start()
-    yield b
-    await b.stop()
 
 
 def sglang_generator(broker, url, **kw):
