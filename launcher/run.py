@@ -91,8 +91,11 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
     pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
     specs = []
-    slots_taken: dict[Host, int] = {}
-    for role, index, host in place(counts, hosts, pinned):
+    placed = place(counts, hosts, pinned)
+    # the learner keeps its host's slot 0 (GPU 0) where that host has more: its generators start at slot 1
+    learner_host = next(h for r, _, h in placed if r == "learner")
+    slots_taken: dict[Host, int] = {learner_host: 0 if learner_host.slots > 1 else -1}
+    for role, index, host in placed:
         name = f"{role}-{index}" if role in ("generator", "verifier") else role
         argv = [sys.executable, "-m", "launcher", "actor", role, "--name", name, "--bus", address,
                 "--config", str(config_path), "--start-step", str(start.step), "--model-path", start.model_path]

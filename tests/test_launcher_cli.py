@@ -111,6 +111,17 @@ def test_remote_hosts_need_a_reachable_bus(tmp_path, data, capsys, bus_host):
     assert f"{hosts} names remote hosts but bus.host is {bus_host}" in err and "bus.keys_dir" in err
 
 
+def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost slots=8\n")
+    rc, out, _ = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
+                         "-o", "actors.generator.count=7", "-o", f"data.train={data['train']}", "-o", "data.test=null")
+    assert rc == 0
+    gpus = sorted(a.split("=")[1] for _, argv in _commands(out).values() for a in argv
+                  if a.startswith("CUDA_VISIBLE_DEVICES="))
+    assert gpus == [str(k) for k in range(1, 8)]
+
+
 def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("localhost slots=2\n")
