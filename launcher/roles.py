@@ -219,6 +219,9 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                            compute_dtype=torch.bfloat16 if bf16 else None)
         tok = load_tokenizer(start.model_path)
         opt = make_optimizer(model, cfg.ppo)
+        if cfg.ppo.gradient_checkpointing:
+            from policies.models import checkpoint_layers
+            checkpoint_layers(model)
         if cfg.ppo.compile:
             from policies.models import compile_layers
             compile_layers(model)

@@ -168,6 +168,14 @@ def assert_trainable(model: nn.Module) -> None:
             f"(policies.models.smollm2_dir() or convert_gguf()) and train that copy")
 
 
+def checkpoint_layers(model: nn.Module) -> nn.Module:
+    """Gradient (activation) checkpointing of every decoder layer: training keeps only each layer's
+    input and recomputes its activations in backward, one extra forward for activation memory that
+    no longer grows with the layer count. Same values and gradients (the recompute is exact)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def compile_layers(model: nn.Module) -> nn.Module:
     """torch.compile each decoder layer in place (names, parameters and state dict unchanged) and
     mark the model so that policies.logprobs also compiles its head math. Shapes are dynamic: one

@@ -55,6 +55,7 @@ class PPOConfig:
     # "auto": where bf16 is native (policies.precision)
     compile: bool = False            # torch.compile the decoder layers and the head math (policies.models)
     share_prompts: bool = True       # the samples of a prompt run it through the model once (policies.shared_prompts)
+    gradient_checkpointing: bool = False  # keep only each decoder layer's input; recompute the rest in backward
     recompute_logprobs: bool | Literal["auto"] = "auto"  # the learner recomputes the proximal logprobs before
     # the minibatches; "auto": unless the generator's logprobs are already the learner's (actors.learner.recompute_needed)
 

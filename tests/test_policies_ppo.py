@@ -260,3 +260,28 @@ def test_sft_step_reduces_loss():
     batch = batch.with_fields(tokens={"loss_mask": torch.zeros_like(batch.loss_mask)})
     with pytest.raises(ValueError, match="no loss tokens"):
         sft_step(model, opt, batch, cfg)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_makes_the_same_update():
+    from policies.logprobs import packed_logprobs
+    from policies.models import checkpoint_layers
+    plain = tiny_model(seed=0)
+    ckpt = checkpoint_layers(copy.deepcopy(plain))
+    batch = make_batch(plain)
+    saved = {}
+    for m in (plain, ckpt):  # bytes autograd keeps for backward: checkpointed layers keep only their input
+        m.train()
+        saved[id(m)] = 0
+
+        def pack(t, key=id(m)):
+            saved[key] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            packed_logprobs(m, batch.input_ids, batch.cu_seqlens)
+    assert saved[id(ckpt)] < saved[id(plain)]
+    cfg = PPOConfig(minibatches=1)
+    stats = [train_step(m, make_optimizer(m, cfg), batch, cfg) for m in (plain, ckpt)]
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], abs=1e-6)
+    assert stats[1]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
