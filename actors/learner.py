@@ -127,6 +127,21 @@ class Learner(Actor):
         log.info("checkpoint written: %s", path)
         return path
 
+    def train_batch(self, batch, step: int) -> dict:
+        """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other
+        trainers (learner ranks, the simulated learner) replace."""
+        prox = ref = None
+        if self.recompute:
+            prox = recompute_logprobs(self.model, batch, self.ppo, loss_tokens_only=True)
+        if self.ref_model is not None:
+            ref = recompute_logprobs(self.ref_model, batch, self.ppo, loss_tokens_only=True)
+        stats = train_step(self.model, self.optimizer, batch, self.ppo, proximal_logprobs=prox, ref_logprobs=ref,
+                           lr=scheduled_lr(self.ppo, step, self.total_steps))
+        if prox is not None:  # how far the generator's logprobs were from the learner's
+            mask = batch.loss_mask.bool()
+            stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
+        return stats
+
     async def _train_loop(self) -> None:
         try:
             while self.step < self.total_steps:
@@ -151,20 +166,7 @@ class Learner(Actor):
         stats: dict = {}
         async with self._state_lock:
             if batch is not None and batch.num_seqs:
-                prox = None
-                if self.recompute:
-                    prox = await asyncio.to_thread(recompute_logprobs, self.model, batch, self.ppo,
-                                                     loss_tokens_only=True)
-                ref = None
-                if self.ref_model is not None:
-                    ref = await asyncio.to_thread(recompute_logprobs, self.ref_model, batch, self.ppo,
-                                                  loss_tokens_only=True)
-                stats = await asyncio.to_thread(train_step, self.model, self.optimizer, batch, self.ppo,
-                                                proximal_logprobs=prox, ref_logprobs=ref,
-                                                lr=scheduled_lr(self.ppo, step, self.total_steps))
-                if prox is not None:  # how far the generator's logprobs were from the learner's
-                    mask = batch.loss_mask.bool()
-                    stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
+                stats = await asyncio.to_thread(self.train_batch, batch, step)
                 qids = list(batch.meta.get("qids", []))
             else:
                 log.warning("step %d: no group carried a learning signal; weights unchanged", step)
