@@ -166,7 +166,7 @@ def _scored(qid: str, desc: dict, batch: int = 0) -> dict:
 async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped(broker, peer):
     from actors.generator import Sample, rollout_batch
     from actors.packer import Packer
-    from tensors.channels import open_channel, receive
+    from tensors.channels import Channels, TensorOptions, open_channel
 
     await peer("sampler", "sampler", ["accepted", "rejected"])
     verifier = await peer("verifier-0", "verifier")
@@ -181,7 +181,9 @@ async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped
         learner = await peer("learner", "learner", ["train"])
         train = await learner.next("train")
         assert train["step"] == 0
-        trained = await receive(train["batch"], timeout=5)  # offered again: still there to read
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(train["batch"], timeout=5)  # offered again: still there to read
+        await rx.close()
         assert trained.meta["qids"] == ["q-1", "q-1"] and trained.input_ids.tolist() == batch.input_ids.tolist()
     finally:
         await packer.stop()
@@ -226,13 +228,14 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     import torch
 
     from actors.broadcaster import WeightBroadcaster
-    from tensors.channels import receive
+    from tensors.channels import Channels, TensorOptions
 
     model = torch.nn.Linear(4, 3)
+    rx = Channels(TensorOptions(host="127.0.0.1"))
     updates: dict[str, list] = {"generator-0": [], "generator-1": []}
 
     async def update(name: str, body: dict, fail: bool):
-        weights = await receive(body["weights"], timeout=5)
+        weights = await rx.recv(body["weights"], timeout=5)
         updates[name].append((body["version"], weights))
         if fail:
             raise RuntimeError("injected: out of memory loading the weights")
@@ -261,6 +264,7 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     finally:
         await bc.stop()
         await sampler.stop()
+        await rx.close()
 
 
 # ----------------------------------------------------------------------------------------- rogue bus members

@@ -225,7 +225,7 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
     from actors.packer import Packer
     from bus.broker import Broker
     from bus.client import BusClient
-    from tensors.channels import open_channel, receive
+    from tensors.channels import Channels, TensorOptions, open_channel
 
     broker = Broker("tcp://127.0.0.1:0", heartbeat_interval=0.2)
     await broker.start()
@@ -268,7 +268,9 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
         await scored(await channel.send(batch, timeout=30))  # the sampler dealt it again: the true copy
         await until(lambda: got["train"], "TRAIN")
         assert got["accepted"] == [{"batch": 0, "qid": "q-7"}]
-        trained = await receive(got["train"][0]["batch"], timeout=5)
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(got["train"][0]["batch"], timeout=5)
+        await rx.close()
         assert trained.meta["qids"] == ["q-7", "q-7"] and torch.equal(trained.input_ids, batch.input_ids)
     finally:
         await packer.stop()

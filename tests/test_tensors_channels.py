@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from tensors.channels import Receivers, choose_kind, open_channel, receive
+from tensors.channels import Channels, TensorOptions, choose_kind, open_channel
 from tensors.channels import shm as shm_mod
 from tensors.channels.shm import ShmChannel, sweep_orphans
 from tensors.errors import TransferError
@@ -132,16 +132,17 @@ async def test_bad_descriptors_and_arguments_are_refused(kind):
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
-async def test_receive_helper_and_closed_sender(kind):
-    tx = open_channel(kind, name="packer-1")
+async def test_an_actors_channels_receive_any_kind_and_name_a_closed_sender(kind):
+    tx, rx = open_channel(kind, name="packer-1"), Channels(TensorOptions(host="127.0.0.1"))
     d = await tx.send(sample_batch(seed=3), timeout=10)
-    assert (await receive(d, timeout=5)).equals(sample_batch(seed=3))
+    assert (await rx.recv(d, timeout=5)).equals(sample_batch(seed=3))
     d2 = await tx.send(sample_batch(seed=4), timeout=10)
     await tx.close()
     t0 = time.monotonic()
     with pytest.raises(TransferError) as info:
-        await receive(d2, timeout=0.5)
+        await rx.recv(d2, timeout=0.5)
     assert info.value.peer == "packer-1" and time.monotonic() - t0 < 2.0
+    await rx.close()
 
 
 async def test_local_descriptor_from_another_process_is_refused():
@@ -253,16 +254,16 @@ async def test_zmq_reused_connection_notices_a_closed_sender():
             assert (await rx.recv(d2, timeout=5)).equals(sample_batch(seed=2))
 
 
-async def test_receive_reuses_one_channel_per_loop():
-    receivers = Receivers()
+async def test_an_actors_channels_reuse_one_channel_per_kind():
+    rx = Channels(TensorOptions(host="127.0.0.1"))
     async with open_channel("zmq") as tx:
         for seed in range(2):
             d = await tx.send(sample_batch(seed=seed), timeout=10)
-            assert (await receive(d, timeout=5, receivers=receivers)).equals(sample_batch(seed=seed))
-        assert receivers.get("zmq") is receivers.get("zmq")
-    receivers.close()
-    with pytest.raises(ValueError, match="unknown channel kind"):
-        await receive({"kind": "pigeon"}, timeout=1)
+            assert (await rx.recv(d, timeout=5)).equals(sample_batch(seed=seed))
+        assert rx.channel("zmq") is rx.channel("zmq")
+    with pytest.raises(ValueError, match="channel kind 'pigeon'"):
+        await rx.recv({"kind": "pigeon"}, timeout=1)
+    await rx.close()
 
 
 def test_choose_kind_and_open_channel():
