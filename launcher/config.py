@@ -306,6 +306,11 @@ class RolloutConfig(Checked):
     force_newline: bool = False
     drop_uniform_groups: bool = False
     request_timeout: float = opt(600.0, check=_positive, expect="> 0 (seconds)")
+    interrupt_on_update: bool = opt(
+        True, doc="with max_staleness > 0 a weight update reaches generators mid-sequence. true: running "
+                  "sequences continue under the new weights at once, their KV cache recomputed (prompt + tokens "
+                  "so far; SGLang: aborted and resubmitted), later tokens carry the new version; false: the update "
+                  "waits until they end (no new group starts meanwhile), so no sequence mixes versions")
 
 
 @dataclass
