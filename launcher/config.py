@@ -450,6 +450,13 @@ class ExperimentConfig(Checked):
         super().__post_init__()
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
+        g = self.actors.generator
+        if not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed":
+            # SGLang's model_update_lock holds requests off one update call, and lets them in between the
+            # buckets of a distributed update: only the pause keeps them out, and it interrupts them
+            raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "
+                              "actors.generator.sglang_weights disk (a distributed update pauses generation, "
+                              "interrupting it), got distributed")
 
 
 

@@ -176,3 +176,80 @@ def test_step_metrics_count_interrupted_sequences():
 
     m = batch_stats(3, [group(2, 2), group(0, 1), group(1, 3)], dropped=0)
     assert m["interrupted_seqs"] == 3 and m["versions_per_seq_max"] == 3
+
+
+# ------------------------------------------------------------------ the sglang backend (fake server, disk weights)
+
+
+@pytest.fixture
+async def fake():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_sglang import FakeSGLang
+    f = FakeSGLang(weight_version="0", token_delay=0.01)
+    await f.start()
+    yield f
+    await f.stop()
+
+
+async def sglang_backend(fake, tmp_path, interrupt: bool):
+    from actors.sglang_generator import SGLangGeneratorBackend
+    b = SGLangGeneratorBackend(fake.url, model_path=str(tmp_path), weights="disk", interrupt_on_update=interrupt,
+                               request_timeout=20, control_timeout=5, update_timeout=10)
+    await b.start()
+    return b
+
+
+async def running(fake, tokens: int):
+    async with asyncio.timeout(WAIT):
+        while not (fake.running and all(len(r.output) >= tokens for r in fake.running.values())):
+            await asyncio.sleep(0.005)
+
+
+async def test_sglang_interrupt_aborts_and_resubmits_the_prefix_under_the_new_weights(fake, tmp_path):
+    b = await sglang_backend(fake, tmp_path, True)
+    try:
+        group = asyncio.ensure_future(b.generate_group("a", [5, 6, 7], 2, {"max_new_tokens": 60}))
+        await running(fake, 3)
+        await b.update_weights({"w": torch.ones(2)}, 1)
+        samples = await asyncio.wait_for(group, WAIT)
+    finally:
+        await b.close()
+    for s in samples:
+        k = s.versions.count(0)
+        assert 3 <= k < 60 and s.versions == [0] * k + [1] * (60 - k) and s.resumes == 1
+    resubmit = [c for c in fake.calls if c["path"] == "/generate"][1]["body"]
+    assert resubmit["input_ids"] == [[5, 6, 7] + s.output_ids[:s.versions.count(0)] for s in samples]
+    disk = [c for c in fake.calls if c["path"] == "/update_weights_from_disk"]
+    assert [c["body"]["abort_all_requests"] for c in disk] == [True]
+
+
+async def test_sglang_without_interrupt_the_update_waits_and_holds_new_requests(fake, tmp_path):
+    b = await sglang_backend(fake, tmp_path, False)
+    order = []
+    try:
+        a = asyncio.ensure_future(b.generate_group("a", [5, 6, 7], 2, {"max_new_tokens": 40}))
+        a.add_done_callback(lambda _: order.append("a done"))
+        await running(fake, 3)
+        update = asyncio.ensure_future(b.update_weights({"w": torch.ones(2)}, 1))
+        update.add_done_callback(lambda _: order.append("updated"))
+        async with asyncio.timeout(WAIT):
+            while not fake.writers_waiting:
+                await asyncio.sleep(0.005)
+        c = asyncio.ensure_future(b.generate_group("b", [9], 2, {"max_new_tokens": 40}))
+        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, c), WAIT)
+        await update
+    finally:
+        await b.close()
+    assert order[:2] == ["a done", "updated"]
+    assert [s.versions for s in got_a] == [[0] * 40] * 2 and [s.versions for s in got_b] == [[1] * 40] * 2
+
+
+def test_sglang_distributed_weights_cannot_wait():
+    with pytest.raises(ConfigError, match="rollout.interrupt_on_update: false .* needs actors.generator.sglang_weights "
+                                          "disk"):
+        load_config(overrides=["rollout.interrupt_on_update=false", "actors.generator.backend=sglang"])
+    cfg = load_config(overrides=["rollout.interrupt_on_update=false", "actors.generator.backend=sglang",
+                                 "actors.generator.sglang_weights=disk"])
+    assert cfg.rollout.interrupt_on_update is False
