@@ -73,6 +73,32 @@ def test_an_update_recomputes_the_cache_of_running_rows():
     assert engine.stats.interrupted == 2 and engine.stats.reprefill_tokens == (7 + 3) + (12 + 3)
 
 
+def test_the_hf_fallback_decoder_continues_under_the_new_weights():
+    """Models off the compact decoder keep token ids, not keys/values: the re-prefill path holds there too."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(seed):
+        torch.manual_seed(seed)
+        return MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=256, sliding_window=None,
+                                                initializer_range=0.5)).eval()
+
+    model, newer = mistral(0), mistral(1)
+    p = torch.randint(3, 512, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = GenerationEngine(model)
+    engine.add("r", p, 1, GREEDY)
+    engine.step()
+    engine.update_weights(dict(newer.named_parameters()), version=1)
+    [f] = run(engine)
+    assert f.versions == [0] * 2 + [1] * 8 and engine.stats.interrupted == 1
+    rest = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    fresh, old = GenerationEngine(newer), GenerationEngine(mistral(0))
+    fresh.add("r", p + f.output_ids[:2], 1, rest)
+    old.add("r", p + f.output_ids[:2], 1, rest)
+    assert run(fresh)[0].output_ids == f.output_ids[2:] != run(old)[0].output_ids
+
+
 def test_rows_admitted_after_the_update_are_not_recomputed():
     engine = GenerationEngine(tiny(0))
     engine.update_weights(new_weights(), version=1)
