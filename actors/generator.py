@@ -118,11 +118,14 @@ class Generator(Actor):
             verifier = verifiers[next(self._verifiers) % len(verifiers)]
             texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
             versions = [v for s in samples for v in s.versions]
+            per_seq = [len(set(s.versions)) for s in samples]  # > 1: a weight update reached it mid-sequence
             stats = {
                 "truncated": [s.finish_reason == "length" for s in samples],
                 "response_tokens": [len(s.output_ids) for s in samples],
                 "version_min": min(versions, default=self.backend.version),
                 "version_max": max(versions, default=self.backend.version),
+                "interrupted": sum(n > 1 for n in per_seq),
+                "versions_per_seq": max(per_seq, default=1),
             }
             await self.deliver(verifier, P.SCORE, {
                 "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],

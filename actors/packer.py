@@ -34,7 +34,7 @@ class _Group:
 
 
 def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
-    """What the release reports per step: reward, accuracy, truncation, staleness."""
+    """What the release reports per step: reward, accuracy, truncation, staleness, interruptions."""
     rewards = [float(r) for g in groups for r in g.batch.rewards.tolist()]
     correct = [c for g in groups for c in g.correct]
     truncated = [t for g in groups for t in g.stats["truncated"]]
@@ -50,6 +50,10 @@ def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
         "groups_dropped": dropped,
         "reward_errors": sum(int(g.stats.get("reward_errors", 0)) for g in groups),  # users' reward functions
         "max_staleness_seen": step - oldest,
+        # sequences a weight update reached mid-generation (rollout.interrupt_on_update), and the most
+        # versions one sequence mixed
+        "interrupted_seqs": sum(int(g.stats.get("interrupted", 0)) for g in groups),
+        "versions_per_seq_max": max((int(g.stats.get("versions_per_seq", 1)) for g in groups), default=1),
         "groups_by_generator": dict(collections.Counter(g.generator for g in groups)),
     }
 

@@ -337,10 +337,12 @@ class SGLangClient:
                          "update_weights_from_distributed",
                          self.update_timeout if timeout is None else timeout)
 
-    async def update_weights_from_disk(self, path: str, version: int, *,
+    async def update_weights_from_disk(self, path: str, version: int, *, abort_all_requests: bool = False,
                                        timeout: float | None = None) -> None:
-        """Fallback without NCCL: SGLang loads a checkpoint directory (and always flushes)."""
-        body = {"model_path": str(path), "weight_version": str(version)}
+        """Fallback without NCCL: SGLang loads a checkpoint directory (and always flushes). It waits
+        for the requests in flight (holding new ones meanwhile), or with abort_all_requests ends
+        them first with their partial output (generate_group resubmits them under the new weights)."""
+        body = {"model_path": str(path), "weight_version": str(version), "abort_all_requests": abort_all_requests}
         async with self._update_lock:
             await self._post("/update_weights_from_disk", body, "update_weights_from_disk",
                              self.update_timeout if timeout is None else timeout)

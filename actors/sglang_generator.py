@@ -8,6 +8,11 @@ Weights reach the server one of two ways (``actors.generator.sglang_weights``):
 - disk: tensors that arrive over a tensor channel are written, off the event loop, as a
   safetensors checkpoint next to the base model's config and loaded with
   /update_weights_from_disk (which always flushes the radix cache).
+
+``interrupt_on_update`` (rollout.interrupt_on_update) on the disk path: true aborts the requests in
+flight (abort_all_requests) and generate_group resubmits prompt + tokens so far, recomputed under
+the new weights; false lets SGLang's model_update_lock wait for them, holding new requests until
+the update is applied. The distributed path always interrupts (pause_generation abort).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ class SGLangGeneratorBackend(SGLangClient):
     launched it (`launch`; else `url` names a running one). start() returns once /health is 200."""
 
     def __init__(self, url: str | None = None, *, launch: SGLangLaunch | None = None, model_path: str,
-                 weights: str = "distributed", tp_size: int = 1, **kwargs):
+                 weights: str = "distributed", tp_size: int = 1, interrupt_on_update: bool = True, **kwargs):
         if (url is None) == (launch is None):
             raise ValueError("the sglang backend needs a url or a launch config (one of them)")
         if url is None:
@@ -45,7 +50,13 @@ class SGLangGeneratorBackend(SGLangClient):
         if weights not in ("distributed", "disk"):
             raise ValueError(f"sglang weights {weights!r} must be distributed or disk")
         self.model_path = Path(model_path)
+        if not isinstance(interrupt_on_update, bool):
+            raise ValueError(f"interrupt_on_update={interrupt_on_update!r}: must be true or false")
+        if weights == "distributed" and not interrupt_on_update:
+            raise ValueError("interrupt_on_update=False needs weights='disk': a distributed update pauses "
+                             "generation, which interrupts it")
         self.weights_mode, self.tp_size = weights, tp_size
+        self.interrupt_on_update = interrupt_on_update
         self._weights_dir: Path | None = None
 
     async def start(self, wait: bool = True) -> "SGLangGeneratorBackend":
@@ -110,7 +121,7 @@ class SGLangGeneratorBackend(SGLangClient):
     async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """The disk fallback; the write runs in a thread so the generator keeps answering."""
         path = await asyncio.to_thread(self._write, weights)
-        await self.update_weights_from_disk(path, version)
+        await self.update_weights_from_disk(path, version, abort_all_requests=self.interrupt_on_update)
 
     async def close(self) -> None:
         await super().close()
@@ -123,7 +134,8 @@ class SGLangGeneratorBackend(SGLangClient):
 def make_sglang_backend(cfg, start) -> SGLangGeneratorBackend:
     g = cfg.actors.generator
     kw = dict(model_path=start.model_path, request_timeout=cfg.rollout.request_timeout,
-              health_timeout=g.sglang_health_timeout, weights=g.sglang_weights, tp_size=g.sglang_tp_size)
+              health_timeout=g.sglang_health_timeout, weights=g.sglang_weights, tp_size=g.sglang_tp_size,
+              interrupt_on_update=cfg.rollout.interrupt_on_update)
     if g.sglang_url:
         return SGLangGeneratorBackend(g.sglang_url, **kw)
     with socket.socket() as s:

@@ -306,6 +306,11 @@ class RolloutConfig(Checked):
     force_newline: bool = False
     drop_uniform_groups: bool = False
     request_timeout: float = opt(600.0, check=_positive, expect="> 0 (seconds)")
+    interrupt_on_update: bool = opt(
+        True, doc="with max_staleness > 0 a weight update reaches generators mid-sequence. true: running "
+                  "sequences continue under the new weights at once, their KV cache recomputed (prompt + tokens "
+                  "so far; SGLang: aborted and resubmitted), later tokens carry the new version; false: the update "
+                  "waits until they end (no new group starts meanwhile), so no sequence mixes versions")
 
 
 @dataclass
@@ -445,6 +450,13 @@ class ExperimentConfig(Checked):
         super().__post_init__()
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
+        g = self.actors.generator
+        if not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed":
+            # SGLang's model_update_lock holds requests off one update call, and lets them in between the
+            # buckets of a distributed update: only the pause keeps them out, and it interrupts them
+            raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "
+                              "actors.generator.sglang_weights disk (a distributed update pauses generation, "
+                              "interrupting it), got distributed")
 
 
 

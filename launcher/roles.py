@@ -197,7 +197,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         else:
             from actors.torch_backend import TorchBackend
             model = load_model(start.model_path, dtype=_dtype(cfg, "generator"), device=device_for(cfg))
-            backend = TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)))
+            backend = TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)),
+                                   interrupt_on_update=cfg.rollout.interrupt_on_update)
             backend.engine.version = start.step
         return [Generator(name, bus_address, backend=backend, tokenizer=tok, **bus_kwargs)]
     if role == "verifier":

@@ -15,8 +15,11 @@ Conventions
   seed, from the engine's seeder; so a group's samples do not depend on other groups' draws, and
   with a fixed seed and the same batch composition results are identical run to run (other
   compositions change the batched matmuls only at the level of float rounding).
-- Weight updates keep the cached keys/values of in-flight samples (computed by the old weights);
-  only tokens sampled after the update carry the new version.
+- Weight updates interrupt in-flight samples: at the next step the engine recomputes the cached
+  keys/values of every running row (prompt + tokens so far) under the new weights (a re-prefill,
+  AReaL's interrupt-and-continue), so no token is sampled from a cache of older weights; tokens
+  sampled from then on carry the new version. A caller that wants no sequence to mix versions
+  waits for the running rows to end before updating (`step(admit=False)` starts no new group).
 """
 from __future__ import annotations
 
@@ -91,8 +94,9 @@ class SamplingParams:
 class Sample:
     """One generated response, whichever backend made it (this engine, an SGLang server): the
     tokens, the behaviour logprob and policy version of each, and why it ended. `rid`/`index`
-    place it in its request (sample j of the group); `resumes` counts how often SGLang's
-    partial rollout was resubmitted after a weight update aborted it."""
+    place it in its request (sample j of the group); `resumes` counts how often a weight update
+    interrupted it mid-sequence (SGLang: its partial rollout resubmitted; this engine: its cache
+    recomputed under the new weights)."""
     output_ids: list[int]
     logprobs: list[float]
     versions: list[int]  # policy version that produced each output token
@@ -113,6 +117,8 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_steps: int = 0
     generated_tokens: int = 0
+    interrupted: int = 0  # running rows whose cache a weight update made stale (counted once per update)
+    reprefill_tokens: int = 0  # tokens recomputed under new weights for them
 
 
 # ---------------------------------------------------------------- the math (pure functions)
@@ -230,6 +236,8 @@ class _Sample:
     index: int
     pending: int = -1  # last sampled token, not yet fed to the model
     length: int = 0  # tokens in the KV cache for this sample
+    kv_version: int = 0  # the weights its cached keys/values were computed with
+    resumes: int = 0  # weight updates that interrupted it
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -237,7 +245,7 @@ class _Sample:
     def finished(self, reason: FinishReason) -> Sample:
         g = self.group
         return Sample(self.output_ids, self.logprobs, self.versions, reason, rid=g.rid, index=self.index,
-                      prompt_ids=list(g.prompt_ids))
+                      prompt_ids=list(g.prompt_ids), resumes=self.resumes)
 
 
 def _eos_ids(model: nn.Module) -> tuple[int, ...]:
@@ -368,13 +376,16 @@ class GenerationEngine:
     def num_queued(self) -> int:
         return len(self._queue)
 
-    def step(self) -> list[Sample]:
-        """Admit queued groups that fit, decode one token for every active sample, and return the
-        samples that finished during this step."""
+    def step(self, admit: bool = True) -> list[Sample]:
+        """Admit queued groups that fit (unless admit=False), recompute the cache of rows a weight
+        update made stale, decode one token for every active sample, and return the samples that
+        finished during this step."""
         with self._lock, torch.inference_mode():
             done: list[Sample] = []
-            self._admit(done)
+            if admit:
+                self._admit(done)
             if self._rows:
+                self._reprefill()
                 self._decode(done)
             return done
 
@@ -405,8 +416,9 @@ class GenerationEngine:
         return out
 
     def update_weights(self, named_tensors: Mapping[str, Tensor], version: int) -> None:
-        """Copy new values into the model's parameters in place (no reallocation); tokens sampled
-        from the next step on carry `version`. Everything is checked before anything is copied."""
+        """Copy new values into the model's parameters in place (no reallocation); running rows are
+        re-prefilled under them at the next step and tokens sampled from then on carry `version`.
+        Everything is checked before anything is copied."""
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version={version!r} must be an int")
         targets = dict(self.model.named_parameters(remove_duplicate=False))
@@ -467,11 +479,33 @@ class GenerationEngine:
         for g in groups:
             p = len(g.prompt_ids)
             self._cache.write_prompt(row, g.n, keys, values, col, col + p)
-            self._rows.extend(_Sample(g, j, length=p) for j in range(g.n))
+            self._rows.extend(_Sample(g, j, length=p, kv_version=self.version) for j in range(g.n))
             g.live = g.n
             row, col = row + g.n, col + p
         counts = torch.tensor([g.n for g in groups], device=self.device)
         self._sample(logits.repeat_interleave(counts, dim=0), first, done)
+
+    def _reprefill(self) -> None:
+        """Recompute the keys/values of rows cached under older weights: each row's prompt and its
+        tokens so far but the pending one (`length` tokens), packed in chunks of max_prefill_tokens."""
+        stale = [i for i, s in enumerate(self._rows) if s.kv_version != self.version]
+        while stale:
+            chunk, tokens = [], 0
+            while stale and (not chunk or tokens + self._rows[stale[0]].length <= self.max_prefill_tokens):
+                i = stale.pop(0)
+                chunk.append(i)
+                tokens += self._rows[i].length
+            rows = [self._rows[i] for i in chunk]
+            seqs = [torch.tensor(s.group.prompt_ids + s.output_ids[:-1], device=self.device) for s in rows]
+            _, keys, values = self.decoder.prefill(seqs)
+            col = 0
+            for i, s in zip(chunk, rows):
+                self._cache.write_prompt(i, 1, keys, values, col, col + s.length)
+                col += s.length
+                s.kv_version = self.version
+                s.resumes += 1
+            self.stats.interrupted += len(rows)
+            self.stats.reprefill_tokens += tokens
 
     def _decode(self, done: list[Sample]) -> None:
         rows = self._rows

@@ -4,7 +4,9 @@ It speaks the real protocol (paths, bodies, replies and failure modes read from 
 http_server.py, io_struct.py and tokenizer/scheduler code): 503 on /health while starting,
 /generate batches with n samples at index i*n+j, output_token_logprobs [[logprob, id, text]],
 finish_reason {type: stop|length|abort}, weight_version and weight_versions spans in meta_info;
-pause_generation abort|retract|in_place (new requests wait while paused); /flush_cache answers
+pause_generation abort|retract|in_place (new requests wait while paused); an update outside a pause
+waits for the requests in flight and holds new ones meanwhile (the writer-preferring
+model_update_lock), aborting them first with abort_all_requests; /flush_cache answers
 400 (plain text) while requests run; update_weights_from_distributed/tensor are refused outside
 begin/end_weight_update; control bodies ignore unknown fields as SGLang's pydantic schema does.
 
@@ -150,6 +152,7 @@ class FakeSGLang:
         self.session_open = False
         self.update_in_flight = 0  # update_weights_from_distributed requests being served
         self.pause_mode: str | None = None
+        self.writers_waiting = 0  # updates waiting for model_update_lock (new requests wait behind them)
         self.running: dict[str, Req] = {}
         self.reply_hook = None  # tests may set fn(path, payload) -> payload to corrupt replies
         self._unpaused = asyncio.Event()
@@ -314,6 +317,8 @@ class FakeSGLang:
             raise BadRequest({"error": {"message": "The specified rids length mismatch with the "
                                                    "batch_size for batch processing."}})
         await self._unpaused.wait()  # the tokenizer manager holds new requests while paused
+        while self.writers_waiting:  # RWLock.acquire_reader waits for waiting writers
+            await asyncio.sleep(0.005)
         reqs = []
         for i, (p, sp) in enumerate(zip(prompts, sp_list)):
             for j in range(n):
@@ -563,9 +568,16 @@ class FakeSGLang:
             return 400, {"success": False, "num_paused_requests": 0,
                          "message": f"Failed to get weights iterator: {path} (repository not "
                                     "found)."}
-        while self.pause_mode is None and self.running:  # the model_update_lock writer waits
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(self.update_delay)
+        if body.get("abort_all_requests"):  # TokenizerManager.abort_request(abort_all=True)
+            for r in self.running.values():
+                r.abort_message = r.abort_message or "Aborted"
+        self.writers_waiting += 1
+        try:
+            while self.pause_mode is None and self.running:  # the model_update_lock writer waits
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(self.update_delay)
+        finally:
+            self.writers_waiting -= 1
         self.model_path = path
         return self._after_update(body, "Succeeded to update model weights.",
                                   num_paused_requests=0)

@@ -52,6 +52,8 @@ def test_asynchronous_steps_train_on_recomputed_proximal_logprobs(tmp_path):
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1, 2]
     assert all(m["max_staleness_seen"] <= 1 for m in records)
+    # rollout.interrupt_on_update (default true): sequences an update reached are counted, versions per sequence
+    assert all(m["interrupted_seqs"] >= 0 and 1 <= m["versions_per_seq_max"] <= 2 for m in records)
     # the learner's logprobs under its own weights, against the generator's: a gap exists and is reported
     assert all(0.0 <= m["behav_logprob_gap"] < 10.0 for m in records)
     assert any(m["behav_logprob_gap"] > 0.0 for m in records)

@@ -72,11 +72,11 @@ def _flaky_engine(backend, fail_first: int | None) -> list:
     """Make the engine's decode step raise: the first `fail_first` calls, or every call (None)."""
     step, calls = backend.engine.step, []
 
-    def flaky():
+    def flaky(*args):
         calls.append(1)
         if fail_first is None or len(calls) <= fail_first:
             raise RuntimeError("injected: device-side assert")
-        return step()
+        return step(*args)
 
     backend.engine.step = flaky
     return calls

@@ -263,7 +263,7 @@ async def test_refused_update_from_disk_quotes_the_server_message(fake, backend,
     assert e.value.status == 400 and "Failed to get weights iterator" in str(e.value)
     assert fake.url in str(e.value) and "update_weights_from_disk" in str(e.value)
     await backend.update_weights_from_disk(str(tmp_path), 3)
-    assert fake.calls[-1]["body"] == {"model_path": str(tmp_path), "weight_version": "3"}
+    assert fake.calls[-1]["body"] == {"model_path": str(tmp_path), "weight_version": "3", "abort_all_requests": False}
     assert await backend.weight_version() == 3 and backend.version == 3
 
 
