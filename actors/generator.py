@@ -51,6 +51,22 @@ def rollout_batch(prompt_ids: list[int], samples: list[Sample]) -> PackedBatch:
     return PackedBatch.from_sequences(seqs)
 
 
+def rollout_stats(samples: list[Sample], version: int) -> dict:
+    """What the packer reports of a group: truncation, response lengths, the oldest and newest
+    policy version among its tokens (``version``, the backend's, where it has none), and how many
+    samples a weight update reached mid-sequence."""
+    versions = [v for s in samples for v in s.versions]
+    per_seq = [len(set(s.versions)) for s in samples]
+    return {
+        "truncated": [s.finish_reason == "length" for s in samples],
+        "response_tokens": [len(s.output_ids) for s in samples],
+        "version_min": min(versions, default=version),
+        "version_max": max(versions, default=version),
+        "interrupted": sum(n > 1 for n in per_seq),
+        "versions_per_seq": max(per_seq, default=1),
+    }
+
+
 class Generator(Actor):
     role = "generator"
 
@@ -117,16 +133,7 @@ class Generator(Actor):
                 raise RuntimeError("no verifier is registered on the bus")
             verifier = verifiers[next(self._verifiers) % len(verifiers)]
             texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
-            versions = [v for s in samples for v in s.versions]
-            per_seq = [len(set(s.versions)) for s in samples]  # > 1: a weight update reached it mid-sequence
-            stats = {
-                "truncated": [s.finish_reason == "length" for s in samples],
-                "response_tokens": [len(s.output_ids) for s in samples],
-                "version_min": min(versions, default=self.backend.version),
-                "version_max": max(versions, default=self.backend.version),
-                "interrupted": sum(n > 1 for n in per_seq),
-                "versions_per_seq": max(per_seq, default=1),
-            }
+            stats = rollout_stats(samples, self.backend.version)
             await self.deliver(verifier, P.SCORE, {
                 "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
                 "problem": body.get("problem"), "rollout": desc, "generator": self.name, "stats": stats},

@@ -50,6 +50,22 @@ def recompute_needed(setting, *, max_staleness: int, generator_backend: str, gen
     return False, "the torch generator's fp32 logprobs are the learner's (same weights and precision)"
 
 
+def train_ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, lr: float, recompute: bool,
+                    ref_model=None) -> dict:
+    """One PPO batch at learning rate ``lr`` -> its metrics: the proximal logprobs recomputed first where
+    ``recompute`` (see recompute_needed), the reference model's for the KL where there is one."""
+    prox = ref = None
+    if recompute:
+        prox = recompute_logprobs(model, batch, ppo, loss_tokens_only=True)
+    if ref_model is not None:
+        ref = recompute_logprobs(ref_model, batch, ppo, loss_tokens_only=True)
+    stats = train_step(model, optimizer, batch, ppo, proximal_logprobs=prox, ref_logprobs=ref, lr=lr)
+    if prox is not None:  # how far the generator's logprobs were from the learner's
+        mask = batch.loss_mask.bool()
+        stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
+    return stats
+
+
 class Learner(Actor):
     role = "learner"
 
@@ -130,17 +146,9 @@ class Learner(Actor):
     def train_batch(self, batch, step: int) -> dict:
         """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other
         trainers (learner ranks, the simulated learner) replace."""
-        prox = ref = None
-        if self.recompute:
-            prox = recompute_logprobs(self.model, batch, self.ppo, loss_tokens_only=True)
-        if self.ref_model is not None:
-            ref = recompute_logprobs(self.ref_model, batch, self.ppo, loss_tokens_only=True)
-        stats = train_step(self.model, self.optimizer, batch, self.ppo, proximal_logprobs=prox, ref_logprobs=ref,
-                           lr=scheduled_lr(self.ppo, step, self.total_steps))
-        if prox is not None:  # how far the generator's logprobs were from the learner's
-            mask = batch.loss_mask.bool()
-            stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
-        return stats
+        return train_ppo_batch(self.model, self.optimizer, batch, self.ppo,
+                               lr=scheduled_lr(self.ppo, step, self.total_steps), recompute=self.recompute,
+                               ref_model=self.ref_model)
 
     async def _train_loop(self) -> None:
         try:

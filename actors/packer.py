@@ -25,7 +25,9 @@ log = logging.getLogger("actors.packer")
 
 
 @dataclass
-class _Group:
+class ScoredGroup:
+    """One prompt's G responses as the packer holds them: their tensors with the verifier's rewards, its
+    verdicts, and the generator's stats (actors.generator.rollout_stats)."""
     qid: str
     batch: PackedBatch
     correct: list[bool]
@@ -33,7 +35,7 @@ class _Group:
     generator: str = "?"
 
 
-def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
+def batch_stats(step: int, groups: list[ScoredGroup], dropped: int) -> dict:
     """What the release reports per step: reward, accuracy, truncation, staleness, interruptions."""
     rewards = [float(r) for g in groups for r in g.batch.rewards.tolist()]
     correct = [c for g in groups for c in g.correct]
@@ -58,6 +60,20 @@ def batch_stats(step: int, groups: list[_Group], dropped: int) -> dict:
     }
 
 
+def pack_step(step: int, groups: list[ScoredGroup], *, drop_uniform: bool) -> tuple[PackedBatch | None, dict]:
+    """A step's groups -> (its training batch, its stats): in qid order, each sequence tagged with its
+    group's index and its qid. With ``drop_uniform`` a group whose rewards are all equal is left out (its
+    samples did equally well: nothing to learn between them); None where no group is kept."""
+    groups = sorted(groups, key=lambda g: g.qid)
+    kept = [g for g in groups if not (drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
+    parts = []
+    for gid, g in enumerate(kept):
+        b = g.batch.with_fields(seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
+        parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs}, frozenset({"qids"})))
+    packed = PackedBatch.concat(parts) if parts else None
+    return packed, batch_stats(step, groups, dropped=len(groups) - len(kept))
+
+
 class Packer(Actor):
     role = "packer"
 
@@ -71,7 +87,7 @@ class Packer(Actor):
         self.transfer_timeout = transfer_timeout
         self.batch_ttl = batch_ttl  # a packed step may wait behind the learner's current one
         self.deliver_timeout = deliver_timeout
-        self.groups: dict[int, dict[str, _Group]] = {}
+        self.groups: dict[int, dict[str, ScoredGroup]] = {}
         self.dropped: dict[int, int] = {}
         self.ready: dict[int, tuple[PackedBatch | None, dict, dict]] = {}  # step -> (batch, descriptor, stats)
         self._fetching: set[tuple[int, str]] = set()
@@ -98,7 +114,7 @@ class Packer(Actor):
             log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
             await self._tell_sampler(P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
             return
-        self.groups.setdefault(step, {})[qid] = _Group(qid, batch, list(body["correct"]), body["stats"],
+        self.groups.setdefault(step, {})[qid] = ScoredGroup(qid, batch, list(body["correct"]), body["stats"],
                                                      body.get("generator", "?"))
         self._fetching.discard((step, qid))
         self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
@@ -115,16 +131,8 @@ class Packer(Actor):
             while len(self.groups.get(self.next_step, {})) >= self.batch_prompts:
                 step = self.next_step
                 self.next_step += 1  # from here on a late copy of one of its groups is a duplicate
-                groups = sorted(self.groups.pop(step).values(), key=lambda g: g.qid)
-                kept = [g for g in groups if not (self.drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
-                stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
-                parts = []
-                for gid, g in enumerate(kept):
-                    b = g.batch.with_fields(
-                        seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
-                    parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs},
-                                             frozenset({"qids"})))
-                packed = PackedBatch.concat(parts) if parts else None
+                groups = list(self.groups.pop(step).values())
+                packed, stats = pack_step(step, groups, drop_uniform=self.drop_uniform)
                 try:
                     desc = await self._offer(packed) if packed is not None else None
                 except Exception as exc:  # keep the groups: the step is packed again, never lost
@@ -136,8 +144,9 @@ class Packer(Actor):
                     return
                 self.ready[step] = (packed, desc, stats)
                 self.spawn(self._send_train(step))
-                log.info("step %d packed: %d groups (%d dropped), %d tokens", step, len(kept),
-                         len(groups) - len(kept), packed.num_tokens if packed is not None else 0)
+                log.info("step %d packed: %d groups (%d dropped), %d tokens", step,
+                         stats["groups"] - stats["groups_dropped"], stats["groups_dropped"],
+                         packed.num_tokens if packed is not None else 0)
 
     async def _pack_later(self, delay: float) -> None:
         await asyncio.sleep(delay)

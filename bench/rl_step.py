@@ -8,14 +8,15 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
 - baseline: HF `model.generate(do_sample=True, num_return_sequences=G, left padding, output_logits)`
   for the behaviour logprobs, then per minibatch an HF forward/backward on the padded [rows, W + N]
   batch with its attention mask, log_softmax over the full padded logits, optimiser step.
-- ours (in-process): what the actors run, back to back: policies.sampling.GenerationEngine (KV cache,
-  one prefill per group shared by its G samples) on the generator's own copy of the weights in
-  `--gen-dtype` (auto by default: bf16, as SGLang serves, where the CPU has bf16 units, else fp32), the verifier,
-  PackedBatch.from_sequences (no padding), the learner's recompute of the proximal logprobs where it
-  makes one (bf16 on either side: actors.learner.recompute_needed), policies.ppo.train_step (packed micro-batches, chunked
-  lm-head; bf16 weights and compute with fp32 master weights in AdamW where bf16 is native, unless --no-bf16; decoder
-  layers and head math torch.compiled unless --no-compile, compiled during the warm-up), then the
-  weight copy into the generator (what the broadcaster does), timed as part of the step.
+- ours (in-process): actors.rl_step.rl_step, what the actors run, back to back: policies.sampling.GenerationEngine
+  (KV cache, one prefill per group shared by its G samples) on the generator's own copy of the weights in
+  `--gen-dtype` (auto by default: bf16, as SGLang serves, where the CPU has bf16 units, else fp32, where it shares
+  the learner's module), the verifier's check, the packer's pack_step (no padding), the learner's recompute of the
+  proximal logprobs where it makes one (bf16 on either side: actors.learner.recompute_needed),
+  policies.ppo.train_step (packed micro-batches, chunked lm-head; bf16 weights and compute with fp32 master
+  weights in AdamW where bf16 is native, unless --no-bf16; decoder layers and head math torch.compiled unless
+  --no-compile, compiled during the warm-up), then the weight copy into the generator (what the broadcaster
+  does), timed as part of the step.
 - ours (system, `--system-steps S`, 0 = skip): the whole job through the launcher, six actors in
   their own processes; steady-state seconds per step from the metrics timestamps of steps 2..S
   (start-up left out, and the last step too where it wrote a final checkpoint), for each
@@ -54,17 +55,17 @@ sys.path.insert(0, str(ROOT))
 
 from actors.dataset import build_prompt, load_problems  # noqa: E402
 from actors.learner import recompute_needed  # noqa: E402
+from actors.rl_step import rl_step  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
 from policies.ppo import (PPOConfig, gather_sequences, make_optimizer, micro_batches,  # noqa: E402
-                          recompute_logprobs, split_minibatches, train_step)
+                          split_minibatches)
 from policies.precision import resolve_bf16, resolve_dtype  # noqa: E402
 from policies.reward import reward  # noqa: E402
 from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
 from policies.shared_prompts import prompt_lengths, share_prompts  # noqa: E402
 from policies.verifier import is_correct  # noqa: E402
-from tensors.packed import PackedBatch  # noqa: E402
 
 DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
 
@@ -123,42 +124,19 @@ def learner_rows(batch, cfg: PPOConfig) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- ours (in-process)
 
-def ours_step(model, opt, engine: GenerationEngine, tokenizer, prompts, answers, args, cfg: PPOConfig,
-              step: int) -> StepTimes:
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add(f"{step}:{i}", p, args.samples, params)
-    groups: list[list] = [[None] * args.samples for _ in prompts]
-    while engine.has_work():
-        for f in engine.step():
-            groups[int(f.rid.split(":")[1])][f.index] = f
-    t1 = time.perf_counter()
-    samples = [f for g in groups for f in g]
-    texts = [tokenizer.decode(f.output_ids, skip_special_tokens=True) for f in samples]
-    rewards = rewards_for(texts, [answers[i] for i in range(len(prompts)) for _ in range(args.samples)])
-    seqs = []
-    for j, (f, r) in enumerate(zip(samples, rewards)):
-        p, n = len(f.prompt_ids), len(f.output_ids)
-        seqs.append({
-            "input_ids": torch.tensor(f.prompt_ids + f.output_ids), "loss_mask": torch.tensor([False] * p + [True] * n),
-            "logprobs": torch.tensor([0.0] * p + f.logprobs, dtype=torch.float32),
-            "versions": torch.tensor([-1] * p + f.versions, dtype=torch.int32),
-            "rewards": r, "group_ids": j // args.samples})
-    batch = PackedBatch.from_sequences(seqs)
-    t2 = time.perf_counter()
-    prox = recompute_logprobs(model, batch, cfg, loss_tokens_only=True) if args.recompute else None
-    train_step(model, opt, batch, cfg, proximal_logprobs=prox)
-    if engine.model is not model:  # the generator's own copy: what the weight broadcaster refreshes
-        engine.update_weights(dict(model.named_parameters()), engine.version + 1)
-    t3 = time.perf_counter()
+def ours_step(env: dict, problems, prompts, args, step: int) -> StepTimes:
+    """One actors.rl_step.rl_step: what the actors run, back to back in this process."""
+    sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
+    res = rl_step(step, problems, prompts, sampling=sampling, group_size=args.samples, recompute=args.recompute,
+                  **env)
+    m = res.metrics
     # generation: one prefill per prompt (its last row through the head), then one row per later token
     prefill = sum(len(p) for p in prompts)
-    decoded = sum(len(f.output_ids) - 1 for f in samples)
-    tflop = step_tflop(model, prefill + decoded, len(prompts) + decoded, *learner_rows(batch, cfg),
+    decoded = sum(len(f.output_ids) - 1 for f in res.samples)
+    tflop = step_tflop(env["model"], prefill + decoded, len(prompts) + decoded, *learner_rows(res.batch, env["ppo"]),
                        learn_forwards=4 if args.recompute else 3)
-    return StepTimes(t1 - t0, t2 - t1, t3 - t2, sum(len(f.output_ids) for f in samples), batch.num_tokens,
-                     sum(rewards) / len(rewards), tflop)
+    return StepTimes(m["time_generate_s"], m["time_score_s"] + m["time_pack_s"], m["time_train_s"] + m["time_sync_s"],
+                     m["response_tokens"], m["train_tokens"], m["reward_mean"], tflop)
 
 
 # ----------------------------------------------------------------------------- baseline (naive HF loop)
@@ -318,8 +296,11 @@ def main() -> None:
     ours_opt, base_opt = make_optimizer(ours_model, cfg), make_optimizer(base_model, base_cfg)
     if cfg.compile:
         compile_layers(ours_model)
+    # in fp32 the generator runs on the learner's own module (its weight update is then a no-op)
     gen_model = ours_model if gen_dtype == torch.float32 else load_model(path, dtype=gen_dtype)
-    engine = GenerationEngine(gen_model.eval(), seed=0)
+    # everything actors.rl_step.rl_step takes but the sampling; steps: 2 warm-ups, then the repeats
+    env = dict(engine=GenerationEngine(gen_model.eval(), seed=0), tokenizer=tok, model=ours_model, optimizer=ours_opt,
+               ppo=cfg, total_steps=2 + args.repeats)
     print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts (len {min(map(len, prompts))}-"
           f"{max(map(len, prompts))}) x {args.samples} samples x {args.new_tokens} new tokens, "
           f"{args.minibatches} PPO minibatches, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
@@ -330,10 +311,10 @@ def main() -> None:
     # warm-up: allocator, kernels, the optimiser states of both sides and the compilation
     small = argparse.Namespace(samples=2, new_tokens=4, recompute=args.recompute)
     baseline_step(base_model, base_opt, tok, prompts[:2], answers[:2], small, base_cfg)
-    ours_step(ours_model, ours_opt, engine, tok, prompts[:2], answers[:2], small, cfg, step=-1)
+    ours_step(env, problems[:2], prompts[:2], small, step=0)
     if cfg.compile:  # a full-size step too: dynamo specialises on what it sees first (e.g. mask or none)
         t = time.perf_counter()
-        ours_step(ours_model, ours_opt, engine, tok, prompts, answers, args, cfg, step=-2)
+        ours_step(env, problems, prompts, args, step=1)
         print(f"  warm-up with compilation: {time.perf_counter() - t:.0f} s", flush=True)
 
     jobs = list(args.staleness) if args.system_steps else []
@@ -343,7 +324,7 @@ def main() -> None:
         base.append(b)
         print(f"  repeat {r}: baseline {b.total_s:6.2f} s/step (generate {b.gen_s:.2f}, score {b.score_s:.2f}, "
               f"train {b.train_s:.2f})", flush=True)
-        o = ours_step(ours_model, ours_opt, engine, tok, prompts, answers, args, cfg, step=r)
+        o = ours_step(env, problems, prompts, args, step=2 + r)
         ours.append(o)
         print(f"  repeat {r}: ours     {o.total_s:6.2f} s/step (generate {o.gen_s:.2f}, score+pack {o.score_s:.2f}, "
               f"train + weight copy {o.train_s:.2f})", flush=True)
