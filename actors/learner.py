@@ -50,6 +50,22 @@ def recompute_needed(setting, *, max_staleness: int, generator_backend: str, gen
     return False, "the torch generator's fp32 logprobs are the learner's (same weights and precision)"
 
 
+def ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, recompute: bool, ref_model, lr: float,
+              world=None) -> dict:
+    """One PPO batch: the proximal (and reference) logprobs where wanted, then policies.ppo.train_step;
+    `world`: this process's place among the learner ranks (actors.learner_ranks)."""
+    prox = ref = None
+    if recompute:
+        prox = recompute_logprobs(model, batch, ppo, loss_tokens_only=True, world=world)
+    if ref_model is not None:
+        ref = recompute_logprobs(ref_model, batch, ppo, loss_tokens_only=True, world=world)
+    stats = train_step(model, optimizer, batch, ppo, proximal_logprobs=prox, ref_logprobs=ref, lr=lr, world=world)
+    if prox is not None:  # how far the generator's logprobs were from the learner's
+        mask = batch.loss_mask.bool()
+        stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
+    return stats
+
+
 class Learner(Actor):
     role = "learner"
 
@@ -130,17 +146,8 @@ class Learner(Actor):
     def train_batch(self, batch, step: int) -> dict:
         """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other
         trainers (learner ranks, the simulated learner) replace."""
-        prox = ref = None
-        if self.recompute:
-            prox = recompute_logprobs(self.model, batch, self.ppo, loss_tokens_only=True)
-        if self.ref_model is not None:
-            ref = recompute_logprobs(self.ref_model, batch, self.ppo, loss_tokens_only=True)
-        stats = train_step(self.model, self.optimizer, batch, self.ppo, proximal_logprobs=prox, ref_logprobs=ref,
-                           lr=scheduled_lr(self.ppo, step, self.total_steps))
-        if prox is not None:  # how far the generator's logprobs were from the learner's
-            mask = batch.loss_mask.bool()
-            stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
-        return stats
+        return ppo_batch(self.model, self.optimizer, batch, self.ppo, recompute=self.recompute,
+                         ref_model=self.ref_model, lr=scheduled_lr(self.ppo, step, self.total_steps))
 
     async def _train_loop(self) -> None:
         try:

@@ -1,0 +1,55 @@
+"""One learner rank training the equality test's PPO batch over a real gloo group.
+
+`MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n python tests/rank_proc.py OUT`: rank 0 writes its
+metrics and weights after the step to OUT. `setup()` is the batch and model the one-rank run uses too.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actors.learner import ppo_batch  # noqa: E402
+from policies.models import tiny_model  # noqa: E402
+from policies.ppo import PPOConfig, make_optimizer, recompute_logprobs  # noqa: E402
+from tensors.packed import PackedBatch  # noqa: E402
+
+# 2 minibatches of 5 sequences; micro-batches of <= 24 tokens: 2 ranks get 2 or 3 each, some empty
+CFG = PPOConfig(minibatches=2, lr=1e-3, max_tokens_per_micro_batch=24, max_grad_norm=0.5)
+
+
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for i in range(10):
+        p, r = 3 + i % 4, 4 + (5 * i) % 9
+        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
+        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
+                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
+                         rewards=float((i * 7) % 5) - 2.0, group_ids=i // 2))
+    batch = PackedBatch.from_sequences(seqs)
+    lp = recompute_logprobs(model, batch, CFG) - 0.05  # slightly off-policy: ratios and clipping at work
+    batch = batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+    return model, make_optimizer(model, CFG), batch
+
+
+def train(world=None):
+    model, opt, batch = setup()
+    if world is not None:
+        world = world(model)
+    stats = ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr, world=world)
+    return model, stats
+
+
+if __name__ == "__main__":
+    from actors.learner_ranks import join
+    from policies.data_parallel import World
+    ranks = join("cpu", timeout=60.0)
+    model, stats = train(World.ddp)
+    if ranks.rank == 0:
+        torch.save({"stats": stats, "weights": model.state_dict()}, sys.argv[1])
