@@ -122,6 +122,7 @@ def serve(ranks: Ranks, world, *, model, optimizer, ppo, recompute: bool, ref_mo
     """Ranks > 0: train rank 0's steps, our share of each, until it says stop."""
     while (command := ranks.next_command())["op"] != "stop":
         step = command["step"]
+        log.info("learner rank %d: step %d: training its share", ranks.rank, step)
         try:
             batch = ranks.share(None)
             stats = ppo_batch(model, optimizer, batch, ppo, recompute=recompute, ref_model=ref_model,

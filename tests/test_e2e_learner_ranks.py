@@ -1,0 +1,75 @@
+"""The RL job with two learner ranks (a gloo group) through every actor: checkpoint, --resume, faults."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from launcher.metrics import read_metrics
+from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
+from tests.live_job import LiveProcess, descendants
+
+RANKS = {"actors.learner.ranks": 2, "actors.learner.collective_timeout": 20.0, "bus.heartbeat_interval": 0.5}
+
+
+def test_two_learner_ranks_train_checkpoint_and_resume(tmp_path):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ["--quiet", "--config", "configs/tiny.yaml"]
+    first = launch(args + tiny_overrides(run_dir, train, **RANKS, **{"train.steps": 2}), timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    resumed = launch(args + tiny_overrides(run_dir, train, **RANKS, **{"train.steps": 3}) + ["--resume"], timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "steps 2..3" in resumed.stdout
+
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records] == [0, 1, 2]
+    for m in records:  # the prompts of each step, resumed or not, each trained once with its G samples
+        expected = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
+        assert sorted(set(m["qids"])) == expected and len(m["qids"]) == 2 * len(expected)
+        assert m["n_micro_batches"] >= 1 and m["generators_updated"] == 1
+    rank1 = (run_dir / "logs" / "learner-rank-1.log").read_text()
+    assert "learner rank 1 of 2 joined the group" in rank1
+    for step in (0, 1, 2):  # rank 1 trained its share of every step, the resumed one included
+        assert re.search(rf"learner rank 1: step {step} done", rank1), rank1[-2000:]
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-000003" / "model")
+    base = load_file(str(run_dir / "base-model" / "model.safetensors"))
+    trained = model.state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in base.items() if k in trained)
+
+
+def _rank_pid(launcher_pid: int, name: str) -> int:
+    for pid in descendants(launcher_pid):
+        try:
+            if f"--name\0{name}\0" in open(f"/proc/{pid}/cmdline").read():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no process named {name} under the launcher")
+
+
+def test_sigkill_of_learner_rank_1_mid_step_stops_the_run_naming_the_rank(tmp_path):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = LiveProcess.launcher("--config", "configs/tiny.yaml",
+                               *tiny_overrides(run_dir, train, **RANKS, **{"train.steps": 4}))
+    try:
+        job.wait_for(r"\[learner-rank-1\] .*step 1: training its share", 300)
+        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), signal.SIGKILL)
+        killed = time.monotonic()
+        rc = job.wait(60)
+        took = time.monotonic() - killed
+        left = descendants(job.proc.pid)
+    finally:
+        job.stop(signal.SIGKILL)
+    assert rc != 0, job.output(40)
+    assert re.search(r"learner-rank-1 exited with code -9", job.output()), job.output(40)
+    assert took < 40, f"the launcher took {took:.1f} s to stop"
+    assert not left, f"processes left running: {left}"
+    print(f"rank 1 SIGKILLed: the launcher exited {took:.1f} s later")
