@@ -73,3 +73,26 @@ def test_sigkill_of_learner_rank_1_mid_step_stops_the_run_naming_the_rank(tmp_pa
     assert took < 40, f"the launcher took {took:.1f} s to stop"
     assert not left, f"processes left running: {left}"
     print(f"rank 1 SIGKILLed: the launcher exited {took:.1f} s later")
+
+
+def test_a_frozen_learner_rank_fails_the_collective_within_its_timeout(tmp_path):
+    """SIGSTOP rank 1 mid-step: its process lives, so only actors.learner.collective_timeout ends rank 0's wait."""
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = LiveProcess.launcher("--config", "configs/tiny.yaml",
+                               *tiny_overrides(run_dir, train, **{**RANKS, "actors.learner.collective_timeout": 8.0,
+                                                                  "train.steps": 4}))
+    try:
+        job.wait_for(r"\[learner-rank-1\] .*step 1: training its share", 300)
+        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), signal.SIGSTOP)
+        frozen = time.monotonic()
+        rc = job.wait(90)
+        took = time.monotonic() - frozen
+        left = descendants(job.proc.pid)
+    finally:
+        job.stop(signal.SIGKILL)
+    assert rc != 0, job.output(40)
+    assert re.search(r"learner rank 0 of 2: step [12] failed .*collective_timeout=8", job.output()), job.output(60)
+    assert 8 <= took < 60, f"the launcher stopped {took:.1f} s after the freeze"
+    assert not left, f"processes left running: {left}"
+    print(f"rank 1 frozen: the launcher exited {took:.1f} s later")
