@@ -3,13 +3,17 @@
 The launcher starts every rank with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE (`join` reads them).
 Rank 0 is the bus's learner (`RankedLearner`); ranks > 0 are plain processes (`serve`). For each step
 rank 0 posts a command in the group's TCP store and broadcasts the whole packed batch over the group;
-every rank then trains its own micro-batches (policies.ppo with a policies.data_parallel.World) and
-DDP sums the gradients. Every collective has the group's timeout (actors.learner.collective_timeout)
-and a failed one is a RankError naming the rank. Waiting for the next command is not a collective (it
-may last a whole rollout): it polls the store, which rank 0 hosts, so it ends when rank 0 dies.
+every rank then trains its own micro-batches on its FSDP2 shards (policies.ppo with a
+policies.data_parallel.World), and the ranks gather the whole weights into rank 0's copy, which the
+broadcaster, the periodic eval and the checkpoints read as before; a checkpoint also gathers the
+optimizer state into that copy's optimizer for as long as it is written. Every collective has the
+group's timeout (actors.learner.collective_timeout) and a failed one is a RankError naming the rank.
+Waiting for the next command is not a collective (it may last a whole rollout): it polls the store,
+which rank 0 hosts, so it ends when rank 0 dies.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -19,6 +23,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from actors.learner import Learner, ppo_batch
+from policies.data_parallel import load_optimizer_state_by_name
 from policies.schedule import scheduled_lr
 
 log = logging.getLogger("actors.learner_ranks")
@@ -94,21 +99,39 @@ def join(device: str, timeout: float) -> Ranks:
 
 
 class RankedLearner(Learner):
-    """Rank 0 of the learner group: the bus's learner, and the one that tells the others what to train."""
+    """Rank 0 of the learner group: the bus's learner, and the one that tells the others what to do.
+    `model`/`optimizer` are its whole copy; the group trains `world.model` with `sharded_optimizer`."""
 
-    def __init__(self, *args, ranks: Ranks, world, **kwargs):
+    def __init__(self, *args, ranks: Ranks, world, sharded_optimizer, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ranks, self.world = ranks, world
+        self.ranks, self.world, self.sharded_optimizer = ranks, world, sharded_optimizer
 
     def train_batch(self, batch, step: int) -> dict:
         lr = scheduled_lr(self.ppo, step, self.total_steps)
         try:
             self.ranks.post({"op": "train", "step": step, "lr": lr})
             self.ranks.share(batch)
-            return ppo_batch(self.model, self.optimizer, batch, self.ppo, recompute=self.recompute,
-                             ref_model=self.ref_model, lr=lr, world=self.world)
+            stats = ppo_batch(self.world.model, self.sharded_optimizer, batch, self.ppo, recompute=self.recompute,
+                              ref_model=self.ref_model, lr=lr, world=self.world)
+            self.model.load_state_dict(self.world.full_weights())
         except (RuntimeError, dist.DistError) as exc:
             raise self.ranks.fail(f"step {step}", exc) from exc
+        return stats
+
+    async def _checkpoint(self):
+        await asyncio.to_thread(self._gather_optimizer)
+        try:
+            return await super()._checkpoint()
+        finally:
+            self.optimizer.state.clear()  # the whole state lives on rank 0 only while it is written
+
+    def _gather_optimizer(self) -> None:
+        try:
+            self.ranks.post({"op": "optimizer"})
+            load_optimizer_state_by_name(self.model, self.optimizer,
+                                         self.world.full_optimizer_state(self.sharded_optimizer))
+        except (RuntimeError, dist.DistError) as exc:
+            raise self.ranks.fail(f"gathering the optimizer state at step {self.step}", exc) from exc
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -118,17 +141,22 @@ class RankedLearner(Learner):
             log.info("could not tell the other learner ranks to stop: %s", exc)
 
 
-def serve(ranks: Ranks, world, *, model, optimizer, ppo, recompute: bool, ref_model=None) -> None:
-    """Ranks > 0: train rank 0's steps, our share of each, until it says stop."""
+def serve(ranks: Ranks, world, *, optimizer, ppo, recompute: bool, ref_model=None) -> None:
+    """Ranks > 0: take part in rank 0's steps (our share of each) and gathers until it says stop."""
     while (command := ranks.next_command())["op"] != "stop":
-        step = command["step"]
-        log.info("learner rank %d: step %d: training its share", ranks.rank, step)
+        what = f"step {command['step']}" if command["op"] == "train" else "gathering the optimizer state"
+        log.info("learner rank %d: %s", ranks.rank,
+                 f"step {command['step']}: training its share" if command["op"] == "train" else what)
         try:
+            if command["op"] == "optimizer":
+                world.full_optimizer_state(optimizer)
+                continue
             batch = ranks.share(None)
-            stats = ppo_batch(model, optimizer, batch, ppo, recompute=recompute, ref_model=ref_model,
+            stats = ppo_batch(world.model, optimizer, batch, ppo, recompute=recompute, ref_model=ref_model,
                               lr=command["lr"], world=world)
+            world.full_weights()
         except (RuntimeError, dist.DistError) as exc:
-            raise ranks.fail(f"step {step}", exc) from exc
-        log.info("learner rank %d: step %d done (loss %s)", ranks.rank, step, f"{stats.get('loss', 0.0):.4f}")
+            raise ranks.fail(what, exc) from exc
+        log.info("learner rank %d: %s done (loss %s)", ranks.rank, what, f"{stats.get('loss', 0.0):.4f}")
     log.info("learner rank %d: rank 0 says stop", ranks.rank)
     dist.destroy_process_group()

@@ -352,8 +352,8 @@ class GeneratorConfig(RoleConfig):
 @dataclass
 class LearnerConfig(RoleConfig):
     ranks: int = opt(1, check=_at_least_one, expect=">= 1",
-                     doc="learner processes training one model as a torch.distributed group (DDP: gloo on CPU, "
-                         "nccl on GPU); rank r runs on hosts[r % len(hosts)], its host's slot r")
+                     doc="learner processes training one model as a torch.distributed group (FSDP2: gloo on "
+                         "CPU, nccl on GPU); rank r runs on hosts[r % len(hosts)], in its host's next slot")
     dist_port: int = opt(0, check=lambda v: 0 <= v <= 65535, expect="in [0, 65535] (0 = pick a free port)",
                          doc="the learner group's rendezvous port on rank 0's host")
     collective_timeout: float = opt(300.0, check=_positive, expect="> 0 (seconds)",
@@ -461,7 +461,7 @@ class ExperimentConfig(Checked):
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
 
 
-# DDP sums the model's gradients; the bf16 path moves them into fp32 masters as each is made
+# the bf16 path keeps fp32 masters of its own beside the model, which FSDP2 does not shard
 RANKS_BF16 = ("actors.learner.ranks: {ranks} learner ranks train in fp32 only, but ppo.bf16 is {bf16} "
               "(set ppo.bf16: false)")
 

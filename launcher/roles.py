@@ -213,6 +213,11 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         from actors.broadcaster import WeightBroadcaster
         from actors.learner import Learner
         model, opt, ref_model, resumed = learner_state(cfg, start)
+        kind, ranked = Learner, {}
+        if cfg.actors.learner.ranks > 1:  # the bus side reads rank 0's whole copy: broadcaster, eval, checkpoints
+            from actors.learner_ranks import RankedLearner
+            ranks, world, sharded_opt, (model, opt) = join_ranks(cfg, model, opt)
+            kind, ranked = RankedLearner, {"ranks": ranks, "world": world, "sharded_optimizer": sharded_opt}
         tok = load_tokenizer(start.model_path)
         periodic_eval = None
         if cfg.eval.every:
@@ -223,11 +228,6 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                                **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
-        kind, ranked = Learner, {}
-        if cfg.actors.learner.ranks > 1:
-            from actors.learner_ranks import RankedLearner
-            ranks, world = join_ranks(cfg, model)
-            kind, ranked = RankedLearner, {"ranks": ranks, "world": world}
         learner = kind(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
@@ -279,15 +279,28 @@ def learner_state(cfg: ExperimentConfig, start: Start):
     return model, opt, ref_model, resumed
 
 
-def join_ranks(cfg: ExperimentConfig, model):
-    """This process's place in the learner group (actors.learner_ranks) and its DDP-wrapped model."""
+def join_ranks(cfg: ExperimentConfig, model, optimizer):
+    """Join the learner group (actors.learner_ranks) and shard the loaded model and optimizer state over
+    it (FSDP2, policies.data_parallel) -> (ranks, world, the sharded optimizer, rank 0's whole copy as
+    (model, optimizer) or None elsewhere). The copy's optimizer is filled from the shards at checkpoints."""
+    import copy
     from actors.learner_ranks import join
-    from policies.data_parallel import World
+    from policies.data_parallel import World, optimizer_state_by_name
+    from policies.ppo import make_optimizer
     ranks = join(device_for(cfg), cfg.actors.learner.collective_timeout)
+    whole = None
+    if ranks.rank == 0:
+        copied = copy.deepcopy(model)
+        whole = (copied, make_optimizer(copied, cfg.ppo))
+    state = optimizer_state_by_name(model, optimizer) if optimizer.state else None  # resumed
     try:
-        return ranks, World.ddp(model)  # a collective: rank 0's weights to every rank
+        world = World.fsdp(model)
+        sharded = make_optimizer(model, cfg.ppo)  # over the shards
+        if state is not None:
+            world.load_optimizer_state(sharded, state)
     except RuntimeError as exc:
-        raise ranks.fail("wrapping the model in DDP", exc) from exc
+        raise ranks.fail("sharding the model", exc) from exc
+    return ranks, world, sharded, whole
 
 
 def serve_rank(cfg: ExperimentConfig, start: Start) -> None:
@@ -295,9 +308,8 @@ def serve_rank(cfg: ExperimentConfig, start: Start) -> None:
     from actors.learner_ranks import serve
     torch.manual_seed(cfg.seed)
     model, opt, ref_model, _ = learner_state(cfg, start)
-    ranks, world = join_ranks(cfg, model)
-    serve(ranks, world, model=model, optimizer=opt, ppo=cfg.ppo, recompute=learner_recomputes(cfg)[0],
-          ref_model=ref_model)
+    ranks, world, sharded, _ = join_ranks(cfg, model, opt)
+    serve(ranks, world, optimizer=sharded, ppo=cfg.ppo, recompute=learner_recomputes(cfg)[0], ref_model=ref_model)
 
 
 def sglang_weight_sync(cfg: ExperimentConfig):

@@ -2,18 +2,14 @@
 
 Every rank holds the whole batch and deals itself its micro-batches (tensors.allocator with
 `n_ranks`); the loss is divided by the minibatch's global loss-token count, so the gradients summed
-over ranks are the one-rank gradients. PyTorch does the summing: the model runs under
-DistributedDataParallel, whose averaging the step undoes by scaling the loss by the world size.
-
-Why DDP and not FSDP2: `fully_shard` does train on gloo in torch 2.13 (CPU: forward, backward,
-clip, step and a full state dict all run), but its sharded weights and optimizer state would need
-gathering for every weight broadcast and a sharded checkpoint format to resume; DDP keeps a full
-replica (weights and AdamW state) on every rank, so rank 0's model is what the broadcaster and the
-checkpoints read as before. The optimizer state is therefore replicated, not sharded.
+over ranks are the one-rank gradients. PyTorch does the summing and the sharding: FSDP2
+(`fully_shard`, each decoder layer and the rest as the root) shards weights, gradients and the AdamW
+state over the ranks; its reduce-scatter averages, which the step undoes by scaling the loss by the
+world size. FSDP2 runs on gloo in torch 2.13 (CPU: forward, backward, clipping, the fused AdamW step,
+full state dicts), as on nccl, so DDP is not needed on either backend.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -23,7 +19,8 @@ from policies.logprobs import packed_logprobs
 
 
 class PackedLogprobs(nn.Module):
-    """packed_logprobs as a module's forward: DDP's hooks run on its wrapper's forward."""
+    """packed_logprobs as a module's forward: FSDP's hooks (gather the weights, reduce the gradients) run on
+    a module's forward, and packed_logprobs reads the head's weight itself."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -36,37 +33,61 @@ class PackedLogprobs(nn.Module):
 class World:
     """This process's rank among `size`, the model's forward for training, and the sum over ranks.
 
-    `World.alone(model)` is the one-rank step (no process group); `World.ddp(model, group)` one of
-    the ranks of a torch.distributed group (every rank must build it: DDP broadcasts rank 0's weights).
+    `World.alone(model)` is the one-rank step (no process group); `World.fsdp(model)` one of the ranks
+    of the default torch.distributed group.
     """
 
-    def __init__(self, rank: int, size: int, forward: Callable, reduce: Callable[[Tensor], None],
-                 no_sync: Callable[[], contextlib.AbstractContextManager]):
-        self.rank, self.size, self.forward = rank, size, forward
-        self._reduce, self._no_sync = reduce, no_sync
+    def __init__(self, model: nn.Module, rank: int, size: int, forward: Callable, reduce: Callable[[Tensor], None]):
+        self.model, self.rank, self.size, self.forward = model, rank, size, forward
+        self._reduce = reduce
 
     @classmethod
     def alone(cls, model: nn.Module) -> "World":
-        return cls(0, 1, PackedLogprobs(model), lambda t: None, contextlib.nullcontext)
+        return cls(model, 0, 1, PackedLogprobs(model), lambda t: None)
 
     @classmethod
-    def ddp(cls, model: nn.Module, group=None) -> "World":
+    def fsdp(cls, model: nn.Module) -> "World":
+        """Shard `model` in place over the default process group (every rank calls it, before it makes
+        its optimizer: the parameters become DTensor shards)."""
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        device = next(model.parameters()).device
-        wrapped = DistributedDataParallel(PackedLogprobs(model), process_group=group, broadcast_buffers=False,
-                                          device_ids=[device] if device.type == "cuda" else None)
-        return cls(dist.get_rank(group), dist.get_world_size(group), wrapped,
-                   lambda t: dist.all_reduce(t, group=group), wrapped.no_sync)
+        from torch.distributed.fsdp import fully_shard
+        for layer in getattr(model.base_model, "layers", ()):
+            fully_shard(layer)
+        wrapped = fully_shard(PackedLogprobs(model))  # the root: embeddings, final norm, head
+        return cls(model, dist.get_rank(), dist.get_world_size(), wrapped, dist.all_reduce)
 
     def sum(self, t: Tensor) -> Tensor:
         """`t` summed over the ranks, in place (every rank calls it, in the same order)."""
         self._reduce(t)
         return t
 
-    def sync_grads(self, now: bool):
-        """Backward inside: gradients are summed over ranks now (the last micro-batch), else accumulated."""
-        return contextlib.nullcontext() if now else self._no_sync()
+    def full_weights(self) -> dict[str, Tensor]:
+        """The whole model's weights on the CPU on rank 0, {} elsewhere (a collective: every rank calls)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_optimizer_state(self, optimizer) -> dict:
+        """The whole optimizer state, keyed by parameter name, on rank 0 ({} elsewhere; a collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Every rank: its shard of a whole optimizer state keyed by parameter name (see `by_name`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer) -> dict:
+    """An unsharded model's optimizer state keyed by parameter name (what `World.load_optimizer_state` takes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state_by_name(model: nn.Module, optimizer, state: dict) -> None:
+    """An unsharded model's optimizer from a state keyed by parameter name (`World.full_optimizer_state`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def rank_share(lengths: list[int], max_tokens: int, world: World) -> list[list[int]]:

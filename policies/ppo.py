@@ -9,6 +9,7 @@ the same update as one rank.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -232,10 +233,17 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
     try:
         seqs = list(range(cu.numel() - 1))
         plan = _plan(cu, seqs, cfg.max_tokens_per_micro_batch) if world is None else \
-            [mb for mb in _rank_plan(cu, seqs, cfg.max_tokens_per_micro_batch, world) if mb]
+            _rank_plan(cu, seqs, cfg.max_tokens_per_micro_batch, world)
+        # the world's model is sharded: every rank runs it as often as the others (an empty slot too)
+        sharded = world is not None and model is world.model
+        forward = world.forward if sharded else functools.partial(packed_logprobs, model)
         for mb in plan:
+            if not mb:
+                if sharded:
+                    forward(ids[:2], torch.tensor([0, min(2, ids.numel())], dtype=cu.dtype, device=device))
+                continue
             pos, mb_cu = gather_sequences(cu, mb)
-            lp, _ = packed_logprobs(model, ids[pos], mb_cu, temperature=cfg.temperature,
+            lp, _ = forward(ids[pos], mb_cu, temperature=cfg.temperature,
                                     only=None if only is None else only[pos],
                                     prompt_lens=prompt_lengths(loss_mask[pos], mb_cu) if cfg.share_prompts else None)
             out[pos] = lp.float()
@@ -284,21 +292,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         optimizer.zero_grad(set_to_none=True)
         mb_loss = 0.0
         plan = _rank_plan(f["cu_seqlens"], seqs, cfg.max_tokens_per_micro_batch, world)
-        for i, mb in enumerate(plan):
-            with world.sync_grads(now=i == len(plan) - 1):
-                if not mb:  # more rank slots than sequences: this rank adds zero, but joins the sum
-                    zero_step(world, f["input_ids"][pos])
-                    continue
-                mpos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
-                mask = f["loss_mask"][mpos]
-                lp, ent = world.forward(f["input_ids"][mpos], mb_cu, temperature=cfg.temperature,
-                                        with_entropy=True, only=mask,
-                                        prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
-                loss, st = ppo_loss(lp, prox[mpos], behav[mpos], adv[mpos], mask, eps_clip=cfg.eps_clip,
-                                    dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
-                                    normalizer=n_loss)
-                # the ranks' gradients are averaged (DDP); times the world size, summed: one rank's
-                (loss * world.size if world.size > 1 else loss).backward()
+        for mb in plan:
+            if not mb:  # more rank slots than sequences: this rank adds zero, but joins the sum
+                zero_step(world, f["input_ids"][pos])
+                continue
+            mpos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
+            mask = f["loss_mask"][mpos]
+            lp, ent = world.forward(f["input_ids"][mpos], mb_cu, temperature=cfg.temperature,
+                                    with_entropy=True, only=mask,
+                                    prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
+            loss, st = ppo_loss(lp, prox[mpos], behav[mpos], adv[mpos], mask, eps_clip=cfg.eps_clip,
+                                dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
+                                normalizer=n_loss)
+            # FSDP averages the ranks' gradients; times the world size they are summed: one rank's
+            (loss * world.size if world.size > 1 else loss).backward()
             mb_loss += float(loss.detach())
             st["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
             st["n_micro"] = 1.0

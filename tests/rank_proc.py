@@ -38,18 +38,20 @@ def setup():
     return model, make_optimizer(model, CFG), batch
 
 
-def train(world=None):
+def train():
+    """One rank alone: the reference."""
     model, opt, batch = setup()
-    if world is not None:
-        world = world(model)
-    stats = ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr, world=world)
-    return model, stats
+    return model, ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr)
 
 
 if __name__ == "__main__":
     from actors.learner_ranks import join
     from policies.data_parallel import World
     ranks = join("cpu", timeout=60.0)
-    model, stats = train(World.ddp)
+    model, _, batch = setup()
+    world = World.fsdp(model)
+    opt = make_optimizer(model, CFG)  # over the shards
+    stats = ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr, world=world)
+    weights = world.full_weights()
     if ranks.rank == 0:
-        torch.save({"stats": stats, "weights": model.state_dict()}, sys.argv[1])
+        torch.save({"stats": stats, "weights": weights}, sys.argv[1])
