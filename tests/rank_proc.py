@@ -41,17 +41,26 @@ def setup():
 def train():
     """One rank alone: the reference."""
     model, opt, batch = setup()
-    return model, ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr)
+    return model, opt, ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr)
 
 
 if __name__ == "__main__":
     from actors.learner_ranks import join
     from policies.data_parallel import World
+    import copy
+    from policies.data_parallel import load_optimizer_state_by_name
     ranks = join("cpu", timeout=60.0)
     model, _, batch = setup()
+    whole = copy.deepcopy(model)
     world = World.fsdp(model)
     opt = make_optimizer(model, CFG)  # over the shards
     stats = ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr, world=world)
     weights = world.full_weights()
+    gathered = world.full_optimizer_state(opt)
+    # what this rank holds of AdamW's state: its shards only
+    held = sum(t.to_local().numel() for st in opt.state.values() for k, t in st.items() if k == "exp_avg")
     if ranks.rank == 0:
-        torch.save({"stats": stats, "weights": weights}, sys.argv[1])
+        whole_opt = make_optimizer(whole, CFG)
+        load_optimizer_state_by_name(whole, whole_opt, gathered)  # as a checkpoint writes it
+        torch.save({"stats": stats, "weights": weights, "optimizer": whole_opt.state_dict(), "held": held},
+                   sys.argv[1])

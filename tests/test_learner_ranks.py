@@ -38,13 +38,21 @@ def test_two_ranks_train_a_batch_to_the_weights_and_metrics_of_one(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], logs
     two = torch.load(out, weights_only=True)
-    model, one = rank_proc.train()
+    model, opt, one = rank_proc.train()
     diff = max(float((p - two["weights"][k]).abs().max()) for k, p in model.state_dict().items())
     moved = max(float((p - q).abs().max()) for p, q in zip(model.state_dict().values(),
                                                            rank_proc.setup()[0].state_dict().values()))
     print(f"max weight difference 1 rank vs 2 ranks: {diff:.2e} (the step moved weights by up to {moved:.2e})")
     assert moved > 100 * WEIGHT_ATOL  # the step did something the comparison can see
     assert diff <= WEIGHT_ATOL
+    # AdamW's state: each rank holds about half; gathered (as a checkpoint does) it is one rank's
+    one_opt = opt.state_dict()
+    full = sum(st["exp_avg"].numel() for st in one_opt["state"].values())
+    assert two["held"] <= 0.6 * full, (two["held"], full)
+    assert two["optimizer"]["state"].keys() == one_opt["state"].keys()
+    for i, st in one_opt["state"].items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(two["optimizer"]["state"][i][k], st[k], rtol=1e-4, atol=1e-7)
     for key in ("loss", "grad_norm", "grad_norm_max", "clip_frac", "approx_kl", "entropy", "n_loss_tokens",
                 "n_minibatches", "advantage_std", "behav_logprob_gap"):
         assert two["stats"][key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
