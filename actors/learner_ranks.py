@@ -14,9 +14,12 @@ which rank 0 hosts, so it ends when rank 0 dies.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import pickle
+import socket
+import struct
 import time
 from datetime import timedelta
 
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from actors.learner import Learner, ppo_batch
 from policies.data_parallel import load_optimizer_state_by_name
 from policies.schedule import scheduled_lr
+from tensors.channels.locality import route_address
 
 log = logging.getLogger("actors.learner_ranks")
 
@@ -78,6 +82,27 @@ class Ranks:
         return box[0]
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this host's network interface holding IPv4 `address` (None if none does)."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == address:
+                return name
+    return None
+
+
+def _gloo_interface(master: str) -> None:
+    """Gloo advertises the address its hostname resolves to, often 127.0.x.1: another host's rank would
+    dial its own loopback. Use the interface on the route to rank 0 instead, unless GLOO_SOCKET_IFNAME is set."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (name := interface_of(route_address(master))):
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
 def join(device: str, timeout: float) -> Ranks:
     """Join the learner group the launcher's environment describes: gloo on CPU, nccl on CUDA."""
     missing = [k for k in ENV if k not in os.environ]
@@ -87,6 +112,8 @@ def join(device: str, timeout: float) -> Ranks:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     limit = timedelta(seconds=timeout)
+    if device != "cuda":
+        _gloo_interface(addr)
     try:
         store = dist.TCPStore(addr, port, size, is_master=rank == 0, timeout=limit)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank,
