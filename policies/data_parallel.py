@@ -73,7 +73,7 @@ class World:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """Every rank: its shard of a whole optimizer state keyed by parameter name (see `by_name`)."""
+        """Every rank: its shard of a whole optimizer state keyed by parameter name (`optimizer_state_by_name`)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
@@ -96,9 +96,13 @@ def rank_share(lengths: list[int], max_tokens: int, world: World) -> list[list[i
     return allocate_micro_batches(lengths, max_tokens, n_ranks=world.size)[world.rank]
 
 
-def zero_step(world: World, input_ids: Tensor) -> None:
-    """An empty micro-batch's part in the gradient sum: a forward and backward that add zero."""
+def idle_forward(world: World, input_ids: Tensor) -> Tensor:
+    """An empty micro-batch's forward: a sharded model's ranks run it as often as each other (its gathers)."""
     ids = input_ids[:2]
     cu = torch.tensor([0, ids.numel()], dtype=torch.int32, device=ids.device)
-    lp, _ = world.forward(ids, cu)
-    (lp.sum() * 0.0).backward()
+    return world.forward(ids, cu)[0]
+
+
+def zero_step(world: World, input_ids: Tensor) -> None:
+    """An empty micro-batch's part in the gradient sum: a forward and backward that add zero."""
+    (idle_forward(world, input_ids).sum() * 0.0).backward()

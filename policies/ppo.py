@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.advantages import advantages_for, kl_estimate  # noqa: F401  (re-exported)
-from policies.data_parallel import World, rank_share, zero_step
+from policies.data_parallel import World, idle_forward, rank_share, zero_step
 from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
@@ -240,7 +240,7 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
         for mb in plan:
             if not mb:
                 if sharded:
-                    forward(ids[:2], torch.tensor([0, min(2, ids.numel())], dtype=cu.dtype, device=device))
+                    idle_forward(world, ids)
                 continue
             pos, mb_cu = gather_sequences(cu, mb)
             lp, _ = forward(ids[pos], mb_cu, temperature=cfg.temperature,
