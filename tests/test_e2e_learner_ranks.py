@@ -98,3 +98,23 @@ def test_a_frozen_learner_rank_fails_the_collective_within_its_timeout(tmp_path)
     assert 8 <= took < 60, f"the launcher stopped {took:.1f} s after the freeze"
     assert not left, f"processes left running: {left}"
     print(f"rank 1 frozen: the launcher exited {took:.1f} s later")
+
+
+def test_a_dead_learner_rank_restarts_the_run_from_its_last_checkpoint(tmp_path):
+    train = dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    job = LiveProcess.launcher("--config", "configs/tiny.yaml", *tiny_overrides(run_dir, train, **RANKS, **{
+        "train.steps": 4, "train.checkpoint_every": 1, "train.on_learner_death": "restart"}))
+    try:
+        job.wait_for(r"\[learner-rank-1\] .*step 2: training its share", 300)  # steps 0-1 checkpointed
+        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), signal.SIGKILL)
+        job.wait_for(r"learner-rank-1 exited with code -9.*restarting from the last checkpoint \(1/3\)", 30)
+        job.wait_for(r"\[launcher\] mode: .*steps 2\.\.4", 60)
+        assert job.wait(300) == 0, job.output(40)
+    finally:
+        job.stop(signal.SIGKILL)
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records] == [0, 1, 2, 3]
+    for m in records:
+        expected = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
+        assert sorted(set(m["qids"])) == expected and len(m["qids"]) == 2 * len(expected)
