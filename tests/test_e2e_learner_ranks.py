@@ -6,6 +6,7 @@ import re
 import signal
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from launcher.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 from tests.live_job import LiveProcess, descendants
+
+pytestmark = pytest.mark.timeout(900)  # two jobs in one test; every wait inside has its own deadline
 
 # without advantage normalisation the all-wrong rewards of a random model still move the weights
 RANKS = {"actors.learner.ranks": 2, "actors.learner.collective_timeout": 20.0, "bus.heartbeat_interval": 0.5,
