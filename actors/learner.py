@@ -50,16 +50,16 @@ def recompute_needed(setting, *, max_staleness: int, generator_backend: str, gen
     return False, "the torch generator's fp32 logprobs are the learner's (same weights and precision)"
 
 
-def train_ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, lr: float, recompute: bool,
-                    ref_model=None) -> dict:
-    """One PPO batch at learning rate ``lr`` -> its metrics: the proximal logprobs recomputed first where
-    ``recompute`` (see recompute_needed), the reference model's for the KL where there is one."""
+def train_ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, lr: float, recompute: bool, ref_model=None,
+                    world=None) -> dict:
+    """One PPO batch: the proximal (and reference) logprobs where wanted, then policies.ppo.train_step;
+    `world`: this process's place among the learner ranks (actors.learner_ranks)."""
     prox = ref = None
     if recompute:
-        prox = recompute_logprobs(model, batch, ppo, loss_tokens_only=True)
+        prox = recompute_logprobs(model, batch, ppo, loss_tokens_only=True, world=world)
     if ref_model is not None:
-        ref = recompute_logprobs(ref_model, batch, ppo, loss_tokens_only=True)
-    stats = train_step(model, optimizer, batch, ppo, proximal_logprobs=prox, ref_logprobs=ref, lr=lr)
+        ref = recompute_logprobs(ref_model, batch, ppo, loss_tokens_only=True, world=world)
+    stats = train_step(model, optimizer, batch, ppo, proximal_logprobs=prox, ref_logprobs=ref, lr=lr, world=world)
     if prox is not None:  # how far the generator's logprobs were from the learner's
         mask = batch.loss_mask.bool()
         stats["behav_logprob_gap"] = float((prox.cpu() - batch.logprobs.float())[mask].abs().mean())
@@ -146,9 +146,8 @@ class Learner(Actor):
     def train_batch(self, batch, step: int) -> dict:
         """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other
         trainers (learner ranks, the simulated learner) replace."""
-        return train_ppo_batch(self.model, self.optimizer, batch, self.ppo,
-                               lr=scheduled_lr(self.ppo, step, self.total_steps), recompute=self.recompute,
-                               ref_model=self.ref_model)
+        return train_ppo_batch(self.model, self.optimizer, batch, self.ppo, recompute=self.recompute,
+                               ref_model=self.ref_model, lr=scheduled_lr(self.ppo, step, self.total_steps))
 
     async def _train_loop(self) -> None:
         try:

@@ -120,6 +120,16 @@ def cmd_actor(args) -> int:
     cfg = load_config(args.config)
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
+    if args.role == "learner" and cfg.actors.learner.ranks > 1:
+        from actors.learner_ranks import RankError, env_rank
+        if env_rank() > 0:  # a plain process in the learner group, not on the bus
+            from launcher.roles import serve_rank
+            try:
+                serve_rank(cfg, start)
+            except RankError as exc:
+                print(f"[{args.name}] {exc}", file=sys.stderr, flush=True)
+                _exit_now(1)
+            _exit_now(0)
     actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg))
     _run_actors(actors)
     _exit_now(0)

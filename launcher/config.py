@@ -355,12 +355,24 @@ class GeneratorConfig(RoleConfig):
 
 
 @dataclass
+class LearnerConfig(RoleConfig):
+    ranks: int = opt(1, check=_at_least_one, expect=">= 1",
+                     doc="learner processes training one model as a torch.distributed group (FSDP2: gloo on "
+                         "CPU, nccl on GPU); rank r runs on hosts[r % len(hosts)], in its host's next slot")
+    dist_port: int = opt(0, check=lambda v: 0 <= v <= 65535, expect="in [0, 65535] (0 = pick a free port)",
+                         doc="the learner group's rendezvous port on rank 0's host")
+    collective_timeout: float = opt(300.0, check=_positive, expect="> 0 (seconds)",
+                                    doc="how long a learner rank waits in a collective (joining, sharing a "
+                                        "batch, summing gradients) before it fails naming its rank")
+
+
+@dataclass
 class ActorsConfig:
     sampler: RoleConfig = field(default_factory=RoleConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: RoleConfig = field(default_factory=RoleConfig)
     packer: RoleConfig = field(default_factory=RoleConfig)
-    learner: RoleConfig = field(default_factory=RoleConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     broadcaster: RoleConfig = field(default_factory=RoleConfig)
 
     def __post_init__(self) -> None:
@@ -457,7 +469,13 @@ class ExperimentConfig(Checked):
             raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "
                               "actors.generator.sglang_weights disk (a distributed update pauses generation, "
                               "interrupting it), got distributed")
+        if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
+            raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
 
+
+# the bf16 path keeps fp32 masters of its own beside the model, which FSDP2 does not shard
+RANKS_BF16 = ("actors.learner.ranks: {ranks} learner ranks train in fp32 only, but ppo.bf16 is {bf16} "
+              "(set ppo.bf16: false)")
 
 
 def check_trainable(cfg: ExperimentConfig) -> None:

@@ -213,38 +213,13 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
     if role == "learner":
         from actors.broadcaster import WeightBroadcaster
         from actors.learner import Learner
-        from policies.ppo import make_optimizer
-        from policies.precision import resolve_bf16
-        bf16 = resolve_bf16(cfg.ppo.bf16, device_for(cfg))  # fp32 masters, bf16 compute (make_optimizer)
-        model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg),
-                           compute_dtype=torch.bfloat16 if bf16 else None)
+        model, opt, ref_model, resumed = learner_state(cfg, start)
+        kind, ranked = Learner, {}
+        if cfg.actors.learner.ranks > 1:  # the bus side reads rank 0's whole copy: broadcaster, eval, checkpoints
+            from actors.learner_ranks import RankedLearner
+            ranks, world, sharded_opt, (model, opt) = join_ranks(cfg, model, opt)
+            kind, ranked = RankedLearner, {"ranks": ranks, "world": world, "sharded_optimizer": sharded_opt}
         tok = load_tokenizer(start.model_path)
-        opt = make_optimizer(model, cfg.ppo)
-        if cfg.ppo.gradient_checkpointing:
-            from policies.models import checkpoint_layers
-            checkpoint_layers(model)
-        if cfg.ppo.compile:
-            from policies.models import compile_layers
-            compile_layers(model)
-        resumed = None
-        if start.checkpoint:
-            ckpt = Path(start.checkpoint)
-            checkpoint.restore_optimizer(ckpt, opt)
-            checkpoint.restore_rng(ckpt)
-            saved = checkpoint.load_state(ckpt).get("digest")
-            digest = checkpoint.state_digest(model, opt)
-            if saved is not None and digest != saved:
-                raise checkpoint.CheckpointError(f"checkpoint {ckpt}: the model and optimizer loaded from it "
-                                                 f"differ from what was saved (digest {digest[:12]} != {saved[:12]})")
-            resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
-            log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
-                     "matches the saved one" if saved else "(the checkpoint records none to compare)")
-        ref_model = None
-        if cfg.ppo.kl_coef > 0:   # the KL's reference is the run's base model, also after a resume
-            ref_model = load_model(base_model_path(cfg), dtype=_dtype(cfg), device=device_for(cfg))
-            ref_model.requires_grad_(False).eval()
-            log.info("KL penalty: kl_coef %g (%s) against a frozen reference model, %s", cfg.ppo.kl_coef,
-                     cfg.ppo.kl_estimator, base_model_path(cfg))
         periodic_eval = None
         if cfg.eval.every:
             from launcher.periodic_eval import PeriodicEval
@@ -254,14 +229,88 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                                **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
-        learner = Learner(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
+        learner = kind(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
                           checkpoint_every=cfg.train.checkpoint_every,
                           keep_checkpoints=cfg.train.keep_checkpoints, resumed=resumed, name=name,
-                          ref_model=ref_model, periodic_eval=periodic_eval, **bus_kwargs)
+                          ref_model=ref_model, periodic_eval=periodic_eval, **ranked, **bus_kwargs)
         return [learner, bc]
     raise ValueError(f"unknown role {role!r}")
+
+
+def learner_state(cfg: ExperimentConfig, start: Start):
+    """The learner's model, optimizer (restored and checked against the checkpoint's digest on a resume),
+    KL reference model (or None) and the `resumed` record (or None): what every learner rank loads."""
+    from policies.models import load_model
+    from policies.ppo import make_optimizer
+    from policies.precision import resolve_bf16
+    bf16 = resolve_bf16(cfg.ppo.bf16, device_for(cfg))  # fp32 masters, bf16 compute (make_optimizer)
+    if bf16 and cfg.actors.learner.ranks > 1:
+        from launcher.config import RANKS_BF16, ConfigError
+        raise ConfigError(RANKS_BF16.format(ranks=cfg.actors.learner.ranks, bf16=f"{cfg.ppo.bf16} (bf16 here)"))
+    model = load_model(start.model_path, dtype=_dtype(cfg), device=device_for(cfg),
+                       compute_dtype=torch.bfloat16 if bf16 else None)
+    opt = make_optimizer(model, cfg.ppo)
+    if cfg.ppo.gradient_checkpointing:
+        from policies.models import checkpoint_layers
+        checkpoint_layers(model)
+    if cfg.ppo.compile:
+        from policies.models import compile_layers
+        compile_layers(model)
+    resumed = None
+    if start.checkpoint:
+        ckpt = Path(start.checkpoint)
+        checkpoint.restore_optimizer(ckpt, opt)
+        checkpoint.restore_rng(ckpt)
+        saved = checkpoint.load_state(ckpt).get("digest")
+        digest = checkpoint.state_digest(model, opt)
+        if saved is not None and digest != saved:
+            raise checkpoint.CheckpointError(f"checkpoint {ckpt}: the model and optimizer loaded from it "
+                                             f"differ from what was saved (digest {digest[:12]} != {saved[:12]})")
+        resumed = {"checkpoint": str(ckpt), "step": start.step, "digest": digest}
+        log.info("resumed from %s at step %d; model+optimizer digest %s %s", ckpt, start.step, digest[:12],
+                 "matches the saved one" if saved else "(the checkpoint records none to compare)")
+    ref_model = None
+    if cfg.ppo.kl_coef > 0:   # the KL's reference is the run's base model, also after a resume
+        ref_model = load_model(base_model_path(cfg), dtype=_dtype(cfg), device=device_for(cfg))
+        ref_model.requires_grad_(False).eval()
+        log.info("KL penalty: kl_coef %g (%s) against a frozen reference model, %s", cfg.ppo.kl_coef,
+                 cfg.ppo.kl_estimator, base_model_path(cfg))
+    return model, opt, ref_model, resumed
+
+
+def join_ranks(cfg: ExperimentConfig, model, optimizer):
+    """Join the learner group (actors.learner_ranks) and shard the loaded model and optimizer state over
+    it (FSDP2, policies.data_parallel) -> (ranks, world, the sharded optimizer, rank 0's whole copy as
+    (model, optimizer) or None elsewhere). The copy's optimizer is filled from the shards at checkpoints."""
+    import copy
+    from actors.learner_ranks import join
+    from policies.data_parallel import World, optimizer_state_by_name
+    from policies.ppo import make_optimizer
+    ranks = join(device_for(cfg), cfg.actors.learner.collective_timeout)
+    whole = None
+    if ranks.rank == 0:
+        copied = copy.deepcopy(model)
+        whole = (copied, make_optimizer(copied, cfg.ppo))
+    state = optimizer_state_by_name(model, optimizer) if optimizer.state else None  # resumed
+    try:
+        world = World.fsdp(model)
+        sharded = make_optimizer(model, cfg.ppo)  # over the shards
+        if state is not None:
+            world.load_optimizer_state(sharded, state)
+    except RuntimeError as exc:
+        raise ranks.fail("sharding the model", exc) from exc
+    return ranks, world, sharded, whole
+
+
+def serve_rank(cfg: ExperimentConfig, start: Start) -> None:
+    """A learner rank > 0: load what rank 0 loads, then train its share of rank 0's steps until told to stop."""
+    from actors.learner_ranks import serve
+    torch.manual_seed(cfg.seed)
+    model, opt, ref_model, _ = learner_state(cfg, start)
+    ranks, world, sharded, _ = join_ranks(cfg, model, opt)
+    serve(ranks, world, optimizer=sharded, ppo=cfg.ppo, recompute=learner_recomputes(cfg)[0], ref_model=ref_model)
 
 
 def sglang_weight_sync(cfg: ExperimentConfig):

@@ -87,26 +87,67 @@ def bus_kwargs(cfg: ExperimentConfig) -> dict:
 
 
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,
-                  hosts: list[Host] | None) -> list[ProcessSpec]:
+                  hosts: list[Host] | None, dist_port: int | None = None) -> list[ProcessSpec]:
+    """Every actor process; with actors.learner.ranks > 1 also the learner ranks > 0 (named learner-rank-R,
+    role learner), each with its group's environment. `dist_port`: the group's port (config or picked)."""
     counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
     pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
     specs = []
     placed = place(counts, hosts, pinned)
-    # the learner keeps its host's slot 0 (GPU 0) where that host has more: its generators start at slot 1
     learner_host = next(h for r, _, h in placed if r == "learner")
-    slots_taken: dict[Host, int] = {learner_host: 0 if learner_host.slots > 1 else -1}
+    rank_hosts = learner_rank_hosts(cfg, learner_host, hosts)
+    # the learner ranks keep their hosts' first slots (GPUs) where a host has more: generators start after them
+    slots_taken: dict[Host, int] = {}
+    for h in set(rank_hosts):
+        n = rank_hosts.count(h)
+        slots_taken[h] = n - 1 if h.slots > n else -1
+    group_env = learner_group_env(cfg, learner_host, rank_hosts, dist_port)
     for role, index, host in placed:
         name = f"{role}-{index}" if role in ("generator", "verifier") else role
-        argv = [sys.executable, "-m", "launcher", "actor", role, "--name", name, "--bus", address,
-                "--config", str(config_path), "--start-step", str(start.step), "--model-path", start.model_path]
-        if start.checkpoint:
-            argv += ["--checkpoint", start.checkpoint]
+        argv = actor_argv(role, name, address, config_path, start)
         env = {}
         if role == "generator":
             slot = slots_taken[host] = slots_taken.get(host, -1) + 1
             env = slot_env(host, slot)
+        if role == "learner" and group_env:
+            env = group_env[0]
         specs.append(ProcessSpec(name, role, argv, host, env))
+    for rank in range(1, len(group_env)):
+        name = f"learner-rank-{rank}"
+        specs.append(ProcessSpec(name, "learner", actor_argv("learner", name, address, config_path, start),
+                                 rank_hosts[rank], group_env[rank]))
     return specs
+
+
+def actor_argv(role: str, name: str, address: str, config_path: Path, start: Start) -> list[str]:
+    argv = [sys.executable, "-m", "launcher", "actor", role, "--name", name, "--bus", address,
+            "--config", str(config_path), "--start-step", str(start.step), "--model-path", start.model_path]
+    return argv + (["--checkpoint", start.checkpoint] if start.checkpoint else [])
+
+
+def learner_rank_hosts(cfg: ExperimentConfig, learner_host: Host, hosts: list[Host] | None) -> list[Host]:
+    """The host of every learner rank: round-robin over actors.learner.hosts where pinned, else the learner's."""
+    pinned = cfg.actors.learner.hosts
+    if not pinned:
+        return [learner_host] * cfg.actors.learner.ranks
+    by_name = {h.name.lower(): h for h in hosts or []}
+    return [by_name.get(pinned[r % len(pinned)].lower(), learner_host) for r in range(cfg.actors.learner.ranks)]
+
+
+def learner_group_env(cfg: ExperimentConfig, learner_host: Host, rank_hosts: list[Host],
+                      dist_port: int | None) -> list[dict[str, str]]:
+    """Each learner rank's torch.distributed environment and device slot; [] for one rank (no group).
+    The rendezvous is on rank 0's host: the bus host when it runs there (the head), else its name."""
+    if cfg.actors.learner.ranks == 1:
+        return []
+    master = cfg.bus.host if learner_host.is_local else learner_host.name
+    port = dist_port if dist_port is not None else cfg.actors.learner.dist_port
+    envs = []
+    for rank, host in enumerate(rank_hosts):
+        local = rank_hosts[:rank].count(host)  # this rank's slot on its host
+        envs.append({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
+                     "WORLD_SIZE": str(len(rank_hosts)), **slot_env(host, local)})
+    return envs
 
 
 def broker_spec(cfg: ExperimentConfig, bind: str) -> ProcessSpec:
@@ -150,7 +191,8 @@ class Job:
         print(f"[launcher] mode: {describe_mode(cfg)}; steps {start.step}..{cfg.train.steps}; bus {address}; "
               f"run dir {rd}", flush=True)
         self.steps = range(start.step, cfg.train.steps)
-        specs = process_specs(cfg, config_path, address, start, self.hosts)
+        dist_port = cfg.actors.learner.dist_port or (free_port(cfg.bus.host) if cfg.actors.learner.ranks > 1 else 0)
+        specs = process_specs(cfg, config_path, address, start, self.hosts, dist_port)
         await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
                                  key=lambda h: h.name))
         progress = Progress(cfg.train.steps, start.step, describe_mode(cfg), ends_at=self.ends_at)
@@ -471,9 +513,13 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     from launcher.roles import base_model_path
     start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
-    for spec in process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts):
+    port = cfg.actors.learner.dist_port or 29500  # the job picks a free one
+    for spec in process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts, port):
         where = f"# {spec.name} on {spec.host.name if spec.host else 'localhost'}"
         command = spec.command(PROJECT_DIR)
+        if "RANK" in spec.env:
+            where += (f", learner rank {spec.env['RANK']} of {spec.env['WORLD_SIZE']} (group at "
+                      f"{spec.env['MASTER_ADDR']}:{'<free port>' if not cfg.actors.learner.dist_port else port})")
         if spec.env:
             where += (f", slot {spec.env['BOBA_SLOT']} of {spec.env['BOBA_SLOTS']}: GPU "
                       f"{spec.env['CUDA_VISIBLE_DEVICES']}, or 1/{spec.env['BOBA_SLOTS']} of the cores on a CPU host")

@@ -3,10 +3,13 @@
 One `train_step` consumes one rollout batch: advantages are computed (and normalised) over the whole
 batch, the batch is split by sequence into `minibatches` optimiser steps, each minibatch into
 micro-batches under a token budget whose gradients accumulate with the loss divided by the
-minibatch's number of loss tokens.
+minibatch's number of loss tokens. With a `world` of N learner ranks (policies.data_parallel) each
+rank trains its share of every minibatch's micro-batches and the gradients are summed over ranks:
+the same update as one rank.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.advantages import advantages_for, kl_estimate  # noqa: F401  (re-exported)
+from policies.data_parallel import World, idle_forward, rank_share, zero_step
 from policies.logprobs import check_packed, packed_logprobs
 from policies.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.models import assert_trainable
@@ -184,7 +188,17 @@ def _plan(cu_seqlens: Tensor, seq_idx: list[int], max_tokens: int) -> list[list[
     return [[seq_idx[j] for j in mb] for mb in micro_batches(sub, max_tokens) if mb]
 
 
+def _rank_plan(cu_seqlens: Tensor, seq_idx: list[int], max_tokens: int, world: World) -> list[list[int]]:
+    """This rank's micro-batches of the chosen sequences (as many on every rank; [] = an empty one)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return [[seq_idx[j] for j in mb] for mb in rank_share([lengths[i] for i in seq_idx], max_tokens, world)]
+
+
 # ----------------------------------------------------------------------------- PPO
+
+# the per-token sums of ppo_loss's stats (and the micro-batch count) a step adds up over micro-batches and ranks
+_SUMMED = ("n_tokens", "clipped", "dual_clipped", "approx_kl", "ratio", "behav_imp_weight", "behav_masked",
+           "entropy", "n_micro")
 
 def compute_advantages(batch, cfg: PPOConfig, *, logprobs: Tensor | None = None,
                        ref_logprobs: Tensor | None = None) -> Tensor:
@@ -203,9 +217,11 @@ def _group_ids(batch) -> Tensor | None:
 
 
 @torch.no_grad()
-def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_only: bool = False) -> Tensor:
+def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_only: bool = False,
+                       world: World | None = None) -> Tensor:
     """Logprobs [T] of the batch under the current weights (the proximal policy), micro-batched;
-    with `loss_tokens_only`, 0 outside batch.loss_mask (all that PPO reads of them)."""
+    with `loss_tokens_only`, 0 outside batch.loss_mask (all that PPO reads of them). With a `world`
+    of ranks each computes its share and every rank gets the whole."""
     device = _device(model)
     ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
     check_packed(ids, cu)
@@ -215,23 +231,34 @@ def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_o
     model.eval()
     out = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
     try:
-        for mb in _plan(cu, list(range(cu.numel() - 1)), cfg.max_tokens_per_micro_batch):
+        seqs = list(range(cu.numel() - 1))
+        plan = _plan(cu, seqs, cfg.max_tokens_per_micro_batch) if world is None else \
+            _rank_plan(cu, seqs, cfg.max_tokens_per_micro_batch, world)
+        # the world's model is sharded: every rank runs it as often as the others (an empty slot too)
+        sharded = world is not None and model is world.model
+        forward = world.forward if sharded else functools.partial(packed_logprobs, model)
+        for mb in plan:
+            if not mb:
+                if sharded:
+                    idle_forward(world, ids)
+                continue
             pos, mb_cu = gather_sequences(cu, mb)
-            lp, _ = packed_logprobs(model, ids[pos], mb_cu, temperature=cfg.temperature,
+            lp, _ = forward(ids[pos], mb_cu, temperature=cfg.temperature,
                                     only=None if only is None else only[pos],
                                     prompt_lens=prompt_lengths(loss_mask[pos], mb_cu) if cfg.share_prompts else None)
             out[pos] = lp.float()
     finally:
         model.train(was_training)
-    return out
+    return out if world is None else world.sum(out)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: PPOConfig, *,
                proximal_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-               lr: float | None = None) -> dict[str, float]:
+               lr: float | None = None, world: World | None = None) -> dict[str, float]:
     """One PPO training batch: `cfg.minibatches` optimiser steps. Without `proximal_logprobs` the
     behaviour logprobs serve as proximal ones (on-policy data: standard PPO). `lr` (policies.schedule)
-    sets every parameter group's learning rate first."""
+    sets every parameter group's learning rate first. `world`: this rank's place among the learner
+    ranks (every rank passes the whole batch and gets the same metrics); default one rank."""
     assert_trainable(model)
     device = _device(model)
     _check_precision(optimizer, cfg, device)
@@ -254,8 +281,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
                          kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, group_ids=groups)
 
     model.train()
-    totals: dict[str, float] = {}
-    losses, grad_norms, n_micro = [], [], 0
+    world = World.alone(model) if world is None else world
+    totals = dict.fromkeys(_SUMMED, 0.0)  # this rank's share; summed over ranks below
+    losses, grad_norms = [], []
     for seqs in split_minibatches(f["cu_seqlens"].numel() - 1, cfg.minibatches):
         pos, _ = gather_sequences(f["cu_seqlens"], seqs)
         n_loss = int(f["loss_mask"][pos].sum())
@@ -263,21 +291,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
             continue  # a minibatch of prompts only: nothing to learn from
         optimizer.zero_grad(set_to_none=True)
         mb_loss = 0.0
-        for mb in _plan(f["cu_seqlens"], seqs, cfg.max_tokens_per_micro_batch):
-            pos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
-            mask = f["loss_mask"][pos]
-            lp, ent = packed_logprobs(model, f["input_ids"][pos], mb_cu, temperature=cfg.temperature,
-                                      with_entropy=True, only=mask,
-                                      prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
-            loss, st = ppo_loss(lp, prox[pos], behav[pos], adv[pos], mask, eps_clip=cfg.eps_clip,
+        plan = _rank_plan(f["cu_seqlens"], seqs, cfg.max_tokens_per_micro_batch, world)
+        for mb in plan:
+            if not mb:  # more rank slots than sequences: this rank adds zero, but joins the sum
+                zero_step(world, f["input_ids"][pos])
+                continue
+            mpos, mb_cu = gather_sequences(f["cu_seqlens"], mb)
+            mask = f["loss_mask"][mpos]
+            lp, ent = world.forward(f["input_ids"][mpos], mb_cu, temperature=cfg.temperature,
+                                    with_entropy=True, only=mask,
+                                    prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
+            loss, st = ppo_loss(lp, prox[mpos], behav[mpos], adv[mpos], mask, eps_clip=cfg.eps_clip,
                                 dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
                                 normalizer=n_loss)
-            loss.backward()
+            # FSDP averages the ranks' gradients; times the world size they are summed: one rank's
+            (loss * world.size if world.size > 1 else loss).backward()
             mb_loss += float(loss.detach())
             st["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
+            st["n_micro"] = 1.0
             for k, v in st.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            n_micro += 1
+                totals[k] += float(v)
         grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
@@ -286,6 +319,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         losses.append(mb_loss)
         grad_norms.append(float(grad_norm))
     optimizer.zero_grad(set_to_none=True)
+    if world.size > 1:  # the metrics of the whole batch: every rank's share summed
+        summed = world.sum(torch.tensor([*losses, *totals.values()], dtype=torch.float64, device=device)).tolist()
+        losses, totals = summed[:len(losses)], dict(zip(totals, summed[len(losses):]))
 
     n = max(totals.get("n_tokens", 0.0), 1.0)
     mask = f["loss_mask"]
@@ -307,7 +343,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         n_tokens=float(num_tokens),
         n_loss_tokens=float(n),
         n_minibatches=float(len(losses)),
-        n_micro_batches=float(n_micro),
+        n_micro_batches=float(totals["n_micro"]),
         lr=float(optimizer.param_groups[0]["lr"]),
         **({} if ref is None or not mask.any() else
            {"ref_kl": float(kl_estimate(prox, ref, cfg.kl_estimator)[mask].mean())}),

@@ -122,6 +122,36 @@ def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
     assert gpus == [str(k) for k in range(1, 8)]
 
 
+def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data, capsys):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost slots=4\nnode-7 slots=2\n")
+    rc, out, _ = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
+                         "-o", "actors.learner.ranks=3", "-o", "actors.learner.hosts=[localhost, localhost, node-7]",
+                         "-o", "actors.learner.dist_port=29999", "-o", "actors.generator.count=2",
+                         "-o", "bus.host=10.0.0.5", "-o", f"data.train={data['train']}", "-o", "data.test=null")
+    assert rc == 0
+    assert "# learner on localhost, learner rank 0 of 3 (group at 10.0.0.5:29999)" in out
+    assert "# learner-rank-1 on localhost, learner rank 1 of 3" in out
+    assert "# learner-rank-2 on node-7, learner rank 2 of 3" in out
+    lines = out.splitlines()
+    envs = {}
+    for i, line in enumerate(lines):
+        if line.startswith("# "):
+            argv = shlex.split(lines[i + 1])
+            argv = shlex.split(argv[-1]) if argv[0] == "ssh" else argv  # a remote one: its env inline
+            envs[line[2:].split(" on ")[0]] = dict(kv.split("=", 1) for kv in argv
+                                                   if "=" in kv and kv.split("=")[0].isupper())
+    for rank, name in enumerate(["learner", "learner-rank-1", "learner-rank-2"]):
+        env = envs[name]
+        assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+            (str(rank), "3", "10.0.0.5", "29999"), name
+    # the two local ranks take GPUs 0 and 1, the local generator the next; rank 2 takes node-7's GPU 0
+    assert [envs[n]["CUDA_VISIBLE_DEVICES"] for n in ("learner", "learner-rank-1", "learner-rank-2")] == ["0", "1", "0"]
+    local_gen = [envs[n]["CUDA_VISIBLE_DEVICES"] for n in ("generator-0", "generator-1")
+                 if f"# {n} on localhost" in out]
+    assert all(d not in ("0", "1") for d in local_gen)
+
+
 def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("localhost slots=2\n")

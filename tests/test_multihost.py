@@ -228,3 +228,32 @@ def test_the_head_hosts_own_address_starts_its_actors_without_ssh(net, tmp_path)
     remote = [cmd for cmd in blocks.values() if cmd.startswith("ssh")]
     assert len(remote) == 2 and all(f"-F {net.ssh_config}" in cmd and f"root@{b}" in cmd for cmd in remote)
     assert sorted(re.search(r"CUDA_VISIBLE_DEVICES=(\d)", cmd).group(1) for cmd in remote) == ["0", "1"]
+
+
+def test_one_learner_rank_on_each_of_two_hosts(net, tmp_path):
+    """Learner rank 0 on host A (the head), rank 1 on host B over ssh: one gloo group across the namespaces."""
+    a, b = (h.addr for h in net.hosts[:2])
+    hostfile = net.hostfile(tmp_path / "hosts.txt", [f"{a} slots=1", f"root@{b} slots=1"])
+    generate_keys(tmp_path / "keys")
+    train = dataset(tmp_path)
+    overrides = tiny_overrides(tmp_path / "run", train, **{
+        "bus.host": a, "bus.keys_dir": str(tmp_path / "keys"), "actors.generator.hosts": f"[{a}]",
+        "actors.learner.ranks": 2, "actors.learner.hosts": f"[{a}, {b}]", "actors.learner.collective_timeout": 60,
+        "ppo.normalize_advantages": "false", "train.steps": 2, "train.checkpoint_every": 0})
+    job = LiveProcess(net.argv(net.hosts[0], [sys.executable, "-m", "launcher", "--hosts", str(hostfile),
+                                              "--ssh-config", net.ssh_config, "--config", "configs/tiny.yaml",
+                                              *overrides]), name="job")
+    try:
+        assert job.wait(300) == 0, job.output(60)
+    finally:
+        job.stop()
+    rank1 = (tmp_path / "run" / "logs" / "learner-rank-1.log").read_text()
+    assert f"learner rank 1 of 2 joined the group at {a}:" in rank1, rank1[-2000:]
+    assert "learner rank 1: step 1 done" in rank1
+    records = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in records] == [0, 1] and all(m["grad_norm"] > 0 for m in records)
+    assert_exactly_once(records, train)
+    deadline = time.monotonic() + 10  # rank 1 ends with its ssh session
+    while left := leftovers(net, net.hosts[1:2]):
+        assert time.monotonic() < deadline, f"learner rank 1 outlived the job on its host: {left}"
+        time.sleep(0.2)

@@ -1,0 +1,76 @@
+"""One learner rank training the equality test's PPO batch over a real gloo group.
+
+`MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n python tests/rank_proc.py OUT N_SEQS MINIBATCHES`: rank 0
+writes its metrics, weights and gathered optimizer state after the step to OUT. `setup()` is the batch and
+model the one-rank run uses too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actors.learner import train_ppo_batch  # noqa: E402
+from policies.models import tiny_model  # noqa: E402
+from policies.ppo import PPOConfig, make_optimizer, recompute_logprobs  # noqa: E402
+from tensors.packed import PackedBatch  # noqa: E402
+
+# micro-batches of <= 24 tokens: 10 sequences in 2 minibatches give 2 ranks 2 micro-batches each; one
+# sequence gives rank 1 only empty ones (it joins every gather and gradient sum with nothing)
+CFG = PPOConfig(minibatches=2, lr=1e-3, max_tokens_per_micro_batch=24, max_grad_norm=0.5)
+
+
+def config(n_seqs: int, minibatches: int) -> PPOConfig:
+    """One sequence's advantage normalised over the batch is 0: unnormalised, it moves the weights."""
+    return dataclasses.replace(CFG, minibatches=minibatches, normalize_advantages="batch" if n_seqs > 1 else "none")
+
+
+def setup(n_seqs: int = 10, minibatches: int = 2):
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for i in range(n_seqs):
+        p, r = 3 + i % 4, 4 + (5 * i) % 9
+        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
+        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
+                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
+                         rewards=float((i * 7) % 5) - 2.0, group_ids=i // 2))
+    batch = PackedBatch.from_sequences(seqs)
+    lp = recompute_logprobs(model, batch, config(n_seqs, minibatches)) - 0.05  # slightly off-policy: ratios and clipping at work
+    batch = batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+    return model, make_optimizer(model, CFG), batch
+
+
+def train(n_seqs: int = 10, minibatches: int = 2):
+    """One rank alone: the reference."""
+    model, opt, batch = setup(n_seqs, minibatches)
+    return model, opt, train_ppo_batch(model, opt, batch, config(n_seqs, minibatches), recompute=True, ref_model=None, lr=CFG.lr)
+
+
+if __name__ == "__main__":
+    from actors.learner_ranks import join
+    from policies.data_parallel import World
+    import copy
+    from policies.data_parallel import load_optimizer_state_by_name
+    ranks = join("cpu", timeout=60.0)
+    n_seqs, minibatches = int(sys.argv[2]), int(sys.argv[3])
+    model, _, batch = setup(n_seqs, minibatches)
+    whole = copy.deepcopy(model)
+    world = World.fsdp(model)
+    opt = make_optimizer(model, CFG)  # over the shards
+    stats = train_ppo_batch(model, opt, batch, config(n_seqs, minibatches), recompute=True, ref_model=None, lr=CFG.lr,
+                      world=world)
+    weights = world.full_weights()
+    gathered = world.full_optimizer_state(opt)
+    # what this rank holds of AdamW's state: its shards only
+    held = sum(t.to_local().numel() for st in opt.state.values() for k, t in st.items() if k == "exp_avg")
+    if ranks.rank == 0:
+        whole_opt = make_optimizer(whole, CFG)
+        load_optimizer_state_by_name(whole, whole_opt, gathered)  # as a checkpoint writes it
+        torch.save({"stats": stats, "weights": weights, "optimizer": whole_opt.state_dict(), "held": held},
+                   sys.argv[1])
