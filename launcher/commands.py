@@ -120,7 +120,7 @@ def cmd_actor(args) -> int:
     cfg = load_config(args.config)
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
-    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg))
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
     _run_actors(actors)
     _exit_now(0)
 

@@ -89,6 +89,8 @@ def bus_kwargs(cfg: ExperimentConfig) -> dict:
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,
                   hosts: list[Host] | None) -> list[ProcessSpec]:
     counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
+    per_process = cfg.actors.generator.per_process  # simulated generators share processes
+    counts["generator"] = -(-counts["generator"] // per_process)
     pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
     specs = []
     placed = place(counts, hosts, pinned)
@@ -96,9 +98,12 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     learner_host = next(h for r, _, h in placed if r == "learner")
     slots_taken: dict[Host, int] = {learner_host: 0 if learner_host.slots > 1 else -1}
     for role, index, host in placed:
-        name = f"{role}-{index}" if role in ("generator", "verifier") else role
+        first = index * per_process if role == "generator" else index
+        name = f"{role}-{first}" if role in ("generator", "verifier") else role
         argv = [sys.executable, "-m", "launcher", "actor", role, "--name", name, "--bus", address,
                 "--config", str(config_path), "--start-step", str(start.step), "--model-path", start.model_path]
+        if role == "generator" and per_process > 1:
+            argv += ["--instances", str(min(per_process, cfg.actors.generator.count - first))]
         if start.checkpoint:
             argv += ["--checkpoint", start.checkpoint]
         env = {}
@@ -116,6 +121,8 @@ def broker_spec(cfg: ExperimentConfig, bind: str) -> ProcessSpec:
             "--max-message-bytes", str(cfg.bus.max_message_bytes)]
     if cfg.bus.keys_dir:
         argv += ["--keys", cfg.bus.keys_dir]
+    if cfg.bus.stats_every:
+        argv += ["--stats-every", str(cfg.bus.stats_every)]
     return ProcessSpec("broker", "broker", argv)
 
 
