@@ -18,6 +18,7 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.data_order import batch_indices
 from actors.dataset import Problem
+from actors.load_book import LoadBook
 from bus.errors import BusError
 
 log = logging.getLogger("actors.sampler")
@@ -56,9 +57,7 @@ class PromptSampler(Actor):
         self.version = start_batch  # the policy version the generators run; learner step == version
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
-        self.generators: dict[str, int] = {}  # name -> prompts in flight there
-        self._last_dealt: dict[str, int] = {}  # name -> number of the last deal it got (ties: least recent)
-        self._deals = 0
+        self.generators = LoadBook()  # name -> prompts in flight there
         self._watchdog: asyncio.Task | None = None
 
     async def on_start(self) -> None:
@@ -150,11 +149,8 @@ class PromptSampler(Actor):
             owed = self.owed.get(key)
             if owed is None or owed.holder is not None:
                 continue
-            gen = min(self.generators, key=lambda g: (self.generators[g], self._last_dealt.get(g, -1), g))
-            self._deals += 1
-            self._last_dealt[gen] = self._deals
+            gen = self.generators.deal()
             owed.holder, owed.since = gen, time.monotonic()
-            self.generators[gen] += 1
             self.spawn(self._give(key, owed, gen))
 
     async def _give(self, key: tuple[int, str], owed: _Owed, gen: str) -> None:

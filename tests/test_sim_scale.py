@@ -125,7 +125,7 @@ def test_sim_generators_share_processes_in_the_launchers_plan(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_sim_job_trains_every_prompt_once_when_a_tenth_of_the_generators_is_sigkilled(tmp_path, jobs):  # noqa: F811
-    train = dataset(tmp_path, n_train=48)
+    train = dataset(tmp_path, n_train=96)  # 4 batches of 20 within one epoch: no problem twice
     run_dir = tmp_path / "run"
     steps, prompts, group = 4, 20, 2
     job = jobs(job_args(run_dir, train, **{
@@ -147,3 +147,42 @@ def test_sim_job_trains_every_prompt_once_when_a_tenth_of_the_generators_is_sigk
     assert_exactly_once(records, train, batch_prompts=prompts, group_size=group, steps=range(steps))
     assert records[0]["generators_updated"] == 20 and records[-1]["generators_updated"] == 18
     assert 0 < sum(m["accuracy"] for m in records) / steps < 1  # real rewards from sim.accuracy 0.5
+
+
+# ------------------------------------------------------------------------------------ what the scale table fixed
+
+def test_load_book_deals_as_the_scan_over_every_generator_did():
+    from actors.load_book import LoadBook
+    book, ref, last, deals = LoadBook(), {}, {}, 0
+    rng = random.Random(1)
+    for _ in range(5000):
+        op = rng.random()
+        if op < 0.5 and ref:
+            want = min(ref, key=lambda g: (ref[g], last.get(g, -1), g))  # the sampler's former rule
+            deals += 1
+            last[want] = deals
+            ref[want] += 1
+            assert book.deal() == want
+        elif op < 0.8 and ref:
+            g = rng.choice(sorted(ref))
+            ref[g] = book[g] = max(0, ref[g] - 1)
+        elif op < 0.9 and ref:
+            g = rng.choice(sorted(ref))
+            del ref[g], book[g]
+        elif (g := rng.choice("abcdefgh")) not in ref:
+            ref[g] = book[g] = rng.randint(0, 3)
+    assert dict(book) == ref and len(book._heap) <= 4 * len(book) + 64
+
+
+def test_registry_lists_a_role_from_its_index_through_rejoins_and_departures():
+    from bus.registry import ActorInfo, Registry
+    reg = Registry()
+    for i in range(3):
+        reg.register(b"g%d" % i, ActorInfo(f"g{i}", "generator", "h", i), f"s{i}", 3.0, [], 0.0)
+    reg.register(b"p", ActorInfo("p", "packer", "h", 9), "sp", 3.0, [], 0.0)
+    reg.register(b"g1-new", ActorInfo("g1", "generator", "h", 1), "s1", 3.0, [], 0.0)  # reconnected
+    reg.remove(reg.by_name["g0"])
+    assert [a.name for a in reg.actors("generator")] == ["g2", "g1"]
+    assert [a.name for a in reg.actors("packer")] == ["p"] and reg.actors("verifier") == []
+    reg.expire(10.0)
+    assert reg.actors("generator") == [] and reg.by_role == {}
