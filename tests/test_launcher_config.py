@@ -120,7 +120,7 @@ def test_missing_required_field_and_top_level_type():
     ("actors:\n  learner:\n    count: 2\n",
      "actors.learner.count: expected 1 (only generator and verifier may run several), got 2"),
     ("actors:\n  generator:\n    backend: vllm\n",
-     "actors.generator.backend: expected one of 'torch', 'sglang', got 'vllm'"),
+     "actors.generator.backend: expected one of 'torch', 'sglang', 'sim', got 'vllm'"),
     ("actors:\n  generator:\n    dtype: fp16\n",
      "actors.generator.dtype: expected one of 'float32', 'bfloat16', 'auto' or null, got 'fp16'"),
     ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', 'auto', got 'half'"),
