@@ -22,6 +22,7 @@ from actors.load_book import LoadBook
 from bus.errors import BusError
 
 log = logging.getLogger("actors.sampler")
+DEAL_SLICE = 64  # prompts dealt before the sampler lets other messages in (see _deal)
 
 
 @dataclass
@@ -143,7 +144,11 @@ class PromptSampler(Actor):
 
     async def _deal(self) -> None:
         """Give queued prompts to the least-loaded live generator; among equals, the one dealt to least
-        recently (by name, the first generators would take every prompt of a batch smaller than the pool)."""
+        recently (by name, the first generators would take every prompt of a batch smaller than the pool).
+
+        DEAL_SLICE prompts a turn of the event loop: an admission of thousands of prompts dealt in one
+        turn held every message that arrived meanwhile (p99 control round trip 97 ms at 512 generators)."""
+        dealt = 0
         while self.queue and self.generators:
             key = self.queue.popleft()
             owed = self.owed.get(key)
@@ -152,6 +157,9 @@ class PromptSampler(Actor):
             gen = self.generators.deal()
             owed.holder, owed.since = gen, time.monotonic()
             self.spawn(self._give(key, owed, gen))
+            dealt += 1
+            if dealt % DEAL_SLICE == 0:
+                await asyncio.sleep(0)
 
     async def _give(self, key: tuple[int, str], owed: _Owed, gen: str) -> None:
         try:

@@ -191,7 +191,7 @@ def run_cell(args, generators: int, staleness: int, interrupt: bool, data: Path,
         shutil.rmtree(cell)
     cell.mkdir(parents=True)
     port = free_port()
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + staleness  # the last k steps drain (no batch left to admit): not measured
     cfg = {
         "name": cell.name, "run_dir": str(run_dir), "seed": 1,
         "model": {"path": "tiny", "dtype": "float32", "device": "cpu"},
@@ -218,9 +218,16 @@ def run_cell(args, generators: int, staleness: int, interrupt: bool, data: Path,
     limit = 240 + steps * ideal["step"] * 4
     try:
         rc = proc.wait(limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = f"timeout after {limit:.0f} s"
+    except BaseException as exc:  # a timeout, or Ctrl-C: the launcher stops its job (a second signal: at once)
+        rc = f"timeout after {limit:.0f} s" if isinstance(exc, subprocess.TimeoutExpired) else "interrupted"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        if rc == "interrupted":
+            raise
     finally:
         mon.stop.set()
         probe.stop.set()
@@ -238,9 +245,9 @@ def run_cell(args, generators: int, staleness: int, interrupt: bool, data: Path,
 def measure(args, run_dir: Path, mon: Monitor, probe: Probe, ideal: dict) -> dict:
     recs = sorted((json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()),
                   key=lambda r: r["step"])
-    first = recs[args.warmup - 1]
-    window = [r for r in recs if r["step"] > first["step"]]
-    ta, tb = first["time"], recs[-1]["time"]
+    first, last = recs[args.warmup - 1], recs[args.warmup - 1 + args.steps]
+    window = [r for r in recs if first["step"] < r["step"] <= last["step"]]
+    ta, tb = first["time"], last["time"]
     span = tb - ta
     spm = 60 * len(window) / span
     busy = sum(r.get("time_recv_s", 0) + r.get("time_train_s", 0) + r.get("time_sync_s", 0) for r in window)
@@ -258,7 +265,7 @@ def measure(args, run_dir: Path, mon: Monitor, probe: Probe, ideal: dict) -> dic
     inside = [s for s in mon.samples if ta <= s["t"] <= tb]
     return {
         "steps_per_min": spm, "ideal_per_min": 60 / ideal["step"], "ratio": spm * ideal["step"] / 60,
-        "learner_idle": 1 - busy / span, "generator_idle": 1 - sum(gens) / max(1, len(gens)),
+        "learner_idle": max(0.0, 1 - busy / span),  # its own timers can overlap the window's ends "generator_idle": 1 - sum(gens) / max(1, len(gens)),
         "broker_msgs_s": (at(counts, tb) - at(counts, ta)) / span if len(counts) > 1 else float("nan"),
         "broker_cpu": (at(ticks, tb) - at(ticks, ta)) / CLK_TCK / span if len(ticks) > 1 else float("nan"),
         "p99_sampler_ms": 1000 * p99([d for t, d in probe.sampler if ta <= t <= tb]),

@@ -286,8 +286,8 @@ def sim_generators(name: str, cfg: ExperimentConfig, bus_address: str, start: St
     names = [name] if instances == 1 else [f"{prefix}-{int(first) + i}" for i in range(instances)]
     interrupt = getattr(cfg.rollout, "interrupt_on_update", True)
     out: list[Actor] = []
-    for i, n in enumerate(names):
-        backend = SimBackend(cfg.sim, tok, name=n, version=start.step, seed=cfg.seed * 100_003 + zlib.crc32(n.encode()),
+    for n in names:
+        backend = SimBackend(cfg.sim, tok, name=n, version=start.step, seed=zlib.crc32(f"{cfg.seed}:{n}".encode()),
                              interrupt_on_update=interrupt, report_dir=run_dir(cfg) / "sim")
         out.append(SimGenerator(n, bus_address, backend=backend, tokenizer=tok, **bus_kwargs))
     return out
