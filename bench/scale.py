@@ -265,7 +265,8 @@ def measure(args, run_dir: Path, mon: Monitor, probe: Probe, ideal: dict) -> dic
     inside = [s for s in mon.samples if ta <= s["t"] <= tb]
     return {
         "steps_per_min": spm, "ideal_per_min": 60 / ideal["step"], "ratio": spm * ideal["step"] / 60,
-        "learner_idle": max(0.0, 1 - busy / span),  # its own timers can overlap the window's ends "generator_idle": 1 - sum(gens) / max(1, len(gens)),
+        "learner_idle": max(0.0, 1 - busy / span),  # its timers may overlap the window's ends
+        "generator_idle": 1 - sum(gens) / max(1, len(gens)),
         "broker_msgs_s": (at(counts, tb) - at(counts, ta)) / span if len(counts) > 1 else float("nan"),
         "broker_cpu": (at(ticks, tb) - at(ticks, ta)) / CLK_TCK / span if len(ticks) > 1 else float("nan"),
         "p99_sampler_ms": 1000 * p99([d for t, d in probe.sampler if ta <= t <= tb]),
