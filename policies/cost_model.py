@@ -110,10 +110,11 @@ class CostModel:
 
         generate: the expected makespan of one batch on idle generators (its longest responses set
         it); train: one PPO step on it (responses charged as emitted, token_scale each); sync: the
-        weight update, which the learner waits for. Asynchronous (max_staleness >= 1): the slower of
-        generation and training, plus the sync; synchronous: their sum. ``saturated`` is the batch's
-        tokens at every generator's full rate (max_running per step), a bound no batch-by-batch
-        pipeline reaches when responses are long-tailed.
+        weight update, which the learner waits for. A batch is admitted once the learner is at most k
+        versions behind, then generated and trained, so k+1 steps take at least generate + train +
+        sync; the learner takes train + sync a step; the generators no less than ``saturated`` (the
+        batch's tokens at every generator's full rate) plus the sync. Synchronous (k = 0): the sum;
+        balanced (generate == train) and k >= 1: the slower of generation and training, plus the sync.
         """
         seqs = batch_prompts * group_size
         mean = self.mean_response_tokens()
@@ -124,5 +125,5 @@ class CostModel:
         rng = random.Random(seed)
         generate = sum(self.batch_makespan(rng, batch_prompts, group_size, generators, prompt_tokens)
                        for _ in range(trials)) / trials
-        step = max(generate, train) + sync if max_staleness > 0 else generate + train + sync
+        step = max(train + sync, (generate + train + sync) / (max_staleness + 1), saturated + sync)
         return {"generate": generate, "saturated": saturated, "train": train, "sync": sync, "step": step}

@@ -35,13 +35,24 @@ def test_cost_model_lengths_are_capped_and_their_mean_is_the_closed_form():
     assert abs(sum(lens) / len(lens) / cost.mean_response_tokens() - 1) < 0.02
 
 
-def test_cost_model_ideal_is_the_sum_synchronously_and_the_slower_side_otherwise():
-    cost = CostModel(learner_s_per_token=1e-4, response_sigma=0.5)
+def test_cost_model_ideal_is_the_sum_synchronously_and_the_pipeline_bound_otherwise():
     kw = dict(batch_prompts=16, group_size=4, generators=8, prompt_tokens=50)
-    sync, async_ = cost.ideal(**kw, max_staleness=0), cost.ideal(**kw, max_staleness=1)
+    cost = CostModel(learner_s_per_token=1e-4, response_sigma=0.5)
+    sync = cost.ideal(**kw, max_staleness=0)
     assert sync["step"] == pytest.approx(sync["generate"] + sync["train"] + sync["sync"])
-    assert async_["step"] == pytest.approx(max(async_["generate"], async_["train"]) + async_["sync"])
     assert sync["generate"] > sync["saturated"]  # the longest responses set a batch's time
+    # training the slower side: the learner sets the pace once generation overlaps it
+    slow = CostModel(learner_s_per_token=2e-4 * sync["generate"] / sync["train"], response_sigma=0.5)
+    t = slow.ideal(**kw, max_staleness=1)
+    assert t["train"] > t["generate"] and t["step"] == pytest.approx(t["train"] + t["sync"])
+    # balanced: the slower of the two, plus the sync
+    balanced = CostModel(learner_s_per_token=1e-4 * sync["generate"] / sync["train"], response_sigma=0.5)
+    b = balanced.ideal(**kw, max_staleness=2)
+    assert b["train"] == pytest.approx(b["generate"]) and b["step"] == pytest.approx(b["train"] + b["sync"])
+    # generation twice training, staleness 1: k+1 steps hold a batch's generation, training and sync
+    fast = CostModel(learner_s_per_token=0.5e-4 * sync["generate"] / sync["train"], response_sigma=0.5)
+    f = fast.ideal(**kw, max_staleness=1)
+    assert f["step"] == pytest.approx((f["generate"] + f["train"] + f["sync"]) / 2)
 
 
 def test_sim_config_errors_name_the_key():
