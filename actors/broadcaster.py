@@ -24,6 +24,7 @@ import torch
 
 from actors import protocol as P
 from actors.base import Actor, handler
+from tensors.channels.shm import MAX_READERS as SHM_MAX_READERS
 
 log = logging.getLogger("actors.broadcaster")
 
@@ -99,8 +100,12 @@ class WeightBroadcaster(Actor):
         for kind, members in by_kind.items():
             # shm copies at send time; zero-copy kinds would otherwise serve tensors the learner keeps training
             payload = weights if kind == "shm" else {k: v.clone() for k, v in weights.items()}
-            desc = await self.channels.send(payload, members, timeout=self.update_timeout, reads=reads)
-            descs.update({g.name: desc for g in members})
+            # a shm segment serves at most SHM_MAX_READERS reads: more generators on a host get more segments
+            per = max(1, SHM_MAX_READERS // reads) if kind == "shm" else len(members)
+            for i in range(0, len(members), per):
+                chunk = members[i:i + per]
+                desc = await self.channels.send(payload, chunk, timeout=self.update_timeout, reads=reads)
+                descs.update({g.name: desc for g in chunk})
         return descs
 
     async def _push(self, gen, desc: dict, version: int, within: float | None = None) -> bool:

@@ -18,9 +18,11 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.data_order import batch_indices
 from actors.dataset import Problem
+from actors.load_book import LoadBook
 from bus.errors import BusError
 
 log = logging.getLogger("actors.sampler")
+DEAL_SLICE = 64  # prompts dealt before the sampler lets other messages in (see _deal)
 
 
 @dataclass
@@ -56,9 +58,7 @@ class PromptSampler(Actor):
         self.version = start_batch  # the policy version the generators run; learner step == version
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
-        self.generators: dict[str, int] = {}  # name -> prompts in flight there
-        self._last_dealt: dict[str, int] = {}  # name -> number of the last deal it got (ties: least recent)
-        self._deals = 0
+        self.generators = LoadBook()  # name -> prompts in flight there
         self._watchdog: asyncio.Task | None = None
 
     async def on_start(self) -> None:
@@ -144,18 +144,22 @@ class PromptSampler(Actor):
 
     async def _deal(self) -> None:
         """Give queued prompts to the least-loaded live generator; among equals, the one dealt to least
-        recently (by name, the first generators would take every prompt of a batch smaller than the pool)."""
+        recently (by name, the first generators would take every prompt of a batch smaller than the pool).
+
+        DEAL_SLICE prompts a turn of the event loop: an admission of thousands of prompts dealt in one
+        turn held every message that arrived meanwhile (p99 control round trip 97 ms at 512 generators)."""
+        dealt = 0
         while self.queue and self.generators:
             key = self.queue.popleft()
             owed = self.owed.get(key)
             if owed is None or owed.holder is not None:
                 continue
-            gen = min(self.generators, key=lambda g: (self.generators[g], self._last_dealt.get(g, -1), g))
-            self._deals += 1
-            self._last_dealt[gen] = self._deals
+            gen = self.generators.deal()
             owed.holder, owed.since = gen, time.monotonic()
-            self.generators[gen] += 1
             self.spawn(self._give(key, owed, gen))
+            dealt += 1
+            if dealt % DEAL_SLICE == 0:
+                await asyncio.sleep(0)
 
     async def _give(self, key: tuple[int, str], owed: _Owed, gen: str) -> None:
         try:

@@ -100,6 +100,7 @@ class Broker:
         insecure: bool = False,
         hwm: int = 100_000,
         topic_owners: dict[str, tuple[str, ...]] | None = None,
+        stats_every: float = 0.0,
     ):
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError(f"heartbeat_interval must be > 0 and heartbeat_liveness >= 1, got "
@@ -121,7 +122,8 @@ class Broker:
         owners = TOPIC_OWNERS if topic_owners is None else topic_owners
         self.topic_owners = {t: frozenset(r) for t, r in owners.items()} | {t: frozenset() for t in BROKER_TOPICS}
         self.session = uuid.uuid4().hex  # changes on every broker start; clients log it
-        self.stats = {"routed": 0, "dropped": 0}
+        self.stats = {"received": 0, "routed": 0, "dropped": 0}
+        self.stats_every = stats_every  # seconds between "stats" log lines (0 = none): load, for benches
         self._registry = Registry()
         self._codec = Codec()
         self._drop_log = _RateLimitedLog()
@@ -222,8 +224,9 @@ class Broker:
         # message and no zmq.Again exception (costly in pyzmq) while messages keep coming.
         sock.rcvtimeo = max(1, int(min(50.0, self.heartbeat_interval * 250)))
         expire_every = self.heartbeat_interval / 4
-        next_expiry = time.monotonic() + expire_every
+        next_expiry = next_stats = time.monotonic() + expire_every
         recv, handle, monotonic, stopping, Again = sock.recv, self._handle, time.monotonic, self._stopping, zmq.Again
+        stats = self.stats
         try:
             while not stopping.is_set():
                 try:
@@ -232,6 +235,7 @@ class Broker:
                     ident = None
                 now = monotonic()
                 if ident is not None:
+                    stats["received"] += 1
                     frame = recv(0, copy=False)  # the rest of a multipart message is already here
                     try:
                         if frame.more:
@@ -244,6 +248,10 @@ class Broker:
                 if now >= next_expiry:
                     next_expiry = now + expire_every
                     self._expire(now)
+                    if self.stats_every and now >= next_stats:
+                        next_stats = now + self.stats_every
+                        log.info("stats at %.3f: received %d routed %d dropped %d actors %d", time.time(),
+                                 stats["received"], stats["routed"], stats["dropped"], len(self._registry.by_name))
         except Exception:
             log.exception("broker loop crashed")
             raise
@@ -439,12 +447,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keys", help="CurveZMQ key directory (from `python -m launcher keys DIR`)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--stats-every", type=float, default=0.0, help="seconds between stats log lines (0 = none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         broker = Broker(a.bind, heartbeat_interval=a.heartbeat_interval, heartbeat_liveness=a.heartbeat_liveness,
                         max_message_bytes=a.max_message_bytes, curve=load_keys(a.keys) if a.keys else None,
-                        insecure=a.insecure)
+                        insecure=a.insecure, stats_every=a.stats_every)
         broker.open()
     except (ValueError, BusError, OSError) as e:
         raise SystemExit(f"bus.broker: {e}") from None

@@ -63,6 +63,9 @@ class Registry:
         self.by_name: dict[str, Entry] = {}
         self.by_ident: dict[bytes, Entry] = {}
         self.subscribers: dict[str, dict[bytes, None]] = {}  # topic -> idents (ordered set)
+        # role -> name -> entry: a listing by role (every generator asks for the packer and the verifiers,
+        # per group) costs the role's members, not every actor's
+        self.by_role: dict[str, dict[str, Entry]] = {}
 
     def register(self, ident: bytes, info: ActorInfo, session: str, ttl: float,
                  topics: list[str], now: float) -> tuple[Entry, bool]:
@@ -81,6 +84,7 @@ class Registry:
         entry = Entry(info, ident, session, ttl, now)
         self.by_name[info.name] = entry
         self.by_ident[ident] = entry
+        self.by_role.setdefault(info.role, {})[info.name] = entry
         for t in topics:
             self.subscribe(entry, t)
         return entry, old is None
@@ -105,6 +109,11 @@ class Registry:
         del self.by_name[entry.info.name]
         if self.by_ident.get(entry.ident) is entry:
             del self.by_ident[entry.ident]
+        members = self.by_role.get(entry.info.role)
+        if members is not None and members.get(entry.info.name) is entry:
+            del members[entry.info.name]
+            if not members:
+                del self.by_role[entry.info.role]
         for t in list(entry.topics):
             self.unsubscribe(entry, t)
         entry.topics = set()
@@ -117,4 +126,6 @@ class Registry:
         return dead
 
     def actors(self, role: str | None = None) -> list[ActorInfo]:
-        return [e.info for e in self.by_name.values() if role is None or e.info.role == role]
+        if role is None:
+            return [e.info for e in self.by_name.values()]
+        return [e.info for e in self.by_role.get(role, {}).values()]

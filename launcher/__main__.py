@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     actor.add_argument("--start-step", type=int, default=0)
     actor.add_argument("--model-path", required=True)
     actor.add_argument("--checkpoint")
+    actor.add_argument("--instances", type=int, default=1, help="simulated generators in this process")
 
     att = sub.add_parser("attach", help="add an actor (a generator) to a running job")
     att.add_argument("role", choices=["generator", "verifier"])

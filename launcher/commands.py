@@ -130,7 +130,7 @@ def cmd_actor(args) -> int:
                 print(f"[{args.name}] {exc}", file=sys.stderr, flush=True)
                 _exit_now(1)
             _exit_now(0)
-    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg))
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
     _run_actors(actors)
     _exit_now(0)
 

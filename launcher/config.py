@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
+from policies.cost_model import CostModel
 from policies.ppo import PPOConfig, SFTConfig
 from policies.reward import RewardConfig
 
@@ -333,7 +334,10 @@ class RoleConfig(Checked):
 
 @dataclass
 class GeneratorConfig(RoleConfig):
-    backend: Literal["torch", "sglang"] = "torch"
+    backend: Literal["torch", "sglang", "sim"] = opt(
+        "torch", doc="sim: simulated compute (the sim.* cost model), for scale runs of the real control plane")
+    per_process: int = opt(1, check=_at_least_one, expect=">= 1",
+                           doc="generators per process (sim only: hundreds do not fit a process each)")
     dtype: Literal["float32", "bfloat16", "auto"] | None = opt(
         None, doc="the torch generator's weights; null = model.dtype. bfloat16 is what SGLang serves and runs "
                   "~1.8x faster on CPUs with AMX / AVX512-BF16 (~6x slower on AVX2 CPUs, which emulate it); "
@@ -364,6 +368,8 @@ class LearnerConfig(RoleConfig):
     collective_timeout: float = opt(300.0, check=_positive, expect="> 0 (seconds)",
                                     doc="how long a learner rank waits in a collective (joining, sharing a "
                                         "batch, summing gradients) before it fails naming its rank")
+    mode: Literal["train", "sim"] = opt("train", doc="sim: sleep the sim.* cost model's time instead of training "
+                                                     "(needs actors.generator.backend: sim)")
 
 
 @dataclass
@@ -380,6 +386,15 @@ class ActorsConfig:
             n = getattr(self, role).count
             if role not in SCALABLE_ROLES and n != 1:
                 raise FieldError(f"{role}.count", "1 (only generator and verifier may run several)", n)
+        if self.generator.per_process > 1 and self.generator.backend != "sim":
+            raise FieldError("generator.per_process", "1 unless generator.backend is sim",
+                             self.generator.per_process)
+        if self.learner.mode == "sim" and self.generator.backend != "sim":
+            raise FieldError("learner.mode", "'train' unless generator.backend is sim (its weights are "
+                             "simulated)", self.learner.mode)
+        if self.learner.mode == "sim" and self.learner.ranks > 1:
+            raise FieldError("learner.ranks", "1 with learner.mode sim (the simulated learner is one process)",
+                             self.learner.ranks)
 
     def role(self, name: str) -> RoleConfig:
         return getattr(self, name)
@@ -393,6 +408,8 @@ class BusConfig(Checked):
     heartbeat_liveness: int = opt(3, check=_at_least_one, expect=">= 1")
     keys_dir: str | None = opt(None, doc="CurveZMQ keys; null = no encryption")
     max_message_bytes: int = opt(16 * 1024 * 1024, check=lambda v: v >= 1024, expect=">= 1024")
+    stats_every: float = opt(0.0, check=_non_negative, expect=">= 0 (seconds, 0 = never)",
+                             doc="the broker logs its message counters this often (bench/scale.py reads them)")
 
 
 @dataclass
@@ -457,6 +474,7 @@ class ExperimentConfig(Checked):
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sim: CostModel = field(default_factory=CostModel)  # simulated compute (generator backend / learner mode sim)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,8 +5,10 @@ process also hosts the weight broadcaster, so the broadcaster reads the weights 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,8 +164,9 @@ def tensor_options(cfg: ExperimentConfig, bus_address: str):
 
 
 def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: Start,
-          bus_kwargs: dict) -> list[Actor]:
-    """The actors of one process (two for the learner: learner + broadcaster)."""
+          bus_kwargs: dict, instances: int = 1) -> list[Actor]:
+    """The actors of one process (two for the learner: learner + broadcaster; ``instances``
+    simulated generators, named on from ``name``'s number)."""
     from actors.dataset import build_prompt
     from policies.models import load_model, load_tokenizer
 
@@ -188,6 +191,8 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
                            request_timeout=cfg.rollout.request_timeout)
         return [PromptSampler(bus_address, problems=problems, prompt_ids=prompt_ids, cfg=sc,
                               start_batch=start.step, name=name, **bus_kwargs)]
+    if role == "generator" and cfg.actors.generator.backend == "sim":
+        return sim_generators(name, cfg, bus_address, start, bus_kwargs, instances)
     if role == "generator":
         from actors.generator import Generator
         tok = load_tokenizer(start.model_path)
@@ -225,10 +230,15 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
             from launcher.periodic_eval import PeriodicEval
             periodic_eval = PeriodicEval(cfg, start.model_path, tok, device=device_for(cfg),
                                          dtype=_dtype(cfg, "generator"))
-        bc = WeightBroadcaster(bus_address, model=model, version=start.step, sglang=sglang_weight_sync(cfg),
-                               **bus_kwargs)
+        sim = cfg.actors.learner.mode == "sim"
+        # simulated weights: a token payload on the real channels, the cost model charges the GBs
+        bc = WeightBroadcaster(bus_address, model=torch.nn.Linear(8, 8) if sim else model, version=start.step,
+                               sglang=sglang_weight_sync(cfg), **bus_kwargs)
         recompute, why = learner_recomputes(cfg)
         log.info("proximal logprobs: %s (%s)", "recomputed by the learner" if recompute else "the generator's", why)
+        if sim:
+            from actors.sim_learner import SimLearner
+            kind = functools.partial(SimLearner, cost=cfg.sim)
         learner = kind(bus_address, model=model, tokenizer=tok, optimizer=opt, ppo=cfg.ppo, broadcaster=bc,
                           run_dir=run_dir(cfg), total_steps=cfg.train.steps, start_step=start.step,
                           max_staleness=cfg.rollout.max_staleness, recompute_logprobs=recompute,
@@ -311,6 +321,26 @@ def serve_rank(cfg: ExperimentConfig, start: Start) -> None:
     model, opt, ref_model, _ = learner_state(cfg, start)
     ranks, world, sharded, _ = join_ranks(cfg, model, opt)
     serve(ranks, world, optimizer=sharded, ppo=cfg.ppo, recompute=learner_recomputes(cfg)[0], ref_model=ref_model)
+
+
+def sim_generators(name: str, cfg: ExperimentConfig, bus_address: str, start: Start, bus_kwargs: dict,
+                   instances: int) -> list[Actor]:
+    """``instances`` simulated generators, each its own actor on its own bus connection, numbered on
+    from ``name`` (generator-8 with 4: generator-8 .. generator-11); one tokenizer for all."""
+    from actors.sim_backend import SimBackend, SimGenerator
+    from policies.models import load_tokenizer
+    tok = load_tokenizer(start.model_path)
+    prefix, _, first = name.rpartition("-")
+    if instances > 1 and not first.isdigit():
+        raise ValueError(f"--instances {instances} needs a name ending in a number, got {name!r}")
+    names = [name] if instances == 1 else [f"{prefix}-{int(first) + i}" for i in range(instances)]
+    interrupt = getattr(cfg.rollout, "interrupt_on_update", True)
+    out: list[Actor] = []
+    for n in names:
+        backend = SimBackend(cfg.sim, tok, name=n, version=start.step, seed=zlib.crc32(f"{cfg.seed}:{n}".encode()),
+                             interrupt_on_update=interrupt, report_dir=run_dir(cfg) / "sim")
+        out.append(SimGenerator(n, bus_address, backend=backend, tokenizer=tok, **bus_kwargs))
+    return out
 
 
 def sglang_weight_sync(cfg: ExperimentConfig):

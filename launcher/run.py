@@ -91,6 +91,8 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     """Every actor process; with actors.learner.ranks > 1 also the learner ranks > 0 (named learner-rank-R,
     role learner), each with its group's environment. `dist_port`: the group's port (config or picked)."""
     counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
+    per_process = cfg.actors.generator.per_process  # simulated generators share processes
+    counts["generator"] = -(-counts["generator"] // per_process)
     pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
     specs = []
     placed = place(counts, hosts, pinned)
@@ -103,8 +105,11 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
         slots_taken[h] = n - 1 if h.slots > n else -1
     group_env = learner_group_env(cfg, learner_host, rank_hosts, dist_port)
     for role, index, host in placed:
-        name = f"{role}-{index}" if role in ("generator", "verifier") else role
+        first = index * per_process if role == "generator" else index
+        name = f"{role}-{first}" if role in ("generator", "verifier") else role
         argv = actor_argv(role, name, address, config_path, start)
+        if role == "generator" and per_process > 1:
+            argv += ["--instances", str(min(per_process, cfg.actors.generator.count - first))]
         env = {}
         if role == "generator":
             slot = slots_taken[host] = slots_taken.get(host, -1) + 1
@@ -157,6 +162,8 @@ def broker_spec(cfg: ExperimentConfig, bind: str) -> ProcessSpec:
             "--max-message-bytes", str(cfg.bus.max_message_bytes)]
     if cfg.bus.keys_dir:
         argv += ["--keys", cfg.bus.keys_dir]
+    if cfg.bus.stats_every:
+        argv += ["--stats-every", str(cfg.bus.stats_every)]
     return ProcessSpec("broker", "broker", argv)
 
 

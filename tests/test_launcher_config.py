@@ -128,7 +128,7 @@ def test_missing_required_field_and_top_level_type():
     ("actors:\n  learner:\n    ranks: 2\nppo:\n  bf16: true\n",
      "actors.learner.ranks: 2 learner ranks train in fp32 only, but ppo.bf16 is True"),
     ("actors:\n  generator:\n    backend: vllm\n",
-     "actors.generator.backend: expected one of 'torch', 'sglang', got 'vllm'"),
+     "actors.generator.backend: expected one of 'torch', 'sglang', 'sim', got 'vllm'"),
     ("actors:\n  generator:\n    dtype: fp16\n",
      "actors.generator.dtype: expected one of 'float32', 'bfloat16', 'auto' or null, got 'fp16'"),
     ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', 'auto', got 'half'"),
