@@ -61,6 +61,8 @@ def test_sim_config_errors_name_the_key():
                           ("actors.learner.mode=sim", "actors.learner.mode")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"actors\.learner\.ranks.*learner\.mode sim"):
+        load_config(None, ["actors.generator.backend=sim", "actors.learner.mode=sim", "actors.learner.ranks=2"])
 
 
 # ------------------------------------------------------------------------------------ the sim backend
