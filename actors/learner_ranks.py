@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import json
 import os
-import pickle
 import socket
 import struct
 import time
@@ -58,7 +58,7 @@ class Ranks:
 
     def post(self, command: dict) -> None:
         """Rank 0: the next command for every other rank."""
-        self.store.set(f"cmd/{self._seq}", pickle.dumps(command))
+        self.store.set(f"cmd/{self._seq}", json.dumps(command))
         self._seq += 1
 
     def next_command(self) -> dict:
@@ -67,7 +67,7 @@ class Ranks:
         try:
             while not self.store.check([key]):
                 time.sleep(POLL_S)
-            command = pickle.loads(self.store.get(key))
+            command = json.loads(self.store.get(key))
         except (RuntimeError, dist.DistError) as exc:
             raise RankError(f"learner rank {self.rank} of {self.size}: rank 0 is gone (its store at "
                             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} does not answer): "
