@@ -27,6 +27,7 @@ from launcher.metrics import MetricsWriter
 from launcher.progress import Progress
 from launcher.roles import Start, resolve_start, run_dir
 from launcher.spawn import Process, ProcessSpec, check_hosts, start as start_process
+from tensors.channels.shm import sweep_orphans
 
 log = logging.getLogger("launcher")
 
@@ -437,6 +438,9 @@ class Job:
             await self.client.close()
         if self.broker is not None:
             await self.broker.stop()
+        # a killed actor could not unlink its shm segments; no later channel of this job will sweep them
+        for path in sweep_orphans():
+            log.info("removed the shm segment of a dead process: %s", path)
 
 
 async def run_job(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume: bool, echo: bool = True,

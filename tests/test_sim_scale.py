@@ -4,6 +4,7 @@ prompt of every step is still trained exactly once."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from launcher.config import ConfigError, load_config
 from launcher.metrics import read_metrics
 from policies.cost_model import CostModel
 from policies.verifier import is_correct
+from tensors.channels.shm import shm_directory
 from tests.launch_util import dataset
 from tests.test_faults import HB, assert_exactly_once, job_args, jobs  # noqa: F401 (jobs: the fixture)
 
@@ -155,6 +157,8 @@ def test_sim_job_trains_every_prompt_once_when_a_tenth_of_the_generators_is_sigk
     assert rc == 0, job.tail()
     out = job.output()
     assert "generator-2 (generator) left the bus" in out and "generator-3 (generator) left the bus" in out
+    left = glob.glob(os.path.join(shm_directory(), f"boba-shm-{victim}-*"))
+    assert not left, f"the killed process's shm segments outlived the job: {left}"
 
     records = read_metrics(run_dir)
     assert_exactly_once(records, train, batch_prompts=prompts, group_size=group, steps=range(steps))
