@@ -14,7 +14,7 @@ learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WE
 launcher    <- anyone       CONFIG (request) -> the run's config as a dict
 launcher    -> learner      LEARNER_STATE (request) {qids?} -> {step, version, total_steps, resumed, trained_file,
                             trained_steps: [first, next), trained_qids: {step: qids} of the recent steps only}
-                            (every step's qids: actors.trained_log.read_trained(run_dir))
+                            (every step's qids: actors.learner.trained_log.read_trained(run_dir))
 launcher    -> learner      LEARNER_METRICS (request) {since, limit?} -> {step, total_steps, records (at most limit)}
 
 Each of these is served only from its sender's role (left column; REJECTED from the packer, a

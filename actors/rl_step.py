@@ -5,7 +5,7 @@
 `rl_step` calls the same functions the actors call, in the order one synchronous step
 (`rollout.max_staleness: 0`) runs them; the actors split it across processes and the bus:
 
-- generate: the generator actor (actors.generator, torch backend actors.torch_backend) runs the
+- generate: the generator actor (actors.generator, torch backend actors.generator.torch_backend) runs the
   GenerationEngine over the groups the prompt sampler deals it (actors.sampler: which prompts, how many
   samples, under the staleness bound) and ships each group's tensors (`rollout_batch`, `rollout_stats`);
 - score: the verifier actor (actors.verifier) runs the same \\boxed{} check in a process pool, each
@@ -25,16 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.broadcaster import snapshot
-from actors.dataset import Problem
-from actors.generator import rollout_batch, rollout_stats
-from actors.learner import train_ppo_batch
+from actors.weights.broadcaster import snapshot
+from policies.data.dataset import Problem
+from actors.generator.generator import rollout_batch, rollout_stats
+from actors.learner.learner import train_ppo_batch
 from actors.packer import ScoredGroup, pack_step
-from policies.ppo import PPOConfig
-from policies.reward import RewardConfig, reward
-from policies.sampling import GenerationEngine, Sample, SamplingParams
-from policies.schedule import scheduled_lr
-from policies.verifier import is_correct
+from policies.train.ppo import PPOConfig
+from policies.verify.reward import RewardConfig, reward
+from policies.infer.sampling import GenerationEngine, Sample, SamplingParams
+from policies.train.schedule import scheduled_lr
+from policies.verify.verifier import is_correct
 from tensors.packed import PackedBatch
 
 

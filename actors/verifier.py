@@ -11,8 +11,8 @@ import logging
 
 from actors import protocol as P
 from actors.base import Actor, handler
-from policies.reward import RewardConfig, reward
-from policies.verifier import VerifierPool
+from policies.verify.reward import RewardConfig, reward
+from policies.verify.verifier import VerifierPool
 
 log = logging.getLogger("actors.verifier")
 

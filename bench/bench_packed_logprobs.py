@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from policies.logprobs import packed_logprobs
-from policies.models import load_model, smollm2_dir, tiny_model
+from policies.model.logprobs import packed_logprobs
+from policies.model.loading import load_model, smollm2_dir, tiny_model
 
 
 def per_sequence(model, seqs):

@@ -25,9 +25,9 @@ sys.path.insert(0, ROOT)
 def one_step(checkpointing: bool, seqs: int, tokens: int) -> dict:
     import torch
 
-    from policies.logprobs import packed_logprobs
-    from policies.models import checkpoint_layers, load_model, smollm2_dir
-    from policies.ppo import PPOConfig, make_optimizer, train_step
+    from policies.model.logprobs import packed_logprobs
+    from policies.model.loading import checkpoint_layers, load_model, smollm2_dir
+    from policies.train.ppo import PPOConfig, make_optimizer, train_step
     from tensors.packed import PackedBatch
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Generated tokens/s: policies.sampling.GenerationEngine vs HF `model.generate`, same run, same prompts.
+"""Generated tokens/s: policies.infer.sampling.GenerationEngine vs HF `model.generate`, same run, same prompts.
 
 Both sample (temperature 1, no top-k / top-p), with G samples per prompt and exactly
 max_new_tokens tokens per sample (eos ignored: `min_new_tokens` for HF, `ignore_eos` for the
@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.models import load_model, load_tokenizer, smollm2_dir  # noqa: E402
-from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
+from policies.model.loading import load_model, load_tokenizer, smollm2_dir  # noqa: E402
+from policies.infer.sampling import GenerationEngine, SamplingParams  # noqa: E402
 
 DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
 PROBLEMS = [

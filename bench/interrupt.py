@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.models import load_model, smollm2_dir, tiny_model  # noqa: E402
-from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
+from policies.model.loading import load_model, smollm2_dir, tiny_model  # noqa: E402
+from policies.infer.sampling import GenerationEngine, SamplingParams  # noqa: E402
 
 
 def lengths(n: int, cap: int, seed: int) -> list[int]:

@@ -8,12 +8,12 @@ same rewards, AdamW settings, clipped token-level PPO loss and the same number o
 - baseline: HF `model.generate(do_sample=True, num_return_sequences=G, left padding, output_logits)`
   for the behaviour logprobs, then per minibatch an HF forward/backward on the padded [rows, W + N]
   batch with its attention mask, log_softmax over the full padded logits, optimiser step.
-- ours (in-process): actors.rl_step.rl_step, what the actors run, back to back: policies.sampling.GenerationEngine
+- ours (in-process): actors.rl_step.rl_step, what the actors run, back to back: policies.infer.sampling.GenerationEngine
   (KV cache, one prefill per group shared by its G samples) on the generator's own copy of the weights in
   `--gen-dtype` (auto by default: bf16, as SGLang serves, where the CPU has bf16 units, else fp32, where it shares
   the learner's module), the verifier's check, the packer's pack_step (no padding), the learner's recompute of the
   proximal logprobs where it makes one (bf16 on either side: actors.learner.recompute_needed),
-  policies.ppo.train_step (packed micro-batches, chunked lm-head; bf16 weights and compute with fp32 master
+  policies.train.ppo.train_step (packed micro-batches, chunked lm-head; bf16 weights and compute with fp32 master
   weights in AdamW where bf16 is native, unless --no-bf16; decoder layers and head math torch.compiled unless
   --no-compile, compiled during the warm-up), then the weight copy into the generator (what the broadcaster
   does), timed as part of the step.
@@ -53,19 +53,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.dataset import build_prompt, load_problems  # noqa: E402
-from actors.learner import recompute_needed  # noqa: E402
+from policies.data.dataset import build_prompt, load_problems  # noqa: E402
+from actors.learner.learner import recompute_needed  # noqa: E402
 from actors.rl_step import rl_step  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402
-from launcher.metrics import read_metrics  # noqa: E402
-from policies.models import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
-from policies.ppo import (PPOConfig, gather_sequences, make_optimizer, micro_batches,  # noqa: E402
+from launcher.job.metrics import read_metrics  # noqa: E402
+from policies.model.loading import compile_layers, load_model, load_tokenizer, smollm2_dir  # noqa: E402
+from policies.train.ppo import (PPOConfig, gather_sequences, make_optimizer, micro_batches,  # noqa: E402
                           split_minibatches)
-from policies.precision import resolve_bf16, resolve_dtype  # noqa: E402
-from policies.reward import reward  # noqa: E402
-from policies.sampling import GenerationEngine, SamplingParams  # noqa: E402
-from policies.shared_prompts import prompt_lengths, share_prompts  # noqa: E402
-from policies.verifier import is_correct  # noqa: E402
+from policies.model.precision import resolve_bf16, resolve_dtype  # noqa: E402
+from policies.verify.reward import reward  # noqa: E402
+from policies.infer.sampling import GenerationEngine, SamplingParams  # noqa: E402
+from policies.model.shared_prompts import prompt_lengths, share_prompts  # noqa: E402
+from policies.verify.verifier import is_correct  # noqa: E402
 
 DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
 

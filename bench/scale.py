@@ -55,9 +55,9 @@ def free_port() -> int:
 
 
 def mean_prompt_tokens(train: Path, limit: int = 64) -> float:
-    from actors.dataset import build_prompt, load_problems
-    from launcher.config import DIRECTIVE
-    from policies.models import load_tokenizer, smollm2_dir
+    from policies.data.dataset import build_prompt, load_problems
+    from launcher.config.schema import DIRECTIVE
+    from policies.model.loading import load_tokenizer, smollm2_dir
     tok = load_tokenizer(smollm2_dir())
     probs = load_problems(train)[:limit]
     return sum(len(build_prompt(tok, p.prompt, DIRECTIVE, False)) for p in probs) / len(probs)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.verifier import VerifierPool, is_correct  # noqa: E402
+from policies.verify.verifier import VerifierPool, is_correct  # noqa: E402
 
 # (reference, right answers, wrong answers)
 KINDS = [

@@ -23,13 +23,13 @@ import time
 import uuid
 
 from actors import protocol as P
-from actors.generator import Generator
-from actors.torch_backend import TorchBackend
+from actors.generator.generator import Generator
+from actors.generator.torch_backend import TorchBackend
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.keys import load_keys
-from launcher.roles import stop_ids
-from policies.models import load_model, load_tokenizer
+from launcher.job.roles import stop_ids
+from policies.model.loading import load_model, load_tokenizer
 
 
 class CountingTorchBackend(TorchBackend):

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from launcher import commands
+    from launcher.commands import commands
     return getattr(commands, f"cmd_{args.command}")(args)
 
 

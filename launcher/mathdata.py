@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from actors.dataset import write_jsonl
+from policies.data.dataset import write_jsonl
 
 NAMES = (("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Maria", "she"), ("Sam", "he"), ("Lily", "she"),
          ("Omar", "he"), ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"), ("Ivan", "he"), ("Mei", "she"))

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 
 PANELS = (
     ("reward_mean", "reward (mean)"),

@@ -1,6 +1,6 @@
 """The cost model of simulated compute: how long generation, training and weight sync would take.
 
-Simulated generators and the simulated learner (actors.sim_backend, actors.sim_learner) sleep what
+Simulated generators and the simulated learner (actors.generator.sim, actors.learner.sim) sleep what
 this says, so the real control plane (bus, sampler, verifier, packer, launcher) runs at the pace of a
 cluster without its GPUs. Pure arithmetic: no actors, no sockets.
 

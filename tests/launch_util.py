@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from actors.data_order import batch_indices
-from actors.dataset import load_problems
+from policies.data.order import batch_indices
+from policies.data.dataset import load_problems
 from launcher.mathdata import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.learner import train_ppo_batch  # noqa: E402
-from policies.models import tiny_model  # noqa: E402
-from policies.ppo import PPOConfig, make_optimizer, recompute_logprobs  # noqa: E402
+from actors.learner.learner import train_ppo_batch  # noqa: E402
+from policies.model.loading import tiny_model  # noqa: E402
+from policies.train.ppo import PPOConfig, make_optimizer, recompute_logprobs  # noqa: E402
 from tensors.packed import PackedBatch  # noqa: E402
 
 # micro-batches of <= 24 tokens: 10 sequences in 2 minibatches give 2 ranks 2 micro-batches each; one
@@ -53,10 +53,10 @@ def train(n_seqs: int = 10, minibatches: int = 2):
 
 
 if __name__ == "__main__":
-    from actors.learner_ranks import join
-    from policies.data_parallel import World
+    from actors.learner.ranks import join
+    from policies.train.data_parallel import World
     import copy
-    from policies.data_parallel import load_optimizer_state_by_name
+    from policies.train.data_parallel import load_optimizer_state_by_name
     ranks = join("cpu", timeout=60.0)
     n_seqs, minibatches = int(sys.argv[2]), int(sys.argv[3])
     model, _, batch = setup(n_seqs, minibatches)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from launcher.__main__ import main
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids
 from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors import checkpoint
-from actors.checkpoint import CheckpointError
-from policies.models import tiny_model
-from policies.ppo import PPOConfig, make_optimizer, train_step
+from actors.learner import checkpoint
+from actors.learner.checkpoint import CheckpointError
+from policies.model.loading import tiny_model
+from policies.train.ppo import PPOConfig, make_optimizer, train_step
 from tests.test_policies_ppo import make_batch
 
 

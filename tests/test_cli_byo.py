@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.dataset import load_problems
+from policies.data.dataset import load_problems
 from launcher.__main__ import main
 from tests.launch_util import ROOT
 
@@ -17,7 +17,7 @@ import make_gsm8k_parquet  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from policies.models import load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
+    from policies.model.loading import load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_checkpoint(tiny_model(seed=0), load_tokenizer(smollm2_dir()), out)
     return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from actors.answers import extract_answer
-from actors.dataset import DatasetError, Layout, Problem, build_prompt, load_problems
+from policies.data.answers import extract_answer
+from policies.data.dataset import DatasetError, Layout, Problem, build_prompt, load_problems
 
 GSM8K = [
     {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},

@@ -7,7 +7,7 @@ import re
 import orjson
 import pytest
 
-from actors.dataset import (DatasetError, Problem, SFTPair, build_prompt, load_problems, load_sft_pairs,
+from policies.data.dataset import (DatasetError, Problem, SFTPair, build_prompt, load_problems, load_sft_pairs,
                             write_jsonl)
 from launcher.mathdata import TEMPLATES, generate_problems, make_dataset
 
@@ -121,7 +121,7 @@ def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from policies.models import (SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer,
+    from policies.model.loading import (SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer,
                                  smollm2_gguf_path)
     try:   # the converted safetensors copy when some earlier run made it; never convert here
         return load_tokenizer(check_model_dir(cache_root() / SMOLLM2_NAME))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 from tests.live_job import LiveProcess, descendants
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 
 FAKE = Path(__file__).with_name("fake_sglang.py")

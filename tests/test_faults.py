@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 from tests.live_job import descendants
 
@@ -245,10 +245,10 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
 
 
 def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, jobs):
-    from actors.checkpoint import list_checkpoints, restore_optimizer, state_digest
-    from launcher.config import load_config
-    from policies.models import load_model
-    from policies.ppo import make_optimizer
+    from actors.learner.checkpoint import list_checkpoints, restore_optimizer, state_digest
+    from launcher.config.schema import load_config
+    from policies.model.loading import load_model
+    from policies.train.ppo import make_optimizer
 
     train = dataset(tmp_path)
     run_dir = tmp_path / "run"

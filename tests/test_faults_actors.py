@@ -83,9 +83,9 @@ def _flaky_engine(backend, fail_first: int | None) -> list:
 
 
 async def test_a_failing_decode_step_rejects_its_rollouts_and_later_prompts_still_work(broker, peer):
-    from actors.generator import Generator
-    from actors.torch_backend import TorchBackend
-    from policies.models import tiny_model
+    from actors.generator.generator import Generator
+    from actors.generator.torch_backend import TorchBackend
+    from policies.model.loading import tiny_model
 
     sampler = await peer("sampler", "sampler", ["generated", "rejected"])
     verifier = await peer("verifier-0", "verifier", ["score"])
@@ -109,9 +109,9 @@ async def test_a_failing_decode_step_rejects_its_rollouts_and_later_prompts_stil
 
 
 async def test_an_engine_that_keeps_failing_makes_the_generator_leave(broker, peer):
-    from actors.generator import Generator
-    from actors.torch_backend import TorchBackend
-    from policies.models import tiny_model
+    from actors.generator.generator import Generator
+    from actors.generator.torch_backend import TorchBackend
+    from policies.model.loading import tiny_model
 
     sampler = await peer("sampler", "sampler", ["generated", "rejected"])
     left: asyncio.Queue = asyncio.Queue()
@@ -132,7 +132,7 @@ async def test_an_engine_that_keeps_failing_makes_the_generator_leave(broker, pe
 
 
 async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeout(broker, peer):
-    from actors.generator import Generator
+    from actors.generator.generator import Generator
 
     class Stuck:
         version = 0
@@ -164,7 +164,7 @@ def _scored(qid: str, desc: dict, batch: int = 0) -> dict:
 
 
 async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped(broker, peer):
-    from actors.generator import Sample, rollout_batch
+    from actors.generator.generator import Sample, rollout_batch
     from actors.packer import Packer
     from tensors.channels import Channels, TensorOptions, open_channel
 
@@ -191,8 +191,8 @@ async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped
 
 
 def _sampler(broker, **cfg):
-    from actors.dataset import Problem
-    from actors.sampler import PromptSampler, SamplerConfig
+    from policies.data.dataset import Problem
+    from actors.sampler.sampler import PromptSampler, SamplerConfig
     return PromptSampler(broker.address, problems=[Problem("q-1", "1+0?", ["1"])], prompt_ids=[[1, 2, 3]],
                          cfg=SamplerConfig(**{"batch_prompts": 1, "group_size": 2, "total_batches": 1, **cfg}),
                          heartbeat_interval=HB)
@@ -227,7 +227,7 @@ async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(br
 async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_prompts_again(broker, peer):
     import torch
 
-    from actors.broadcaster import WeightBroadcaster
+    from actors.weights.broadcaster import WeightBroadcaster
     from tensors.channels import Channels, TensorOptions
 
     model = torch.nn.Linear(4, 3)
@@ -315,11 +315,11 @@ async def test_a_rogue_publishing_control_topics_is_refused_and_nothing_changes(
 async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path):
     import msgpack
 
-    from actors.generator import Generator
-    from actors.learner import Learner
+    from actors.generator.generator import Generator
+    from actors.learner.learner import Learner
     from bus import envelope as E
     from bus.errors import RemoteError
-    from policies.ppo import PPOConfig
+    from policies.train.ppo import PPOConfig
 
     class Recording:
         version = 0

@@ -18,12 +18,12 @@ import msgpack
 import pytest
 import torch
 
-from actors import checkpoint
-from actors.checkpoint import CheckpointError
+from actors.learner import checkpoint
+from actors.learner.checkpoint import CheckpointError
 from launcher.__main__ import main
-from launcher.config import load_config
+from launcher.config.schema import load_config
 from launcher.mathdata import make_dataset
-from launcher.roles import resolve_start
+from launcher.job.roles import resolve_start
 
 TINY = "configs/tiny.yaml"
 
@@ -95,8 +95,8 @@ def test_unreachable_host_is_named_before_anything_starts(tmp_path, train, capsy
 # ----------------------------------------------------------------------------------------- checkpoints
 
 def _save(run_dir: Path, step: int, seed: int = 0) -> Path:
-    from policies.models import tiny_model
-    from policies.ppo import PPOConfig, make_optimizer
+    from policies.model.loading import tiny_model
+    from policies.train.ppo import PPOConfig, make_optimizer
     model = tiny_model(seed=seed)
     opt = make_optimizer(model, PPOConfig())
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
@@ -163,7 +163,7 @@ def test_resume_skips_a_damaged_checkpoint_naming_it_or_fails_when_none_is_whole
     assert resolve_start(cfg, resume=True).step == 4
     newest = checkpoint.checkpoint_dir(run_dir, 4) / "model" / "model.safetensors"
     _truncate(newest)
-    with caplog.at_level(logging.WARNING, logger="launcher.roles"):
+    with caplog.at_level(logging.WARNING, logger="launcher.job.roles"):
         start = resolve_start(cfg, resume=True)
     assert start.step == 2 and start.checkpoint == str(checkpoint.checkpoint_dir(run_dir, 2))
     assert "step-000004: model/model.safetensors" in caplog.text and "falling back to" in caplog.text
@@ -221,7 +221,7 @@ def _lie_about_sizes(desc: dict) -> None:
 
 
 async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_copy():
-    from actors.generator import Sample, rollout_batch
+    from actors.generator.generator import Sample, rollout_batch
     from actors.packer import Packer
     from bus.broker import Broker
     from bus.client import BusClient

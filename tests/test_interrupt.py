@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from actors.packer import ScoredGroup, batch_stats
-from actors.torch_backend import TorchBackend
-from launcher.config import ConfigError, load_config
-from policies.models import tiny_model
-from policies.sampling import GenerationEngine, SamplingParams
+from actors.generator.torch_backend import TorchBackend
+from launcher.config.schema import ConfigError, load_config
+from policies.model.loading import tiny_model
+from policies.infer.sampling import GenerationEngine, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 WAIT = 30.0
@@ -141,7 +141,7 @@ async def test_interrupt_on_a_running_group_continues_it_under_the_new_weights()
 
 
 async def test_without_interrupt_the_update_waits_and_new_groups_start_after_it(caplog):
-    caplog.set_level(logging.INFO, logger="actors.torch_backend")
+    caplog.set_level(logging.INFO, logger="actors.generator.torch_backend")
     backend = await started(False)
     order = []
     try:
@@ -220,7 +220,7 @@ async def fake():
 
 
 async def sglang_backend(fake, tmp_path, interrupt: bool):
-    from actors.sglang_generator import SGLangGeneratorBackend
+    from actors.generator.sglang.backend import SGLangGeneratorBackend
     b = SGLangGeneratorBackend(fake.url, model_path=str(tmp_path), weights="disk", interrupt_on_update=interrupt,
                                request_timeout=20, control_timeout=5, update_timeout=10)
     await b.start()

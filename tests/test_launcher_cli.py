@@ -16,18 +16,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from actors.dataset import build_prompt, load_problems
+from policies.data.dataset import build_prompt, load_problems
 from launcher.__main__ import main
-from launcher.config import DIRECTIVE
+from launcher.config.schema import DIRECTIVE
 from launcher.mathdata import make_dataset
-from launcher.metrics import MetricsWriter
+from launcher.job.metrics import MetricsWriter
 from tests.launch_util import ROOT, launch
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random tiny model saved as an HF directory with the SmolLM2 tokenizer (what --model takes)."""
-    from policies.models import load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
+    from policies.model.loading import load_tokenizer, save_checkpoint, smollm2_dir, tiny_model
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_checkpoint(tiny_model(seed=0), load_tokenizer(smollm2_dir()), out)
     return out
@@ -290,7 +290,7 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_dir, data, capsys):
 
 
 def test_force_newline_appends_a_newline_token(tiny_dir, tmp_path, data, capsys):
-    from policies.models import load_tokenizer
+    from policies.model.loading import load_tokenizer
     tok = load_tokenizer(tiny_dir)
     plain = build_prompt(tok, "What is 2 + 3?", DIRECTIVE)
     forced = build_prompt(tok, "What is 2 + 3?", DIRECTIVE, force_newline=True)

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from launcher.config import (ConfigError, ExperimentConfig, apply_override, check_trainable, config_to_yaml,
+from launcher.config.schema import (ConfigError, ExperimentConfig, apply_override, check_trainable, config_to_yaml,
                              describe_mode, dump_config, from_dict, load_config, main)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_config_errors(tmp_path, yaml_text, message):
 
 def test_generator_dtype_defaults_to_the_model_dtype(tmp_path):
     import torch
-    from launcher.roles import _dtype
+    from launcher.job.roles import _dtype
     cfg = load_config(write(tmp_path, "model: {dtype: bfloat16}\n"))
     assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == torch.bfloat16
     cfg = load_config(write(tmp_path, "actors: {generator: {dtype: bfloat16}}\n"))
@@ -166,8 +166,8 @@ def test_generator_dtype_defaults_to_the_model_dtype(tmp_path):
 
 def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypatch):
     import torch
-    from launcher.roles import _dtype
-    from policies import precision
+    from launcher.job.roles import _dtype
+    from policies.model import precision
     cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
@@ -187,7 +187,7 @@ def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypat
     ("ppo: {recompute_logprobs: true}\n", True),
 ])
 def test_the_learner_recomputes_logprobs_unless_the_generator_computed_them_its_way(tmp_path, yaml_text, recompute):
-    from launcher.roles import learner_recomputes
+    from launcher.job.roles import learner_recomputes
     cfg = load_config(write(tmp_path, "model: {dtype: float32, device: cpu}\n" + yaml_text))
     got, why = learner_recomputes(cfg)
     assert got is recompute, why
@@ -195,8 +195,8 @@ def test_the_learner_recomputes_logprobs_unless_the_generator_computed_them_its_
 
 
 def test_auto_recompute_follows_auto_precision(tmp_path, monkeypatch):
-    from launcher.roles import learner_recomputes
-    from policies import precision
+    from launcher.job.roles import learner_recomputes
+    from policies.model import precision
     cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
     for native in (True, False):
         monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
@@ -294,7 +294,7 @@ def test_check_trainable(tmp_path):
 
 
 def test_direct_construction_is_range_checked_too():
-    from launcher.config import FieldError, RolloutConfig
+    from launcher.config.schema import FieldError, RolloutConfig
     with pytest.raises(FieldError, match=r"group_size: expected an integer >= 1, got 0"):
         RolloutConfig(group_size=0)
 

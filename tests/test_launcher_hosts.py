@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from launcher.hosts import Host, HostsError, parse_hosts, parse_hosts_text, place, slot_env
+from launcher.job.hosts import Host, HostsError, parse_hosts, parse_hosts_text, place, slot_env
 
 GOOD = """\
 # the head node first

@@ -7,7 +7,7 @@ import orjson
 import pytest
 import torch
 
-from launcher.metrics import MetricsError, MetricsWriter, read_metrics
+from launcher.job.metrics import MetricsError, MetricsWriter, read_metrics
 from launcher.plot import plot_run
 
 

@@ -2,7 +2,7 @@
 import re
 import time
 
-from launcher.progress import Progress
+from launcher.job.progress import Progress
 
 
 def _after(progress: Progress, elapsed: float) -> Progress:

@@ -5,10 +5,10 @@ import msgpack
 import pytest
 import torch
 
-import actors.learner as learner_mod
-from actors.learner import Learner
-from actors.trained_log import TrainedLog, TrainedLogError, read_trained
-from policies.ppo import PPOConfig
+import actors.learner.learner as learner_mod
+from actors.learner.learner import Learner
+from actors.learner.trained_log import TrainedLog, TrainedLogError, read_trained
+from policies.train.ppo import PPOConfig
 from tensors.channels import open_channel
 from tensors.packed import PackedBatch
 

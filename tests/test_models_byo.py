@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from launcher.config import load_config
-from launcher.roles import check_model_path
-from policies.hf_decoder import HFDecoder
-from policies.llama_infer import CompactDecoder
-from policies.models import ModelPathError
-from policies.sampling import GenerationEngine, SamplingParams, generate
+from launcher.config.schema import load_config
+from launcher.job.roles import check_model_path
+from policies.infer.hf_decoder import HFDecoder
+from policies.infer.llama_infer import CompactDecoder
+from policies.model.loading import ModelPathError
+from policies.infer.sampling import GenerationEngine, SamplingParams, generate
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2, initializer_range=0.5)
@@ -94,8 +94,8 @@ def test_qwen3_q_k_norms_are_applied():
 
 
 def test_fallback_is_said_once_and_updates_are_seen(caplog):
-    caplog.set_level(logging.WARNING, logger="policies.sampling")
-    import policies.sampling as sampling
+    caplog.set_level(logging.WARNING, logger="policies.infer.sampling")
+    import policies.infer.sampling as sampling
     sampling._FALLBACK_SAID.discard("MistralForCausalLM")
     model, other = tiny_mistral(0), tiny_mistral(1)
     engines = [GenerationEngine(model) for _ in range(2)]
@@ -130,8 +130,8 @@ def test_preflight_names_a_missing_or_unsupported_model(tmp_path):
 @pytest.mark.parametrize("make", [tiny_qwen3, tiny_mistral], ids=["qwen3", "mistral"])
 def test_the_learner_packed_logprobs_agree_with_hf(tmp_path, make):
     """What the learner computes (load_model's packed attention, several sequences in one row)."""
-    from policies.logprobs import packed_logprobs
-    from policies.models import load_model
+    from policies.model.logprobs import packed_logprobs
+    from policies.model.loading import load_model
     make().save_pretrained(tmp_path / "m")
     model = load_model(tmp_path / "m")
     seqs = prompts(model.config.vocab_size, [7, 12, 5])

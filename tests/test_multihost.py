@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bus.keys import generate_keys
-from launcher.metrics import read_metrics
+from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids, tiny_overrides
 from tests.live_job import LiveProcess, Timeline
 from tests.simhosts import SimHosts, skip_reason

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from policies.logprobs import head_logprobs, packed_logprobs, position_ids_for
-from policies.models import tiny_model
-from policies.packed_attention import PACKED_SDPA
+from policies.model.logprobs import head_logprobs, packed_logprobs, position_ids_for
+from policies.model.loading import tiny_model
+from policies.model.packed_attention import PACKED_SDPA
 
 LENGTHS = [5, 1, 17, 2, 40, 9]
 

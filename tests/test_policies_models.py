@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from policies import models
-from policies.models import (ModelPathError, NotTrainableError, assert_trainable, load_model, load_tokenizer,
+from policies.model import loading as models
+from policies.model.loading import (ModelPathError, NotTrainableError, assert_trainable, load_model, load_tokenizer,
                              save_checkpoint, smollm2_dir, smollm2_gguf_path, tiny_model)
 
 
@@ -105,7 +105,7 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
 
 
 def test_quantized_flag_refuses_training_and_saving():
-    from policies.ppo import PPOConfig, make_optimizer
+    from policies.train.ppo import PPOConfig, make_optimizer
 
     model = tiny_model()
     setattr(model, models.QUANTIZED_ATTR, "/x/model.Q4_1.gguf")
@@ -117,7 +117,7 @@ def test_quantized_flag_refuses_training_and_saving():
 
 @pytest.mark.slow
 def test_smollm2_gguf_is_refused_and_converted_copy_matches_and_generates(tmp_path):
-    from policies.ppo import PPOConfig, make_optimizer
+    from policies.train.ppo import PPOConfig, make_optimizer
 
     converted = smollm2_dir()
     assert smollm2_dir() == converted  # cached: no second conversion
@@ -148,7 +148,7 @@ def test_two_processes_converting_at_once_convert_once(tmp_path):
 
     script = (
         "import sys, os\n"
-        "from policies import models\n"
+        "from policies.model import loading as models\n"
         "real = models.convert_gguf\n"
         "def counted(*a, **k):\n"
         "    open(os.path.join(sys.argv[1], 'conversions.log'), 'a').write('x')\n"
@@ -171,8 +171,8 @@ def test_flash_attention_only_for_cuda_in_bf16_or_fp16(monkeypatch):
 
     import torch
 
-    from policies.models import default_attn_implementation
-    from policies.packed_attention import PACKED_SDPA
+    from policies.model.loading import default_attn_implementation
+    from policies.model.packed_attention import PACKED_SDPA
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     assert default_attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"

@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from actors import checkpoint
-from policies.logprobs import _compiled_softmax_stats, _softmax_stats, packed_logprobs
-from policies.models import compile_layers, load_model, tiny_model
-from policies.optim import MasterWeightAdamW, full_precision_state, make_optimizer
-from policies.ppo import PPOConfig, SFTConfig, sft_step, train_step
+from actors.learner import checkpoint
+from policies.model.logprobs import _compiled_softmax_stats, _softmax_stats, packed_logprobs
+from policies.model.loading import compile_layers, load_model, tiny_model
+from policies.train.optim import MasterWeightAdamW, full_precision_state, make_optimizer
+from policies.train.ppo import PPOConfig, SFTConfig, sft_step, train_step
 from tests.test_policies_ppo import make_batch
 
 
@@ -73,7 +73,7 @@ def test_bf16_config_needs_the_master_weight_optimizer():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_bf16_trains_in_bf16_only_where_bf16_is_native(monkeypatch, native):
-    from policies import precision
+    from policies.model import precision
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device: native)
     model = tiny_model(seed=0)
     cfg = PPOConfig(lr=1e-3, bf16="auto")

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from policies import ppo
-from policies.advantages import advantages_for, gae_advantages, kl_estimate, normalize_masked, token_rewards
-from policies.losses import ppo_loss, sft_loss
-from policies.models import tiny_model
-from policies.ppo import (PPOConfig, SFTConfig, compute_advantages, make_optimizer, recompute_logprobs, sft_step,
+from policies.train import ppo
+from policies.train.advantages import advantages_for, gae_advantages, kl_estimate, normalize_masked, token_rewards
+from policies.train.losses import ppo_loss, sft_loss
+from policies.model.loading import tiny_model
+from policies.train.ppo import (PPOConfig, SFTConfig, compute_advantages, make_optimizer, recompute_logprobs, sft_step,
                           train_step)
 from tensors.packed import PackedBatch
 
@@ -183,7 +183,7 @@ def test_compute_advantages_on_a_packed_batch():
 
 
 def test_recompute_logprobs_equals_one_packed_forward():
-    from policies.logprobs import packed_logprobs
+    from policies.model.logprobs import packed_logprobs
 
     model = tiny_model(seed=0)
     batch = make_batch(model)
@@ -263,8 +263,8 @@ def test_sft_step_reduces_loss():
 
 
 def test_gradient_checkpointing_keeps_fewer_activations_and_makes_the_same_update():
-    from policies.logprobs import packed_logprobs
-    from policies.models import checkpoint_layers
+    from policies.model.logprobs import packed_logprobs
+    from policies.model.loading import checkpoint_layers
     plain = tiny_model(seed=0)
     ckpt = checkpoint_layers(copy.deepcopy(plain))
     batch = make_batch(plain)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from policies.llama_infer import CompactDecoder, UnsupportedModelError
-from policies.models import tiny_model
-from policies.sampling import GenerationEngine, SamplingParams, generate, inverse_cdf, sample_tokens, top_p_keep
+from policies.infer.llama_infer import CompactDecoder, UnsupportedModelError
+from policies.model.loading import tiny_model
+from policies.infer.sampling import GenerationEngine, SamplingParams, generate, inverse_cdf, sample_tokens, top_p_keep
 
 VOCAB = 49152
 
@@ -493,7 +493,7 @@ def test_add_validation(llama):
 
 @pytest.mark.slow
 def test_smollm2_forward_matches_hf():
-    from policies.models import load_model, smollm2_dir
+    from policies.model.loading import load_model, smollm2_dir
 
     model = load_model(smollm2_dir()).eval()
     dec = CompactDecoder(model)

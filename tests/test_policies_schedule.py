@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config
-from policies.advantages import advantages_for
-from policies.ppo import PPOConfig, train_step
-from policies.schedule import lr_at, scheduled_lr
+from launcher.config.schema import ConfigError, load_config
+from policies.train.advantages import advantages_for
+from policies.train.ppo import PPOConfig, train_step
+from policies.train.schedule import lr_at, scheduled_lr
 
 
 def test_warmup_then_constant_linear_and_cosine():
@@ -70,7 +70,7 @@ def test_group_normalisation_is_per_prompt_and_sequence_weighted():
 
 
 def _tiny(seed=0):
-    from policies.models import tiny_model
+    from policies.model.loading import tiny_model
     return tiny_model(seed=seed, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                       num_key_value_heads=1)
 
@@ -96,7 +96,7 @@ def test_train_step_uses_the_given_lr_and_group_ids():
 
 def test_kl_penalty_against_a_frozen_reference_model():
     """The learner's path for kl_coef > 0: the reference's logprobs (micro-batched) enter the advantages."""
-    from policies.ppo import recompute_logprobs
+    from policies.train.ppo import recompute_logprobs
     from tensors.packed import PackedBatch
     torch.manual_seed(0)
     seqs = []

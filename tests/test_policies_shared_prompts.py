@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from policies.logprobs import packed_logprobs
-from policies.models import tiny_model
-from policies.packed_attention import PACKED_SDPA
-from policies.ppo import PPOConfig, make_optimizer, train_step
-from policies.shared_prompts import prompt_lengths, share_prompts
+from policies.model.logprobs import packed_logprobs
+from policies.model.loading import tiny_model
+from policies.model.packed_attention import PACKED_SDPA
+from policies.train.ppo import PPOConfig, make_optimizer, train_step
+from policies.model.shared_prompts import prompt_lengths, share_prompts
 from tensors.packed import PackedBatch
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from policies.answer_guard import GuardConfig, refusal
-from policies.reward import RewardConfig, reward
-from policies.verifier import extract_boxed, gold_answers, is_correct
+from policies.verify.answer_guard import GuardConfig, refusal
+from policies.verify.reward import RewardConfig, reward
+from policies.verify.verifier import extract_boxed, gold_answers, is_correct
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from policies.verifier import VerifierPool, is_correct
+from policies.verify.verifier import VerifierPool, is_correct
 
 TIMEOUT = 1.0
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launcher.metrics import read_metrics
-from policies.models import smollm2_dir
+from launcher.job.metrics import read_metrics
+from policies.model.loading import smollm2_dir
 from tests.launch_util import dataset, expected_qids, launch, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from launcher.config import ConfigError, check_reward_fns, load_config
-from policies.reward_fns import RewardFnError, boxed, load_reward_fn, weighted_reward
-from policies.verifier_pool import VerifierPool
+from launcher.config.schema import ConfigError, check_reward_fns, load_config
+from policies.verify.reward_fns import RewardFnError, boxed, load_reward_fn, weighted_reward
+from policies.verify.verifier_pool import VerifierPool
 
 USER_FNS = '''
 import os, time
@@ -59,7 +59,7 @@ def user_file(tmp_path):
 
 def test_load_by_file_or_module_and_bad_specs_are_named(user_file):
     assert load_reward_fn(f"{user_file}:length")("p", "abc", "r", {}) == 3.0
-    assert load_reward_fn("policies.reward_fns:boxed") is boxed
+    assert load_reward_fn("policies.verify.reward_fns:boxed") is boxed
     for spec, why in [(f"{user_file}:missing", "has no attribute 'missing'"),
                       (f"{user_file}:NOT_A_FUNCTION", "is a int, not a function"),
                       (f"{user_file}:wrong_args", r"must take \(prompt, response, reference, extra\)"),

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 
-from actors.dataset import Problem, build_prompt
+from policies.data.dataset import Problem, build_prompt
 from actors.rl_step import rl_step
-from launcher.config import DIRECTIVE
-from policies.models import load_tokenizer, smollm2_dir, tiny_model
-from policies.ppo import PPOConfig, make_optimizer
-from policies.reward import RewardConfig, RewardFn
-from policies.sampling import GenerationEngine, SamplingParams
+from launcher.config.schema import DIRECTIVE
+from policies.model.loading import load_tokenizer, smollm2_dir, tiny_model
+from policies.train.ppo import PPOConfig, make_optimizer
+from policies.verify.reward import RewardConfig, RewardFn
+from policies.infer.sampling import GenerationEngine, SamplingParams
 
 PROBLEMS = [Problem("q0", "What is 2 + 3?", ["5"]), Problem("q1", "What is 7 - 4?", ["3"]),
             Problem("q2", "What is 3 * 3?", ["9"])]
@@ -97,5 +97,5 @@ def test_bad_inputs_are_named(tok):
     with pytest.raises(ValueError, match="3 problems and 2 prompt_ids"):
         rl_step(0, PROBLEMS, prompt_ids(tok)[:2], **env)
     with pytest.raises(ValueError, match="reward_cfg.fns"):
-        rl_step(0, PROBLEMS, prompt_ids(tok), reward_cfg=RewardConfig(fns=(RewardFn("policies.reward_fns:boxed"),)),
+        rl_step(0, PROBLEMS, prompt_ids(tok), reward_cfg=RewardConfig(fns=(RewardFn("policies.verify.reward_fns:boxed"),)),
                 **env)

@@ -17,12 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang, fake_logprob, fake_token  # noqa: E402
 
-from actors.sglang_server import SGLangLaunch, launch_argv  # noqa: E402
-from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
+from actors.generator.sglang.server import SGLangLaunch, launch_argv  # noqa: E402
+from actors.weights.sglang_distributed import Server, SGLangWeightSync  # noqa: E402
 
-from actors.sglang_client import SGLangClient  # noqa: E402
-from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
-from actors.sglang_protocol import (  # noqa: E402
+from actors.generator.sglang.client import SGLangClient  # noqa: E402
+from actors.generator.sglang.backend import SGLangGeneratorBackend  # noqa: E402
+from actors.generator.sglang.protocol import (  # noqa: E402
     SGLangLaunchError, SGLangProtocolError, SGLangRefused,
     SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors,
     normalize_sampling, parse_result)
@@ -312,7 +312,7 @@ def test_launch_argv_builds_the_sglang_command_line():
 
 
 async def test_launch_waits_through_503_then_serves_and_stops(caplog):
-    caplog.set_level(logging.INFO, logger="actors.sglang_client")
+    caplog.set_level(logging.INFO, logger="actors.generator.sglang.client")
     port = free_port()
     b = SGLangGeneratorBackend(model_path="fake-model", launch=fake_launch(port, "--startup-delay", "1.0"), health_timeout=20,
                       progress_interval=0.2)

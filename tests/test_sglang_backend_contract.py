@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fake_sglang  # noqa: E402
 from fake_sglang import FakeSGLang  # noqa: E402
 
-from actors.sglang_client import SGLangClient  # noqa: E402
-from actors.sglang_weights import Server, SGLangWeightSync  # noqa: E402
+from actors.generator.sglang.client import SGLangClient  # noqa: E402
+from actors.weights.sglang_distributed import Server, SGLangWeightSync  # noqa: E402
 
 META = [("model.embed_tokens.weight", "bfloat16", (64, 16)),
         ("model.layers.0.mlp.up_proj.weight", "bfloat16", (32, 16)),

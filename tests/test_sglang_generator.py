@@ -13,11 +13,11 @@ from fake_sglang import FakeSGLang  # noqa: E402
 
 from actors import protocol as P  # noqa: E402
 from actors.base import Actor, handler  # noqa: E402
-from actors.broadcaster import WeightBroadcaster  # noqa: E402
-from actors.generator import Generator  # noqa: E402
-from actors.sglang_protocol import SGLangTimeout  # noqa: E402
-from actors.sglang_generator import SGLangGeneratorBackend  # noqa: E402
-from actors.sglang_weights import SGLangWeightSync  # noqa: E402
+from actors.weights.broadcaster import WeightBroadcaster  # noqa: E402
+from actors.generator.generator import Generator  # noqa: E402
+from actors.generator.sglang.protocol import SGLangTimeout  # noqa: E402
+from actors.generator.sglang.backend import SGLangGeneratorBackend  # noqa: E402
+from actors.weights.sglang_distributed import SGLangWeightSync  # noqa: E402
 
 HB = 0.2
 
@@ -104,10 +104,10 @@ async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_an
 
 
 def test_the_generator_section_decides_how_the_server_starts_and_how_weights_reach_it():
-    from actors.sglang_generator import make_sglang_backend
-    from actors.sglang_server import launch_argv
-    from launcher.config import load_config
-    from launcher.roles import Start
+    from actors.generator.sglang.backend import make_sglang_backend
+    from actors.generator.sglang.server import launch_argv
+    from launcher.config.schema import load_config
+    from launcher.job.roles import Start
     cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_tp_size=2",
                              "actors.generator.sglang_command=[/opt/sgl/bin/python, -m, sglang.launch_server]",
                              "actors.generator.sglang_args=[--dtype, bfloat16]"])
@@ -127,10 +127,10 @@ async def test_a_launched_server_that_dies_marks_the_backend_failed():
     import os
     import signal
 
-    from actors.sglang_generator import SGLangGeneratorBackend
-    from actors.sglang_protocol import SGLangUnreachable
-    from actors.sglang_server import SGLangLaunch
-    from actors.weight_group import free_port
+    from actors.generator.sglang.backend import SGLangGeneratorBackend
+    from actors.generator.sglang.protocol import SGLangUnreachable
+    from actors.generator.sglang.server import SGLangLaunch
+    from actors.weights.group import free_port
     port = free_port()
     b = SGLangGeneratorBackend(model_path="fake-model", health_timeout=20, launch=SGLangLaunch(
         model_path="fake-model", port=port, command=[sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]))

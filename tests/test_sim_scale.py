@@ -11,11 +11,11 @@ import signal
 
 import pytest
 
-from actors.sim_backend import SimBackend
-from launcher.config import ConfigError, load_config
-from launcher.metrics import read_metrics
+from actors.generator.sim import SimBackend
+from launcher.config.schema import ConfigError, load_config
+from launcher.job.metrics import read_metrics
 from policies.cost_model import CostModel
-from policies.verifier import is_correct
+from policies.verify.verifier import is_correct
 from tensors.channels.shm import shm_directory
 from tests.launch_util import dataset
 from tests.test_faults import HB, assert_exactly_once, job_args, jobs  # noqa: F401 (jobs: the fixture)
@@ -23,7 +23,7 @@ from tests.test_faults import HB, assert_exactly_once, job_args, jobs  # noqa: F
 
 @pytest.fixture(scope="module")
 def tok():
-    from policies.models import load_tokenizer, smollm2_dir
+    from policies.model.loading import load_tokenizer, smollm2_dir
     return load_tokenizer(smollm2_dir())
 
 
@@ -128,8 +128,8 @@ def test_accuracy_boxes_the_reference_that_the_verifier_accepts(tok):
 # ------------------------------------------------------------------------------------ through the launcher
 
 def test_sim_generators_share_processes_in_the_launchers_plan(tmp_path):
-    from launcher.roles import Start
-    from launcher.run import process_specs
+    from launcher.job.roles import Start
+    from launcher.job.run import process_specs
     cfg = load_config(None, ["actors.generator.backend=sim", "actors.generator.count=10",
                              "actors.generator.per_process=4"])
     specs = [s for s in process_specs(cfg, tmp_path / "c.yaml", "tcp://127.0.0.1:1", Start(0, "m"), None)
@@ -169,7 +169,7 @@ def test_sim_job_trains_every_prompt_once_when_a_tenth_of_the_generators_is_sigk
 # ------------------------------------------------------------------------------------ what the scale table fixed
 
 def test_load_book_deals_as_the_scan_over_every_generator_did():
-    from actors.load_book import LoadBook
+    from actors.sampler.load_book import LoadBook
     book, ref, last, deals = LoadBook(), {}, {}, 0
     rng = random.Random(1)
     for _ in range(5000):

@@ -37,9 +37,9 @@ record PASS cuda "$GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=csv,nohea
 step gpu-tests "$PY" -m pytest -q -m gpu tests/
 step learner-bf16-precision "$PY" - <<'PY'
 import torch
-from policies.models import tiny_model
-from policies.optim import make_optimizer
-from policies.ppo import PPOConfig
+from policies.model.loading import tiny_model
+from policies.train.optim import make_optimizer
+from policies.train.ppo import PPOConfig
 m = tiny_model(seed=0).cuda()
 opt = make_optimizer(m, PPOConfig(bf16=True))
 p = next(m.parameters())

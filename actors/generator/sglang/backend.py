@@ -1,0 +1,146 @@
+"""The sglang generator backend: an SGLang server (launched here or already running) behind the
+generator actor's Backend interface.
+
+Weights reach the server one of two ways (``actors.generator.sglang_weights``):
+- distributed (default): the broadcaster, in the learner's process, broadcasts them over
+  torch.distributed straight into the server (actors.weights.sglang_distributed); this backend only tells
+  the bus where its server is (``capabilities``), and update_weights is never called;
+- disk: tensors that arrive over a tensor channel are written, off the event loop, as a
+  safetensors checkpoint next to the base model's config and loaded with
+  /update_weights_from_disk (which always flushes the radix cache).
+
+``interrupt_on_update`` (rollout.interrupt_on_update) on the disk path: true aborts the requests in
+flight (abort_all_requests) and generate_group resubmits prompt + tokens so far, recomputed under
+the new weights; false lets SGLang's model_update_lock wait for them, holding new requests until
+the update is applied. The distributed path always interrupts (pause_generation abort).
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from actors.generator.sglang.client import SGLangClient
+from actors.generator.sglang.protocol import SGLangError, SGLangLaunchError
+from actors.generator.sglang.server import ServerProcess, SGLangLaunch
+
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json")
+
+
+class SGLangGeneratorBackend(SGLangClient):
+    """The generator's Backend: a client of its server, and that server's supervisor when it
+    launched it (`launch`; else `url` names a running one). start() returns once /health is 200."""
+
+    def __init__(self, url: str | None = None, *, launch: SGLangLaunch | None = None, model_path: str,
+                 weights: str = "distributed", tp_size: int = 1, interrupt_on_update: bool = True, **kwargs):
+        if (url is None) == (launch is None):
+            raise ValueError("the sglang backend needs a url or a launch config (one of them)")
+        if url is None:
+            host = "127.0.0.1" if launch.host in ("0.0.0.0", "::") else launch.host
+            url = f"http://{host}:{launch.port}"
+            tp_size = launch.tp_size
+        super().__init__(url, **kwargs)
+        self._server = ServerProcess(launch) if launch else None
+        if weights not in ("distributed", "disk"):
+            raise ValueError(f"sglang weights {weights!r} must be distributed or disk")
+        self.model_path = Path(model_path)
+        if not isinstance(interrupt_on_update, bool):
+            raise ValueError(f"interrupt_on_update={interrupt_on_update!r}: must be true or false")
+        if weights == "distributed" and not interrupt_on_update:
+            raise ValueError("interrupt_on_update=False needs weights='disk': a distributed update pauses "
+                             "generation, which interrupts it")
+        self.weights_mode, self.tp_size = weights, tp_size
+        self.interrupt_on_update = interrupt_on_update
+        self._weights_dir: Path | None = None
+
+    async def start(self, wait: bool = True) -> "SGLangGeneratorBackend":
+        """Launch the server (if configured) and wait until it is healthy; on failure it is stopped."""
+        try:
+            if self._server and self._server.proc is None:
+                await self._server.start()
+            await super().start(wait)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _exited(self) -> SGLangError | None:
+        if self._server and self._server.returncode is not None:
+            await self._server.drain()
+            return SGLangLaunchError(self.url, self._server.returncode, self._server.tail)
+        return None
+
+    def _log_tail(self) -> list[str]:
+        return list(self._server.tail) if self._server else []
+
+    @property
+    def failed(self) -> str | None:
+        """Why this backend can generate no more (its launched server exited), else None: the
+        generator then leaves the bus, so its prompts go to the others and the broadcaster drops it."""
+        rc = self.returncode
+        return None if rc is None else f"its sglang server at {self.url} exited with code {rc}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the launched server (None when connected by URL)."""
+        return self._server.proc.pid if self._server and self._server.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code of the launched server once it has exited; None while it runs."""
+        return self._server.returncode if self._server else None
+
+    @property
+    def capabilities(self) -> dict:
+        """Registered on the bus: the broadcaster finds the server (and its GPUs) here."""
+        return {"sglang_url": self.url, "sglang_tp_size": self.tp_size, "weights": self.weights_mode}
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> str:
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="sglang-weights-"))
+        for name in _COPY:
+            if (self.model_path / name).exists():
+                shutil.copy2(self.model_path / name, self._weights_dir / name)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        # safetensors refuses shared storage (tied embeddings): keep one copy of each buffer
+        seen: dict[int, str] = {}
+        for k in list(tensors):
+            ptr = tensors[k].data_ptr()
+            if ptr in seen:
+                tensors[k] = tensors[k].clone()
+            seen[ptr] = k
+        save_file(tensors, str(self._weights_dir / "model.safetensors"))
+        return str(self._weights_dir)
+
+    async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """The disk fallback; the write runs in a thread so the generator keeps answering."""
+        path = await asyncio.to_thread(self._write, weights)
+        await self.update_weights_from_disk(path, version, abort_all_requests=self.interrupt_on_update)
+
+    async def close(self) -> None:
+        await super().close()
+        if self._server is not None:
+            await self._server.stop()
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+
+
+def make_sglang_backend(cfg, start) -> SGLangGeneratorBackend:
+    g = cfg.actors.generator
+    kw = dict(model_path=start.model_path, request_timeout=cfg.rollout.request_timeout,
+              health_timeout=g.sglang_health_timeout, weights=g.sglang_weights, tp_size=g.sglang_tp_size,
+              interrupt_on_update=cfg.rollout.interrupt_on_update)
+    if g.sglang_url:
+        return SGLangGeneratorBackend(g.sglang_url, **kw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = SGLangLaunch(model_path=start.model_path, port=port, random_seed=cfg.seed, tp_size=g.sglang_tp_size,
+                          initial_version=start.step, extra_args=list(g.sglang_args), command=g.sglang_command)
+    return SGLangGeneratorBackend(launch=launch, **kw)

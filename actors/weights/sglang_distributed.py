@@ -1,0 +1,254 @@
+"""The weight-update session: the learner's new weights into every SGLang server over torch.distributed.
+
+The broadcaster hands its sglang generators (those whose servers take weights "distributed") to
+one SGLangWeightSync; torch generators keep the tensor-channel path. Per update, in SGLang
+0.5.23's order (SGLANG.md):
+
+  once per membership: POST /init_weights_update_group on every server (server i: rank_offset
+      1 + sum of the tp sizes before it, world_size 1 + all server GPUs) concurrently with the
+      trainer's own join as rank 0 (actors.weights.group);
+  pause_generation -> begin_weight_update -> per bucket: POST /update_weights_from_distributed
+      {names, dtypes, shapes, group_name, flush_cache: false, weight_version} while the trainer
+      broadcasts each tensor from rank 0 in list order -> flush_cache (400 while busy: retried)
+      -> end_weight_update -> continue_generation.
+
+Failures: every call has a deadline. An attempt that fails anywhere is cleaned up on every
+server (end, continue: none is left paused); a collective that failed leaves the group broken,
+so the trainer destroys it (peers blocked on it fail at once with gloo) and the next attempt
+forms a new one. A server that fails ``attempts`` times in a row, or stops answering /health, is
+dropped from this update with a log line naming it, and the others go on without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import torch
+
+from actors.generator.sglang.client import SGLangClient
+from actors.generator.sglang.protocol import DEFAULT_GROUP, SGLangError, bucket_tensors, check_tensor_meta
+from actors.weights.group import GroupError, TrainerGroup, free_port
+from tensors.channels.locality import route_address
+
+log = logging.getLogger("actors.weights.sglang_distributed")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One SGLang server in the group: the generator that owns it, its URL and its GPUs (tp size)."""
+    name: str
+    url: str
+    tp_size: int = 1
+
+
+class _Failed(Exception):
+    def __init__(self, errors: dict[str, BaseException], broken: bool):
+        self.errors, self.broken = errors, broken
+
+
+def tensor_meta(weights: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in weights.items()]
+
+
+class SGLangWeightSync:
+    """One weight-update group over a changing set of SGLang servers, driven from the learner."""
+
+    def __init__(self, *, backend: str = "gloo", group_name: str = DEFAULT_GROUP,
+                 master_address: str | None = None, bucket_bytes: int = 1 << 30, pause_mode: str = "abort",
+                 call_timeout: float = 60.0, collective_timeout: float = 120.0, attempts: int = 2):
+        self.backend, self.group_name, self.master_address = backend, group_name, master_address
+        self.bucket_bytes, self.pause_mode = bucket_bytes, pause_mode
+        self.call_timeout, self.collective_timeout, self.attempts = call_timeout, collective_timeout, attempts
+        self._clients: dict[Server, SGLangClient] = {}
+        self._group: TrainerGroup | None = None
+        self._members: tuple[Server, ...] = ()
+        self._lock = asyncio.Lock()
+        self._forms = 0  # groups formed so far (each gets a new name suffix and port)
+
+    # ---- clients and the group
+
+    async def _client(self, s: Server) -> SGLangClient:
+        c = self._clients.get(s)
+        if c is None:
+            c = SGLangClient(s.url, control_timeout=self.call_timeout, update_timeout=self.collective_timeout,
+                              health_timeout=self.call_timeout)
+            await c.start(wait=False)
+            self._clients[s] = c
+        return c
+
+    async def _teardown(self, servers: tuple[Server, ...] = ()) -> None:
+        """Leave the group on our side first (unblocks its peers), then ask the servers to forget it."""
+        group, self._group, members = self._group, None, self._members
+        self._members = ()
+        if group is None:
+            return
+        await group.destroy()
+        await asyncio.gather(*(self._best_effort(s, "destroy_weights_group", group.group_name)
+                               for s in members), return_exceptions=True)
+
+    async def _form(self, members: tuple[Server, ...]) -> dict[str, BaseException]:
+        """A new group of exactly `members`; returns the servers that could not join."""
+        await self._teardown()
+        self._forms += 1
+        name = self.group_name if self._forms == 1 else f"{self.group_name}_{self._forms}"
+        master = self.master_address or route_address(urllib.parse.urlsplit(members[0].url).hostname)
+        world = 1 + sum(s.tp_size for s in members)
+        group = TrainerGroup(backend=self.backend, master_address=master, master_port=free_port(),
+                             world_size=world, group_name=name, timeout=self.collective_timeout)
+        offsets, nxt = [], 1
+        for s in members:
+            offsets.append(nxt)
+            nxt += s.tp_size
+        log.info("forming weight-update group %s at %s: world_size %d, %s", name, group.init_method, world,
+                 ", ".join(f"{s.name} ({s.url}) ranks {o}..{o + s.tp_size - 1}" for s, o in zip(members, offsets)))
+
+        async def init(s: Server, offset: int):
+            c = await self._client(s)
+            await c.init_weights_group(master, group.master_port, offset, world, name, backend=self.backend,
+                                       timeout=self.collective_timeout)
+        results = await asyncio.gather(group.join(), *(init(s, o) for s, o in zip(members, offsets)),
+                                       return_exceptions=True)
+        errors = {s.name: r for s, r in zip(members, results[1:]) if isinstance(r, BaseException)}
+        if isinstance(results[0], BaseException) or errors:
+            self._group, self._members = group, members
+            await self._teardown()
+            if not errors:
+                errors = {s.name: results[0] for s in members}
+            return errors
+        self._group, self._members = group, members
+        return {}
+
+    # ---- one update
+
+    async def _best_effort(self, s: Server, call: str, *args) -> None:
+        """A clean-up call with a short deadline; a failure is only logged (the server may be gone)."""
+        try:
+            client = await self._client(s)
+            await getattr(client, call)(*args, timeout=min(10.0, self.call_timeout))
+        except SGLangError as exc:
+            log.warning("%s: %s", s.name, exc)
+
+    async def _attempt(self, members: tuple[Server, ...], weights: dict[str, torch.Tensor], version: int) -> None:
+        clients = {s: await self._client(s) for s in members}
+        begun: set[Server] = set()
+
+        async def start(s: Server):
+            await clients[s].pause(self.pause_mode)
+            await clients[s].begin_weight_update()
+            begun.add(s)
+
+        async def finish(s: Server):
+            await clients[s].flush_cache()
+            await clients[s].end_weight_update()
+            begun.discard(s)
+            await clients[s].resume()
+
+        try:
+            errors = _errors(members, await asyncio.gather(*(start(s) for s in members), return_exceptions=True))
+            if errors:
+                raise _Failed(errors, broken=False)
+            buckets = bucket_tensors(tensor_meta(weights), self.bucket_bytes)
+            for k, bucket in enumerate(buckets):
+                log.info("weights v%d bucket %d/%d (%d tensors) to %d server(s)", version, k + 1, len(buckets),
+                         len(bucket), len(members))
+                await self._bucket(members, clients, bucket, weights, version)
+            errors = _errors(members, await asyncio.gather(*(finish(s) for s in members), return_exceptions=True))
+            if errors:
+                raise _Failed(errors, broken=False)
+        except BaseException:
+            await asyncio.gather(*(self._cleanup(s, s in begun) for s in members), return_exceptions=True)
+            raise
+        for c in clients.values():
+            c.version = version
+
+    async def _bucket(self, members, clients, bucket, weights, version) -> None:
+        """The servers' requests and the trainer's broadcasts of one bucket, at the same time."""
+        group = self._group
+        posts = {asyncio.ensure_future(clients[s].update_bucket(bucket, version, group.group_name,
+                                                                timeout=self.collective_timeout)): s
+                 for s in members}
+        send = asyncio.ensure_future(group.broadcast([weights[m.name] for m in bucket]))
+        done, _ = await asyncio.wait([send, *posts], return_when=asyncio.FIRST_EXCEPTION)
+        failed = any(t.exception() is not None for t in done)
+        if failed:
+            # the collective is lost: wait out our side, leave the group (so blocked peers fail now)
+            await asyncio.wait([send])
+            await self._teardown()
+            await asyncio.wait(list(posts), timeout=min(10.0, self.call_timeout))
+        errors = {}
+        for t, s in posts.items():
+            if not t.done():
+                t.cancel()
+                errors[s.name] = GroupError(group.group_name, "update_weights_from_distributed",
+                                            f"{s.url} did not answer after the group broke")
+            elif t.cancelled() or t.exception() is not None:
+                errors[s.name] = t.exception() if not t.cancelled() else asyncio.CancelledError()
+        if send.exception() is not None and not errors:
+            errors = {s.name: send.exception() for s in members}
+        if errors or failed:
+            raise _Failed(errors, broken=True)
+
+    async def _cleanup(self, s: Server, begun: bool) -> None:
+        """After a failed attempt: never leave a server paused or inside a session."""
+        if begun:
+            await self._best_effort(s, "end_weight_update")
+        await self._best_effort(s, "resume")
+
+    async def _healthy(self, s: Server) -> bool:
+        try:
+            return await (await self._client(s)).health(timeout=min(5.0, self.call_timeout))
+        except SGLangError:
+            return False
+
+    async def update(self, servers: list[Server], weights: dict[str, torch.Tensor], version: int) -> set[str]:
+        """Bring `servers` to `weights` as `version`; returns the names that have it.
+
+        Weights are full, unsharded HF names in state-dict order (the broadcast order)."""
+        check_tensor_meta(tensor_meta(weights))
+        async with self._lock:
+            t0 = time.monotonic()
+            members = tuple(sorted(set(servers), key=lambda s: s.name))
+            fails: dict[str, int] = {}
+            while members:
+                if members != self._members or self._group is None:
+                    errors = await self._form(members)
+                else:
+                    try:
+                        await self._attempt(members, weights, version)
+                        log.info("weights v%d reached %d sglang server(s) over %s in %.2f s: %s", version,
+                                 len(members), self.backend, time.monotonic() - t0,
+                                 ", ".join(s.name for s in members))
+                        return {s.name for s in members}
+                    except _Failed as f:
+                        errors = f.errors
+                        if f.broken:
+                            await self._teardown()
+                keep = []
+                for s in members:
+                    if s.name in errors:
+                        fails[s.name] = fails.get(s.name, 0) + 1
+                        healthy = await self._healthy(s)
+                        if fails[s.name] >= self.attempts or not healthy:
+                            why = "it does not answer /health" if not healthy else f"{fails[s.name]} failed attempts"
+                            log.error("sglang server of %s (%s) dropped from weight update v%d (%s): %s", s.name,
+                                      s.url, version, why, errors[s.name])
+                            continue
+                        log.warning("weight update v%d to %s (%s) failed, trying again: %s", version, s.name,
+                                    s.url, errors[s.name])
+                    keep.append(s)
+                members = tuple(keep)
+            return set()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._teardown()
+            for c in self._clients.values():
+                await c.close()
+            self._clients.clear()
+
+
+def _errors(members, results) -> dict[str, BaseException]:
+    return {s.name: r for s, r in zip(members, results) if isinstance(r, BaseException)}

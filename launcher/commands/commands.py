@@ -1,0 +1,265 @@
+"""One function per sub-command; each turns bad input into a one-line error and an exit code."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from launcher.config.schema import ConfigError, config_to_yaml, describe_mode, from_dict, load_config, ExperimentConfig
+
+log = logging.getLogger("launcher")
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(args) -> ExperimentConfig | None:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args) -> int:
+    try:
+        cfg = _load(args)
+    except (ConfigError, OSError) as exc:
+        return _die(str(exc))
+    print(f"# mode: {describe_mode(cfg)}")
+    print(config_to_yaml(cfg))
+    return 0
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Make the config's relative paths absolute, as meant where the launcher was started.
+
+    Actor processes start in the project directory (on every host), so a relative run_dir or
+    data path would otherwise name another file there, or none.
+    """
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().absolute())
+    cfg.run_dir = absolute(cfg.run_dir)
+    if cfg.data.train is not None:
+        cfg.data.train = absolute(cfg.data.train)
+    if cfg.data.test is not None:
+        cfg.data.test = absolute(cfg.data.test)
+    if cfg.model.path not in ("smollm2", "tiny"):  # the built-in names, not paths
+        cfg.model.path = absolute(cfg.model.path)
+    if cfg.bus.keys_dir:
+        cfg.bus.keys_dir = absolute(cfg.bus.keys_dir)
+    from policies.verify.reward_fns import is_file_spec
+    fns = tuple(replace(f, fn=absolute(f.fn.rpartition(":")[0]) + ":" + f.fn.rpartition(":")[2])
+                if is_file_spec(f.fn) else f for f in cfg.reward.fns)
+    if fns != cfg.reward.fns:
+        cfg.reward = replace(cfg.reward, fns=fns)
+    return cfg
+
+
+def cmd_run(args) -> int:
+    # The Rust tokenizers' thread pool costs seconds at interpreter exit on a busy machine; the
+    # launcher and its actors encode prompts one at a time, so it buys nothing here.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from actors.learner.checkpoint import CheckpointError
+    from policies.data.dataset import DatasetError
+    from launcher.job.hosts import HostsError, parse_hosts
+    from launcher.job.roles import check_model_path, load_train_problems
+    from launcher.job.run import RunFailed, dry_run, run_job
+    try:
+        cfg = absolute_paths(_load(args))
+        hosts = parse_hosts(args.hosts, args.ssh_config) if args.hosts else None
+        from launcher.config.schema import check_trainable
+        check_trainable(cfg)
+        check_model_path(cfg)
+        load_train_problems(cfg)  # a bad line or row stops us here, named
+    except (ConfigError, HostsError, DatasetError, OSError) as exc:
+        return _die(str(exc))
+    loopback = cfg.bus.host.lower() in ("localhost", "::1") or cfg.bus.host.startswith("127.")
+    if hosts and any(not h.is_local for h in hosts) and loopback:
+        return _die(f"{args.hosts} names remote hosts but bus.host is {cfg.bus.host}: set bus.host to an "
+                    f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
+    if args.dry_run:
+        print(f"# mode: {describe_mode(cfg)}")
+        print("\n".join(dry_run(cfg, hosts)))
+        return 0
+    try:
+        asyncio.run(run_job(cfg, hosts=hosts, resume=args.resume, echo=not args.quiet))
+    except RunFailed as exc:
+        return _die(f"run failed: {exc}", 1)
+    except (CheckpointError, HostsError) as exc:
+        return _die(str(exc))
+    return 0
+
+
+def _run_actors(actors) -> None:
+    """Run actors in this process until SIGTERM/SIGINT, then stop them gracefully."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for a in actors:
+            await a.start()
+        await stop.wait()
+        for a in reversed(actors):
+            await a.stop()
+    try:
+        import uvloop
+        uvloop.run(go())
+    except ImportError:
+        asyncio.run(go())
+
+
+def cmd_actor(args) -> int:
+    from launcher.job.roles import Start, build, torch_threads
+    from launcher.job.run import bus_kwargs
+    cfg = load_config(args.config)
+    torch_threads()
+    start = Start(args.start_step, args.model_path, args.checkpoint)
+    if args.role == "learner" and cfg.actors.learner.ranks > 1:
+        from actors.learner.ranks import RankError, env_rank
+        if env_rank() > 0:  # a plain process in the learner group, not on the bus
+            from launcher.job.roles import serve_rank
+            try:
+                serve_rank(cfg, start)
+            except RankError as exc:
+                print(f"[{args.name}] {exc}", file=sys.stderr, flush=True)
+                _exit_now(1)
+            _exit_now(0)
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
+    _run_actors(actors)
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Leave an actor process at once: its actors are stopped and their resources released, and the
+    interpreter's teardown of torch/transformers takes seconds of CPU (5 s per process on 2 cores)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _client_kwargs(keys_dir: str | None) -> dict:
+    if not keys_dir:
+        return {}
+    from bus.keys import load_keys
+    keys = load_keys(keys_dir)
+    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
+
+
+def cmd_attach(args) -> int:
+    from actors import protocol as P
+    from bus.client import BusClient
+    from launcher.job.roles import Start, build, torch_threads
+
+    async def fetch_config() -> dict:
+        client = BusClient(args.bus, f"attach-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
+        await client.connect()
+        try:
+            return await client.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0)
+        finally:
+            await client.close()
+
+    try:
+        reply = asyncio.run(fetch_config())
+    except Exception as exc:
+        return _die(f"could not get the job's config from {args.bus}: {exc}")
+    cfg = from_dict(ExperimentConfig, reply["config"])
+    if args.backend:
+        cfg.actors.generator.backend = args.backend
+    if args.keys:
+        cfg.bus.keys_dir = args.keys
+    name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    torch_threads()
+    from launcher.job.run import bus_kwargs
+    try:
+        actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
+    except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
+        return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
+    _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
+    print(f"[attach] {name} joining {args.bus}", flush=True)
+    _run_actors(actors)
+    return 0
+
+
+def _announce_first_work(actor, kind: str) -> None:
+    """Print once when the attached actor is first given work: the sign that it serves the job."""
+    from actors.base import declared_handlers
+    serve = getattr(actor, declared_handlers(type(actor))[kind])
+    said = False
+
+    async def first(body, src):
+        nonlocal said
+        if not said:
+            said = True
+            print(f"[attach] {actor.name} got its first {kind!r} (batch {body.get('batch')}) from {src}", flush=True)
+        return await serve(body, src)
+    actor.bus.on(kind, first)
+
+
+def cmd_status(args) -> int:
+    from bus.client import BusClient
+
+    async def listing():
+        client = BusClient(args.bus, f"status-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
+        await client.connect()
+        try:
+            return [a for a in await client.actors() if a.name != client.name]  # not this listing's own client
+        finally:
+            await client.close()
+
+    try:
+        actors = asyncio.run(listing())
+    except Exception as exc:
+        return _die(f"could not list the actors on {args.bus}: {exc}")
+    import time
+    print(f"{'name':<28} {'role':<12} {'host':<20} {'pid':>8} {'heartbeat':>10}")
+    for a in sorted(actors, key=lambda a: (a.role, a.name)):
+        age = f"{time.time() - a.last_heartbeat:.1f}s ago" if a.last_heartbeat else "-"
+        print(f"{a.name:<28} {a.role:<12} {a.host:<20} {a.pid:>8} {age:>10}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from bus.keys import generate_keys
+    try:
+        path = generate_keys(args.dir, overwrite=args.force)
+    except (OSError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: libzmq without CURVE
+        return _die(str(exc))
+    print(f"CurveZMQ keys written to {path}: give the whole directory to every host of the job "
+          f"and set bus.keys_dir to it")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from launcher.plot import plot_run
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except (OSError, ValueError) as exc:
+        return _die(str(exc))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from launcher.commands.sft import run_sft
+    return run_sft(args)
+
+
+def cmd_eval(args) -> int:
+    from launcher.commands.evaluate import run_eval_command
+    return run_eval_command(args)
+
+
+def cmd_filter(args) -> int:
+    from launcher.commands.difficulty import run_filter_command
+    return run_filter_command(args)
+
+
+def cmd_main(args) -> int:
+    from launcher.commands.demo import run_demo
+    return run_demo(args)

@@ -1,0 +1,176 @@
+"""Start actor processes on local hosts (subprocess) or remote ones (ssh), and stream their logs.
+
+Every process's output is prefixed with its name on our stdout and kept in run_dir/logs/NAME.log,
+so one terminal shows the whole job and a post-mortem has each actor's full log.
+
+Every process dies with the launcher, even a SIGKILLed one: local processes (ssh included) are
+started with PR_SET_PDEATHSIG = SIGKILL, and a remote process ends with its ssh (-tt gives it a
+terminal, so it gets SIGHUP).  Each also carries RUN_DIR_ENV = the run directory in its
+environment, so a process of a job can be found by its run directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shlex
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.job.hosts import Host, HostsError
+
+SSH_CONNECT_TIMEOUT = 10  # seconds; ssh's own limit on reaching a host
+# what a local actor inherits from the launcher and a remote one gets on its command line
+FORWARDED_ENV = ("BOBA_TORCH_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED")
+SSH_ALIVE = (10, 3)  # a host silent for 10 s x 3 probes ends its ssh, and so its actor (-tt: SIGHUP)
+
+
+def ssh_argv(host: Host, *, tty: bool = False) -> list[str]:
+    """`ssh [-tt] [-F config] -o ... user@host`: no prompts, bounded connect, dead links noticed."""
+    argv = ["ssh"] + (["-tt"] if tty else []) + (["-F", host.ssh_config] if host.ssh_config else [])
+    return argv + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
+                   "-o", f"ServerAliveInterval={SSH_ALIVE[0]}", "-o", f"ServerAliveCountMax={SSH_ALIVE[1]}",
+                   host.ssh_target]
+RUN_DIR_ENV = "BOBA_RUN_DIR"  # in every process's environment: the run directory of its job
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    role: str
+    argv: list[str]  # the python -m ... command, run in the project directory
+    host: Host | None = None  # None = this machine
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, cwd: str) -> list[str]:
+        """The full command line, wrapped in ssh for a remote host (what --dry-run prints)."""
+        if self.host is None or self.host.is_local:
+            return list(self.argv)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | self.env
+        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+        remote = f"cd {shlex.quote(cwd)} && {envs + ' ' if envs else ''}exec {shlex.join(self.argv)}"
+        # -tt: a remote terminal, so the remote process gets SIGHUP and ends with this ssh (stopped by
+        # the launcher, or the connection lost); without one it would outlive the job on its host
+        return ssh_argv(self.host, tty=True) + [remote]
+
+
+class Process:
+    """One running actor process with its log pump."""
+
+    def __init__(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, log_path: Path, echo: bool):
+        self.spec, self.proc, self.log_path, self.echo = spec, proc, log_path, echo
+        self.tail: list[str] = []
+        self._pump = asyncio.create_task(self._read())
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def _read(self) -> None:
+        with open(self.log_path, "ab") as log:
+            assert self.proc.stdout is not None
+            async for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                text = line.decode(errors="replace").rstrip()
+                self.tail = (self.tail + [text])[-20:]
+                if self.echo:
+                    sys.stdout.write(f"[{self.name}] {text}\n")
+                    sys.stdout.flush()
+
+    async def wait(self) -> int:
+        rc = await self.proc.wait()
+        await self._pump
+        return rc
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(signal.SIGCONT)  # a stopped (frozen) process acts on SIGTERM only when resumed
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except (asyncio.TimeoutError, ProcessLookupError):
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+                await self.proc.wait()
+        try:
+            await asyncio.wait_for(self._pump, 5)
+        except asyncio.TimeoutError:
+            self._pump.cancel()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: SIGKILL this child when the thread that started it exits (the launcher's loop
+    thread: the main thread), and at once if that already happened between fork and now.
+
+    Children run in sessions of their own (a Ctrl-C meant for the launcher must not reach them
+    first), so nothing else would end them when a launcher is SIGKILLed.  Linux only; elsewhere a
+    no-op.
+    """
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the launcher died before the prctl took effect
+    return preexec
+
+
+async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True,
+                run_dir: Path | None = None) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+    if run_dir is not None:
+        env[RUN_DIR_ENV] = str(run_dir)
+    proc = await asyncio.create_subprocess_exec(
+        *spec.command(cwd), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None)
+    return Process(spec, proc, log_dir / f"{spec.name}.log", echo)
+
+
+async def check_hosts(hosts: list[Host], timeout: float = SSH_CONNECT_TIMEOUT) -> None:
+    """Reach every remote host over ssh once, before anything starts: HostsError names each that fails.
+
+    Without this an unreachable host shows up only as an actor that never joins, after the rest of
+    the job has started.
+    """
+    async def probe(host: Host) -> str | None:
+        argv = ssh_argv(host) + ["true"]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            return f"{host}: cannot run ssh ({exc})"
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout + 5)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return f"{host}: no answer over ssh within {timeout + 5:.0f} s"
+        if proc.returncode != 0:
+            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+            return f"{host}: ssh exited with code {proc.returncode}: {lines[-1] if lines else '(no output)'}"
+        return None
+
+    problems = [p for p in await asyncio.gather(*(probe(h) for h in hosts)) if p]
+    if problems:
+        raise HostsError(f"unreachable host{'s' if len(problems) > 1 else ''} (ssh -o BatchMode=yes): "
+                         + "; ".join(problems))

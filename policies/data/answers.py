@@ -1,0 +1,78 @@
+"""Reference answers out of a dataset's answer field (`data.answer_format`).
+
+Datasets keep the answer in their own shape: GSM8K ends a worked solution with "#### 72", MATH
+keeps a whole solution whose last \\boxed{} holds the answer. The verifier wants the answer itself,
+so each format names how to cut it out; a row where the cut finds nothing is a malformed row.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from policies.verify.boxed import extract_boxed
+
+FORMATS = ("raw", "boxed", "gsm8k")
+
+
+class AnswerFormatError(ValueError):
+    """The answer field does not have the declared format; the message says what was looked for."""
+
+
+def _gsm8k(text: str) -> str:
+    head, sep, tail = text.rpartition("####")
+    if not sep:
+        raise AnswerFormatError("no '####' before the final answer (data.answer_format: gsm8k)")
+    answer = tail.strip().replace(",", "").removeprefix("$").rstrip(".").strip()
+    if not answer:
+        raise AnswerFormatError("nothing after '####' (data.answer_format: gsm8k)")
+    return answer
+
+
+def _boxed(text: str) -> str:
+    answer = extract_boxed(text)
+    if answer is None or not answer.strip():
+        raise AnswerFormatError("no complete \\boxed{} answer (data.answer_format: boxed)")
+    return answer.strip()
+
+
+def extract_answer(text: str, fmt: str) -> str:
+    """The reference answer in `text` read as `fmt` (raw: `text` itself)."""
+    if fmt == "raw":
+        return text
+    if fmt == "gsm8k":
+        return _gsm8k(text)
+    if fmt == "boxed":
+        return _boxed(text)
+    raise ValueError(f"answer format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def reference_answers(value: Any, fmt: str, key: str) -> list[str]:
+    """The references of one row's `key` field: a string, a number, or a non-empty list of strings.
+
+    Raises `_Bad`-compatible `ValueError`s (the caller adds file:line) that name `key`.
+    """
+    from policies.data.dataset import _Bad
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _Bad(f"{key!r} is an empty list")
+        items = list(value)
+    else:
+        items = [value]
+    out = []
+    for i, item in enumerate(items):
+        where = f"{key!r}[{i}]" if len(items) > 1 or isinstance(value, (list, tuple)) else repr(key)
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise _Bad(f"{where} must be a string or a number, got {type(item).__name__}")
+        text = item if isinstance(item, str) else repr(item)
+        if not text.strip():
+            raise _Bad(f"{where} is empty")
+        try:
+            out.append(extract_answer(text, fmt) if isinstance(item, str) else text)
+        except AnswerFormatError as e:
+            raise _Bad(f"{where}: {e}; got {_short(text)}") from None
+    return out
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = re.sub(r"\s+", " ", text)
+    return repr(text if len(text) <= n else "..." + text[-n:])
