@@ -53,7 +53,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policies.data.dataset import build_prompt, load_problems  # noqa: E402
+from policies.data.dataset import load_problems  # noqa: E402
+
+from policies.data.prompts import build_prompt
 from actors.learner.learner import recompute_needed  # noqa: E402
 from actors.rl_step import rl_step  # noqa: E402
 from launcher.mathdata import make_dataset  # noqa: E402

@@ -55,8 +55,9 @@ def free_port() -> int:
 
 
 def mean_prompt_tokens(train: Path, limit: int = 64) -> float:
-    from policies.data.dataset import build_prompt, load_problems
-    from launcher.config.schema import DIRECTIVE
+    from policies.data.dataset import load_problems
+    from policies.data.prompts import build_prompt
+    from policies.data.prompts import DIRECTIVE
     from policies.model.loading import load_tokenizer, smollm2_dir
     tok = load_tokenizer(smollm2_dir())
     probs = load_problems(train)[:limit]

@@ -28,7 +28,7 @@ from actors.generator.torch_backend import TorchBackend
 from bus.client import BusClient
 from bus.errors import BusError
 from bus.keys import load_keys
-from launcher.job.roles import stop_ids
+from policies.data.prompts import stop_ids
 from policies.model.loading import load_model, load_tokenizer
 
 

@@ -5,7 +5,8 @@ import orjson
 import pytest
 
 from policies.data.answers import extract_answer
-from policies.data.dataset import DatasetError, Layout, Problem, build_prompt, load_problems
+from policies.data.dataset import DatasetError, Layout, Problem, load_problems
+from policies.data.prompts import build_prompt
 
 GSM8K = [
     {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},

@@ -7,7 +7,9 @@ import re
 import orjson
 import pytest
 
-from policies.data.dataset import (DatasetError, Problem, SFTPair, build_prompt, load_problems, load_sft_pairs,
+from policies.data.dataset import DatasetError, Problem, SFTPair, load_problems, load_sft_pairs
+
+from policies.data.prompts import build_prompt
                             write_jsonl)
 from launcher.mathdata import TEMPLATES, generate_problems, make_dataset
 

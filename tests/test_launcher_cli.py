@@ -16,9 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from policies.data.dataset import build_prompt, load_problems
+from policies.data.dataset import load_problems
+
+from policies.data.prompts import build_prompt
 from launcher.__main__ import main
-from launcher.config.schema import DIRECTIVE
+from policies.data.prompts import DIRECTIVE
 from launcher.mathdata import make_dataset
 from launcher.job.metrics import MetricsWriter
 from tests.launch_util import ROOT, launch

@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from policies.data.dataset import Problem, build_prompt
+from policies.data.dataset import Problem
+
+from policies.data.prompts import build_prompt
 from actors.rl_step import rl_step
-from launcher.config.schema import DIRECTIVE
+from policies.data.prompts import DIRECTIVE
 from policies.model.loading import load_tokenizer, smollm2_dir, tiny_model
 from policies.train.ppo import PPOConfig, make_optimizer
 from policies.verify.reward import RewardConfig, RewardFn

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from policies.data.dataset import Problem, build_prompt, load_problems
-from launcher.config.schema import DIRECTIVE
-from launcher.job.roles import stop_ids
+from policies.data.dataset import Problem, load_problems
+
+from policies.data.prompts import DIRECTIVE, build_prompt, stop_ids
 from policies.infer.sampling import GenerationEngine, SamplingParams
 from policies.verify.verifier import VerifierPool
 

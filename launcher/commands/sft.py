@@ -8,8 +8,10 @@ import time
 
 import torch
 
-from policies.data.dataset import build_prompt, load_sft_pairs
-from launcher.config.schema import DIRECTIVE
+from policies.data.dataset import load_sft_pairs
+
+from policies.data.prompts import build_prompt
+from policies.data.prompts import DIRECTIVE
 from policies.model.loading import compile_layers
 from policies.train.ppo import SFTConfig, make_optimizer, sft_step
 from tensors.packed import PackedBatch

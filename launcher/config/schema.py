@@ -24,10 +24,10 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from policies.cost_model import CostModel
+from policies.data.prompts import DIRECTIVE
 from policies.train.ppo import PPOConfig, SFTConfig
 from policies.verify.reward import RewardConfig
 
-DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
 ROLES = ("sampler", "generator", "verifier", "packer", "learner", "broadcaster")
 SCALABLE_ROLES = ("generator", "verifier")   # the only roles that may run more than one instance
 

@@ -17,6 +17,7 @@ import torch
 from actors.learner import checkpoint
 from actors.base import Actor
 from launcher.config.schema import ExperimentConfig
+from policies.data.prompts import stop_ids
 
 log = logging.getLogger("launcher.job.roles")
 
@@ -141,15 +142,6 @@ def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:
             "stop_token_ids": stop_token_ids}
 
 
-def stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
 def tensor_options(cfg: ExperimentConfig, bus_address: str):
     """This process's tensor sockets: its host's address towards the bus, CurveZMQ with the bus's keys."""
     from tensors.channels import Curve, TensorOptions
@@ -167,7 +159,7 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
           bus_kwargs: dict, instances: int = 1) -> list[Actor]:
     """The actors of one process (two for the learner: learner + broadcaster; ``instances``
     simulated generators, named on from ``name``'s number)."""
-    from policies.data.dataset import build_prompt
+    from policies.data.prompts import build_prompt
     from policies.model.loading import load_model, load_tokenizer
 
     bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address)}

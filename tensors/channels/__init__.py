@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tensors.channels.base import Channel, Descriptor, Payload
+from tensors.channels.kinds import KINDS, open_channel
 from tensors.channels.local import DEFAULT_HUB, LocalChannel, LocalHub
 from tensors.channels.locality import Channels, TensorOptions, choose_kind
 from tensors.channels.outbox import Curve
 from tensors.channels.shm import ShmChannel, sweep_orphans
 from tensors.channels.zmq_channel import ZmqChannel
-
-KINDS = ("local", "shm", "zmq", "cuda_ipc", "nccl")
-
-
-def open_channel(kind: str, **opts: Any) -> Channel:
-    """A channel of the given kind; `opts` go to its constructor (e.g. name=..., bind=...)."""
-    if kind == "local":
-        return LocalChannel(**opts)
-    if kind == "shm":
-        return ShmChannel(**opts)
-    if kind == "zmq":
-        return ZmqChannel(**opts)
-    if kind == "cuda_ipc":
-        from tensors.channels.cuda_ipc import CudaIpcChannel
-
-        return CudaIpcChannel(**opts)
-    if kind == "nccl":
-        from tensors.channels.nccl import NcclChannel
-
-        return NcclChannel(**opts)
-    raise ValueError(f"unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")
-
 
 __all__ = [
     "Channel", "Descriptor", "Payload", "KINDS", "open_channel", "choose_kind",

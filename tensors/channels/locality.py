@@ -106,7 +106,7 @@ class Channels:
 
     def channel(self, kind: str) -> Channel:
         if kind not in self._open:
-            from tensors.channels import open_channel
+            from tensors.channels.kinds import open_channel
 
             self._open[kind] = open_channel(kind, **(self.options.zmq_opts() if kind == "zmq" else {}))
         return self._open[kind]
@@ -123,7 +123,7 @@ class Channels:
 
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
         """The payload a descriptor names, through a channel of its kind (NCCL needs its group)."""
-        from tensors.channels import KINDS
+        from tensors.channels.kinds import KINDS
 
         kind = descriptor.get("kind") if isinstance(descriptor, dict) else None
         if kind not in KINDS or kind == "nccl":
