@@ -7,10 +7,8 @@ import re
 import orjson
 import pytest
 
-from policies.data.dataset import DatasetError, Problem, SFTPair, load_problems, load_sft_pairs
-
+from policies.data.dataset import DatasetError, Problem, SFTPair, load_problems, load_sft_pairs, write_jsonl
 from policies.data.prompts import build_prompt
-                            write_jsonl)
 from launcher.mathdata import TEMPLATES, generate_problems, make_dataset
 
 DIRECTIVE = "Please reason step by step, and enclose your final answer in \\boxed{}."
