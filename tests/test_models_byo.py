@@ -94,9 +94,9 @@ def test_qwen3_q_k_norms_are_applied():
 
 
 def test_fallback_is_said_once_and_updates_are_seen(caplog):
-    caplog.set_level(logging.WARNING, logger="policies.infer.sampling")
-    import policies.infer.sampling as sampling
-    sampling._FALLBACK_SAID.discard("MistralForCausalLM")
+    caplog.set_level(logging.WARNING, logger="policies.infer.hf_decoder")
+    import policies.infer.hf_decoder as hf_decoder
+    hf_decoder._FALLBACK_SAID.discard("MistralForCausalLM")
     model, other = tiny_mistral(0), tiny_mistral(1)
     engines = [GenerationEngine(model) for _ in range(2)]
     said = [r for r in caplog.records if "MistralForCausalLM runs on the HF forward" in r.getMessage()]

@@ -7,7 +7,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from policies.infer.llama_infer import CompactDecoder, UnsupportedModelError
 from policies.model.loading import tiny_model
-from policies.infer.sampling import GenerationEngine, SamplingParams, generate, inverse_cdf, sample_tokens, top_p_keep
+from policies.infer.sampling import GenerationEngine, SamplingParams, generate
+from policies.infer.token_draw import inverse_cdf, sample_tokens, top_p_keep
 
 VOCAB = 49152
 

@@ -10,8 +10,14 @@ no KV cache, so a step costs a forward over every row's tokens: correct for any 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
+
+from policies.infer.llama_infer import CompactDecoder, UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 
 class TokenCache:
@@ -92,3 +98,21 @@ class HFDecoder:
         cache.ids[rows, positions] = tokens
         lengths = positions + 1
         return self._last_logits(cache.ids[:b, :int(lengths.max())], lengths)
+
+
+_FALLBACK_SAID: set[str] = set()   # model classes already reported as running on the HF fallback
+
+
+def make_decoder(model: nn.Module, *, fuse: bool = True, hf_fallback: bool = True):
+    """The compact decoder where it reproduces the model's math, else (with hf_fallback) HF's forward
+    (policies.infer.hf_decoder: any causal LM, slower; said once per model class in the log)."""
+    try:
+        return CompactDecoder(model, fuse=fuse)
+    except UnsupportedModelError as e:
+        if not hf_fallback:
+            raise
+        name = type(model).__name__
+        if name not in _FALLBACK_SAID:
+            _FALLBACK_SAID.add(name)
+            log.warning("%s runs on the HF forward without a KV cache (slower than the torch engine): %s", name, e)
+        return HFDecoder(model)

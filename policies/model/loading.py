@@ -86,7 +86,7 @@ def check_causal_lm(path: str | os.PathLike) -> str:
     """The model_type of an HF model directory, or ModelPathError when transformers has no causal LM for it.
 
     Says nothing of speed: Llama / Qwen2 / Qwen3 generate on the compact engine, every other causal LM on
-    HF's forward (policies.infer.sampling.make_decoder)."""
+    HF's forward (policies.infer.hf_decoder.make_decoder)."""
     import json
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
