@@ -288,7 +288,7 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_dir, data, capsys):
     assert all(p["k"] == 2 and 0 <= p["correct"] <= 2 for p in r["per_problem"])
 
     rc, _, err = run_cli(capsys, "eval", "--data", str(data["test"]), "--model", str(tiny_dir), "-k", "0")
-    assert rc == 2 and "k: expected >= 1" in err
+    assert rc == 2 and "-k: expected an integer >= 1, got 0" in err
 
 
 def test_force_newline_appends_a_newline_token(tiny_dir, tmp_path, data, capsys):
