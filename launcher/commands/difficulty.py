@@ -9,13 +9,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from launcher.commands.inputs import add_model_flags, add_problem_flags, failed, load_inputs, problems
-from launcher.config.flags import add_flags, settings_from
+from launcher.commands.evaluate import sample_and_score
+from launcher.commands.inputs import add_model_flags, add_problem_flags
+from launcher.config.flags import add_flags
 from launcher.config.schema import ExperimentConfig
 from policies.data.dataset import TABLE_SUFFIXES, write_jsonl
-from policies.infer.evaluate import EvalConfig, evaluate
+from policies.infer.evaluate import EvalConfig
 
 FLAGS = ("k", "temperature", "max_new_tokens", "dtype")
 SAMPLES = 8  # the release samples 8 solutions per problem to filter (eval.k's 32 is for pass@1)
@@ -34,13 +33,10 @@ def keep_ids(per_problem: list[dict]) -> set[str]:
 
 
 def run_filter_command(args) -> int:
-    try:
-        s = settings_from(args, EvalConfig, *FLAGS)
-        _, model, tok, probs = load_inputs(args, problems, s.dtype)
-    except (ValueError, OSError) as exc:
-        return failed(exc)
-    torch.manual_seed(args.seed)
-    result = evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt, label="filter")
+    done = sample_and_score(args, FLAGS, label="filter")
+    if isinstance(done, int):
+        return done
+    _, s, probs, result = done
     keep = keep_ids(result["per_problem"])
     if Path(args.data).is_file() and Path(args.data).suffix.lower() not in TABLE_SUFFIXES:   # JSONL: lines as they were
         raw = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]

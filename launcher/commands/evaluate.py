@@ -24,16 +24,25 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_problem_flags(p)
 
 
-def run_eval_command(args) -> int:
+def sample_and_score(args, flags: tuple[str, ...], label: str = "eval"):
+    """What `eval` and `filter` share: the settings from `flags`, the model and the problems (the first
+    --limit), then pass@1 -> (model path, settings, problems, result), or the exit code of a bad input."""
     try:
-        s = settings_from(args, EvalConfig, *FLAGS)
+        s = settings_from(args, EvalConfig, *flags)
         path, model, tok, probs = load_inputs(args, problems, s.dtype)
     except (ValueError, OSError) as exc:
         return failed(exc)
-    if args.limit:
-        probs = probs[:args.limit]
+    probs = probs[:args.limit] if getattr(args, "limit", None) else probs
     torch.manual_seed(args.seed)
-    result = evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt)
+    return path, s, probs, evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt,
+                                    label=label)
+
+
+def run_eval_command(args) -> int:
+    done = sample_and_score(args, FLAGS)
+    if isinstance(done, int):
+        return done
+    path, s, _, result = done
     print(f"{'model':<40} {'problems':>8} {'k':>4} {'pass@1':>8} {'truncated':>9}")
     print(f"{path[-40:]:<40} {result['problems']:>8} {s.k:>4} {result['pass@1']:>8.3f} "
           f"{result['truncation_rate']:>9.3f}")
