@@ -309,3 +309,28 @@ def test_cli_prints_effective_config(tmp_path, capsys):
     assert yaml.safe_load(out)["name"] == "cli"
     assert main(["ppo.lr=abc"]) == 2
     assert "config error: ppo.lr: expected a number > 0, got 'abc'" in capsys.readouterr().err
+
+
+def test_command_flags_are_the_config_fields_with_their_defaults():
+    from launcher.__main__ import parser
+    from policies.infer.evaluate import EvalConfig
+    from policies.train.ppo import SFTConfig
+    ev = parser("eval").parse_args(["eval", "--data", "d.jsonl"])
+    assert EvalConfig(**{k: getattr(ev, k) for k in ("k", "temperature", "top_p", "max_new_tokens",
+                                                       "force_newline", "dtype")}) == EvalConfig()
+    assert (ev.answer_format, ev.split, ev.device, ev.seed) == ("raw", "train", "auto", 1)   # data.*, model.*, seed
+    sft = parser("sft").parse_args(["sft", "--data", "d.jsonl", "--out", "o"])
+    assert (sft.epochs, sft.lr, sft.batch_size, sft.bf16) == (SFTConfig().epochs, SFTConfig().lr,
+                                                              SFTConfig().batch_size, SFTConfig().bf16)
+    flt = parser("filter").parse_args(["filter", "--data", "d.jsonl", "--out", "o", "--temperature", "0.5"])
+    assert (flt.k, flt.temperature) == (8, 0.5)    # the filter samples 8 per problem (the release's), not eval.k
+    assert parser("eval").parse_args(["eval", "--data", "d", "--force-newline"]).force_newline is True
+
+
+def test_settings_convert_and_check_direct_construction():
+    from policies.settings import FieldError
+    from policies.train.ppo import PPOConfig
+    assert PPOConfig(lr=1).lr == 1.0 and isinstance(PPOConfig(lr=1).lr, float)
+    for bad in ({"minibatches": 1.5}, {"compile": 1}, {"adam_betas": (0.9, 1.0)}, {"kl_estimator": "k2"}):
+        with pytest.raises(FieldError, match=f"^{next(iter(bad))}: expected"):
+            PPOConfig(**bad)

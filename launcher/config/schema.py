@@ -20,8 +20,6 @@ from policies.settings import (Checked, ConfigError, FieldError, at_least_one, n
 from policies.train.ppo import PPOConfig, SFTConfig
 from policies.verify.reward import RewardConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "check_trainable", "check_reward_fns", "wandb_options"]
-
 
 @dataclass
 class ModelConfig(Checked):
@@ -29,7 +27,7 @@ class ModelConfig(Checked):
                     doc='"smollm2", "tiny", or a Hugging Face model directory')
     dtype: Literal["float32", "bfloat16", "auto"] = opt(
         "float32", doc="the learner's weights (its optimizer state follows); auto = bfloat16 where it is native")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", doc="auto = cuda when present")
 
 
 def _key_or_none(v) -> bool: return v is None or (isinstance(v, str) and bool(v.strip()))
@@ -161,10 +159,6 @@ class ActorsConfig(Checked):
             raise FieldError("learner.ranks", "1 with learner.mode sim (the simulated learner is one process)",
                              self.learner.ranks)
 
-    def role(self, name: str) -> RoleConfig:
-        return getattr(self, name)
-
-
 @dataclass
 class BusConfig(Checked):
     host: str = opt("127.0.0.1", check=bool, expect="(non-empty)")
@@ -212,7 +206,7 @@ class ExperimentConfig(Checked):
     name: str = opt("exp", check=lambda v: bool(re.fullmatch(r"[A-Za-z0-9._-]+", v)),
                     expect="made of letters, digits, '.', '_', '-'")
     run_dir: str | None = opt(None, doc='default "runs/<name>"')
-    seed: int = 1
+    seed: int = opt(1, doc="seeds data order, sampling and model init")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
