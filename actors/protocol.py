@@ -57,3 +57,7 @@ PACKER = "packer"
 LEARNER = "learner"
 BROADCASTER = "broadcaster"
 LAUNCHER = "launcher"
+
+# the roles of the actor processes, in placement order (the broadcaster runs in the learner's process)
+ROLES = (SAMPLER, GENERATOR, VERIFIER, PACKER, LEARNER)
+SCALABLE_ROLES = (GENERATOR, VERIFIER)  # the only roles that may run more than one instance

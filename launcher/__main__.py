@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import logging
 import sys
 
+DERIVED = {"sft": "launcher.commands.sft", "eval": "launcher.commands.evaluate", "filter": "launcher.commands.difficulty"}
 COMMANDS = ("run", "actor", "attach", "status", "keys", "plot", "sft", "eval", "filter", "main", "config")
-
-
-def _data_args(p) -> None:
-    """The data.* layout keys and a device, as flags of eval and filter (configs/example.yaml explains them)."""
-    p.add_argument("--prompt-key", help="column with the prompt (default: prompt / question / problem)")
-    p.add_argument("--answer-key", help="column with the reference (default: solutions / answer)")
-    p.add_argument("--id-key", help="column with a unique id (default: query_id / id)")
-    p.add_argument("--answer-format", choices=["raw", "boxed", "gsm8k"], default="raw",
-                   help="gsm8k: the text after ####; boxed: the last \\boxed{}")
-    p.add_argument("--split", default="train", help="the split of a saved DatasetDict directory")
-    p.add_argument("--system-prompt", help="a system turn before each problem")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
 
 
 def _common_config(p: argparse.ArgumentParser) -> None:
@@ -27,7 +16,9 @@ def _common_config(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. -o rollout.max_staleness=2 (repeatable)")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command`, only that sub-command's config-derived flags are built
+    (they import the config, which imports torch: `status` and `keys` stay quick)."""
     ap = argparse.ArgumentParser(prog="python -m launcher", description=__doc__)
     sub = ap.add_subparsers(dest="command")
 
@@ -68,46 +59,13 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out")
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning on (prompt, response) JSONL")
-    sft.add_argument("--data", required=True)
-    sft.add_argument("--model", default="smollm2")
-    sft.add_argument("--out", required=True)
-    sft.add_argument("--epochs", type=int, default=2)
-    sft.add_argument("--lr", type=float, default=1e-5)
-    sft.add_argument("--batch-size", type=int, default=16)
-    sft.add_argument("--seed", type=int, default=1)
-    sft.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 master weights in AdamW")
-    sft.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (slow first step)")
-
-    ev = sub.add_parser("eval", help="pass@1 over k samples per problem")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--model", default="smollm2")
-    ev.add_argument("-k", type=int, default=32)
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-p", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=512)
-    ev.add_argument("--force-newline", action="store_true", help="responses begin with a newline")
-    ev.add_argument("--limit", type=int, help="only the first N problems")
-    ev.add_argument("--out", help="write the results as JSON here")
-    ev.add_argument("--seed", type=int, default=1)
-    ev.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                    help="the sampling model's weights; auto = bfloat16 where it is native")
-
-    _data_args(ev)
-
-    flt = sub.add_parser("filter", help="drop problems the base model always solves")
-    flt.add_argument("--data", required=True)
-    flt.add_argument("--model", default="smollm2")
-    flt.add_argument("-k", type=int, default=8)
-    flt.add_argument("--out", required=True)
-    flt.add_argument("--temperature", type=float, default=1.0)
-    flt.add_argument("--max-new-tokens", type=int, default=512)
-    flt.add_argument("--seed", type=int, default=1)
-    flt.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                    help="the sampling model's weights; auto = bfloat16 where it is native")
-
-    _data_args(flt)
-    sft.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when present")
+    # the flags of sft, eval and filter are derived from their config fields (launcher.config.flags)
+    for name, add, about in [("sft", "add_sft_flags", "supervised fine-tuning on (prompt, response) JSONL"),
+                             ("eval", "add_eval_flags", "pass@1 over k samples per problem"),
+                             ("filter", "add_filter_flags", "drop problems the base model always solves")]:
+        p = sub.add_parser(name, help=about)
+        if command in (None, name):
+            getattr(importlib.import_module(DERIVED[name]), add)(p)
 
     main = sub.add_parser("main", help="the demo: data, SFT, eval, RL, eval, before/after table")
     main.add_argument("--out", default="runs/main")
@@ -126,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run"] + argv
-    args = parser().parse_args(argv)
+    args = parser(argv[0]).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):

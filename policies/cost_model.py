@@ -17,37 +17,30 @@ import math
 import random
 from dataclasses import dataclass
 
-
-def _check(cond: bool, field: str, msg: str, value) -> None:
-    if not cond:
-        raise ValueError(f"{field}={value!r}: {msg}")
+from policies.settings import Checked, at_least_one, closed_unit, non_negative, opt, positive
 
 
 @dataclass
-class CostModel:
-    prefill_s_per_token: float = 2e-5     # a prompt (or a prefix re-read after an interrupting update)
-    decode_step_s: float = 0.03           # one decode step of up to max_running sequences
-    max_running: int = 64                 # sequences one decode step serves at decode_step_s
-    response_median: float = 2000.0       # simulated tokens
-    response_sigma: float = 1.0           # of log(length): the tail
-    max_response_tokens: int = 27000      # the cap; a capped response is truncated ("length")
-    learner_s_per_token: float = 2e-5     # one PPO step, per simulated token of the batch
-    weight_gb: float = 14.0               # the weights a sync moves (7B in bf16)
-    sync_s_per_gb: float = 0.05           # generators pause this long per GB while weights arrive
-    accuracy: float = 0.5                 # chance a response boxes the reference answer
-    token_scale: int = 1                  # simulated tokens per emitted token
-    time_scale: float = 1.0               # multiplies every duration
-
-    def __post_init__(self) -> None:
-        for name in ("prefill_s_per_token", "learner_s_per_token", "sync_s_per_gb", "weight_gb"):
-            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
-        for name in ("decode_step_s", "response_median", "time_scale"):
-            _check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
-        _check(self.response_sigma >= 0, "response_sigma", "must be >= 0", self.response_sigma)
-        for name in ("max_running", "max_response_tokens", "token_scale"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, name, "must be an int >= 1", v)
-        _check(0 <= self.accuracy <= 1, "accuracy", "must be in [0, 1]", self.accuracy)
+class CostModel(Checked):
+    prefill_s_per_token: float = opt(2e-5, check=non_negative, expect=">= 0",
+                                     doc="a prompt (or a prefix re-read after an interrupting update)")
+    decode_step_s: float = opt(0.03, check=positive, expect="> 0",
+                               doc="one decode step of up to max_running sequences")
+    max_running: int = opt(64, check=at_least_one, expect=">= 1",
+                           doc="sequences one decode step serves at decode_step_s")
+    response_median: float = opt(2000.0, check=positive, expect="> 0", doc="simulated tokens")
+    response_sigma: float = opt(1.0, check=non_negative, expect=">= 0", doc="of log(length): the tail")
+    max_response_tokens: int = opt(27000, check=at_least_one, expect=">= 1",
+                                   doc='the cap; a capped response is truncated ("length")')
+    learner_s_per_token: float = opt(2e-5, check=non_negative, expect=">= 0",
+                                     doc="one PPO step, per simulated token of the batch")
+    weight_gb: float = opt(14.0, check=non_negative, expect=">= 0", doc="the weights a sync moves (7B in bf16)")
+    sync_s_per_gb: float = opt(0.05, check=non_negative, expect=">= 0",
+                               doc="generators pause this long per GB while weights arrive")
+    accuracy: float = opt(0.5, check=closed_unit, expect="in [0, 1]",
+                          doc="chance a response boxes the reference answer")
+    token_scale: int = opt(1, check=at_least_one, expect=">= 1", doc="simulated tokens per emitted token")
+    time_scale: float = opt(1.0, check=positive, expect="> 0", doc="multiplies every duration")
 
     # ---- lengths ---------------------------------------------------------------------------
     def response_length(self, rng: random.Random) -> int:

@@ -72,7 +72,7 @@ def test_an_unimportable_reward_function_stops_the_launch_naming_the_key(tmp_pat
 
 
 def test_eval_every_needs_data_test(tmp_path):
-    from launcher.config.schema import ConfigError, check_trainable, load_config
+    from launcher.config import ConfigError, check_trainable, load_config
     train = make_gsm8k_parquet.write(tmp_path / "train.parquet", n=2)
     with pytest.raises(ConfigError, match=r"^eval\.every: 3 needs data\.test"):
         check_trainable(load_config(overrides=[f"data.train={train}", "eval.every=3"]))

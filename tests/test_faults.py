@@ -246,7 +246,7 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
 
 def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, jobs):
     from actors.learner.checkpoint import list_checkpoints, restore_optimizer, state_digest
-    from launcher.config.schema import load_config
+    from launcher.config import load_config
     from policies.model.loading import load_model
     from policies.train.ppo import make_optimizer
 

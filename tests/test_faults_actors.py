@@ -194,7 +194,8 @@ def _sampler(broker, **cfg):
     from policies.data.dataset import Problem
     from actors.sampler.sampler import PromptSampler, SamplerConfig
     return PromptSampler(broker.address, problems=[Problem("q-1", "1+0?", ["1"])], prompt_ids=[[1, 2, 3]],
-                         cfg=SamplerConfig(**{"batch_prompts": 1, "group_size": 2, "total_batches": 1, **cfg}),
+                         cfg=SamplerConfig(**{"batch_prompts": 1, "group_size": 2, "total_batches": 1, "max_staleness": 0,
+                                              "seed": 1, "sampling": {}, "request_timeout": 600.0, **cfg}),
                          heartbeat_interval=HB)
 
 

@@ -21,7 +21,7 @@ import torch
 from actors.learner import checkpoint
 from actors.learner.checkpoint import CheckpointError
 from launcher.__main__ import main
-from launcher.config.schema import load_config
+from launcher.config import load_config
 from launcher.mathdata import make_dataset
 from launcher.job.roles import resolve_start
 

@@ -12,7 +12,7 @@ import torch
 
 from actors.packer import ScoredGroup, batch_stats
 from actors.generator.torch_backend import TorchBackend
-from launcher.config.schema import ConfigError, load_config
+from launcher.config import ConfigError, load_config
 from policies.model.loading import tiny_model
 from policies.infer.sampling import GenerationEngine, SamplingParams
 

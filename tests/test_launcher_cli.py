@@ -113,11 +113,16 @@ def test_remote_hosts_need_a_reachable_bus(tmp_path, data, capsys, bus_host):
     assert f"{hosts} names remote hosts but bus.host is {bus_host}" in err and "bus.keys_dir" in err
 
 
-def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
+def _dry_run(capsys, tmp_path, data, hostfile: str, *overrides: str):
+    """`run --dry-run` of configs/tiny.yaml on `hostfile` with these overrides -> (rc, out, err)."""
     hosts = tmp_path / "hosts.txt"
-    hosts.write_text("localhost slots=8\n")
-    rc, out, _ = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                         "-o", "actors.generator.count=7", "-o", f"data.train={data['train']}", "-o", "data.test=null")
+    hosts.write_text(hostfile)
+    sets = [x for o in [*overrides, f"data.train={data['train']}", "data.test=null"] for x in ("-o", o)]
+    return run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml", *sets)
+
+
+def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
+    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=8\n", "actors.generator.count=7")
     assert rc == 0
     gpus = sorted(a.split("=")[1] for _, argv in _commands(out).values() for a in argv
                   if a.startswith("CUDA_VISIBLE_DEVICES="))
@@ -125,12 +130,9 @@ def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
 
 
 def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data, capsys):
-    hosts = tmp_path / "hosts.txt"
-    hosts.write_text("localhost slots=4\nnode-7 slots=2\n")
-    rc, out, _ = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                         "-o", "actors.learner.ranks=3", "-o", "actors.learner.hosts=[localhost, localhost, node-7]",
-                         "-o", "actors.learner.dist_port=29999", "-o", "actors.generator.count=2",
-                         "-o", "bus.host=10.0.0.5", "-o", f"data.train={data['train']}", "-o", "data.test=null")
+    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=4\nnode-7 slots=2\n", "actors.learner.ranks=3",
+                          "actors.learner.hosts=[localhost, localhost, node-7]", "actors.learner.dist_port=29999",
+                          "actors.generator.count=2", "bus.host=10.0.0.5")
     assert rc == 0
     assert "# learner on localhost, learner rank 0 of 3 (group at 10.0.0.5:29999)" in out
     assert "# learner-rank-1 on localhost, learner rank 1 of 3" in out
@@ -155,10 +157,7 @@ def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data,
 
 
 def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):
-    hosts = tmp_path / "hosts.txt"
-    hosts.write_text("localhost slots=2\n")
-    rc, out, _ = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                         "-o", "actors.generator.count=2", "-o", f"data.train={data['train']}", "-o", "data.test=null")
+    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=2\n", "actors.generator.count=2")
     assert rc == 0
     cmds = _commands(out)
     assert {"generator-0", "generator-1"} <= set(cmds)
@@ -288,7 +287,7 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, tiny_dir, data, capsys):
     assert all(p["k"] == 2 and 0 <= p["correct"] <= 2 for p in r["per_problem"])
 
     rc, _, err = run_cli(capsys, "eval", "--data", str(data["test"]), "--model", str(tiny_dir), "-k", "0")
-    assert rc == 2 and "k: expected >= 1" in err
+    assert rc == 2 and "-k: expected an integer >= 1, got 0" in err
 
 
 def test_force_newline_appends_a_newline_token(tiny_dir, tmp_path, data, capsys):

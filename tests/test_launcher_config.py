@@ -9,8 +9,11 @@ from typing import Literal
 import pytest
 import yaml
 
-from launcher.config.schema import (ConfigError, ExperimentConfig, apply_override, check_trainable, config_to_yaml,
-                             describe_mode, dump_config, from_dict, load_config, main)
+from launcher.config import (ConfigError, ExperimentConfig, check_trainable, config_to_yaml, describe_mode,
+                             dump_config, load_config)
+from launcher.config.printer import main
+from launcher.config.yaml_io import apply_override
+from policies.settings import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,10 +103,10 @@ def test_missing_required_field_and_top_level_type():
 # --- the experiment config -------------------------------------------------------------------
 
 @pytest.mark.parametrize("yaml_text, message", [
-    ("ppo:\n  lr: abc\n", "ppo.lr: expected a number, got 'abc'"),
-    ("ppo:\n  lr: -1\n", "ppo.lr: must be > 0, got -1.0"),
-    ("ppo:\n  kl_estimator: k2\n", "ppo.kl_estimator: must be 'k1' or 'k3', got 'k2'"),
-    ("ppo:\n  adam_betas: [0.9]\n", "ppo.adam_betas: expected a list of 2 items (a number, a number), got [0.9]"),
+    ("ppo:\n  lr: abc\n", "ppo.lr: expected a number > 0, got 'abc'"),
+    ("ppo:\n  lr: -1\n", "ppo.lr: expected a number > 0, got -1.0"),
+    ("ppo:\n  kl_estimator: k2\n", "ppo.kl_estimator: expected one of 'k1', 'k3', got 'k2'"),
+    ("ppo:\n  adam_betas: [0.9]\n", "ppo.adam_betas: expected a list of 2 items (a number, a number) in [0, 1), got [0.9]"),
     ("ppo:\n  minibatchs: 2\n", "ppo.minibatchs: unknown key; did you mean 'ppo.minibatches'?"),
     ("rollout:\n  group_sise: 2\n", "rollout.group_sise: unknown key; did you mean 'rollout.group_size'?"),
     ("rollout:\n  top_p: 1.5\n", "rollout.top_p: expected a number in (0, 1], got 1.5"),
@@ -132,7 +135,7 @@ def test_missing_required_field_and_top_level_type():
     ("actors:\n  generator:\n    dtype: fp16\n",
      "actors.generator.dtype: expected one of 'float32', 'bfloat16', 'auto' or null, got 'fp16'"),
     ("eval:\n  dtype: half\n", "eval.dtype: expected one of 'float32', 'bfloat16', 'auto', got 'half'"),
-    ("sft:\n  epochs: 0\n", "sft.epochs: must be an int >= 1, got 0"),
+    ("sft:\n  epochs: 0\n", "sft.epochs: expected an integer >= 1, got 0"),
     ("ppo:\n  bf16: fast\n", "ppo.bf16: expected true or false or one of 'auto', got 'fast'"),
     ("sft:\n  bf16: 1\n", "sft.bf16: expected true or false or one of 'auto', got 1"),
     ("ppo:\n  recompute_logprobs: sometimes\n",
@@ -144,9 +147,9 @@ def test_missing_required_field_and_top_level_type():
     ("name: 'a b'\n", "name: expected a string made of letters, digits, '.', '_', '-', got 'a b'"),
     ("eval:\n  k: 0\n", "eval.k: expected an integer >= 1, got 0"),
     ("verifier:\n  timeout: 0\n", "verifier.timeout: expected a number > 0 (seconds), got 0.0"),
-    ("reward:\n  correct: .inf\n", "reward.correct: must be a finite number, got inf"),
-    ("reward:\n  wrong: 6\n", "reward: correct (5.0) must be greater than wrong (6.0)"),
-    ("reward:\n  wrong: '-5'\n", "reward.wrong: expected a number, got '-5'"),
+    ("reward:\n  correct: .inf\n", "reward.correct: expected a number (finite), got inf"),
+    ("reward:\n  wrong: 6\n", "reward.wrong: expected a number below correct (5.0), got 6.0"),
+    ("reward:\n  wrong: '-5'\n", "reward.wrong: expected a number (finite), got '-5'"),
     ("zzz: 1\n", "zzz: unknown key; known keys: name, run_dir"),
 ])
 def test_config_errors(tmp_path, yaml_text, message):
@@ -305,4 +308,29 @@ def test_cli_prints_effective_config(tmp_path, capsys):
     assert out.startswith("# mode: asynchronous (max_staleness=1)")
     assert yaml.safe_load(out)["name"] == "cli"
     assert main(["ppo.lr=abc"]) == 2
-    assert "config error: ppo.lr: expected a number, got 'abc'" in capsys.readouterr().err
+    assert "config error: ppo.lr: expected a number > 0, got 'abc'" in capsys.readouterr().err
+
+
+def test_command_flags_are_the_config_fields_with_their_defaults():
+    from launcher.__main__ import parser
+    from policies.infer.evaluate import EvalConfig
+    from policies.train.ppo import SFTConfig
+    ev = parser("eval").parse_args(["eval", "--data", "d.jsonl"])
+    assert EvalConfig(**{k: getattr(ev, k) for k in ("k", "temperature", "top_p", "max_new_tokens",
+                                                       "force_newline", "dtype")}) == EvalConfig()
+    assert (ev.answer_format, ev.split, ev.device, ev.seed) == ("raw", "train", "auto", 1)   # data.*, model.*, seed
+    sft = parser("sft").parse_args(["sft", "--data", "d.jsonl", "--out", "o"])
+    assert (sft.epochs, sft.lr, sft.batch_size, sft.bf16) == (SFTConfig().epochs, SFTConfig().lr,
+                                                              SFTConfig().batch_size, SFTConfig().bf16)
+    flt = parser("filter").parse_args(["filter", "--data", "d.jsonl", "--out", "o", "--temperature", "0.5"])
+    assert (flt.k, flt.temperature) == (8, 0.5)    # the filter samples 8 per problem (the release's), not eval.k
+    assert parser("eval").parse_args(["eval", "--data", "d", "--force-newline"]).force_newline is True
+
+
+def test_settings_convert_and_check_direct_construction():
+    from policies.settings import FieldError
+    from policies.train.ppo import PPOConfig
+    assert PPOConfig(lr=1).lr == 1.0 and isinstance(PPOConfig(lr=1).lr, float)
+    for bad in ({"minibatches": 1.5}, {"compile": 1}, {"adam_betas": (0.9, 1.0)}, {"kl_estimator": "k2"}):
+        with pytest.raises(FieldError, match=f"^{next(iter(bad))}: expected"):
+            PPOConfig(**bad)

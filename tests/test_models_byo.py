@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from launcher.config.schema import load_config
+from launcher.config import load_config
 from launcher.job.roles import check_model_path
 from policies.infer.hf_decoder import HFDecoder
 from policies.infer.llama_infer import CompactDecoder

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from launcher.config.schema import ConfigError, load_config
+from launcher.config import ConfigError, load_config
 from policies.train.advantages import advantages_for
 from policies.train.ppo import PPOConfig, train_step
 from policies.train.schedule import lr_at, scheduled_lr
@@ -30,8 +30,8 @@ def test_schedule_keys_are_checked_and_reach_the_optimizer():
     cfg = load_config(overrides=["ppo.lr_schedule=cosine", "ppo.warmup_steps=2", "ppo.lr=1e-3"]).ppo
     assert scheduled_lr(cfg, 0, 10) == pytest.approx(5e-4)
     for o, msg in [("ppo.lr_schedule=step", r"ppo\.lr_schedule: expected one of 'constant', 'linear', 'cosine'"),
-                   ("ppo.warmup_steps=-1", r"ppo\.warmup_steps: must be an int >= 0"),
-                   ("ppo.min_lr_ratio=2", r"ppo\.min_lr_ratio: must be in \[0, 1\]"),
+                   ("ppo.warmup_steps=-1", r"ppo\.warmup_steps: expected an integer >= 0"),
+                   ("ppo.min_lr_ratio=2", r"ppo\.min_lr_ratio: expected a number in \[0, 1\]"),
                    ("ppo.normalize_advantages=token", r"ppo\.normalize_advantages: expected")]:
         with pytest.raises(ConfigError, match=msg):
             load_config(overrides=[o])
@@ -39,7 +39,7 @@ def test_schedule_keys_are_checked_and_reach_the_optimizer():
 
 def test_kl_coef_is_a_valid_key_and_negative_is_refused():
     assert load_config(overrides=["ppo.kl_coef=0.1"]).ppo.kl_coef == 0.1
-    with pytest.raises(ConfigError, match=r"ppo\.kl_coef: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"ppo\.kl_coef: expected a number >= 0"):
         load_config(overrides=["ppo.kl_coef=-0.1"])
 
 

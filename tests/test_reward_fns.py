@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from launcher.config.schema import ConfigError, check_reward_fns, load_config
+from launcher.config import ConfigError, load_config
+from launcher.config.schema import check_reward_fns
 from policies.verify.reward_fns import RewardFnError, boxed, load_reward_fn, weighted_reward
 from policies.verify.verifier_pool import VerifierPool
 
@@ -81,7 +82,7 @@ def test_an_unimportable_function_is_a_config_error_naming_the_key(user_file):
     cfg = load_config(overrides=[f"reward.fns=[{{fn: '{user_file}:length'}}, {{fn: 'nope_pkg.m:f', weight: 2}}]"])
     with pytest.raises(ConfigError, match=r"^reward\.fns\[1\]\.fn: 'nope_pkg.m:f': cannot import"):
         check_reward_fns(cfg)
-    with pytest.raises(ConfigError, match=r"reward\.fns\[0\]\.fn: expected 'package.module:function'"):
+    with pytest.raises(ConfigError, match=r"reward\.fns\[0\]\.fn: expected a string 'package.module:function'"):
         load_config(overrides=["reward.fns=[{fn: no_colon}]"])
 
 

@@ -106,7 +106,7 @@ async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_an
 def test_the_generator_section_decides_how_the_server_starts_and_how_weights_reach_it():
     from actors.generator.sglang.backend import make_sglang_backend
     from actors.generator.sglang.server import launch_argv
-    from launcher.config.schema import load_config
+    from launcher.config import load_config
     from launcher.job.roles import Start
     cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_tp_size=2",
                              "actors.generator.sglang_command=[/opt/sgl/bin/python, -m, sglang.launch_server]",

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from actors.generator.sim import SimBackend
-from launcher.config.schema import ConfigError, load_config
+from launcher.config import ConfigError, load_config
 from launcher.job.metrics import read_metrics
 from policies.cost_model import CostModel
 from policies.verify.verifier import is_correct

@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from launcher.config.schema import ConfigError, check_trainable, load_config, wandb_options
+from launcher.config import ConfigError, check_trainable, load_config
+from launcher.config.schema import wandb_options
 from launcher.job.metrics import MetricsError, MetricsWriter, read_metrics
 
 

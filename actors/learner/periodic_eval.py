@@ -14,37 +14,36 @@ import time
 
 import torch
 
+from policies.data.dataset import Problem
+from policies.data.prompts import DIRECTIVE
+from policies.infer.evaluate import EvalConfig, evaluate
+
 log = logging.getLogger("actors.learner.periodic_eval")
 
 
 class PeriodicEval:
-    """Callable on the trained model after step `step` (1-based count of steps done) when `due(step)`."""
+    """Callable on the trained model after step `step` (1-based count of steps done) when `due(step)`.
 
-    def __init__(self, cfg, model_path: str, tokenizer, *, device: str, dtype: torch.dtype):
-        from launcher.commands.evaluate import EvalSettings
-        from launcher.job.roles import data_layout
-        from policies.data.dataset import load_problems
+    `problems` (data.test) and `cfg` (eval.*) come from the launcher; `seed`, `directive` and
+    `system_prompt` build the prompts as the rollouts' are built."""
+
+    def __init__(self, problems: list[Problem], cfg: EvalConfig, model_path: str, tokenizer, *, device: str,
+                 dtype: torch.dtype, seed: int = 1, directive: str = DIRECTIVE, system_prompt: str | None = None):
         from policies.model.loading import load_model
-        self.every = cfg.eval.every
-        self.problems = load_problems(cfg.data.test, skip_malformed=cfg.data.skip_malformed, layout=data_layout(cfg))
-        e = cfg.eval
-        self.settings = EvalSettings(k=e.k, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                                     force_newline=e.force_newline, directive=cfg.data.prompt_directive,
-                                     seed=cfg.seed, system_prompt=cfg.data.system_prompt)
-        self.tokenizer = tokenizer
+        self.problems, self.cfg, self.tokenizer = problems, cfg, tokenizer
+        self.prompting = {"seed": seed, "directive": directive, "system_prompt": system_prompt}
         self.model = load_model(model_path, dtype=dtype, device=device).requires_grad_(False).eval()
 
     def due(self, steps_done: int) -> bool:
-        return self.every > 0 and steps_done % self.every == 0
+        return self.cfg.every > 0 and steps_done % self.cfg.every == 0
 
     def __call__(self, trained) -> dict[str, float]:
-        from launcher.commands.evaluate import evaluate
         t0 = time.monotonic()
         with torch.no_grad():
             own = dict(self.model.named_parameters())
             for name, p in trained.named_parameters():
                 own[name].copy_(p)
-        result = evaluate(self.model, self.tokenizer, self.problems, self.settings, label="eval.every")
+        result = evaluate(self.model, self.tokenizer, self.problems, self.cfg, label="eval.every", **self.prompting)
         log.info("eval.every: pass@1 %.3f over %d problems x %d samples (%.0f s)", result["pass@1"],
-                 result["problems"], self.settings.k, time.monotonic() - t0)
+                 result["problems"], self.cfg.k, time.monotonic() - t0)
         return {"eval_pass@1": float(result["pass@1"]), "eval_truncation_rate": float(result["truncation_rate"])}

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from actors import protocol as P
 from actors.base import Actor, handler
@@ -25,15 +25,17 @@ log = logging.getLogger("actors.sampler")
 DEAL_SLICE = 64  # prompts dealt before the sampler lets other messages in (see _deal)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
-    batch_prompts: int = 8
-    group_size: int = 4
-    max_staleness: int = 0
-    total_batches: int = 10
-    seed: int = 1
-    sampling: dict = field(default_factory=dict)  # temperature, top_p, max_new_tokens, ...
-    request_timeout: float = 600.0  # a prompt held longer than this is dealt again
+    """What the sampler needs of the config (rollout.*, train.steps, seed), built by the launcher: no
+    defaults here, so none can drift from the config's."""
+    batch_prompts: int
+    group_size: int
+    max_staleness: int
+    total_batches: int
+    seed: int
+    sampling: dict  # temperature, top_p, max_new_tokens, ...
+    request_timeout: float  # a prompt held longer than this is dealt again
     deliver_timeout: float = 30.0  # how long a prompt is sent again to a generator that does not acknowledge
     report_every: float = 15.0  # seconds between "waiting for ..." progress lines
 

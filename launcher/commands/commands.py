@@ -11,7 +11,8 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from launcher.config.schema import ConfigError, config_to_yaml, describe_mode, from_dict, load_config, ExperimentConfig
+from launcher.config import ConfigError, ExperimentConfig, describe_mode, load_config
+from policies.settings import from_dict
 
 log = logging.getLogger("launcher")
 
@@ -26,13 +27,8 @@ def _load(args) -> ExperimentConfig | None:
 
 
 def cmd_config(args) -> int:
-    try:
-        cfg = _load(args)
-    except (ConfigError, OSError) as exc:
-        return _die(str(exc))
-    print(f"# mode: {describe_mode(cfg)}")
-    print(config_to_yaml(cfg))
-    return 0
+    from launcher.config.printer import print_config
+    return print_config(args.config, args.overrides)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -72,7 +68,7 @@ def cmd_run(args) -> int:
     try:
         cfg = absolute_paths(_load(args))
         hosts = parse_hosts(args.hosts, args.ssh_config) if args.hosts else None
-        from launcher.config.schema import check_trainable
+        from launcher.config import check_trainable
         check_trainable(cfg)
         check_model_path(cfg)
         load_train_problems(cfg)  # a bad line or row stops us here, named

@@ -16,8 +16,8 @@ import torch
 
 from actors.learner import checkpoint
 from policies.data.dataset import load_problems, load_sft_pairs
-from launcher.config.schema import load_config
-from launcher.commands.evaluate import EvalSettings, evaluate
+from launcher.config import load_config
+from policies.infer.evaluate import EvalConfig, evaluate
 from launcher.mathdata import make_dataset
 from launcher.plot import plot_run
 from launcher.job.roles import base_model_path
@@ -31,10 +31,10 @@ log = logging.getLogger("launcher.commands.demo")
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def _eval(path: str, problems, s: EvalSettings, label: str, dtype: str) -> dict:
-    model, tok = load_model(path, dtype=resolve_dtype(dtype, "cpu")), load_tokenizer(path)
+def _eval(path: str, problems, s: EvalConfig, seed: int, label: str) -> dict:
+    model, tok = load_model(path, dtype=resolve_dtype(s.dtype, "cpu")), load_tokenizer(path)
     t0 = time.monotonic()
-    r = evaluate(model, tok, problems, s, label=label)
+    r = evaluate(model, tok, problems, s, seed=seed, label=label)
     r["seconds"] = time.monotonic() - t0
     print(f"[main] {label}: pass@1 {r['pass@1']:.3f} over {r['problems']} problems x {s.k} "
           f"(truncated {r['truncation_rate']:.2f}, {r['seconds']:.0f} s)", flush=True)
@@ -51,13 +51,10 @@ def run_demo(args) -> int:
     if not (data / "train.jsonl").exists():
         make_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
     test = load_problems(data / "test.jsonl")
-    es = EvalSettings(k=cfg.eval.k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                      max_new_tokens=cfg.eval.max_new_tokens, force_newline=cfg.eval.force_newline,
-                      seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     cfg.model.path = args.model
     base = base_model_path(cfg)  # "tiny" (a smoke run: every stage in seconds, learns nothing) lands in the run dir
-    results = {"base": _eval(base, test, es, "base model", cfg.eval.dtype)}
+    results = {"base": _eval(base, test, cfg.eval, cfg.seed, "base model")}
 
     sft_dir = out / "sft-model"
     if not (sft_dir / "config.json").exists():
@@ -69,7 +66,7 @@ def run_demo(args) -> int:
         print(f"[main] SFT: {len(hist)} steps on {len(pairs)} samples, loss {hist[0]['loss']:.3f} -> "
               f"{hist[-1]['loss']:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         del model
-    results["sft"] = _eval(str(sft_dir), test, es, "after SFT", cfg.eval.dtype)
+    results["sft"] = _eval(str(sft_dir), test, cfg.eval, cfg.seed, "after SFT")
 
     # RL gets what is left of the budget, minus the final evaluation (about as long as the last one).
     rl_budget = budget - (time.monotonic() - t_start) - 1.3 * results["sft"]["seconds"] - 30
@@ -80,7 +77,7 @@ def run_demo(args) -> int:
         asyncio.run(run_job(cfg, hosts=None, resume=False, echo=False, deadline=rl_budget))
     ckpt = checkpoint.latest(out / "rl")
     if ckpt is not None:
-        results["rl"] = _eval(str(ckpt / "model"), test, es, f"after RL ({ckpt.name})", cfg.eval.dtype)
+        results["rl"] = _eval(str(ckpt / "model"), test, cfg.eval, cfg.seed, f"after RL ({ckpt.name})")
     plot = plot_run(out / "rl") if (out / "rl" / "metrics.jsonl").exists() else None
 
     print("\n| model | pass@1 | truncated | problems x k |")

@@ -1,18 +1,31 @@
-"""Difficulty filter: sample k solutions per problem with the base model, keep those not always solved.
+"""`python -m launcher filter`: sample k solutions per problem with the base model, keep those not always solved.
 
 Problems the model already solves every time carry no RL signal (all rewards equal), so the release
 drops them before training.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from launcher.commands.evaluate import sample_and_score
+from launcher.commands.inputs import add_model_flags, add_problem_flags
+from launcher.config.flags import add_flags
+from launcher.config.schema import ExperimentConfig
 from policies.data.dataset import TABLE_SUFFIXES, write_jsonl
-from launcher.commands.evaluate import EvalSettings, cli_device, cli_problems, evaluate
+from policies.infer.evaluate import EvalConfig
+
+FLAGS = ("k", "temperature", "max_new_tokens", "dtype")
+SAMPLES = 8  # the release samples 8 solutions per problem to filter (eval.k's 32 is for pass@1)
+
+
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--out", required=True)
+    add_flags(p, EvalConfig, *FLAGS, k=SAMPLES)
+    add_flags(p, ExperimentConfig, "seed")
+    add_problem_flags(p)
 
 
 def keep_ids(per_problem: list[dict]) -> set[str]:
@@ -20,28 +33,17 @@ def keep_ids(per_problem: list[dict]) -> set[str]:
 
 
 def run_filter_command(args) -> int:
-    from policies.model.loading import load_model, load_tokenizer, model_path
-    from policies.model.precision import resolve_dtype
-    try:
-        path = model_path(args.model)
-        problems = cli_problems(args)
-        s = EvalSettings(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                         system_prompt=args.system_prompt)
-        device = cli_device(args)
-        model = load_model(path, dtype=resolve_dtype(args.dtype, device), device=device)
-        tok = load_tokenizer(path)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    result = evaluate(model, tok, problems, s, label="filter")
+    done = sample_and_score(args, FLAGS, label="filter")
+    if isinstance(done, int):
+        return done
+    _, s, probs, result = done
     keep = keep_ids(result["per_problem"])
     if Path(args.data).is_file() and Path(args.data).suffix.lower() not in TABLE_SUFFIXES:   # JSONL: lines as they were
         raw = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
     else:  # a table: AReaL's JSONL layout, the references already cut out, the other columns kept
-        raw = [{**p.extra, "query_id": p.id, "prompt": p.prompt, "solutions": p.answers} for p in problems]
-    by_id = {p.id: r for p, r in zip(problems, raw)}
-    write_jsonl(args.out, [by_id[p.id] for p in problems if p.id in keep])
-    print(f"kept {len(keep)} of {len(problems)} problems (dropped {len(problems) - len(keep)} always solved "
-          f"in {args.k} samples) -> {args.out}")
+        raw = [{**p.extra, "query_id": p.id, "prompt": p.prompt, "solutions": p.answers} for p in probs]
+    by_id = {p.id: r for p, r in zip(probs, raw)}
+    write_jsonl(args.out, [by_id[p.id] for p in probs if p.id in keep])
+    print(f"kept {len(keep)} of {len(probs)} problems (dropped {len(probs) - len(keep)} always solved "
+          f"in {s.k} samples) -> {args.out}")
     return 0

@@ -1,17 +1,20 @@
-"""Supervised fine-tuning on (prompt, response) pairs, on the same packed batches as RL."""
+"""`python -m launcher sft`: supervised fine-tuning on (prompt, response) pairs, on the same packed batches as RL.
+
+`train_sft` is also the main job's SFT stage (configs/demo.yaml `sft.*`)."""
 from __future__ import annotations
 
-import sys
+import argparse
 import logging
 import random
 import time
 
 import torch
 
+from launcher.commands.inputs import add_model_flags, failed, load_inputs
+from launcher.config.flags import add_flags, settings_from
+from launcher.config.schema import ExperimentConfig
 from policies.data.dataset import load_sft_pairs
-
-from policies.data.prompts import build_prompt
-from policies.data.prompts import DIRECTIVE
+from policies.data.prompts import DIRECTIVE, build_prompt
 from policies.model.loading import compile_layers
 from policies.train.ppo import SFTConfig, make_optimizer, sft_step
 from tensors.packed import PackedBatch
@@ -59,18 +62,23 @@ def train_sft(model, tokenizer, pairs, cfg: SFTConfig, *, seed: int = 1, on_step
     return history
 
 
+FLAGS = ("epochs", "lr", "batch_size", "bf16", "compile")
+
+
+def add_sft_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--out", required=True)
+    add_flags(p, SFTConfig, *FLAGS)
+    add_flags(p, ExperimentConfig, "seed")
+
+
 def run_sft(args) -> int:
-    from policies.model.loading import load_model, load_tokenizer, model_path, save_checkpoint
+    from policies.model.loading import save_checkpoint
     try:
-        path = model_path(args.model)
-        pairs = load_sft_pairs(args.data)
-        cfg = SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, bf16=args.bf16,
-                        compile=args.compile)
-        from launcher.commands.evaluate import cli_device
-        model, tok = load_model(path, device=cli_device(args)), load_tokenizer(path)
+        cfg = settings_from(args, SFTConfig, *FLAGS)
+        _, model, tok, pairs = load_inputs(args, lambda a: load_sft_pairs(a.data))
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     torch.manual_seed(args.seed)
     history = train_sft(model, tok, pairs, cfg, seed=args.seed)
     out = save_checkpoint(model, tok, args.out)

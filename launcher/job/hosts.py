@@ -20,7 +20,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLE_ORDER = ("sampler", "generator", "verifier", "packer", "learner", "broadcaster")
+from actors.protocol import ROLES
+from launcher.config.yaml_io import read_text
+
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 _KEYS = ("slots",)
@@ -117,14 +119,7 @@ def parse_hosts_text(text: str, source: str = "<hosts>") -> list[Host]:
 
 
 def parse_hosts(path: str | Path, ssh_config: str | None = None) -> list[Host]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise HostsError(f"{p}: cannot read hostfile: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise HostsError(f"{p}: not UTF-8 text: {e}") from None
-    hosts = parse_hosts_text(text, str(p))
+    hosts = parse_hosts_text(read_text(path, "hostfile", HostsError), str(path))
     if ssh_config is not None:
         if not Path(ssh_config).is_file():
             raise HostsError(f"--ssh-config: no such file {ssh_config!r}")
@@ -166,7 +161,7 @@ def place(counts: dict[str, int], hosts: list[Host] | None = None,
                              f"(hostfile lists: {', '.join(x.name for x in hosts)})")
         return h
 
-    roles = [r for r in ROLE_ORDER if r in counts] + [r for r in counts if r not in ROLE_ORDER]
+    roles = [r for r in ROLES if r in counts] + [r for r in counts if r not in ROLES]
     load = {h: 0 for h in hosts}   # generators per host, to spread them by slots
     out: list[tuple[str, int, Host]] = []
     for role in roles:

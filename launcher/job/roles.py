@@ -75,18 +75,10 @@ def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
     return Start(0, base_model_path(cfg))
 
 
-def data_layout(cfg: ExperimentConfig):
-    """How rows of data.train are read (policies.data.dataset.Layout) from the data.* keys."""
-    from policies.data.dataset import Layout
-    d = cfg.data
-    return Layout(prompt_key=d.prompt_key, answer_key=d.answer_key, id_key=d.id_key,
-                  answer_format=d.answer_format, split=d.split)
-
-
 def load_train_problems(cfg: ExperimentConfig):
     """data.train as `Problem`s (raises policies.data.dataset.DatasetError naming the file and the row)."""
     from policies.data.dataset import load_problems
-    return load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed, layout=data_layout(cfg))
+    return load_problems(cfg.data.train, skip_malformed=cfg.data.skip_malformed, layout=cfg.data.layout())
 
 
 def check_model_path(cfg: ExperimentConfig) -> None:
@@ -220,8 +212,11 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
         periodic_eval = None
         if cfg.eval.every:
             from actors.learner.periodic_eval import PeriodicEval
-            periodic_eval = PeriodicEval(cfg, start.model_path, tok, device=device_for(cfg),
-                                         dtype=_dtype(cfg, "generator"))
+            from policies.data.dataset import load_problems
+            test = load_problems(cfg.data.test, skip_malformed=cfg.data.skip_malformed, layout=cfg.data.layout())
+            periodic_eval = PeriodicEval(test, cfg.eval, start.model_path, tok, device=device_for(cfg),
+                                         dtype=_dtype(cfg, "generator"), seed=seed,
+                                         directive=cfg.data.prompt_directive, system_prompt=cfg.data.system_prompt)
         sim = cfg.actors.learner.mode == "sim"
         # simulated weights: a token payload on the real channels, the cost model charges the GBs
         bc = WeightBroadcaster(bus_address, model=torch.nn.Linear(8, 8) if sim else model, version=start.step,

@@ -21,7 +21,8 @@ from pathlib import Path
 from actors import protocol as P
 from bus.client import BusClient
 from bus.errors import BusError
-from launcher.config.schema import ExperimentConfig, config_to_yaml, describe_mode, dump_config, wandb_options
+from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
+from launcher.config.schema import wandb_options
 from launcher.job.hosts import Host, place, slot_env
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
@@ -31,7 +32,6 @@ from tensors.channels.shm import sweep_orphans
 
 log = logging.getLogger("launcher")
 
-ROLE_ORDER = ("learner", "packer", "verifier", "sampler", "generator")  # broadcaster rides with the learner
 CRITICAL = {"learner", "packer", "sampler"}
 PROJECT_DIR = str(Path(__file__).resolve().parents[2])
 BROKER_RESTARTS = 5  # per run; a broker that keeps dying is a failure, not a hiccup
@@ -91,10 +91,10 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
                   hosts: list[Host] | None, dist_port: int | None = None) -> list[ProcessSpec]:
     """Every actor process; with actors.learner.ranks > 1 also the learner ranks > 0 (named learner-rank-R,
     role learner), each with its group's environment. `dist_port`: the group's port (config or picked)."""
-    counts = {role: getattr(cfg.actors, role).count for role in ROLE_ORDER}
+    counts = {role: getattr(cfg.actors, role).count for role in P.ROLES}
     per_process = cfg.actors.generator.per_process  # simulated generators share processes
     counts["generator"] = -(-counts["generator"] // per_process)
-    pinned = {role: getattr(cfg.actors, role).hosts for role in ROLE_ORDER if getattr(cfg.actors, role).hosts}
+    pinned = {role: getattr(cfg.actors, role).hosts for role in P.ROLES if getattr(cfg.actors, role).hosts}
     specs = []
     placed = place(counts, hosts, pinned)
     learner_host = next(h for r, _, h in placed if r == "learner")

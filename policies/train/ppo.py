@@ -23,103 +23,66 @@ from policies.model.logprobs import check_packed, packed_logprobs
 from policies.train.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.model.loading import assert_trainable
 from policies.train.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
-from policies.model.precision import is_bool_or_auto, resolve_bf16
-from policies.train.schedule import SCHEDULES
+from policies.model.precision import resolve_bf16
+from policies.settings import Checked, at_least_one, non_negative, opt, positive
 from policies.model.shared_prompts import prompt_lengths
 
 
-def _check(cond: bool, field: str, msg: str, value) -> None:
-    if not cond:
-        raise ValueError(f"{field}={value!r}: {msg}")
+def _in_unit(v) -> bool: return 0 <= v <= 1
+def _above_one(v) -> bool: return v is None or v > 1
 
 
 @dataclass
-class PPOConfig:
-    minibatches: int = 4          # PPO minibatches per training batch (release: 4)
-    lr: float = 2e-5
-    adam_eps: float = 1e-5
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps_clip: float = 0.2
-    dual_clip: float | None = None   # c > 1, or None
-    gamma: float = 1.0
-    lam: float = 1.0
-    kl_coef: float = 0.0
-    kl_estimator: str = "k1"        # "k1" | "k3"
-    normalize_advantages: bool | Literal["batch", "group", "none"] = True  # true = batch, false = none;
-    # batch: mean/std over all response tokens of the batch (boba); group: per prompt's G samples (GRPO)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay after warm-up (policies.train.schedule)
-    warmup_steps: int = 0            # RL steps of linear warm-up to lr
-    min_lr_ratio: float = 0.0        # linear/cosine decay ends at lr * min_lr_ratio
-    max_grad_norm: float = 1.0
-    max_tokens_per_micro_batch: int = 8192
-    behaviour_imp_cap: float | None = 5.0   # decoupled PPO: cap on pi_prox/pi_behav; tokens above are masked
-    temperature: float = 1.0         # logits temperature used by the generator, applied when recomputing logprobs
-    bf16: bool | Literal["auto"] = False  # bf16 weights and compute, fp32 master weights in the optimiser;
-    # "auto": where bf16 is native (policies.model.precision)
-    compile: bool = False            # torch.compile the decoder layers and the head math (policies.model.loading)
-    share_prompts: bool = True       # the samples of a prompt run it through the model once (policies.model.shared_prompts)
-    gradient_checkpointing: bool = False  # keep only each decoder layer's input; recompute the rest in backward
-    recompute_logprobs: bool | Literal["auto"] = "auto"  # the learner recomputes the proximal logprobs before
-    # the minibatches; "auto": unless the generator's logprobs are already the learner's (actors.learner.recompute_needed)
-
-    def __post_init__(self) -> None:
-        _check(isinstance(self.minibatches, int) and self.minibatches >= 1, "minibatches", "must be an int >= 1", self.minibatches)
-        _check(self.lr > 0, "lr", "must be > 0", self.lr)
-        _check(self.adam_eps > 0, "adam_eps", "must be > 0", self.adam_eps)
-        self.adam_betas = tuple(self.adam_betas)  # yaml gives lists
-        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-               "adam_betas", "must be two numbers in [0, 1)", self.adam_betas)
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _check(0 < self.eps_clip < 1, "eps_clip", "must be in (0, 1)", self.eps_clip)
-        _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be None or > 1", self.dual_clip)
-        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
-        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
-        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
-        _check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be 'k1' or 'k3'", self.kl_estimator)
-        _check(self.normalize_advantages in (True, False, "batch", "group", "none"), "normalize_advantages",
-               "must be batch, group, none (or true = batch, false = none)", self.normalize_advantages)
-        _check(self.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {', '.join(SCHEDULES)}",
-               self.lr_schedule)
-        _check(isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
-               and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0", self.warmup_steps)
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
-        _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
-        _check(isinstance(self.max_tokens_per_micro_batch, int) and self.max_tokens_per_micro_batch >= 1,
-               "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
-        _check(self.behaviour_imp_cap is None or self.behaviour_imp_cap > 1, "behaviour_imp_cap",
-               "must be None or > 1", self.behaviour_imp_cap)
-        _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _check(is_bool_or_auto(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
-        _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
-        _check(isinstance(self.share_prompts, bool), "share_prompts", "must be a bool", self.share_prompts)
-        _check(is_bool_or_auto(self.recompute_logprobs), "recompute_logprobs", "must be true, false or 'auto'",
-               self.recompute_logprobs)
+class PPOConfig(Checked):
+    minibatches: int = opt(4, check=at_least_one, expect=">= 1", doc="PPO minibatches per training batch (release: 4)")
+    lr: float = opt(2e-5, check=positive, expect="> 0")
+    adam_eps: float = opt(1e-5, check=positive, expect="> 0")
+    adam_betas: tuple[float, float] = opt((0.9, 0.999), check=lambda bs: all(0 <= b < 1 for b in bs),
+                                          expect="in [0, 1)")
+    weight_decay: float = opt(0.0, check=non_negative, expect=">= 0")
+    eps_clip: float = opt(0.2, check=lambda v: 0 < v < 1, expect="in (0, 1)")
+    dual_clip: float | None = opt(None, check=_above_one, expect="> 1")
+    gamma: float = opt(1.0, check=_in_unit, expect="in [0, 1]")
+    lam: float = opt(1.0, check=_in_unit, expect="in [0, 1]")
+    kl_coef: float = opt(0.0, check=non_negative, expect=">= 0")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    normalize_advantages: bool | Literal["batch", "group", "none"] = opt(
+        True, doc="batch (true): mean/std over all response tokens of the batch (boba); group: per prompt's "
+                  "G samples (GRPO); none (false)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt(
+        "constant", doc="decay after warm-up (policies.train.schedule)")
+    warmup_steps: int = opt(0, check=non_negative, expect=">= 0", doc="RL steps of linear warm-up to lr")
+    min_lr_ratio: float = opt(0.0, check=_in_unit, expect="in [0, 1]",
+                              doc="linear/cosine decay ends at lr * min_lr_ratio")
+    max_grad_norm: float = opt(1.0, check=positive, expect="> 0")
+    max_tokens_per_micro_batch: int = opt(8192, check=at_least_one, expect=">= 1")
+    behaviour_imp_cap: float | None = opt(5.0, check=_above_one, expect="> 1",
+                                          doc="decoupled PPO: cap on pi_prox/pi_behav; tokens above are masked")
+    temperature: float = opt(1.0, check=positive, expect="> 0",
+                             doc="the generator's logits temperature, applied when recomputing logprobs")
+    bf16: bool | Literal["auto"] = opt(False, doc="bf16 weights and compute, fp32 master weights in the optimiser; "
+                                                  "auto: where bf16 is native (policies.model.precision)")
+    compile: bool = opt(False, doc="torch.compile the decoder layers and the head math (policies.model.loading)")
+    share_prompts: bool = opt(True, doc="the samples of a prompt run it through the model once "
+                                        "(policies.model.shared_prompts)")
+    gradient_checkpointing: bool = opt(False, doc="keep only each decoder layer's input; recompute the rest "
+                                                  "in backward")
+    recompute_logprobs: bool | Literal["auto"] = opt(
+        "auto", doc="the learner recomputes the proximal logprobs before the minibatches; auto: unless the "
+                    "generator's logprobs are already the learner's (actors.learner.recompute_needed)")
 
 
 @dataclass
-class SFTConfig:
-    lr: float = 1e-5
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_tokens_per_micro_batch: int = 8192
-    epochs: int = 1
-    batch_size: int = 16
-    bf16: bool | Literal["auto"] = False
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", "must be > 0", self.lr)
-        _check(self.adam_eps > 0, "adam_eps", "must be > 0", self.adam_eps)
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
-        _check(isinstance(self.max_tokens_per_micro_batch, int) and self.max_tokens_per_micro_batch >= 1,
-               "max_tokens_per_micro_batch", "must be an int >= 1", self.max_tokens_per_micro_batch)
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1", self.epochs)
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1", self.batch_size)
-        _check(is_bool_or_auto(self.bf16), "bf16", "must be true, false or 'auto'", self.bf16)
-        _check(isinstance(self.compile, bool), "compile", "must be a bool", self.compile)
+class SFTConfig(Checked):
+    lr: float = opt(1e-5, check=positive, expect="> 0", doc="learning rate")
+    adam_eps: float = opt(1e-8, check=positive, expect="> 0")
+    weight_decay: float = opt(0.0, check=non_negative, expect=">= 0")
+    max_grad_norm: float = opt(1.0, check=positive, expect="> 0")
+    max_tokens_per_micro_batch: int = opt(8192, check=at_least_one, expect=">= 1")
+    epochs: int = opt(1, check=at_least_one, expect=">= 1", doc="passes over the data")
+    batch_size: int = opt(16, check=at_least_one, expect=">= 1", doc="sequences per optimiser step")
+    bf16: bool | Literal["auto"] = opt(False, doc="bf16 weights and compute, fp32 master weights in AdamW")
+    compile: bool = opt(False, doc="torch.compile the decoder layers (slow first step)")
 
 
 # ----------------------------------------------------------------------------- batch plumbing

@@ -10,46 +10,41 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from policies.settings import Checked, FieldError, opt
+
 
 def _finite(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    return math.isfinite(v)
+
+
+def _spec(fn: str) -> bool:
+    from policies.verify.reward_fns import RewardFnError, parse_spec
+    try:
+        parse_spec(fn)
+    except RewardFnError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
-class RewardFn:
-    fn: str                 # "package.module:function" or "path/to/file.py:function"
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        from policies.verify.reward_fns import RewardFnError, parse_spec
-        if not isinstance(self.fn, str):
-            raise ValueError(f"fn={self.fn!r}: must be a string 'package.module:function'")
-        try:
-            parse_spec(self.fn)
-        except RewardFnError:
-            raise ValueError(f"fn={self.fn!r}: expected 'package.module:function' or "
-                             "'path/to/file.py:function'") from None
-        if not _finite(self.weight):
-            raise ValueError(f"weight={self.weight!r}: must be a finite number")
+class RewardFn(Checked):
+    fn: str = opt(check=_spec, expect="'package.module:function' or 'path/to/file.py:function'",
+                  doc='"package.module:function" or "path/to/file.py:function"')
+    weight: float = opt(1.0, check=_finite, expect="(finite)")
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    correct: float = 5.0
-    wrong: float = -5.0
-    fns: tuple[RewardFn, ...] = ()
-    on_error: float = 0.0
+class RewardConfig(Checked):
+    correct: float = opt(5.0, check=_finite, expect="(finite)")
+    wrong: float = opt(-5.0, check=_finite, expect="(finite)")
+    fns: tuple[RewardFn, ...] = opt((), doc="users' reward functions, summed with their weights; empty = "
+                                        "correct/wrong by the \\boxed{} check")
+    on_error: float = opt(0.0, check=_finite, expect="(finite)",
+                          doc="the reward of a response on which one of fns fails")
 
-    def __post_init__(self) -> None:
-        for name in ("correct", "wrong", "on_error"):
-            v = getattr(self, name)
-            if not _finite(v):
-                raise ValueError(f"RewardConfig.{name} must be a finite number, got {v!r}")
+    def check(self) -> None:
         if self.correct <= self.wrong:
-            raise ValueError(
-                f"RewardConfig: correct ({self.correct}) must be greater than wrong ({self.wrong})"
-            )
-        object.__setattr__(self, "fns", tuple(self.fns))
+            raise FieldError("wrong", f"a number below correct ({self.correct})", self.wrong)
 
 
 def reward(correct: bool, cfg: RewardConfig = RewardConfig()) -> float:
