@@ -246,8 +246,8 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
 
         async def scored(desc: dict) -> None:
             await verifier.request("packer", "scored", {
-                "batch": 0, "qid": "q-7", "rewards": [5.0, -5.0], "correct": [True, False], "rollout": desc,
-                "generator": "generator-0", "stats": {"truncated": [True, True], "response_tokens": [2, 2],
+                "step": 0, "qid": "q-7", "rewards": [5.0, -5.0], "correct": [True, False], "reward_errors": 0,
+                "rollout_ref": desc, "generator": "generator-0", "stats": {"truncated": [True, True], "response_tokens": [2, 2],
                                                       "version_min": 0, "version_max": 0}}, timeout=5)
 
         async def until(pred, what: str) -> None:
@@ -261,15 +261,15 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
         await scored(lying)
         await until(lambda: got["rejected"], "REJECTED")
         rejected = got["rejected"][0]
-        assert (rejected["batch"], rejected["qid"]) == (0, "q-7")
+        assert (rejected["step"], rejected["qid"]) == (0, "q-7")
         assert "decode" in rejected["reason"] and "input_ids" in rejected["reason"]
         assert not got["accepted"] and not got["train"]
 
         await scored(await channel.send(batch, timeout=30))  # the sampler dealt it again: the true copy
         await until(lambda: got["train"], "TRAIN")
-        assert got["accepted"] == [{"batch": 0, "qid": "q-7"}]
+        assert got["accepted"] == [{"step": 0, "qid": "q-7"}]
         rx = Channels(TensorOptions(host="127.0.0.1"))
-        trained = await rx.recv(got["train"][0]["batch"], timeout=5)
+        trained = await rx.recv(got["train"][0]["batch_ref"], timeout=5)
         await rx.close()
         assert trained.meta["qids"] == ["q-7", "q-7"] and torch.equal(trained.input_ids, batch.input_ids)
     finally:
