@@ -1,4 +1,4 @@
-"""Packer: gathers scored groups into the training batch of step b and ships it to the learner.
+"""Packer: gathers scored groups into the training batch of step s and ships it to the learner.
 
 Each group's tensors are pulled the moment its score arrives, so a generator that dies later
 cannot take an accepted group with it; a group seen twice (a re-dealt prompt) is dropped.
@@ -26,18 +26,25 @@ log = logging.getLogger("actors.packer")
 
 @dataclass
 class ScoredGroup:
-    """One prompt's G responses as the packer holds them: their tensors with the verifier's rewards, its
-    verdicts, and the generator's stats (actors.generator.rollout_stats)."""
+    """One prompt's G responses as the packer holds them, each part from the actor that made it."""
     qid: str
-    batch: PackedBatch
-    correct: list[bool]
-    stats: dict
+    rollout: PackedBatch  # the generator's tensors (actors.generator.generator.rollout_batch)
+    rewards: list[float]  # the verifier's, one per response
+    correct: list[bool]  # the verifier's verdicts
+    stats: dict  # the generator's (actors.generator.generator.rollout_stats)
+    reward_errors: int = 0  # responses on which a user's reward function failed (verifier)
     generator: str = "?"
+
+    def __post_init__(self) -> None:
+        n = self.rollout.num_seqs
+        if len(self.rewards) != n or len(self.correct) != n:
+            raise ValueError(f"group {self.qid!r}: {len(self.rewards)} rewards and {len(self.correct)} verdicts "
+                             f"for {n} responses")
 
 
 def batch_stats(step: int, groups: list[ScoredGroup], dropped: int) -> dict:
     """What the release reports per step: reward, accuracy, truncation, staleness, interruptions."""
-    rewards = [float(r) for g in groups for r in g.batch.rewards.tolist()]
+    rewards = [float(r) for g in groups for r in g.rewards]
     correct = [c for g in groups for c in g.correct]
     truncated = [t for g in groups for t in g.stats["truncated"]]
     lengths = [n for g in groups for n in g.stats["response_tokens"]]
@@ -50,7 +57,7 @@ def batch_stats(step: int, groups: list[ScoredGroup], dropped: int) -> dict:
         "response_tokens": sum(lengths),
         "groups": len(groups),
         "groups_dropped": dropped,
-        "reward_errors": sum(int(g.stats.get("reward_errors", 0)) for g in groups),  # users' reward functions
+        "reward_errors": sum(g.reward_errors for g in groups),  # users' reward functions
         "max_staleness_seen": step - oldest,
         # sequences a weight update reached mid-generation (rollout.interrupt_on_update), and the most
         # versions one sequence mixed
@@ -61,21 +68,23 @@ def batch_stats(step: int, groups: list[ScoredGroup], dropped: int) -> dict:
 
 
 def pack_step(step: int, groups: list[ScoredGroup], *, drop_uniform: bool) -> tuple[PackedBatch | None, dict]:
-    """A step's groups -> (its training batch, its stats): in qid order, each sequence tagged with its
-    group's index and its qid. With ``drop_uniform`` a group whose rewards are all equal is left out (its
-    samples did equally well: nothing to learn between them); None where no group is kept."""
+    """A step's groups -> (its training batch, its stats): in qid order, each sequence given its
+    reward, its group's index and its qid. With ``drop_uniform`` a group whose rewards are all equal is
+    left out (its samples did equally well: nothing to learn between them); None where no group is kept."""
     groups = sorted(groups, key=lambda g: g.qid)
-    kept = [g for g in groups if not (drop_uniform and len(set(g.batch.rewards.tolist())) == 1)]
+    kept = [g for g in groups if not (drop_uniform and len(set(g.rewards)) == 1)]
     parts = []
     for gid, g in enumerate(kept):
-        b = g.batch.with_fields(seqs={"group_ids": torch.full((g.batch.num_seqs,), gid, dtype=torch.int64)})
-        parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * b.num_seqs}, frozenset({"qids"})))
+        n = g.rollout.num_seqs
+        b = g.rollout.with_fields(seqs={"rewards": torch.tensor(g.rewards, dtype=torch.float32),
+                                        "group_ids": torch.full((n,), gid, dtype=torch.int64)})
+        parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * n}, frozenset({"qids"})))
     packed = PackedBatch.concat(parts) if parts else None
     return packed, batch_stats(step, groups, dropped=len(groups) - len(kept))
 
 
 class Packer(Actor):
-    role = "packer"
+    role = P.PACKER
 
     def __init__(self, bus_address: str, *, batch_prompts: int, drop_uniform_groups: bool = False,
                  start_step: int = 0, transfer_timeout: float = 60.0, batch_ttl: float = 3600.0,
@@ -95,29 +104,29 @@ class Packer(Actor):
 
     @handler(P.SCORED, from_roles=(P.VERIFIER,))
     async def on_scored(self, body: dict, src: str) -> None:
-        step, qid = int(body["batch"]), body["qid"]
+        step, qid = int(body["step"]), body["qid"]
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
             return
         if step < self.next_step or qid in self.groups.get(step, {}):
             log.info("dropping a duplicate of %s in step %d", qid, step)
-            self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
+            self.spawn(self._tell_sampler(P.ACCEPTED, {"step": step, "qid": qid}))
             return
         self._fetching.add((step, qid))
         self.spawn(self._take(step, qid, body))
 
     async def _take(self, step: int, qid: str, body: dict) -> None:
         try:
-            batch = await self.channels.recv(body["rollout"], timeout=self.transfer_timeout)
-            batch = batch.with_fields(seqs={"rewards": torch.tensor(body["rewards"], dtype=torch.float32)})
+            rollout = await self.channels.recv(body["rollout_ref"], timeout=self.transfer_timeout)
+            group = ScoredGroup(qid, rollout, [float(r) for r in body["rewards"]], list(body["correct"]),
+                                body["stats"], int(body["reward_errors"]), body["generator"])
         except Exception as exc:
             self._fetching.discard((step, qid))
             log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
-            await self._tell_sampler(P.REJECTED, {"batch": step, "qid": qid, "reason": str(exc)})
+            await self._tell_sampler(P.REJECTED, {"step": step, "qid": qid, "reason": str(exc)})
             return
-        self.groups.setdefault(step, {})[qid] = ScoredGroup(qid, batch, list(body["correct"]), body["stats"],
-                                                     body.get("generator", "?"))
+        self.groups.setdefault(step, {})[qid] = group
         self._fetching.discard((step, qid))
-        self.spawn(self._tell_sampler(P.ACCEPTED, {"batch": step, "qid": qid}))
+        self.spawn(self._tell_sampler(P.ACCEPTED, {"step": step, "qid": qid}))
         await self._pack_ready()
 
     async def _tell_sampler(self, type: str, body: dict) -> None:
@@ -154,7 +163,7 @@ class Packer(Actor):
 
     async def _offer(self, packed: PackedBatch) -> dict:
         """Make a step's batch available to the learner, over the channel its locality calls for."""
-        learners = await self.bus.actors(role="learner", timeout=self.deliver_timeout)
+        learners = await self.bus.actors(role=P.LEARNER, timeout=self.deliver_timeout)
         if not learners:
             raise RuntimeError("no learner is registered on the bus")
         return await self.channels.send(packed, learners, timeout=self.batch_ttl)
@@ -172,7 +181,7 @@ class Packer(Actor):
         while self._stopping is None:
             packed, desc, stats = self.ready[step]
             try:
-                await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch": desc, "stats": stats},
+                await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch_ref": desc, "stats": stats},
                                    within=self.batch_ttl, gone_grace=self.batch_ttl)
                 del self.ready[step]
                 return

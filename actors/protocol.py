@@ -1,31 +1,53 @@
-"""The messages the actors exchange over the bus, in one place.
+"""The messages the actors exchange over the bus, in one place: every name, and every body's fields.
 
-Bodies are plain msgpack maps. Token tensors never ride in them: a body carries a channel
-descriptor (``tensors.channels``) and the bytes travel over that channel.
+The weight version IS the step count: the weights after s trained steps have version s (the first
+weights are version 0). Step s trains on the prompts the sampler admitted as step s, which it admits
+once the generators run a version >= s - max_staleness; training step s makes version s + 1.
 
-sampler     -> generator    GENERATE   {batch, qid, prompt_ids, n, sampling, answers, problem: {prompt, extra}}
-generator   -> verifier     SCORE      {batch, qid, texts, answers, problem, rollout, generator, stats}
-generator   -> sampler      GENERATED  {batch, qid, verifier}
-verifier    -> packer       SCORED     {batch, qid, rewards, correct, rollout, generator, stats (+ reward_errors)}
-packer      -> sampler      ACCEPTED   {batch, qid} | REJECTED {batch, qid, reason}
-packer      -> learner      TRAIN      {step, batch, stats}
-broadcaster -> generator    UPDATE_WEIGHTS (request) {version, weights} -> {version}
-learner     -> *            topic METRICS {step, ...}; broadcaster -> * topic WEIGHTS_VERSION {version}
-launcher    <- anyone       CONFIG (request) -> the run's config as a dict
-launcher    -> learner      LEARNER_STATE (request) {qids?} -> {step, version, total_steps, resumed, trained_file,
-                            trained_steps: [first, next), trained_qids: {step: qids} of the recent steps only}
-                            (every step's qids: actors.learner.trained_log.read_trained(run_dir))
-launcher    -> learner      LEARNER_METRICS (request) {since, limit?} -> {step, total_steps, records (at most limit)}
+Bodies are plain msgpack maps. Tensors never ride in them: a field named ``*_ref`` holds a channel
+descriptor (``tensors.channels``) and the bytes travel over that channel. The fields:
 
-Each of these is served only from its sender's role (left column; REJECTED from the packer, a
-generator or a verifier), as registered with the broker, and each topic is published only by its
-owner (``bus.broker.TOPIC_OWNERS``; ``joined`` / ``left`` by the broker alone).
+- ``step``: the training step a prompt, a group or a batch belongs to; ``qid``: the prompt's problem id
+  (``id#k`` for its k-th copy in one step of a tiny data set); ``(step, qid)`` names a prompt in flight.
+- ``stats`` of SCORE and SCORED: the generator's ``actors.generator.generator.rollout_stats`` of the
+  group; ``stats`` of TRAIN: the packer's ``actors.packer.batch_stats`` of the step.
+
+sender       -> receiver     message             body -> reply
+sampler      -> generator    GENERATE            {step, qid, prompt_ids, n, sampling, answers, problem: {prompt, extra}}
+generator    -> verifier     SCORE               {step, qid, texts, answers, problem, rollout_ref, generator, stats}
+generator    -> sampler      GENERATED           {step, qid, verifier}
+verifier     -> packer       SCORED              {step, qid, rewards, correct, reward_errors, rollout_ref, generator,
+                                                  stats}
+packer       -> sampler      ACCEPTED            {step, qid}
+packer, generator, verifier
+             -> sampler      REJECTED            {step, qid, reason}
+packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats}
+broadcaster  -> generator    UPDATE_WEIGHTS      {version, weights} -> {version}
+sampler      -> broadcaster  BROADCASTER_STATE   {} -> its last WEIGHTS_VERSION announcement
+launcher     -> sampler      SAMPLER_STATE       {} -> {next_step, version, owed, generators: {name: prompts held}}
+launcher     -> learner      CHECKPOINT          {} -> {step, path}
+launcher     -> learner      LEARNER_STATE       {qids?} -> {step, version, total_steps, resumed, trained_file,
+                                                  trained_steps: [first, next), training, pending,
+                                                  trained_qids: {step: qids} of the recent steps only}
+                                                  (every step's qids: actors.learner.trained_log.read_trained(run_dir))
+launcher     -> learner      LEARNER_METRICS     {since, limit?} -> {step, total_steps, records (at most limit)}
+anyone       -> launcher     CONFIG              {} -> {config, model_path, step}
+
+topic            publisher      body
+METRICS          learner        the step's record: {step, version, the packer's stats, the loss etc., qids, times}
+WEIGHTS_VERSION  broadcaster    {version, generators: the names that serve it}
+RUN_FINISHED     learner        {step}
+JOINED, LEFT     the broker     {name, role, host, pid, capabilities} (LEFT also: reason, "bye" | "expired")
+
+Each message that changes what an actor does is served only from its sender's role (left column), as
+registered with the broker, and each topic is published only by its owner (``bus.broker.TOPIC_OWNERS``).
 
 GENERATE, SCORE, GENERATED, SCORED, ACCEPTED, REJECTED and TRAIN are delivered: sent as requests and
 sent again until acknowledged (``Actor.deliver``), so a broker restart loses none; each receiver
 answers at once and ignores a second copy.
 """
 
+# requests between actors (delivered ones first, in the order of one prompt's trip)
 GENERATE = "generate"
 SCORE = "score"
 GENERATED = "generated"
@@ -34,11 +56,13 @@ ACCEPTED = "accepted"
 REJECTED = "rejected"
 TRAIN = "train"
 UPDATE_WEIGHTS = "update_weights"
+BROADCASTER_STATE = "broadcaster_state"
+# requests from the launcher (and tools)
+SAMPLER_STATE = "sampler_state"
 CHECKPOINT = "checkpoint"
 LEARNER_STATE = "learner_state"
 LEARNER_METRICS = "learner_metrics"
 CONFIG = "config"
-SHUTDOWN = "shutdown"
 
 # pub/sub topics
 METRICS = "metrics"

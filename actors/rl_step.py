@@ -13,8 +13,8 @@
 - pack: the packer actor (actors.packer) gathers the step's scored groups and calls `pack_step`;
 - train: the learner actor (actors.learner) calls `train_ppo_batch` in `Learner.train_batch`, then
   records, checkpoints and publishes the step's metrics;
-- update: the weight broadcaster (actors.broadcaster) sends `snapshot(model)` to every generator, which
-  loads it with `GenerationEngine.update_weights`: version = steps trained.
+- update: the weight broadcaster (actors.weights.broadcaster) sends `snapshot(model)` to every generator, which
+  loads it with `GenerationEngine.update_weights`: version = steps trained (actors.protocol).
 
 Used by bench/rl_step.py (the in-process side of its comparison) and tests/test_rl_step.py.
 """
@@ -71,11 +71,11 @@ def rl_step(step: int, problems: list[Problem], prompt_ids: list[list[int]], *, 
     for p, ids in zip(problems, prompt_ids):
         samples = groups[p.id]
         correct = [is_correct(tokenizer.decode(s.output_ids, skip_special_tokens=True), p.answers) for s in samples]
-        rewards = torch.tensor([reward(c, reward_cfg) for c in correct], dtype=torch.float32)
-        batch = rollout_batch(ids, samples).with_fields(seqs={"rewards": rewards})  # as the packer receives it
-        scored.append(ScoredGroup(p.id, batch, correct, rollout_stats(samples, engine.version)))
+        rewards = [reward(c, reward_cfg) for c in correct]
+        scored.append(ScoredGroup(p.id, rollout_batch(ids, samples), rewards, correct,
+                                  rollout_stats(samples, engine.version)))
     t2 = time.perf_counter()
-    # 3. pack (packer): one PackedBatch, no padding, group ids and qids; groups without signal dropped if asked
+    # 3. pack (packer): one PackedBatch, no padding, rewards, group ids and qids; groups without signal dropped if asked
     packed, stats = pack_step(step, scored, drop_uniform=drop_uniform_groups)
     t3 = time.perf_counter()
     # 4. train (learner): PPO minibatches on the packed batch at the scheduled learning rate

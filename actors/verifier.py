@@ -3,7 +3,7 @@
 A SCORE is acknowledged at once and scored in the background (a second copy of one being scored is
 ignored); the result is delivered to the packer, so a broker restart loses none. With `reward.fns`
 the pool runs the users' functions instead of the \\boxed{} check: a response on which one fails
-gets `reward.on_error`, and the group's failures ride to the packer as `stats.reward_errors`.
+gets `reward.on_error`, and the group's failures ride to the packer as SCORED's `reward_errors`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ log = logging.getLogger("actors.verifier")
 
 
 class Verifier(Actor):
-    role = "verifier"
+    role = P.VERIFIER
 
     def __init__(self, name: str, bus_address: str, *, workers: int = 2, timeout: float = 5.0,
                  reward_cfg: RewardConfig | None = None, deliver_timeout: float = 30.0, **bus_kwargs):
@@ -35,7 +35,7 @@ class Verifier(Actor):
 
     @handler(P.SCORE, from_roles=(P.GENERATOR,))
     async def on_score(self, body: dict, src: str) -> None:
-        key = (int(body["batch"]), body["qid"])
+        key = (int(body["step"]), body["qid"])
         if key not in self._active:
             self._active.add(key)
             self.spawn(self._score(key, body))
@@ -50,14 +50,14 @@ class Verifier(Actor):
                 correct = await self.pool.score(texts, [body["answers"]] * len(texts))
                 rewards, errors = [reward(c, self.reward_cfg) for c in correct], 0
             await self.deliver(P.PACKER, P.SCORED, {
-                "batch": body["batch"], "qid": body["qid"], "correct": correct, "rewards": rewards,
-                "rollout": body["rollout"], "generator": body["generator"],
-                "stats": {**body["stats"], "reward_errors": errors}},
+                "step": body["step"], "qid": body["qid"], "rewards": rewards, "correct": correct,
+                "reward_errors": errors, "rollout_ref": body["rollout_ref"], "generator": body["generator"],
+                "stats": body["stats"]},
                 within=self.deliver_timeout)
         except Exception as exc:
             log.error("could not score %s: %s: %s", key, type(exc).__name__, exc)
             try:
-                await self.deliver(P.SAMPLER, P.REJECTED, {"batch": key[0], "qid": key[1],
+                await self.deliver(P.SAMPLER, P.REJECTED, {"step": key[0], "qid": key[1],
                                                            "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
             except Exception as exc2:  # the sampler deals it again after rollout.request_timeout
                 log.error("could not tell the sampler that %s failed: %s", key, exc2)

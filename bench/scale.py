@@ -139,6 +139,7 @@ class Probe(threading.Thread):
         asyncio.run(self._go())
 
     async def _go(self) -> None:
+        from actors import protocol as P
         from bus.client import BusClient
         client = BusClient(self.address, f"probe-{os.getpid()}", "tool", heartbeat_interval=self.heartbeat)
         while not self.stop.is_set():
@@ -151,7 +152,7 @@ class Probe(threading.Thread):
         try:
             while not self.stop.is_set():
                 await asyncio.sleep(0.1)
-                for kind, call in (("sampler", lambda: client.request("sampler", "sampler_state", {}, timeout=5.0)),
+                for kind, call in (("sampler", lambda: client.request(P.SAMPLER, P.SAMPLER_STATE, {}, timeout=5.0)),
                                    ("broker", lambda: client.actors(role="learner", timeout=5.0))):
                     t0 = time.perf_counter()
                     try:

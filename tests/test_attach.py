@@ -50,7 +50,7 @@ def test_attached_generator_gets_weights_and_prompts(tmp_path):
         t("status")
 
         # the sampler deals each batch's prompts over both generators
-        extra.wait_for(r"\[attach\] generator-extra got its first 'generate' \(batch \d+\) from sampler", 60)
+        extra.wait_for(r"\[attach\] generator-extra got its first 'generate' \(step \d+\) from sampler", 60)
         t("first prompt")
 
         assert job.wait(180) == 0, job.output(60)

@@ -245,6 +245,7 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
 
 
 def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, jobs):
+    from actors import protocol as P
     from actors.learner.checkpoint import list_checkpoints, restore_optimizer, state_digest
     from launcher.config import load_config
     from policies.model.loading import load_model
@@ -270,7 +271,7 @@ def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, j
     again = jobs(args + ["--resume"])
     assert "steps 2..4" in again.output()
     again.wait_actors({"learner"})
-    state = again.call(lambda c: c.request("learner", "learner_state", {"qids": False}, timeout=10))
+    state = again.call(lambda c: c.request(P.LEARNER, P.LEARNER_STATE, {"qids": False}, timeout=10))
     assert again.finish(150) == 0, again.tail()
 
     records = read_metrics(run_dir)

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import pytest
 
+from actors import protocol as P
 from bus.client import BusClient
 
 HB = 0.2
@@ -61,8 +62,8 @@ async def peer(broker):
         await p.client.close()
 
 
-def _prompt(qid: str, batch: int = 0) -> dict:
-    return {"batch": batch, "qid": qid, "prompt_ids": [1, 5, 9], "n": 2, "sampling": {"max_new_tokens": 3},
+def _prompt(qid: str, step: int = 0) -> dict:
+    return {"step": step, "qid": qid, "prompt_ids": [1, 5, 9], "n": 2, "sampling": {"max_new_tokens": 3},
             "answers": ["1"]}
 
 
@@ -87,23 +88,23 @@ async def test_a_failing_decode_step_rejects_its_rollouts_and_later_prompts_stil
     from actors.generator.torch_backend import TorchBackend
     from policies.model.loading import tiny_model
 
-    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
-    verifier = await peer("verifier-0", "verifier", ["score"])
+    sampler = await peer("sampler", "sampler", [P.GENERATED, P.REJECTED])
+    verifier = await peer("verifier-0", "verifier", [P.SCORE])
     await peer("packer", "packer")
     backend = TorchBackend(tiny_model())
     _flaky_engine(backend, fail_first=1)
     gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
     await gen.start()
     try:
-        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
-        rejected = await sampler.next("rejected")
+        await sampler.client.request("generator-0", P.GENERATE, _prompt("q1"), timeout=5)
+        rejected = await sampler.next(P.REJECTED)
         assert rejected["qid"] == "q1" and "generator-0" in rejected["reason"] and "injected" in rejected["reason"]
         for qid in ("q1", "q2"):  # the same prompt dealt again, and a new one
-            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
-            assert (await sampler.next("generated"))["qid"] == qid
-            score = await verifier.next("score")
+            await sampler.client.request("generator-0", P.GENERATE, _prompt(qid), timeout=5)
+            assert (await sampler.next(P.GENERATED))["qid"] == qid
+            score = await verifier.next(P.SCORE)
             assert score["qid"] == qid and len(score["texts"]) == 2
-        assert sampler.empty("rejected") and gen.bus.registered
+        assert sampler.empty(P.REJECTED) and gen.bus.registered
     finally:
         await gen.stop()
 
@@ -113,20 +114,20 @@ async def test_an_engine_that_keeps_failing_makes_the_generator_leave(broker, pe
     from actors.generator.torch_backend import TorchBackend
     from policies.model.loading import tiny_model
 
-    sampler = await peer("sampler", "sampler", ["generated", "rejected"])
+    sampler = await peer("sampler", "sampler", [P.GENERATED, P.REJECTED])
     left: asyncio.Queue = asyncio.Queue()
-    await sampler.client.subscribe("left", lambda t, body, src: left.put_nowait(body["name"]))
-    await peer("verifier-0", "verifier", ["score"])
+    await sampler.client.subscribe(P.LEFT, lambda t, body, src: left.put_nowait(body["name"]))
+    await peer("verifier-0", "verifier", [P.SCORE])
     backend = TorchBackend(tiny_model(), max_step_failures=2)
     _flaky_engine(backend, fail_first=None)
     gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
     await gen.start()
     try:
         for qid in ("q1", "q2"):
-            await sampler.client.request("generator-0", "generate", _prompt(qid), timeout=5)
-            assert (await sampler.next("rejected"))["qid"] == qid
+            await sampler.client.request("generator-0", P.GENERATE, _prompt(qid), timeout=5)
+            assert (await sampler.next(P.REJECTED))["qid"] == qid
         assert await asyncio.wait_for(left.get(), WAIT) == "generator-0"
-        assert backend.failed is not None and sampler.empty("generated")
+        assert backend.failed is not None and sampler.empty(P.GENERATED)
     finally:
         await gen.stop()
 
@@ -143,13 +144,13 @@ async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeou
         async def generate_group(self, rid, prompt_ids, n, sampling):
             await asyncio.Event().wait()
 
-    sampler = await peer("sampler", "sampler", ["rejected"])
+    sampler = await peer("sampler", "sampler", [P.REJECTED])
     gen = Generator("generator-0", broker.address, backend=Stuck(), tokenizer=FakeTokenizer(),
                     generate_timeout=0.3, heartbeat_interval=HB)
     await gen.start()
     try:
-        await sampler.client.request("generator-0", "generate", _prompt("q1"), timeout=5)
-        reason = (await sampler.next("rejected"))["reason"]
+        await sampler.client.request("generator-0", P.GENERATE, _prompt("q1"), timeout=5)
+        reason = (await sampler.next(P.REJECTED))["reason"]
         assert "generator-0" in reason and "q1" in reason and "generate_timeout=0.3s" in reason
     finally:
         await gen.stop()
@@ -157,10 +158,10 @@ async def test_a_group_the_backend_never_finishes_is_rejected_at_generate_timeou
 
 # ----------------------------------------------------------------------------------------- packer and sampler
 
-def _scored(qid: str, desc: dict, batch: int = 0) -> dict:
-    return {"batch": batch, "qid": qid, "rewards": [5.0, -5.0], "correct": [True, False], "rollout": desc,
-            "generator": "generator-0", "stats": {"truncated": [False, False], "response_tokens": [2, 2],
-                                                  "version_min": 0, "version_max": 0}}
+def _scored(qid: str, desc: dict, step: int = 0) -> dict:
+    return {"step": step, "qid": qid, "rewards": [5.0, -5.0], "correct": [True, False], "reward_errors": 0,
+            "rollout_ref": desc, "generator": "generator-0",
+            "stats": {"truncated": [False, False], "response_tokens": [2, 2], "version_min": 0, "version_max": 0}}
 
 
 async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped(broker, peer):
@@ -168,21 +169,21 @@ async def test_a_step_the_learner_takes_after_batch_ttl_is_delivered_not_dropped
     from actors.packer import Packer
     from tensors.channels import Channels, TensorOptions, open_channel
 
-    await peer("sampler", "sampler", ["accepted", "rejected"])
+    await peer("sampler", "sampler", [P.ACCEPTED, P.REJECTED])
     verifier = await peer("verifier-0", "verifier")
     packer = Packer(broker.address, batch_prompts=1, batch_ttl=1.0, heartbeat_interval=HB)
     channel = open_channel("shm")
     batch = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
     try:
         await packer.start()
-        await verifier.client.request("packer", "scored", _scored("q-1", await channel.send(batch, timeout=30)),
+        await verifier.client.request("packer", P.SCORED, _scored("q-1", await channel.send(batch, timeout=30)),
                                       timeout=5)
         await asyncio.sleep(2.5)  # the learner is away for over two batch_ttl (restarting, or busy)
-        learner = await peer("learner", "learner", ["train"])
-        train = await learner.next("train")
+        learner = await peer("learner", "learner", [P.TRAIN])
+        train = await learner.next(P.TRAIN)
         assert train["step"] == 0
         rx = Channels(TensorOptions(host="127.0.0.1"))
-        trained = await rx.recv(train["batch"], timeout=5)  # offered again: still there to read
+        trained = await rx.recv(train["batch_ref"], timeout=5)  # offered again: still there to read
         await rx.close()
         assert trained.meta["qids"] == ["q-1", "q-1"] and trained.input_ids.tolist() == batch.input_ids.tolist()
     finally:
@@ -201,24 +202,24 @@ def _sampler(broker, **cfg):
 
 async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(broker, peer):
     announced = {"version": 0, "generators": ["generator-0"]}
-    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
-    gen = await peer("generator-0", "generator", ["generate"])
-    verifier = await peer("verifier-1", "verifier", ["score"])
+    await peer("broadcaster", "broadcaster", [P.BROADCASTER_STATE], reply=lambda t, body, src: announced)
+    gen = await peer("generator-0", "generator", [P.GENERATE])
+    verifier = await peer("verifier-1", "verifier", [P.SCORE])
     sampler = _sampler(broker)  # request_timeout 600 s: nothing here may wait for it
     try:
         await sampler.start()
-        first = await gen.next("generate")
+        first = await gen.next(P.GENERATE)
         assert first["qid"] == "q-1"
         # the verifier it names left before GENERATED arrived
-        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-0"},
+        await gen.client.request("sampler", P.GENERATED, {"step": 0, "qid": "q-1", "verifier": "verifier-0"},
                                  timeout=5)
-        assert (await gen.next("generate"))["qid"] == "q-1"
+        assert (await gen.next(P.GENERATE))["qid"] == "q-1"
         # a verifier that was there and leaves later: its `left` event deals the prompt again
-        await gen.client.request("sampler", "generated", {"batch": 0, "qid": "q-1", "verifier": "verifier-1"},
+        await gen.client.request("sampler", P.GENERATED, {"step": 0, "qid": "q-1", "verifier": "verifier-1"},
                                  timeout=5)
         assert sampler.owed[(0, "q-1")].holder == "verifier-1"
         await verifier.client.close()
-        assert (await gen.next("generate"))["qid"] == "q-1"
+        assert (await gen.next(P.GENERATE))["qid"] == "q-1"
     finally:
         await sampler.stop()
 
@@ -242,10 +243,10 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
             raise RuntimeError("injected: out of memory loading the weights")
         return {"version": body["version"]}
 
-    gen0 = await peer("generator-0", "generator", ["generate", "update_weights"],
+    gen0 = await peer("generator-0", "generator", [P.GENERATE, P.UPDATE_WEIGHTS],
                       reply=lambda t, body, src: update("generator-0", body, fail=len(updates["generator-0"]) == 0)
-                      if t == "update_weights" else None)
-    await peer("generator-1", "generator", ["update_weights"],  # never takes them: retried a bounded number of times
+                      if t == P.UPDATE_WEIGHTS else None)
+    await peer("generator-1", "generator", [P.UPDATE_WEIGHTS],  # never takes them: retried a bounded number of times
                reply=lambda t, body, src: update("generator-1", body, fail=True))
     sampler = _sampler(broker)
     bc = WeightBroadcaster(broker.address, model=model, retry_attempts=3, retry_backoff=0.05, update_timeout=20,
@@ -253,7 +254,7 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     try:
         await sampler.start()
         await bc.start()  # pushes v0: both fail; generator-0 takes the second copy
-        assert (await gen0.next("generate"))["qid"] == "q-1"
+        assert (await gen0.next(P.GENERATE))["qid"] == "q-1"
         assert [v for v, _ in updates["generator-0"]] == [0, 0]
         assert all(torch.equal(w[k], v) for _, w in updates["generator-0"] for k, v in model.state_dict().items())
         assert bc.announced == {"version": 0, "generators": ["generator-0"]}
@@ -271,7 +272,6 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
 # ----------------------------------------------------------------------------------------- rogue bus members
 
 def test_the_broker_knows_the_owner_of_every_control_topic():
-    from actors import protocol as P
     from bus.broker import BROKER_TOPICS, TOPIC_OWNERS
     assert set(BROKER_TOPICS) == {P.JOINED, P.LEFT}
     assert TOPIC_OWNERS == {P.WEIGHTS_VERSION: (P.BROADCASTER,), P.RUN_FINISHED: (P.LEARNER,),
@@ -280,11 +280,11 @@ def test_the_broker_knows_the_owner_of_every_control_topic():
 
 async def test_a_rogue_publishing_control_topics_is_refused_and_nothing_changes(broker, peer, caplog):
     announced = {"version": 0, "generators": ["generator-0"]}
-    await peer("broadcaster", "broadcaster", ["broadcaster_state"], reply=lambda t, body, src: announced)
-    await peer("generator-0", "generator", ["generate"])
+    await peer("broadcaster", "broadcaster", [P.BROADCASTER_STATE], reply=lambda t, body, src: announced)
+    await peer("generator-0", "generator", [P.GENERATE])
     heard: list = []
     watcher = await peer("watcher", "test", ["ping"])
-    for topic in ("left", "joined", "weights.version", "run.finished", "metrics"):
+    for topic in (P.LEFT, P.JOINED, P.WEIGHTS_VERSION, P.RUN_FINISHED, P.METRICS):
         await watcher.client.subscribe(topic, lambda t, body, src: heard.append((t, src)))
     sampler = _sampler(broker, total_batches=0)  # deals nothing: only its view of the generators matters
     rogue = await peer("rogue", "generator")
@@ -292,16 +292,16 @@ async def test_a_rogue_publishing_control_topics_is_refused_and_nothing_changes(
         await sampler.start()
         assert sampler.generators == {"generator-0": 0} and sampler.version == 0
         caplog.set_level("WARNING", logger="bus.client")
-        await rogue.client.publish("left", {"name": "generator-0", "role": "generator", "host": "", "pid": 0,
+        await rogue.client.publish(P.LEFT, {"name": "generator-0", "role": "generator", "host": "", "pid": 0,
                                             "capabilities": {}, "reason": "bye"})
-        await rogue.client.publish("joined", {"name": "ghost", "role": "generator"})
-        await rogue.client.publish("weights.version", {"version": 99, "generators": []})
-        await rogue.client.publish("run.finished", {"step": 99})
-        await rogue.client.publish("metrics", {"step": 99})
+        await rogue.client.publish(P.JOINED, {"name": "ghost", "role": "generator"})
+        await rogue.client.publish(P.WEIGHTS_VERSION, {"version": 99, "generators": []})
+        await rogue.client.publish(P.RUN_FINISHED, {"step": 99})
+        await rogue.client.publish(P.METRICS, {"step": 99})
         # the broker handles a connection's frames in order: once these answers are back, the
         # publications above were refused or delivered (and a subscriber's callback ran)
         await rogue.client.request("watcher", "ping", None, timeout=5)
-        await rogue.client.request("sampler", "sampler_state", None, timeout=5)
+        await rogue.client.request("sampler", P.SAMPLER_STATE, None, timeout=5)
         assert [h for h in heard if h[1] != ""] == []  # only the broker's own membership events came
         assert sampler.generators == {"generator-0": 0} and sampler.version == 0
         refused = [r.getMessage() for r in caplog.records
@@ -346,18 +346,18 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
         await learner.start()
         with pytest.raises(RemoteError, match=r"refused 'train' from 'rogue': its registered role is 'verifier', "
                                               r"and only role packer may send it"):
-            await rogue.client.request("learner", "train", {"step": 0, "batch": None, "stats": {}}, timeout=5)
+            await rogue.client.request("learner", P.TRAIN, {"step": 0, "batch_ref": None, "stats": {}}, timeout=5)
         with pytest.raises(RemoteError, match=r"refused 'update_weights' from 'rogue'.*only role broadcaster"):
-            await rogue.client.request("generator-0", "update_weights", {"version": 7, "weights": {}}, timeout=5)
+            await rogue.client.request("generator-0", P.UPDATE_WEIGHTS, {"version": 7, "weights": {}}, timeout=5)
         # claiming a role in the envelope does not help: the broker drops a frame with a key it did not add
         dropped = broker.stats["dropped"]
-        rogue.client._send_frame(msgpack.packb({"v": 1, "type": "train", "src": "rogue", "dst": "learner", "cid": 0,
-                                                "body": {"step": 1, "batch": None, "stats": {}}, "role": "packer"}))
+        rogue.client._send_frame(msgpack.packb({"v": 1, "type": P.TRAIN, "src": "rogue", "dst": "learner", "cid": 0,
+                                                "body": {"step": 1, "batch_ref": None, "stats": {}}, "role": "packer"}))
         with pytest.raises(RemoteError, match="refused 'train'"):  # a frame after it: the first was handled
-            await rogue.client.request("learner", "train", {"step": 2}, timeout=5)
+            await rogue.client.request("learner", P.TRAIN, {"step": 2}, timeout=5)
         assert broker.stats["dropped"] == dropped + 1
         assert learner.pending == {} and backend.updates == []
-        await packer.client.request("learner", "train", {"step": 5, "batch": None, "stats": {}}, timeout=5)
+        await packer.client.request("learner", P.TRAIN, {"step": 5, "batch_ref": None, "stats": {}}, timeout=5)
         assert list(learner.pending) == [5]  # the packer is served (step 5 waits for steps 0-4)
     finally:
         await learner.stop()

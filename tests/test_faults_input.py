@@ -221,6 +221,7 @@ def _lie_about_sizes(desc: dict) -> None:
 
 
 async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_copy():
+    from actors import protocol as P
     from actors.generator.generator import Sample, rollout_batch
     from actors.packer import Packer
     from bus.broker import Broker
@@ -229,13 +230,13 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
 
     broker = Broker("tcp://127.0.0.1:0", heartbeat_interval=0.2)
     await broker.start()
-    got: dict[str, list] = {"accepted": [], "rejected": [], "train": []}
+    got: dict[str, list] = {P.ACCEPTED: [], P.REJECTED: [], P.TRAIN: []}
     sampler = BusClient(broker.address, "sampler", "sampler", heartbeat_interval=0.2)
     learner = BusClient(broker.address, "learner", "learner", heartbeat_interval=0.2)
     verifier = BusClient(broker.address, "verifier-0", "verifier", heartbeat_interval=0.2)
-    for kind in ("accepted", "rejected"):
+    for kind in (P.ACCEPTED, P.REJECTED):
         sampler.on(kind, lambda body, src, kind=kind: got[kind].append(body))
-    learner.on("train", lambda body, src: got["train"].append(body))
+    learner.on(P.TRAIN, lambda body, src: got[P.TRAIN].append(body))
     packer = Packer(broker.address, batch_prompts=1, heartbeat_interval=0.2)
     channel = open_channel("shm")
     try:
@@ -245,9 +246,9 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
         batch = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "length")] * 2)
 
         async def scored(desc: dict) -> None:
-            await verifier.request("packer", "scored", {
-                "batch": 0, "qid": "q-7", "rewards": [5.0, -5.0], "correct": [True, False], "rollout": desc,
-                "generator": "generator-0", "stats": {"truncated": [True, True], "response_tokens": [2, 2],
+            await verifier.request("packer", P.SCORED, {
+                "step": 0, "qid": "q-7", "rewards": [5.0, -5.0], "correct": [True, False], "reward_errors": 0,
+                "rollout_ref": desc, "generator": "generator-0", "stats": {"truncated": [True, True], "response_tokens": [2, 2],
                                                       "version_min": 0, "version_max": 0}}, timeout=5)
 
         async def until(pred, what: str) -> None:
@@ -259,17 +260,17 @@ async def test_packer_rejects_a_rollout_whose_header_lies_and_trains_the_true_co
         lying = await channel.send(batch, timeout=30)
         _lie_about_sizes(lying)
         await scored(lying)
-        await until(lambda: got["rejected"], "REJECTED")
-        rejected = got["rejected"][0]
-        assert (rejected["batch"], rejected["qid"]) == (0, "q-7")
+        await until(lambda: got[P.REJECTED], "REJECTED")
+        rejected = got[P.REJECTED][0]
+        assert (rejected["step"], rejected["qid"]) == (0, "q-7")
         assert "decode" in rejected["reason"] and "input_ids" in rejected["reason"]
-        assert not got["accepted"] and not got["train"]
+        assert not got[P.ACCEPTED] and not got[P.TRAIN]
 
         await scored(await channel.send(batch, timeout=30))  # the sampler dealt it again: the true copy
-        await until(lambda: got["train"], "TRAIN")
-        assert got["accepted"] == [{"batch": 0, "qid": "q-7"}]
+        await until(lambda: got[P.TRAIN], "TRAIN")
+        assert got[P.ACCEPTED] == [{"step": 0, "qid": "q-7"}]
         rx = Channels(TensorOptions(host="127.0.0.1"))
-        trained = await rx.recv(got["train"][0]["batch"], timeout=5)
+        trained = await rx.recv(got[P.TRAIN][0]["batch_ref"], timeout=5)
         await rx.close()
         assert trained.meta["qids"] == ["q-7", "q-7"] and torch.equal(trained.input_ids, batch.input_ids)
     finally:

@@ -198,7 +198,7 @@ def test_step_metrics_count_interrupted_sequences():
     def group(interrupted, per_seq):
         stats = {"truncated": [False], "response_tokens": [3], "version_min": 2, "version_max": 3,
                  "interrupted": interrupted, "versions_per_seq": per_seq}
-        return ScoredGroup("q", batch=type("B", (), {"rewards": torch.zeros(1)})(), correct=[True], stats=stats)
+        return ScoredGroup("q", rollout=type("B", (), {"num_seqs": 1})(), rewards=[0.0], correct=[True], stats=stats)
 
     m = batch_stats(3, [group(2, 2), group(0, 1), group(1, 3)], dropped=0)
     assert m["interrupted_seqs"] == 3 and m["versions_per_seq_max"] == 3

@@ -51,7 +51,7 @@ async def _train(lrn: Learner, steps: range) -> None:
     async with open_channel("local") as ch:
         for step in steps:
             d = await ch.send(_batch(step), timeout=10)
-            await lrn._train_one({"step": step, "batch": d, "stats": {}})
+            await lrn._train_one({"step": step, "batch_ref": d, "stats": {}})
 
 
 def _size(reply: dict) -> int:
@@ -86,7 +86,7 @@ async def test_a_step_trained_twice_is_detected_after_the_memory_window(tmp_path
     lrn = _learner(tmp_path)
     await _train(lrn, range(3 * WINDOW))
     assert lrn.trained.recent[0]["step"] > 0, "step 0 left memory"
-    await lrn.on_train({"step": 0, "batch": None, "stats": {}}, "packer")  # a late second copy: ignored
+    await lrn.on_train({"step": 0, "batch_ref": None, "stats": {}}, "packer")  # a late second copy: ignored
     assert 0 not in lrn.pending
     with pytest.raises(TrainedLogError, match=r"trained.jsonl: step 0 already recorded \(the record holds steps 0\.\.23\)"):
         lrn.trained.record({"step": 0, "qids": []})

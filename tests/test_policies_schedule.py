@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launcher.config import ConfigError, load_config
-from policies.train.advantages import advantages_for
+from policies.train.advantages import advantages_for, normalize_advantages
 from policies.train.ppo import PPOConfig, train_step
 from policies.train.schedule import lr_at, scheduled_lr
 
@@ -67,6 +67,19 @@ def test_group_normalisation_is_per_prompt_and_sequence_weighted():
                                                                                           normalize=False))
     with pytest.raises(ValueError, match="needs the batch's group_ids"):
         advantages_for(rewards, mask, cu, normalize="group")
+
+
+def test_raw_advantages_normalised_afterwards_are_the_normalised_ones():
+    """What train_step reports (raw) and trains on (normalised) come from one computation."""
+    rewards, mask, cu, groups = _two_groups()
+    raw = advantages_for(rewards, mask, cu, normalize="none")
+    for mode in ("batch", "group", "none", True, False):
+        once = normalize_advantages(raw, mask, cu, mode, groups)
+        assert torch.equal(once, advantages_for(rewards, mask, cu, normalize=mode, group_ids=groups)), mode
+    with pytest.raises(ValueError, match="needs the batch's group_ids"):
+        normalize_advantages(raw, mask, cu, "group")
+    with pytest.raises(ValueError, match="normalize='sometimes'"):
+        normalize_advantages(raw, mask, cu, "sometimes")
 
 
 def _tiny(seed=0):

@@ -36,7 +36,8 @@ class Backend(Protocol):
 
 
 def rollout_batch(prompt_ids: list[int], samples: list[Sample]) -> PackedBatch:
-    """One group as a PackedBatch: prompt + response per sample, loss on the response only."""
+    """One group as a PackedBatch: prompt + response per sample, loss on the response only; what the
+    generator knows, nothing more (the packer adds the verifier's rewards and the group ids)."""
     seqs = []
     for s in samples:
         p, r = len(prompt_ids), len(s.output_ids)
@@ -45,8 +46,6 @@ def rollout_batch(prompt_ids: list[int], samples: list[Sample]) -> PackedBatch:
             "loss_mask": torch.tensor([False] * p + [True] * r),
             "logprobs": torch.tensor([0.0] * p + list(s.logprobs), dtype=torch.float32),
             "versions": torch.tensor([-1] * p + list(s.versions), dtype=torch.int32),
-            "rewards": 0.0,
-            "group_ids": 0,
         })
     return PackedBatch.from_sequences(seqs)
 
@@ -68,7 +67,7 @@ def rollout_stats(samples: list[Sample], version: int) -> dict:
 
 
 class Generator(Actor):
-    role = "generator"
+    role = P.GENERATOR
 
     def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
                  transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, deliver_timeout: float = 30.0,
@@ -104,7 +103,7 @@ class Generator(Actor):
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
-        rid = f"{body['batch']}:{body['qid']}"
+        rid = f"{body['step']}:{body['qid']}"
         if rid in self._active:
             return
         self._active.add(rid)
@@ -124,21 +123,21 @@ class Generator(Actor):
                 raise RuntimeError(f"the {type(self.backend).__name__} backend generated no group for {rid} "
                                    f"within generate_timeout={self.generate_timeout:g}s") from None
             batch = rollout_batch(body["prompt_ids"], samples)
-            packers = await self.bus.actors(role="packer")
+            packers = await self.bus.actors(role=P.PACKER)
             if not packers:
                 raise RuntimeError("no packer is registered on the bus")
             desc = await self.channels.send(batch, packers[:1], timeout=self.rollout_ttl)
-            verifiers = sorted(a.name for a in await self.bus.actors(role="verifier"))
+            verifiers = sorted(a.name for a in await self.bus.actors(role=P.VERIFIER))
             if not verifiers:
                 raise RuntimeError("no verifier is registered on the bus")
             verifier = verifiers[next(self._verifiers) % len(verifiers)]
             texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
             stats = rollout_stats(samples, self.backend.version)
             await self.deliver(verifier, P.SCORE, {
-                "batch": body["batch"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
-                "problem": body.get("problem"), "rollout": desc, "generator": self.name, "stats": stats},
+                "step": body["step"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
+                "problem": body.get("problem"), "rollout_ref": desc, "generator": self.name, "stats": stats},
                 within=self.deliver_timeout)
-            await self.deliver(sampler, P.GENERATED, {"batch": body["batch"], "qid": body["qid"],
+            await self.deliver(sampler, P.GENERATED, {"step": body["step"], "qid": body["qid"],
                                                       "verifier": verifier}, within=self.deliver_timeout)
         except asyncio.CancelledError:
             raise
@@ -151,7 +150,7 @@ class Generator(Actor):
             # over now: the sampler may deal it to us again while we report, and that copy must run
             self._active.discard(rid)
             try:
-                await self.deliver(sampler, P.REJECTED, {"batch": body["batch"], "qid": body["qid"],
+                await self.deliver(sampler, P.REJECTED, {"step": body["step"], "qid": body["qid"],
                                                          "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
             except Exception as exc2:  # the sampler deals it again after rollout.request_timeout
                 log.error("could not tell %s that %s failed: %s", sampler, rid, exc2)

@@ -232,7 +232,7 @@ class SimGenerator(Generator):
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
-        rid = f"{body['batch']}:{body['qid']}"
+        rid = f"{body['step']}:{body['qid']}"
         if rid not in self._active:
             self.backend.answers[rid] = list(body.get("answers") or [])
         await super().on_generate(body, src)

@@ -67,7 +67,7 @@ def train_ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, lr: float, recom
 
 
 class Learner(Actor):
-    role = "learner"
+    role = P.LEARNER
 
     def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig,
                  broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
@@ -94,7 +94,6 @@ class Learner(Actor):
         self._state_lock = asyncio.Lock()  # a checkpoint never sees a half-trained step
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self.finished = asyncio.Event()
 
     async def on_start(self) -> None:
         self._worker = asyncio.create_task(self._train_loop())
@@ -160,15 +159,14 @@ class Learner(Actor):
             log.exception("step %d failed; the learner leaves the bus", self.step)
             asyncio.ensure_future(self.stop())
             return
-        self.finished.set()
         await self.bus.publish(P.RUN_FINISHED, {"step": self.step})
 
     async def _train_one(self, body: dict) -> None:
         step, t0 = int(body["step"]), time.perf_counter()
         self._training = step
         batch = None
-        if body["batch"] is not None:
-            batch = await self.channels.recv(body["batch"], timeout=self.transfer_timeout)
+        if body["batch_ref"] is not None:
+            batch = await self.channels.recv(body["batch_ref"], timeout=self.transfer_timeout)
         t_recv = time.perf_counter()
         stats: dict = {}
         async with self._state_lock:

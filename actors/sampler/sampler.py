@@ -1,5 +1,7 @@
 """Prompt sampler: admits training batches under the staleness bound and deals prompts to generators.
 
+The batch of step s is the s-th batch of the data order (``policies.data.order``); it is admitted once
+the generators run policy version >= s - max_staleness (version == steps trained, actors.protocol).
 It owns the exactly-once guarantee on the sampling side: every prompt of an admitted batch stays
 "owed" until the packer says ACCEPTED. A prompt held by a generator or verifier that leaves is dealt
 again; the packer drops any duplicate that the dead peer had already sent on. Prompts are delivered
@@ -48,7 +50,7 @@ class _Owed:
 
 
 class PromptSampler(Actor):
-    role = "sampler"
+    role = P.SAMPLER
 
     def __init__(self, bus_address: str, *, problems: list[Problem], prompt_ids: list[list[int]],
                  cfg: SamplerConfig, start_batch: int = 0, name: str = P.SAMPLER, **bus_kwargs):
@@ -56,8 +58,8 @@ class PromptSampler(Actor):
         if len(problems) != len(prompt_ids):
             raise ValueError("problems and prompt_ids differ in length")
         self.problems, self.prompt_ids, self.cfg = problems, prompt_ids, cfg
-        self.next_batch = start_batch
-        self.version = start_batch  # the policy version the generators run; learner step == version
+        self.next_step = start_batch  # the step whose prompts are admitted next (its batch of the data order)
+        self.version = start_batch  # the policy version the generators run (== the learner's steps trained)
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
         self.generators = LoadBook()  # name -> prompts in flight there
@@ -73,7 +75,7 @@ class PromptSampler(Actor):
 
     async def _ask_version(self) -> None:
         try:
-            state = await self.bus.request(P.BROADCASTER, "broadcaster_state", {}, timeout=5.0)
+            state = await self.bus.request(P.BROADCASTER, P.BROADCASTER_STATE, {}, timeout=5.0)
         except Exception as exc:
             log.info("no answer from the broadcaster (%s); waiting for its announcement", exc)
             return
@@ -103,7 +105,7 @@ class PromptSampler(Actor):
                 self.queue.appendleft(key)
             if late:
                 await self._deal()
-            if not self.admissible() and self.next_batch < self.cfg.total_batches and not self.owed:
+            if not self.admissible() and self.next_step < self.cfg.total_batches and not self.owed:
                 await self._ask_version()  # waiting for a version: make sure we did not miss it
             if self.owed:
                 holders: dict[str, int] = {}
@@ -112,36 +114,36 @@ class PromptSampler(Actor):
                 oldest = max((now - o.since for o in self.owed.values() if o.holder), default=0.0)
                 log.info("waiting for %d prompts (%s); oldest %.0f s; policy version %d, next batch %d",
                          len(self.owed), ", ".join(f"{h}: {n}" for h, n in sorted(holders.items())), oldest,
-                         self.version, self.next_batch)
-            elif self.next_batch < self.cfg.total_batches:
-                log.info("batch %d waits for policy version >= %d (now %d)", self.next_batch,
-                         self.next_batch - self.cfg.max_staleness, self.version)
+                         self.version, self.next_step)
+            elif self.next_step < self.cfg.total_batches:
+                log.info("batch %d waits for policy version >= %d (now %d)", self.next_step,
+                         self.next_step - self.cfg.max_staleness, self.version)
 
     # --- admission -------------------------------------------------------------------------
     def admissible(self) -> bool:
-        return (self.next_batch < self.cfg.total_batches
-                and self.next_batch <= self.version + self.cfg.max_staleness)
+        return (self.next_step < self.cfg.total_batches
+                and self.next_step <= self.version + self.cfg.max_staleness)
 
-    def _admit(self, batch: int) -> None:
-        idx = batch_indices(len(self.problems), self.cfg.batch_prompts, self.cfg.seed, batch)
+    def _admit(self, step: int) -> None:
+        idx = batch_indices(len(self.problems), self.cfg.batch_prompts, self.cfg.seed, step)
         for i in idx:
             prob = self.problems[i]
-            key = (batch, prob.id)
+            key = (step, prob.id)
             if key in self.owed:  # the same problem twice in one batch (tiny datasets)
-                key = (batch, f"{prob.id}#{sum(k[0] == batch for k in self.owed)}")
+                key = (step, f"{prob.id}#{sum(k[0] == step for k in self.owed)}")
             self.owed[key] = _Owed({
-                "batch": batch, "qid": key[1], "prompt_ids": self.prompt_ids[i],
+                "step": step, "qid": key[1], "prompt_ids": self.prompt_ids[i],
                 "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
                 "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
             })
             self.queue.append(key)
         log.info("batch %d admitted (%d prompts, policy version %d, max_staleness %d)",
-                 batch, len(idx), self.version, self.cfg.max_staleness)
+                 step, len(idx), self.version, self.cfg.max_staleness)
 
     async def _pump(self) -> None:
         while self.admissible():
-            self._admit(self.next_batch)
-            self.next_batch += 1
+            self._admit(self.next_step)
+            self.next_step += 1
         await self._deal()
 
     async def _deal(self) -> None:
@@ -214,10 +216,10 @@ class PromptSampler(Actor):
         A verifier that left before this arrived would hold the prompt until request_timeout (its
         ``left`` event came first and found nothing to re-deal): such a prompt is dealt again at once.
         """
-        key, verifier = (int(body["batch"]), body["qid"]), body["verifier"]
+        key, verifier = (int(body["step"]), body["qid"]), body["verifier"]
         if self._owed_by(key, src) is not None:
             try:
-                live = verifier in {a.name for a in await self.bus.actors(role="verifier")}
+                live = verifier in {a.name for a in await self.bus.actors(role=P.VERIFIER)}
             except BusError as exc:  # cannot tell: trust it (its `left`, or request_timeout, re-deals)
                 log.warning("cannot list the verifiers (%s); assuming %s is there", exc, verifier)
                 live = True
@@ -239,7 +241,7 @@ class PromptSampler(Actor):
 
     @handler(P.ACCEPTED, from_roles=(P.PACKER,))
     async def on_accepted(self, body: dict, src: str) -> None:
-        key = (int(body["batch"]), body["qid"])
+        key = (int(body["step"]), body["qid"])
         owed = self.owed.pop(key, None)
         if owed is not None and owed.holder in self.generators:
             self._release(key, owed.holder)
@@ -247,17 +249,17 @@ class PromptSampler(Actor):
 
     @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
-        key = (int(body["batch"]), body["qid"])
+        key = (int(body["step"]), body["qid"])
         owed = self.owed.get(key)
         if owed is None:
             return
-        log.warning("%s rejected by the packer (%s): dealing it again", key, body.get("reason"))
+        log.warning("%s rejected by %s (%s): dealing it again", key, src, body.get("reason"))
         self._release(key, owed.holder)
         owed.holder = None
         self.queue.appendleft(key)
         await self._deal()
 
-    @handler("sampler_state")
+    @handler(P.SAMPLER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
-        return {"next_batch": self.next_batch, "version": self.version, "owed": len(self.owed),
+        return {"next_step": self.next_step, "version": self.version, "owed": len(self.owed),
                 "generators": dict(self.generators)}

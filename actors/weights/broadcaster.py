@@ -64,7 +64,7 @@ class WeightBroadcaster(Actor):
         self.announced = {"version": self.version, "generators": sorted(self.current)}
         await self.bus.publish(P.WEIGHTS_VERSION, self.announced)
 
-    @handler("broadcaster_state")
+    @handler(P.BROADCASTER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
         """The last announcement (mid-update, the new version is not yet served by anyone)."""
         return self.announced or {"version": -1, "generators": []}

@@ -193,7 +193,7 @@ def _announce_first_work(actor, kind: str) -> None:
         nonlocal said
         if not said:
             said = True
-            print(f"[attach] {actor.name} got its first {kind!r} (batch {body.get('batch')}) from {src}", flush=True)
+            print(f"[attach] {actor.name} got its first {kind!r} (step {body.get('step')}) from {src}", flush=True)
         return await serve(body, src)
     actor.bus.on(kind, first)
 

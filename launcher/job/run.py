@@ -331,10 +331,10 @@ class Job:
                 return {"error": str(exc)}
 
         learner = await ask(P.LEARNER, P.LEARNER_STATE, {"qids": False})
-        sampler = await ask(P.SAMPLER, "sampler_state", {})
+        sampler = await ask(P.SAMPLER, P.SAMPLER_STATE, {})
         step = learner.get("step")
         seen = (f"learner at step {step}, training {learner.get('training')}, batches waiting "
-                f"{learner.get('pending')}; sampler next batch {sampler.get('next_batch')}, policy version "
+                f"{learner.get('pending')}; sampler next step {sampler.get('next_step')}, policy version "
                 f"{sampler.get('version')}, {sampler.get('owed')} prompt(s) owed, in flight per generator "
                 f"{sampler.get('generators')}")
         if "error" in learner:
@@ -347,7 +347,7 @@ class Job:
             held = [f"{g} holds {n}" for g, n in sorted(sampler.get("generators", {}).items()) if n]
             return (f"rollout: {sampler['owed']} prompt(s) not yet generated, scored and accepted "
                     f"({', '.join(held) if held else 'no generator holds any: none on the bus?'}); {seen}")
-        if sampler.get("next_batch", 0) <= (step or 0):
+        if sampler.get("next_step", 0) <= (step or 0):
             return f"the sampler has not admitted batch {step} ({seen})"
         return f"the packer: batch {step} was accepted whole but never reached the learner ({seen})"
 
