@@ -9,7 +9,7 @@ from policies.train import ppo
 from policies.train.advantages import advantages_for, gae_advantages, kl_estimate, normalize_masked, token_rewards
 from policies.train.losses import ppo_loss, sft_loss
 from policies.model.loading import tiny_model
-from policies.train.ppo import (PPOConfig, SFTConfig, compute_advantages, make_optimizer, recompute_logprobs, sft_step,
+from policies.train.ppo import (PPOConfig, SFTConfig, make_optimizer, recompute_logprobs, sft_step,
                           train_step)
 from tensors.packed import PackedBatch
 
@@ -172,12 +172,13 @@ def make_batch(model, n_seqs=8, seed=0):
     return batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
 
 
-def test_compute_advantages_on_a_packed_batch():
+def test_advantages_on_a_packed_batch():
     batch = make_batch(tiny_model(seed=0))
-    adv = compute_advantages(batch, PPOConfig(normalize_advantages=False))
-    want = torch.where(batch.loss_mask, batch.rewards[batch.token_seq_ids()], 0.0)
+    adv = advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, normalize=False)
+    seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs), batch.seqlens.long())
+    want = torch.where(batch.loss_mask, batch.rewards[seq_of_token], 0.0)
     assert torch.equal(adv, want)
-    normed = compute_advantages(batch, PPOConfig())
+    normed = advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, normalize=True)
     assert abs(normed[batch.loss_mask].mean().item()) < 1e-5 and (normed[~batch.loss_mask] == 0).all()
     assert normed[batch.loss_mask].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 

@@ -120,11 +120,7 @@ def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *
                    ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k1",
                    group_ids: Tensor | None = None) -> Tensor:
     """Advantages [T] of a whole batch, normalised over the batch or per group when asked (module doc)."""
-    mode = NORMALIZE.get(normalize) if isinstance(normalize, (bool, str)) else None
-    if mode is None:
-        raise ValueError(f"normalize={normalize!r}: must be batch, group, none (or True / False)")
-    if mode == "group" and group_ids is None:
-        raise ValueError("normalize='group': needs the batch's group_ids (which prompt each sequence answers)")
+    _mode(normalize, group_ids)
     if seq_rewards.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"rewards: expected {cu_seqlens.numel() - 1} sequence rewards, got {seq_rewards.numel()}")
     if loss_mask.numel() != int(cu_seqlens[-1]):
@@ -136,6 +132,22 @@ def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *
         kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
     rewards = token_rewards(seq_rewards, loss_mask, cu_seqlens, kl=kl, kl_coef=kl_coef)
     adv = gae_advantages(rewards, loss_mask, cu_seqlens, gamma=gamma, lam=lam)
+    return normalize_advantages(adv, loss_mask, cu_seqlens, normalize, group_ids)
+
+
+def _mode(normalize: bool | str, group_ids: Tensor | None) -> str:
+    mode = NORMALIZE.get(normalize) if isinstance(normalize, (bool, str)) else None
+    if mode is None:
+        raise ValueError(f"normalize={normalize!r}: must be batch, group, none (or True / False)")
+    if mode == "group" and group_ids is None:
+        raise ValueError("normalize='group': needs the batch's group_ids (which prompt each sequence answers)")
+    return mode
+
+
+def normalize_advantages(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, normalize: bool | str = True,
+                         group_ids: Tensor | None = None) -> Tensor:
+    """Unnormalised advantages [T] normalised as `normalize` says (batch, group, none; True / False)."""
+    mode = _mode(normalize, group_ids)
     if mode == "batch":
         return normalize_masked(adv, loss_mask)
     if mode == "group":
