@@ -54,14 +54,7 @@ import numpy as np
 import torch
 
 from tensors import wire
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-)
+from tensors.channels.base import Channel, Descriptor, Payload, check_descriptor, check_payload, check_send_args
 from tensors.errors import TransferError, WireError
 
 PREFIX = "boba-shm"
