@@ -11,7 +11,7 @@ from policies.train.losses import ppo_loss, sft_loss
 from policies.model.loading import tiny_model
 from policies.train.ppo import (PPOConfig, SFTConfig, make_optimizer, recompute_logprobs, sft_step,
                           train_step)
-from tensors.packed import PackedBatch
+from tests.batches import synthetic_batch, with_behaviour_logprobs
 
 
 
@@ -158,18 +158,9 @@ def test_decoupled_objective_hand_values():
 # ----------------------------------------------------------------------------- training steps
 
 def make_batch(model, n_seqs=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n_seqs):
-        p, r = 3 + i % 4, 4 + (3 * i) % 7
-        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
-        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
-                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
-                         rewards=5.0 if i % 3 == 0 else -5.0, group_ids=i // 2))
-    batch = PackedBatch.from_sequences(seqs)
-    lp = recompute_logprobs(model, batch, PPOConfig())
-    # on-policy behaviour logprobs, 0 on prompt tokens
-    return batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+    batch = synthetic_batch(n_seqs, seed, response_len=lambda i: 4 + (3 * i) % 7,
+                            reward=lambda i: 5.0 if i % 3 == 0 else -5.0)
+    return with_behaviour_logprobs(batch, recompute_logprobs(model, batch, PPOConfig()))  # on-policy
 
 
 def test_advantages_on_a_packed_batch():
