@@ -117,6 +117,13 @@ def noted(coro, order: list, label: str) -> asyncio.Future:
     return task
 
 
+async def groups_and_update(first, second, update) -> tuple[list, list]:
+    """Both groups' samples (within WAIT), once the weight update they straddle is done too."""
+    got = await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    await update
+    return got
+
+
 async def started(interrupt: bool, **kw) -> TorchBackend:
     backend = TorchBackend(tiny(0), interrupt_on_update=interrupt, eos_token_ids=(), **kw)
     await backend.start()
@@ -156,9 +163,8 @@ async def test_without_interrupt_the_update_waits_and_new_groups_start_after_it(
         await tokens_out(backend, 6)
         update = noted(backend.update_weights(new_weights(), 1), order, "updated")
         await asyncio.sleep(0.01)
-        b = asyncio.ensure_future(backend.generate_group("b", prompts([5], seed=1)[0], 2, SAMPLING))
-        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, b), WAIT)
-        await update
+        got_a, got_b = await groups_and_update(a, backend.generate_group("b", prompts([5], seed=1)[0], 2, SAMPLING),
+                                               update)
     finally:
         await backend.close()
     assert order[:2] == ["a done", "updated"]
@@ -266,9 +272,7 @@ async def test_sglang_without_interrupt_the_update_waits_and_holds_new_requests(
         async with asyncio.timeout(WAIT):
             while not fake.writers_waiting:
                 await asyncio.sleep(0.005)
-        c = asyncio.ensure_future(b.generate_group("b", [9], 2, {"max_new_tokens": 40}))
-        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, c), WAIT)
-        await update
+        got_a, got_b = await groups_and_update(a, b.generate_group("b", [9], 2, {"max_new_tokens": 40}), update)
     finally:
         await b.close()
     assert order[:2] == ["a done", "updated"]
