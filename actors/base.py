@@ -181,18 +181,24 @@ class Actor:
         log.info("%s stopped", self.name)
 
 
-def run(actor: Actor) -> None:
-    """Run `actor` until SIGINT/SIGTERM or stop(), on uvloop when it is installed."""
+def run(*actors: Actor) -> None:
+    """Start `actors` in order and serve until SIGINT/SIGTERM, then stop them in reverse order; on uvloop
+    when it is installed. An actor that stops itself (leaves the bus on a fault) does not end the process:
+    whoever started it decides when it ends."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(actor.stop()))
-        log.info("%s: event loop %s", actor.name, type(loop).__module__)
+            loop.add_signal_handler(sig, stop.set)
+        log.info("%s: event loop %s", actors[0].name, type(loop).__module__)
         try:
-            await actor.run_forever()
+            for actor in actors:
+                await actor.start()
+            await stop.wait()
         finally:
-            await actor.stop()
+            for actor in reversed(actors):
+                await actor.stop()
 
     try:
         import uvloop

@@ -14,7 +14,6 @@ measure of the work each side does (with 2 threads, OpenMP spin-waiting inflates
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import bench_parser  # noqa: E402
 from policies.model.loading import load_model, load_tokenizer, smollm2_dir  # noqa: E402
 from policies.infer.sampling import GenerationEngine, SamplingParams  # noqa: E402
 
@@ -113,13 +113,10 @@ def compare(model, tokenizer, prompts, args) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, samples=4, repeats=3, threads=2)
     ap.add_argument("--model", default=None, help="HF model dir (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     args = ap.parse_args()
 

@@ -14,7 +14,6 @@ ratio interrupt / wait. The modes alternate per repeat; the best time of each is
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import bench_parser  # noqa: E402
 from policies.model.loading import load_model, smollm2_dir, tiny_model  # noqa: E402
 from policies.infer.sampling import GenerationEngine, SamplingParams  # noqa: E402
 
@@ -56,16 +56,13 @@ def run(model, groups, samples: int, update_every: int, max_batch_size: int, int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, samples=4, repeats=2, threads=2)
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     ap.add_argument("--groups", type=int, default=24)
-    ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--update-every", type=int, default=32, help="decode steps between weight updates")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = (tiny_model(seed=0, initializer_range=0.5) if a.model == "tiny"

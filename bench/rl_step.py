@@ -53,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cli import bench_parser  # noqa: E402
 from policies.data.dataset import load_problems  # noqa: E402
 
 from policies.data.prompts import build_prompt
@@ -255,13 +256,10 @@ def system_run(data: Path, run_dir: Path, staleness: int, args) -> SystemRun:
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, samples=4, repeats=2, threads=2)
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--minibatches", type=int, default=4, help="PPO minibatches (optimiser steps) per step, both sides")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                     help="our generator's weights (the baseline stays fp32); auto = bfloat16 where it is native")
     ap.add_argument("--no-bf16", action="store_true",

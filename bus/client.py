@@ -13,6 +13,9 @@ the broker can give that answer: the same words from a peer (whose frames carry 
 
 A handler may be limited to senders of some roles (`on(type, handler, from_roles=...)`): the role
 is the one the broker registered for the sender and stamped on the message, not anything it claims.
+
+Over 500 lines on purpose: sending, receiving, liveness and dispatch all work on the one socket and
+its pending-request table; they are one class, and a split would only pass that state between files.
 """
 from __future__ import annotations
 

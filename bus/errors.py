@@ -7,79 +7,83 @@ from __future__ import annotations
 
 
 class BusError(Exception):
-    """Base of every bus error."""
+    """Base of every bus error. A subclass lists its constructor's arguments, kept as attributes of the
+    same names, in `fields`: they rebuild it when pickled and travel in an `_error` reply (error_body)."""
+
+    fields: tuple[str, ...] = ()
+
+    def __reduce__(self):
+        if not self.fields:
+            return super().__reduce__()
+        return (type(self), tuple(getattr(self, f) for f in self.fields))
 
 
 class ProtocolError(BusError):
     """A frame that is not a valid envelope (the reason says why)."""
 
+    fields = ("reason",)
+
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(f"bad bus frame: {reason}")
 
-    def __reduce__(self):
-        return (type(self), (self.reason,))
-
 
 class BusTimeout(BusError, TimeoutError):
     """Nothing came back from `peer` while waiting for `phase` within `timeout` seconds."""
+
+    fields = ("peer", "phase", "timeout", "hint")
 
     def __init__(self, peer: str, phase: str, timeout: float, hint: str = ""):
         self.peer, self.phase, self.timeout, self.hint = peer, phase, timeout, hint
         msg = f"timed out after {timeout:g}s waiting for {phase} from {peer!r}"
         super().__init__(f"{msg} ({hint})" if hint else msg)
 
-    def __reduce__(self):
-        return (type(self), (self.peer, self.phase, self.timeout, self.hint))
-
 
 class PeerGone(BusError):
     """The destination is not registered with the broker (never joined, or left)."""
+
+    fields = ("peer",)
 
     def __init__(self, peer: str):
         self.peer = peer
         super().__init__(f"peer {peer!r} is not on the bus (unknown or departed)")
 
-    def __reduce__(self):
-        return (type(self), (self.peer,))
-
 
 class NameTaken(BusError):
     """Another live actor already registered this name."""
+
+    fields = ("name", "detail")
 
     def __init__(self, name: str, detail: str = ""):
         self.name, self.detail = name, detail
         msg = f"actor name {name!r} is already taken"
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.detail))
-
 
 class RemoteError(BusError):
     """The handler for `type` raised on `peer`; `message` is its error text."""
+
+    fields = ("peer", "type", "message")
 
     def __init__(self, peer: str, type: str, message: str):
         self.peer, self.type, self.message = peer, type, message
         super().__init__(f"handler for {type!r} on {peer!r} failed: {message}")
 
-    def __reduce__(self):
-        return (type(self), (self.peer, self.type, self.message))
-
 
 class NotAllowed(BusError):
     """The broker refused `what` from actor `name`: `reason` says who may (e.g. a broker-owned topic)."""
+
+    fields = ("name", "what", "reason")
 
     def __init__(self, name: str, what: str, reason: str):
         self.name, self.what, self.reason = name, what, reason
         super().__init__(f"broker refused {what} from {name!r}: {reason}")
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.what, self.reason))
-
 
 class MessageTooLarge(BusError):
     """An encoded envelope exceeds the bus's max_message_bytes."""
+
+    fields = ("size", "limit")
 
     def __init__(self, size: int, limit: int):
         self.size, self.limit = size, limit
@@ -88,25 +92,15 @@ class MessageTooLarge(BusError):
             "(send bulk data over a tensors channel, not the bus)"
         )
 
-    def __reduce__(self):
-        return (type(self), (self.size, self.limit))
+
+_ON_THE_WIRE = (PeerGone, RemoteError, NameTaken, MessageTooLarge, ProtocolError, NotAllowed)  # error_from_body's
 
 
 def error_body(exc: BusError) -> dict:
     """The body of an `_error` envelope carrying `exc` to the requester."""
     body: dict = {"kind": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, (PeerGone, RemoteError)):
-        body["peer"] = exc.peer
-    if isinstance(exc, RemoteError):
-        body["type"], body["message"] = exc.type, exc.message
-    if isinstance(exc, NameTaken):
-        body["name"], body["detail"] = exc.name, exc.detail
-    if isinstance(exc, MessageTooLarge):
-        body["size"], body["limit"] = exc.size, exc.limit
-    if isinstance(exc, ProtocolError):
-        body["reason"] = exc.reason
-    if isinstance(exc, NotAllowed):
-        body["name"], body["what"], body["reason"] = exc.name, exc.what, exc.reason
+    if isinstance(exc, _ON_THE_WIRE):
+        body.update((f, getattr(exc, f)) for f in exc.fields)
     return body
 
 

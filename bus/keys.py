@@ -69,6 +69,14 @@ def load_keys(directory: str | os.PathLike) -> CurveKeys:
     return CurveKeys(server_public, server_secret, client_public, client_secret, frozenset(authorized))
 
 
+def client_kwargs(keys_dir: str | os.PathLike | None) -> dict:
+    """A `BusClient`'s CurveZMQ keyword arguments from a key directory; {} without one (a plain bus)."""
+    if not keys_dir:
+        return {}
+    keys = load_keys(keys_dir)
+    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m bus.keys DIR")

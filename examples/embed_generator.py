@@ -27,7 +27,7 @@ from actors.generator.generator import Generator
 from actors.generator.torch_backend import TorchBackend
 from bus.client import BusClient
 from bus.errors import BusError
-from bus.keys import load_keys
+from bus.keys import client_kwargs
 from policies.data.prompts import stop_ids
 from policies.model.loading import load_model, load_tokenizer
 
@@ -40,14 +40,6 @@ class CountingTorchBackend(TorchBackend):
         samples = await super().generate_group(rid, prompt_ids, n, sampling)
         self.groups_generated += 1
         return samples
-
-
-def curve_kwargs(keys_dir: str | None) -> dict:
-    """Client keys for a bus secured with `python -m launcher keys DIR` (none for a plain one)."""
-    if not keys_dir:
-        return {}
-    keys = load_keys(keys_dir)
-    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
 
 
 async def job_model(bus: str, keys: dict) -> tuple[str, int]:
@@ -107,7 +99,7 @@ async def serve(args) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gen = await make_generator(args.name, args.bus, args.model, curve_kwargs(args.keys))
+        gen = await make_generator(args.name, args.bus, args.model, client_kwargs(args.keys))
         await gen.start()  # registers on the bus; from now on prompts and weight updates arrive
         print(f"[service] {args.name} joined {args.bus}", flush=True)
         await stop.wait()

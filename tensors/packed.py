@@ -45,6 +45,11 @@ def is_per_sequence(value: Any, num_seqs: int) -> bool:
     return isinstance(value, list) and len(value) == num_seqs
 
 
+def _field(name: str) -> property:
+    """A read-only attribute for the field `name` (`batch.rewards` is `batch["rewards"]`)."""
+    return property(lambda self: self[name], doc=f"The {name!r} field.")
+
+
 @dataclass(eq=False, repr=False)
 class PackedBatch:
     cu_seqlens: torch.Tensor
@@ -83,30 +88,13 @@ class PackedBatch:
     def device(self) -> torch.device:
         return self.cu_seqlens.device
 
-    # ---- the RL fields -----------------------------------------------------------------------
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self["input_ids"]
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        return self["loss_mask"]
-
-    @property
-    def logprobs(self) -> torch.Tensor:
-        return self["logprobs"]
-
-    @property
-    def versions(self) -> torch.Tensor:
-        return self["versions"]
-
-    @property
-    def rewards(self) -> torch.Tensor:
-        return self["rewards"]
-
-    @property
-    def group_ids(self) -> torch.Tensor:
-        return self["group_ids"]
+    # ---- the RL fields (a missing one is a KeyError naming the fields there are) -------------------
+    input_ids = _field("input_ids")
+    loss_mask = _field("loss_mask")
+    logprobs = _field("logprobs")
+    versions = _field("versions")
+    rewards = _field("rewards")
+    group_ids = _field("group_ids")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.tokens:
@@ -126,12 +114,6 @@ class PackedBatch:
             f"PackedBatch(num_seqs={self.num_seqs}, num_tokens={self.num_tokens}, "
             f"tokens={sorted(self.tokens)}, seqs={sorted(self.seqs)}, meta={sorted(self.meta)}, "
             f"device={self.device})"
-        )
-
-    def token_seq_ids(self) -> torch.Tensor:
-        """Index of the sequence each token belongs to (int64 [T]); broadcasts sequence values to tokens."""
-        return torch.repeat_interleave(
-            torch.arange(self.num_seqs, device=self.device), self.seqlens.long(), output_size=self.num_tokens
         )
 
     def with_fields(

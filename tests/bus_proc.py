@@ -54,13 +54,10 @@ def _actor_main(address: str, name: str, heartbeat: str, keydir: str = "") -> No
     import logging
 
     from actors.base import Actor, handler, run
-    from bus.keys import load_keys
+    from bus.keys import client_kwargs
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    kw = {}
-    if keydir:
-        keys = load_keys(keydir)
-        kw = {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
+    kw = client_kwargs(keydir)
 
     class Echo(Actor):
         @handler("echo")

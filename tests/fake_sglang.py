@@ -507,9 +507,8 @@ class FakeSGLang:
                        "abort_all_requests": (bool, False), "weight_version": (str, False),
                        "load_format": (str, False), "selector": (str, False),
                        "torch_empty_cache": (bool, False)})
-        if not self.session_open:
-            return 400, {"success": False,
-                         "message": NOT_IN_SESSION.format(op="update_weights_from_distributed")}
+        if refused := self._outside_session("update_weights_from_distributed"):
+            return refused
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         group = body.get("group_name", "weight_update_group")
         problem = None
@@ -540,6 +539,12 @@ class FakeSGLang:
                               "group_name": group, "weight_version": body.get("weight_version")})
         return self._after_update(body, "Succeeded to update parameter online.")
 
+    def _outside_session(self, op: str) -> tuple[int, dict] | None:
+        """The refusal of a weight update `op` outside begin/end_weight_update; None inside a session."""
+        if self.session_open:
+            return None
+        return 400, {"success": False, "message": NOT_IN_SESSION.format(op=op)}
+
     def _after_update(self, body: dict, message: str, **extra):
         version = body.get("weight_version")
         if body.get("flush_cache", True) and not self._flush():
@@ -554,9 +559,8 @@ class FakeSGLang:
                        "flush_cache": (bool, False), "abort_all_requests": (bool, False),
                        "weight_version": (str, False), "selector": (str, False),
                        "torch_empty_cache": (bool, False)})
-        if not self.session_open:
-            return 400, {"success": False,
-                         "message": NOT_IN_SESSION.format(op="update_weights_from_tensor")}
+        if refused := self._outside_session("update_weights_from_tensor"):
+            return refused
         return self._after_update(body, "Success")
 
     async def _h_update_weights_from_disk(self, body, query):

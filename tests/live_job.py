@@ -1,6 +1,7 @@
 """A live subprocess whose output a test can wait on line by line (a job, an attached actor, a service)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -97,6 +98,28 @@ class LiveProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def job_and_attached(job: "LiveProcess"):
+    """A test's body over `job` and the processes it attaches: yields `keep`, which registers an attached
+    process (and returns it). On a failure every output is printed; at the end the attached processes stop
+    (10 s each), then the job."""
+    attached: list[LiveProcess] = []
+
+    def keep(proc: LiveProcess) -> LiveProcess:
+        attached.append(proc)
+        return proc
+
+    try:
+        yield keep
+    except BaseException:
+        print(f"--- job ---\n{job.output()}\n--- attach ---\n" + "\n".join(p.output() for p in attached))
+        raise
+    finally:
+        for proc in attached:
+            proc.stop(timeout=10)
+        job.stop()
 
 
 def descendants(pid: int) -> list[int]:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from actors.learner.learner import train_ppo_batch  # noqa: E402
 from policies.model.loading import tiny_model  # noqa: E402
 from policies.train.ppo import PPOConfig, make_optimizer, recompute_logprobs  # noqa: E402
-from tensors.packed import PackedBatch  # noqa: E402
+from tests.batches import synthetic_batch, with_behaviour_logprobs  # noqa: E402
 
 # micro-batches of <= 24 tokens: 10 sequences in 2 minibatches give 2 ranks 2 micro-batches each; one
 # sequence gives rank 1 only empty ones (it joins every gather and gradient sum with nothing)
@@ -32,17 +32,9 @@ def config(n_seqs: int, minibatches: int) -> PPOConfig:
 def setup(n_seqs: int = 10, minibatches: int = 2):
     torch.manual_seed(0)
     model = tiny_model(seed=3)
-    g = torch.Generator().manual_seed(1)
-    seqs = []
-    for i in range(n_seqs):
-        p, r = 3 + i % 4, 4 + (5 * i) % 9
-        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
-        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
-                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
-                         rewards=float((i * 7) % 5) - 2.0, group_ids=i // 2))
-    batch = PackedBatch.from_sequences(seqs)
+    batch = synthetic_batch(n_seqs, 1, response_len=lambda i: 4 + (5 * i) % 9, reward=lambda i: float((i * 7) % 5) - 2.0)
     lp = recompute_logprobs(model, batch, config(n_seqs, minibatches)) - 0.05  # slightly off-policy: ratios and clipping at work
-    batch = batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+    batch = with_behaviour_logprobs(batch, lp)
     return model, make_optimizer(model, CFG), batch
 
 

@@ -10,7 +10,7 @@ import time
 from launcher.__main__ import main
 from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids
-from tests.live_job import BUS_LINE, LiveProcess, Timeline, status_table
+from tests.live_job import BUS_LINE, LiveProcess, Timeline, job_and_attached, status_table
 
 # Long enough that the job is still training when the attached generator has started (~12 s to import
 # and load on a 2-core CI machine): a tiny-model step with 16 new tokens takes ~0.3 s there, so steps get
@@ -29,15 +29,14 @@ def test_attached_generator_gets_weights_and_prompts(tmp_path):
         # never deal a prompt again for lateness: a step that finishes had all its prompts generated
         "-o", "rollout.request_timeout=600",
         cwd=tmp_path, name="job")
-    extra = None
-    try:
+    with job_and_attached(job) as keep:
         address = job.wait_for(BUS_LINE, 60).group(1)
         t("bus")
         job.wait_for_actors()   # the job's actors are up; training begins
         t("actors up")
 
-        extra = LiveProcess.launcher("attach", "generator", "--bus", address, "--name", "generator-extra",
-                                     name="attach")
+        extra = keep(LiveProcess.launcher("attach", "generator", "--bus", address, "--name", "generator-extra",
+                                          name="attach"))
         extra.wait_for(r"\[attach\] generator-extra joining " + address, 60)
         # the broadcaster brings a late generator to the current weights at once
         extra.wait_for(r"weights updated to version \d+", 60)
@@ -60,13 +59,6 @@ def test_attached_generator_gets_weights_and_prompts(tmp_path):
         assert extra.proc.poll() is None, extra.output(30)
         assert extra.stop() == 0, extra.output(30)
         t("attach stopped")
-    except BaseException:
-        print(f"--- job output ---\n{job.output()}\n--- attach output ---\n{extra.output() if extra else ''}")
-        raise
-    finally:
-        if extra is not None:
-            extra.stop(timeout=10)
-        job.stop()
 
     records = read_metrics(tmp_path / "run")
     assert [m["step"] for m in records] == list(range(STEPS))

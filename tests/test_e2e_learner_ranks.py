@@ -59,20 +59,26 @@ def _rank_pid(launcher_pid: int, name: str) -> int:
     raise AssertionError(f"no process named {name} under the launcher")
 
 
-def test_sigkill_of_learner_rank_1_mid_step_stops_the_run_naming_the_rank(tmp_path):
-    train = dataset(tmp_path)
-    run_dir = tmp_path / "run"
+def _signal_rank_1_mid_step(tmp_path, sig: int, wait_s: float, **overrides):
+    """The two-rank job; `sig` to rank 1 once it trains step 1, then up to `wait_s` for the launcher to end.
+    Returns (job, its exit code, seconds from the signal to the end, processes of the job left running)."""
     job = LiveProcess.launcher("--config", "configs/tiny.yaml",
-                               *tiny_overrides(run_dir, train, **RANKS, **{"train.steps": 4}))
+                               *tiny_overrides(tmp_path / "run", dataset(tmp_path),
+                                               **{**RANKS, "train.steps": 4, **overrides}))
     try:
         job.wait_for(r"\[learner-rank-1\] .*step 1: training its share", 300)
-        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), signal.SIGKILL)
-        killed = time.monotonic()
-        rc = job.wait(60)
-        took = time.monotonic() - killed
+        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), sig)
+        sent = time.monotonic()
+        rc = job.wait(wait_s)
+        took = time.monotonic() - sent
         left = descendants(job.proc.pid)
     finally:
         job.stop(signal.SIGKILL)
+    return job, rc, took, left
+
+
+def test_sigkill_of_learner_rank_1_mid_step_stops_the_run_naming_the_rank(tmp_path):
+    job, rc, took, left = _signal_rank_1_mid_step(tmp_path, signal.SIGKILL, 60)
     assert rc != 0, job.output(40)
     assert re.search(r"learner-rank-1 exited with code -9", job.output()), job.output(40)
     assert took < 40, f"the launcher took {took:.1f} s to stop"
@@ -82,20 +88,8 @@ def test_sigkill_of_learner_rank_1_mid_step_stops_the_run_naming_the_rank(tmp_pa
 
 def test_a_frozen_learner_rank_fails_the_collective_within_its_timeout(tmp_path):
     """SIGSTOP rank 1 mid-step: its process lives, so only actors.learner.collective_timeout ends rank 0's wait."""
-    train = dataset(tmp_path)
-    run_dir = tmp_path / "run"
-    job = LiveProcess.launcher("--config", "configs/tiny.yaml",
-                               *tiny_overrides(run_dir, train, **{**RANKS, "actors.learner.collective_timeout": 8.0,
-                                                                  "train.steps": 4}))
-    try:
-        job.wait_for(r"\[learner-rank-1\] .*step 1: training its share", 300)
-        os.kill(_rank_pid(job.proc.pid, "learner-rank-1"), signal.SIGSTOP)
-        frozen = time.monotonic()
-        rc = job.wait(90)
-        took = time.monotonic() - frozen
-        left = descendants(job.proc.pid)
-    finally:
-        job.stop(signal.SIGKILL)
+    job, rc, took, left = _signal_rank_1_mid_step(tmp_path, signal.SIGSTOP, 90,
+                                                  **{"actors.learner.collective_timeout": 8.0})
     assert rc != 0, job.output(40)
     assert re.search(r"learner rank 0 of 2: step [12] failed .*collective_timeout=8", job.output()), job.output(60)
     assert 8 <= took < 60, f"the launcher stopped {took:.1f} s after the freeze"

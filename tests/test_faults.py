@@ -73,11 +73,8 @@ class LiveJob:
             return "\n".join(line for _, line in self.lines)
 
     def client_kwargs(self) -> dict:
-        if self.keys is None:
-            return {}
-        from bus.keys import load_keys
-        keys = load_keys(self.keys)
-        return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
+        from bus.keys import client_kwargs
+        return client_kwargs(self.keys)
 
     def call(self, fn, timeout: float = 10.0, **client_kwargs):
         """Run ``await fn(client)`` with a fresh bus client of the job's bus (keyed if the bus is)."""

@@ -110,6 +110,20 @@ def test_rows_admitted_after_the_update_are_not_recomputed():
 # ------------------------------------------------------------------ the torch backend
 
 
+def noted(coro, order: list, label: str) -> asyncio.Future:
+    """`coro` as a task that appends `label` to `order` when it finishes (which finished first)."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda _: order.append(label))
+    return task
+
+
+async def groups_and_update(first, second, update) -> tuple[list, list]:
+    """Both groups' samples (within WAIT), once the weight update they straddle is done too."""
+    got = await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    await update
+    return got
+
+
 async def started(interrupt: bool, **kw) -> TorchBackend:
     backend = TorchBackend(tiny(0), interrupt_on_update=interrupt, eos_token_ids=(), **kw)
     await backend.start()
@@ -145,15 +159,12 @@ async def test_without_interrupt_the_update_waits_and_new_groups_start_after_it(
     backend = await started(False)
     order = []
     try:
-        a = asyncio.ensure_future(backend.generate_group("a", prompts([6])[0], 2, SAMPLING))
-        a.add_done_callback(lambda _: order.append("a done"))
+        a = noted(backend.generate_group("a", prompts([6])[0], 2, SAMPLING), order, "a done")
         await tokens_out(backend, 6)
-        update = asyncio.ensure_future(backend.update_weights(new_weights(), 1))
-        update.add_done_callback(lambda _: order.append("updated"))
+        update = noted(backend.update_weights(new_weights(), 1), order, "updated")
         await asyncio.sleep(0.01)
-        b = asyncio.ensure_future(backend.generate_group("b", prompts([5], seed=1)[0], 2, SAMPLING))
-        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, b), WAIT)
-        await update
+        got_a, got_b = await groups_and_update(a, backend.generate_group("b", prompts([5], seed=1)[0], 2, SAMPLING),
+                                               update)
     finally:
         await backend.close()
     assert order[:2] == ["a done", "updated"]
@@ -255,17 +266,13 @@ async def test_sglang_without_interrupt_the_update_waits_and_holds_new_requests(
     b = await sglang_backend(fake, tmp_path, False)
     order = []
     try:
-        a = asyncio.ensure_future(b.generate_group("a", [5, 6, 7], 2, {"max_new_tokens": 40}))
-        a.add_done_callback(lambda _: order.append("a done"))
+        a = noted(b.generate_group("a", [5, 6, 7], 2, {"max_new_tokens": 40}), order, "a done")
         await running(fake, 3)
-        update = asyncio.ensure_future(b.update_weights({"w": torch.ones(2)}, 1))
-        update.add_done_callback(lambda _: order.append("updated"))
+        update = noted(b.update_weights({"w": torch.ones(2)}, 1), order, "updated")
         async with asyncio.timeout(WAIT):
             while not fake.writers_waiting:
                 await asyncio.sleep(0.005)
-        c = asyncio.ensure_future(b.generate_group("b", [9], 2, {"max_new_tokens": 40}))
-        got_a, got_b = await asyncio.wait_for(asyncio.gather(a, c), WAIT)
-        await update
+        got_a, got_b = await groups_and_update(a, b.generate_group("b", [9], 2, {"max_new_tokens": 40}), update)
     finally:
         await b.close()
     assert order[:2] == ["a done", "updated"]

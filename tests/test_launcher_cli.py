@@ -59,6 +59,16 @@ def _commands(stdout: str) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def dry_run_on(capsys, tmp_path, data, hostfile: str, *overrides: str, command: tuple = ()) -> tuple[int, str, str]:
+    """`--dry-run` of configs/tiny.yaml over tmp_path/hosts.txt holding `hostfile`, with `-o` `overrides`
+    and the data fixture's train set (no test set)."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text(hostfile)
+    return run_cli(capsys, *command, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
+                   *(a for o in overrides for a in ("-o", o)), "-o", f"data.train={data['train']}",
+                   "-o", "data.test=null")
+
+
 def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("# head node first\nlocalhost slots=1\nalice@node-7 slots=2   # two GPUs\n")
@@ -105,24 +115,15 @@ def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
 
 @pytest.mark.parametrize("bus_host", ["127.0.0.1", "localhost", "127.0.1.1"])
 def test_remote_hosts_need_a_reachable_bus(tmp_path, data, capsys, bus_host):
+    rc, out, err = dry_run_on(capsys, tmp_path, data, "localhost\nnode-7 slots=4\n", f"bus.host={bus_host}",
+                              command=("run",))
     hosts = tmp_path / "hosts.txt"
-    hosts.write_text("localhost\nnode-7 slots=4\n")
-    rc, out, err = run_cli(capsys, "run", "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                           "-o", f"bus.host={bus_host}", "-o", f"data.train={data['train']}", "-o", "data.test=null")
     assert rc == 2 and out == ""
     assert f"{hosts} names remote hosts but bus.host is {bus_host}" in err and "bus.keys_dir" in err
 
 
-def _dry_run(capsys, tmp_path, data, hostfile: str, *overrides: str):
-    """`run --dry-run` of configs/tiny.yaml on `hostfile` with these overrides -> (rc, out, err)."""
-    hosts = tmp_path / "hosts.txt"
-    hosts.write_text(hostfile)
-    sets = [x for o in [*overrides, f"data.train={data['train']}", "data.test=null"] for x in ("-o", o)]
-    return run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml", *sets)
-
-
 def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
-    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=8\n", "actors.generator.count=7")
+    rc, out, _ = dry_run_on(capsys, tmp_path, data, "localhost slots=8\n", "actors.generator.count=7")
     assert rc == 0
     gpus = sorted(a.split("=")[1] for _, argv in _commands(out).values() for a in argv
                   if a.startswith("CUDA_VISIBLE_DEVICES="))
@@ -130,9 +131,9 @@ def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
 
 
 def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data, capsys):
-    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=4\nnode-7 slots=2\n", "actors.learner.ranks=3",
-                          "actors.learner.hosts=[localhost, localhost, node-7]", "actors.learner.dist_port=29999",
-                          "actors.generator.count=2", "bus.host=10.0.0.5")
+    rc, out, _ = dry_run_on(capsys, tmp_path, data, "localhost slots=4\nnode-7 slots=2\n", "actors.learner.ranks=3",
+                            "actors.learner.hosts=[localhost, localhost, node-7]", "actors.learner.dist_port=29999",
+                            "actors.generator.count=2", "bus.host=10.0.0.5")
     assert rc == 0
     assert "# learner on localhost, learner rank 0 of 3 (group at 10.0.0.5:29999)" in out
     assert "# learner-rank-1 on localhost, learner rank 1 of 3" in out
@@ -157,7 +158,7 @@ def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data,
 
 
 def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):
-    rc, out, _ = _dry_run(capsys, tmp_path, data, "localhost slots=2\n", "actors.generator.count=2")
+    rc, out, _ = dry_run_on(capsys, tmp_path, data, "localhost slots=2\n", "actors.generator.count=2")
     assert rc == 0
     cmds = _commands(out)
     assert {"generator-0", "generator-1"} <= set(cmds)
@@ -165,10 +166,8 @@ def test_all_local_hostfile_needs_no_ssh(tmp_path, data, capsys):
 
 
 def test_bad_hostfile_line_names_file_and_line(tmp_path, data, capsys):
+    rc, out, err = dry_run_on(capsys, tmp_path, data, "# cluster\nlocalhost slots=1\nnode-1 slots=zero\n")
     hosts = tmp_path / "hosts.txt"
-    hosts.write_text("# cluster\nlocalhost slots=1\nnode-1 slots=zero\n")
-    rc, out, err = run_cli(capsys, "--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
-                           "-o", f"data.train={data['train']}", "-o", "data.test=null")
     assert rc == 2 and out == ""
     assert f"error: {hosts}:3: bad slots value 'zero'" in err
     rc, _, err = run_cli(capsys, "--dry-run", "--hosts", str(tmp_path / "missing.txt"), "--config", "configs/tiny.yaml",

@@ -13,17 +13,11 @@ from policies.infer.hf_decoder import HFDecoder
 from policies.infer.llama_infer import CompactDecoder
 from policies.model.loading import ModelPathError
 from policies.infer.sampling import GenerationEngine, SamplingParams, generate
+from tests.hf_reference import hf_greedy, hf_logprobs, one_thread  # noqa: F401  (one_thread: autouse)
+from tests.hf_reference import random_prompts as prompts
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2, initializer_range=0.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_qwen3(seed=0):
@@ -39,25 +33,6 @@ def tiny_qwen3(seed=0):
 def tiny_mistral(seed=0):
     torch.manual_seed(seed)
     return MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)).eval()
-
-
-def prompts(vocab, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_logprobs(model, prompt, output, temperature=1.0):
-    ids = torch.tensor(prompt + output)[None]
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(output)[:, None])[:, 0]
-
-
-def hf_greedy(model, prompt, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("make, decoder", [(tiny_qwen3, CompactDecoder), (tiny_mistral, HFDecoder)],

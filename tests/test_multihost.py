@@ -15,7 +15,7 @@ import pytest
 from bus.keys import generate_keys
 from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids, tiny_overrides
-from tests.live_job import LiveProcess, Timeline
+from tests.live_job import LiveProcess, Timeline, job_and_attached
 from tests.simhosts import SimHosts, skip_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
@@ -113,14 +113,14 @@ asyncio.run(main())
 def test_attach_from_another_host_and_keyless_clients_are_refused(net, tmp_path):
     t = Timeline()
     job, train = start_job(net, tmp_path, steps=400, **{"rollout.max_new_tokens": 32})
-    extra = None
     d = net.hosts[3]
-    try:
+    with job_and_attached(job) as keep:
         address = job.wait_for(BUS, 60).group(1)
         job.wait_for_actors(("sampler", "packer", "learner", "verifier-0", "generator-0", "generator-1"))
         t("job up")
-        extra = LiveProcess(net.argv(d, [sys.executable, "-m", "launcher", "attach", "generator", "--bus", address,
-                                         "--keys", str(tmp_path / "keys"), "--name", "generator-d"]), name="attach")
+        extra = keep(LiveProcess(net.argv(d, [sys.executable, "-m", "launcher", "attach", "generator", "--bus",
+                                              address, "--keys", str(tmp_path / "keys"), "--name", "generator-d"]),
+                                 name="attach"))
         extra.wait_for(r"weights updated to version \d+", 90)
         extra.wait_for(r"\[attach\] generator-d got its first 'generate'", 90)
         t("attached")
@@ -141,13 +141,6 @@ def test_attach_from_another_host_and_keyless_clients_are_refused(net, tmp_path)
         while not any(m["generators_updated"] == 3 for m in read_metrics(tmp_path / "run")):
             assert time.monotonic() < deadline, "no weight update reached three generators"
             time.sleep(0.5)
-    except BaseException:
-        print(f"--- job ---\n{job.output()}\n--- attach ---\n{extra.output() if extra else ''}")
-        raise
-    finally:
-        if extra is not None:
-            extra.stop(timeout=10)
-        job.stop()
     assert_exactly_once(read_metrics(tmp_path / "run"), train)
 
 

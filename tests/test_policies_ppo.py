@@ -9,9 +9,9 @@ from policies.train import ppo
 from policies.train.advantages import advantages_for, gae_advantages, kl_estimate, normalize_masked, token_rewards
 from policies.train.losses import ppo_loss, sft_loss
 from policies.model.loading import tiny_model
-from policies.train.ppo import (PPOConfig, SFTConfig, compute_advantages, make_optimizer, recompute_logprobs, sft_step,
+from policies.train.ppo import (PPOConfig, SFTConfig, make_optimizer, recompute_logprobs, sft_step,
                           train_step)
-from tensors.packed import PackedBatch
+from tests.batches import synthetic_batch, with_behaviour_logprobs
 
 
 
@@ -158,26 +158,18 @@ def test_decoupled_objective_hand_values():
 # ----------------------------------------------------------------------------- training steps
 
 def make_batch(model, n_seqs=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n_seqs):
-        p, r = 3 + i % 4, 4 + (3 * i) % 7
-        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
-        seqs.append(dict(input_ids=torch.randint(0, 49152, (p + r,), generator=g), loss_mask=mask,
-                         logprobs=torch.zeros(p + r), versions=torch.where(mask, 0, -1),
-                         rewards=5.0 if i % 3 == 0 else -5.0, group_ids=i // 2))
-    batch = PackedBatch.from_sequences(seqs)
-    lp = recompute_logprobs(model, batch, PPOConfig())
-    # on-policy behaviour logprobs, 0 on prompt tokens
-    return batch.with_fields(tokens={"logprobs": torch.where(batch.loss_mask, lp, 0.0)})
+    batch = synthetic_batch(n_seqs, seed, response_len=lambda i: 4 + (3 * i) % 7,
+                            reward=lambda i: 5.0 if i % 3 == 0 else -5.0)
+    return with_behaviour_logprobs(batch, recompute_logprobs(model, batch, PPOConfig()))  # on-policy
 
 
-def test_compute_advantages_on_a_packed_batch():
+def test_advantages_on_a_packed_batch():
     batch = make_batch(tiny_model(seed=0))
-    adv = compute_advantages(batch, PPOConfig(normalize_advantages=False))
-    want = torch.where(batch.loss_mask, batch.rewards[batch.token_seq_ids()], 0.0)
+    adv = advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, normalize=False)
+    seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs), batch.seqlens.long())
+    want = torch.where(batch.loss_mask, batch.rewards[seq_of_token], 0.0)
     assert torch.equal(adv, want)
-    normed = compute_advantages(batch, PPOConfig())
+    normed = advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, normalize=True)
     assert abs(normed[batch.loss_mask].mean().item()) < 1e-5 and (normed[~batch.loss_mask] == 0).all()
     assert normed[batch.loss_mask].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 

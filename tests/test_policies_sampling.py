@@ -9,6 +9,7 @@ from policies.infer.llama_infer import CompactDecoder, UnsupportedModelError
 from policies.model.loading import tiny_model
 from policies.infer.sampling import GenerationEngine, SamplingParams, generate
 from policies.infer.token_draw import inverse_cdf, sample_tokens, top_p_keep
+from tests.hf_reference import hf_greedy, hf_logprobs, one_thread, random_prompts  # noqa: F401  (one_thread: autouse)
 
 VOCAB = 49152
 
@@ -32,33 +33,7 @@ def tiny_qwen2(seed=0):
 
 
 def prompts_for(model, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_logprobs(model, prompt, output, temperature=1.0):
-    """log_softmax(HF logits / T) of each output token given its prefix."""
-    ids = torch.tensor(prompt + output)[None]
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(output)[:, None])[:, 0]
-
-
-def hf_greedy(model, prompt, n_tokens):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_tokens,
-                             min_new_tokens=n_tokens, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's thread
-    hand-offs make every small op slow; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return random_prompts(model.config.vocab_size, lengths, seed)
 
 
 @pytest.fixture(scope="module")

@@ -156,13 +156,19 @@ async def run_every_backend_call(fake: FakeSGLang, tmp_path) -> None:
         await b.update_weights_from_disk(str(tmp_path), 4)
 
 
-async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(tmp_path):
+async def fake_after_every_backend_call(tmp_path) -> FakeSGLang:
+    """A fake server (stopped) whose `.calls` hold every kind of request the backend sends."""
     fake = FakeSGLang(weight_version="0", token_delay=0.005)
     await fake.start()
     try:
         await run_every_backend_call(fake, tmp_path)
     finally:
         await fake.stop()
+    return fake
+
+
+async def test_every_request_the_backend_sends_is_accepted_by_sglang_0523(tmp_path):
+    fake = await fake_after_every_backend_call(tmp_path)
     routes, api = real_routes(), load_api_types()
     used = {routes[c["path"]][1] for c in fake.calls if c["path"] in routes}
     classes = io_struct_classes(used - {None, "GenerateReqInput"})
@@ -215,12 +221,7 @@ def test_fake_routes_exist_in_sglang_0523_with_the_same_methods():
 
 
 async def test_fake_replies_decode_with_the_sglang_0523_schema(tmp_path):
-    fake = FakeSGLang(weight_version="0", token_delay=0.005)
-    await fake.start()
-    try:
-        await run_every_backend_call(fake, tmp_path)
-    finally:
-        await fake.stop()
+    fake = await fake_after_every_backend_call(tmp_path)
     api = load_api_types()
     finishes = set()
     for call in fake.calls:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ from tensors.channels import shm as shm_mod
 from tensors.channels.shm import ShmChannel, sweep_orphans
 from tensors.errors import TransferError
 from tensors.packed import PackedBatch
+from tests.spawned import SPAWNED, let_go, spawned
 
 CPU_KINDS = ["local", "shm", "zmq"]
 
@@ -52,9 +52,6 @@ def sample_weights(seed: int = 0, mb: float = 1.0) -> dict[str, torch.Tensor]:
 
 def same_tensors(a: dict, b: dict) -> bool:
     return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-
-SPAWNED: set[int] = set()  # pids of the processes these tests started
 
 
 def our_shm_files() -> set[str]:
@@ -296,12 +293,7 @@ def _serve_payloads(conn) -> None:
 
 
 async def test_round_trip_across_processes():
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve_payloads, args=(child,), daemon=True)
-    proc.start()
-    SPAWNED.add(proc.pid)
-    try:
+    with spawned(_serve_payloads) as (proc, parent):
         assert await asyncio.to_thread(parent.poll, 60), "child did not start"
         descs = parent.recv()
         for kind, (d_batch, d_weights) in descs.items():
@@ -311,12 +303,7 @@ async def test_round_trip_across_processes():
                 assert same_tensors(await rx.recv(d_weights, timeout=10), sample_weights(5)), kind
                 del batch
         gc.collect()
-        parent.send("done")
-        await asyncio.to_thread(proc.join, 30)
-        assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
+        assert await let_go(proc, parent) == 0
 
 
 def _zmq_dies_mid_transfer(conn) -> None:
@@ -342,12 +329,7 @@ def _zmq_dies_mid_transfer(conn) -> None:
 
 
 async def test_zmq_sender_killed_mid_transfer_raises_transfer_error_quickly():
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_zmq_dies_mid_transfer, args=(child,), daemon=True)
-    proc.start()
-    SPAWNED.add(proc.pid)
-    try:
+    with spawned(_zmq_dies_mid_transfer) as (proc, parent):
         assert await asyncio.to_thread(parent.poll, 60), "child did not start"
         desc = parent.recv()
         async with open_channel("zmq") as rx:
@@ -361,9 +343,6 @@ async def test_zmq_sender_killed_mid_transfer_raises_transfer_error_quickly():
             assert time.monotonic() - t0 < 5.0, "the disconnect is noticed, not the timeout waited out"
             assert info.value.phase == "pull" and info.value.peer == "dying-sender"
             assert "disconnected" in str(info.value)
-    finally:
-        proc.kill()
-        proc.join(10)
 
 
 def _shm_dies_mid_write(conn) -> None:
@@ -388,20 +367,13 @@ def _shm_dies_mid_write(conn) -> None:
 
 async def test_shm_sender_killed_mid_write_then_orphans_swept():
     async with ShmChannel() as rx:  # created (and swept) before the child dies
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_shm_dies_mid_write, args=(child,), daemon=True)
-        proc.start()
-        SPAWNED.add(proc.pid)
-        try:
+        with spawned(_shm_dies_mid_write) as (proc, parent):
             assert await asyncio.to_thread(parent.poll, 60), "child did not start"
             complete = parent.recv()
             assert await asyncio.to_thread(parent.poll, 30)
             half = parent.recv()
             os.kill(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.join, 10)
-        finally:
-            proc.kill()
         # what was complete before the sender died is still whole; what was not is refused
         got = await rx.recv(complete, timeout=5)
         assert same_tensors(got, sample_weights(seed=8))

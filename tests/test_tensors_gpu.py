@@ -16,6 +16,7 @@ import torch
 from tensors.channels import open_channel
 from tensors.channels.nccl import UNIQUE_ID_BYTES, decode_unique_id, encode_unique_id
 from tensors.errors import TransferError
+from tests.spawned import let_go, spawned
 
 HAVE_CUPY = importlib.util.find_spec("cupy") is not None
 HAVE_GPU = torch.cuda.is_available() and HAVE_CUPY
@@ -71,11 +72,7 @@ def _ipc_sender(conn) -> None:
 @pytest.mark.gpu
 @needs_gpu
 async def test_cuda_ipc_round_trip_across_processes():
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_ipc_sender, args=(child,), daemon=True)
-    proc.start()
-    try:
+    with spawned(_ipc_sender) as (proc, parent):
         assert await asyncio.to_thread(parent.poll, 120), "child did not start"
         desc = parent.recv()
         async with open_channel("cuda_ipc", device=0) as rx:
@@ -84,12 +81,7 @@ async def test_cuda_ipc_round_trip_across_processes():
             assert same(got, weights(3))
             with pytest.raises(TransferError):  # one reader: it is gone now
                 await rx.recv(desc, timeout=5)
-        parent.send("done")
-        await asyncio.to_thread(proc.join, 30)
-        assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
+        assert await let_go(proc, parent) == 0
 
 
 @pytest.mark.gpu

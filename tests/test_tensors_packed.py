@@ -38,7 +38,6 @@ def test_from_sequences_packs_without_padding():
     assert b.group_ids.tolist() == [0, 0, 1] and b.group_ids.dtype == torch.int64
     assert b.loss_mask.tolist() == [False, True, True, False, False, True, True, True]
     assert b.versions.tolist() == [-1, 0, 0, -1, -1, 2, 2, 2]
-    assert b.token_seq_ids().tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
 
 
 def test_sequences_inverts_from_sequences():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 import uuid
@@ -91,25 +90,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _run_actors(actors) -> None:
-    """Run actors in this process until SIGTERM/SIGINT, then stop them gracefully."""
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        for a in actors:
-            await a.start()
-        await stop.wait()
-        for a in reversed(actors):
-            await a.stop()
-    try:
-        import uvloop
-        uvloop.run(go())
-    except ImportError:
-        asyncio.run(go())
-
-
 def cmd_actor(args) -> int:
     from launcher.job.roles import Start, build, torch_threads
     from launcher.job.run import bus_kwargs
@@ -127,7 +107,8 @@ def cmd_actor(args) -> int:
                 _exit_now(1)
             _exit_now(0)
     actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
-    _run_actors(actors)
+    from actors.base import run
+    run(*actors)
     _exit_now(0)
 
 
@@ -140,29 +121,14 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _client_kwargs(keys_dir: str | None) -> dict:
-    if not keys_dir:
-        return {}
-    from bus.keys import load_keys
-    keys = load_keys(keys_dir)
-    return {"curve_server_key": keys.server_public, "curve_client_keys": keys.client_keys}
 
 
 def cmd_attach(args) -> int:
     from actors import protocol as P
-    from bus.client import BusClient
     from launcher.job.roles import Start, build, torch_threads
 
-    async def fetch_config() -> dict:
-        client = BusClient(args.bus, f"attach-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
-        await client.connect()
-        try:
-            return await client.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0)
-        finally:
-            await client.close()
-
     try:
-        reply = asyncio.run(fetch_config())
+        reply = _with_tool_client(args, "attach", lambda c: c.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0))
     except Exception as exc:
         return _die(f"could not get the job's config from {args.bus}: {exc}")
     cfg = from_dict(ExperimentConfig, reply["config"])
@@ -179,7 +145,8 @@ def cmd_attach(args) -> int:
         return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
     _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
     print(f"[attach] {name} joining {args.bus}", flush=True)
-    _run_actors(actors)
+    from actors.base import run
+    run(*actors)
     return 0
 
 
@@ -198,19 +165,27 @@ def _announce_first_work(actor, kind: str) -> None:
     actor.bus.on(kind, first)
 
 
-def cmd_status(args) -> int:
+def _with_tool_client(args, kind: str, use):
+    """`await use(client)` with a short-lived tool client on `args.bus` (keys from `args.keys`), closed after."""
     from bus.client import BusClient
+    from bus.keys import client_kwargs
 
-    async def listing():
-        client = BusClient(args.bus, f"status-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
+    async def go():
+        client = BusClient(args.bus, f"{kind}-{uuid.uuid4().hex[:8]}", "tool", **client_kwargs(args.keys))
         await client.connect()
         try:
-            return [a for a in await client.actors() if a.name != client.name]  # not this listing's own client
+            return await use(client)
         finally:
             await client.close()
+    return asyncio.run(go())
+
+
+def cmd_status(args) -> int:
+    async def listing(client):
+        return [a for a in await client.actors() if a.name != client.name]  # not this listing's own client
 
     try:
-        actors = asyncio.run(listing())
+        actors = _with_tool_client(args, "status", listing)
     except Exception as exc:
         return _die(f"could not list the actors on {args.bus}: {exc}")
     import time

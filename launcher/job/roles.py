@@ -137,12 +137,9 @@ def sampling_params(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict:
 def tensor_options(cfg: ExperimentConfig, bus_address: str):
     """This process's tensor sockets: its host's address towards the bus, CurveZMQ with the bus's keys."""
     from tensors.channels import Curve, TensorOptions
-    curve = None
-    if cfg.bus.keys_dir:
-        from bus.keys import load_keys
-        keys = load_keys(cfg.bus.keys_dir)
-        public, secret = keys.client_keys
-        curve = Curve(public, secret, keys.authorized)
+    from bus.keys import load_keys
+    keys = load_keys(cfg.bus.keys_dir) if cfg.bus.keys_dir else None
+    curve = None if keys is None else Curve(*keys.client_keys, keys.authorized)
     return TensorOptions.for_bus(bus_address, bind=cfg.tensors.bind, curve=curve,
                                  max_frame_bytes=cfg.tensors.max_frame_bytes)
 

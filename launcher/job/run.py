@@ -79,12 +79,8 @@ def free_port(host: str) -> int:
 
 
 def bus_kwargs(cfg: ExperimentConfig) -> dict:
-    kw = {"heartbeat_interval": cfg.bus.heartbeat_interval}
-    if cfg.bus.keys_dir:
-        from bus.keys import load_keys
-        keys = load_keys(cfg.bus.keys_dir)
-        kw.update(curve_server_key=keys.server_public, curve_client_keys=keys.client_keys)
-    return kw
+    from bus.keys import client_kwargs
+    return {"heartbeat_interval": cfg.bus.heartbeat_interval, **client_kwargs(cfg.bus.keys_dir)}
 
 
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,

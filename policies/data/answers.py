@@ -18,6 +18,10 @@ class AnswerFormatError(ValueError):
     """The answer field does not have the declared format; the message says what was looked for."""
 
 
+class AnswerFieldError(ValueError):
+    """One row's answer field is unusable; the message names the field (the caller adds file:line)."""
+
+
 def _gsm8k(text: str) -> str:
     head, sep, tail = text.rpartition("####")
     if not sep:
@@ -49,12 +53,11 @@ def extract_answer(text: str, fmt: str) -> str:
 def reference_answers(value: Any, fmt: str, key: str) -> list[str]:
     """The references of one row's `key` field: a string, a number, or a non-empty list of strings.
 
-    Raises `_Bad`-compatible `ValueError`s (the caller adds file:line) that name `key`.
+    Raises `AnswerFieldError` naming `key` (the caller adds file:line).
     """
-    from policies.data.dataset import _Bad
     if isinstance(value, (list, tuple)):
         if not value:
-            raise _Bad(f"{key!r} is an empty list")
+            raise AnswerFieldError(f"{key!r} is an empty list")
         items = list(value)
     else:
         items = [value]
@@ -62,14 +65,14 @@ def reference_answers(value: Any, fmt: str, key: str) -> list[str]:
     for i, item in enumerate(items):
         where = f"{key!r}[{i}]" if len(items) > 1 or isinstance(value, (list, tuple)) else repr(key)
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise _Bad(f"{where} must be a string or a number, got {type(item).__name__}")
+            raise AnswerFieldError(f"{where} must be a string or a number, got {type(item).__name__}")
         text = item if isinstance(item, str) else repr(item)
         if not text.strip():
-            raise _Bad(f"{where} is empty")
+            raise AnswerFieldError(f"{where} is empty")
         try:
             out.append(extract_answer(text, fmt) if isinstance(item, str) else text)
         except AnswerFormatError as e:
-            raise _Bad(f"{where}: {e}; got {_short(text)}") from None
+            raise AnswerFieldError(f"{where}: {e}; got {_short(text)}") from None
     return out
 
 

@@ -3,21 +3,20 @@
 What a TRL or verl user has on disk is usually a `datasets` artefact: a parquet dump of GSM8K, a
 `save_to_disk` directory, a JSON array. This reads them offline (HF_DATASETS_OFFLINE: nothing is
 ever downloaded) and runs every row through the same parser as the JSONL reader
-(policies.data.dataset.problem_parser), so the key mapping, the answer formats, the unique-id rule and
+(policies.data.rows), so the key mapping, the answer formats, the unique-id rule and
 `skip_malformed` behave alike; errors name the file and the row (0-based, as `dataset[i]`).
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-from policies.data.dataset import DatasetError, Layout, LoadStats, Records, _Bad, problem_parser
-
-log = logging.getLogger(__name__)
+from policies.data.records import DatasetError, Layout, Records
+from policies.data.rows import problem_parser, read_rows
 
 BUILDERS = {".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+TABLE_SUFFIXES = tuple(BUILDERS)
 
 
 def open_table(path: Path, split: str = "train"):
@@ -62,20 +61,6 @@ def load_table_problems(path: Path, layout: Layout, *, skip_malformed: bool = Fa
     """Every row of the table as a `Problem` (see policies.data.dataset.load_problems)."""
     ds = open_table(path, layout.split)
     parse = problem_parser(path.name, layout, unit="row")
-    out, stats = Records(), LoadStats()
-    for i, row in enumerate(ds):
-        stats.lines += 1
-        where = f"{path}: row {i}"
-        try:
-            out.append(parse(dict(row), where, i))
-        except _Bad as e:
-            stats.malformed(f"{where}: {e}", skip=skip_malformed, unit="row")
-    stats.loaded = len(out)
-    if stats.skipped:
-        log.warning("%s: skipped %d of %d rows as malformed", path, stats.skipped, stats.lines)
-    if not out:
-        detail = f" ({stats.skipped} malformed rows skipped)" if stats.skipped else ""
-        keys = f"; its columns: {', '.join(ds.column_names)}" if not stats.lines else ""
-        raise DatasetError(f"{path}: no records{detail}{keys}")
-    out.stats = stats
-    return out
+    rows = ((f"{path}: row {i}", i, lambda row=row: dict(row)) for i, row in enumerate(ds))
+    return read_rows(rows, parse, source=path, unit="row", skip_malformed=skip_malformed,
+                     empty_note=f"; its columns: {', '.join(ds.column_names)}")

@@ -112,6 +112,17 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW | MasterWeightAda
     return _adamw(params, cfg)
 
 
+def clipped_step(optimizer, max_grad_norm: float, who: str) -> float:
+    """Clip the gradients to `max_grad_norm` and step; returns the norm before clipping. A non-finite norm
+    drops the gradients and raises FloatingPointError naming `who`: one bad batch must not poison the weights."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"{who}: gradient norm is {float(grad_norm)}; step skipped")
+    optimizer.step()
+    return float(grad_norm)
+
+
 def optimizer_params(optimizer) -> list[Tensor]:
     """The tensors the optimiser updates (masters under bf16): the gradients to clip."""
     return [p for g in optimizer.param_groups for p in g["params"]]

@@ -17,12 +17,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from policies.train.advantages import advantages_for, kl_estimate  # noqa: F401  (re-exported)
+from policies.train.advantages import advantages_for, kl_estimate, normalize_advantages
 from policies.train.data_parallel import World, idle_forward, rank_share, zero_step
 from policies.model.logprobs import check_packed, packed_logprobs
 from policies.train.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
 from policies.model.loading import assert_trainable
-from policies.train.optim import make_optimizer, optimizer_params  # noqa: F401  (make_optimizer re-exported)
+from policies.train.optim import clipped_step, make_optimizer  # noqa: F401  (make_optimizer re-exported)
 from policies.model.precision import resolve_bf16
 from policies.settings import Checked, at_least_one, non_negative, opt, positive
 from policies.model.shared_prompts import prompt_lengths
@@ -163,15 +163,6 @@ def _rank_plan(cu_seqlens: Tensor, seq_idx: list[int], max_tokens: int, world: W
 _SUMMED = ("n_tokens", "clipped", "dual_clipped", "approx_kl", "ratio", "behav_imp_weight", "behav_masked",
            "entropy", "n_micro")
 
-def compute_advantages(batch, cfg: PPOConfig, *, logprobs: Tensor | None = None,
-                       ref_logprobs: Tensor | None = None) -> Tensor:
-    """Advantages [T] for a PackedBatch (KL against `ref_logprobs` uses `logprobs`, default the behaviour ones)."""
-    lp = batch.logprobs if logprobs is None else logprobs
-    return advantages_for(batch.rewards, batch.loss_mask, batch.cu_seqlens, gamma=cfg.gamma, lam=cfg.lam,
-                          normalize=cfg.normalize_advantages, logprobs=lp, ref_logprobs=ref_logprobs,
-                          kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, group_ids=_group_ids(batch))
-
-
 def _group_ids(batch) -> Tensor | None:
     try:
         return batch.group_ids
@@ -239,9 +230,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
     raw_adv = advantages_for(f["rewards"], f["loss_mask"], f["cu_seqlens"], gamma=cfg.gamma, lam=cfg.lam,
                              normalize=False, logprobs=prox, ref_logprobs=ref, kl_coef=cfg.kl_coef,
                              kl_estimator=cfg.kl_estimator)
-    adv = advantages_for(f["rewards"], f["loss_mask"], f["cu_seqlens"], gamma=cfg.gamma, lam=cfg.lam,
-                         normalize=cfg.normalize_advantages, logprobs=prox, ref_logprobs=ref,
-                         kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, group_ids=groups)
+    adv = normalize_advantages(raw_adv, f["loss_mask"], f["cu_seqlens"], cfg.normalize_advantages, groups)
 
     model.train()
     world = World.alone(model) if world is None else world
@@ -274,13 +263,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
             st["n_micro"] = 1.0
             for k, v in st.items():
                 totals[k] += float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"train_step: gradient norm is {float(grad_norm)}; step skipped")
-        optimizer.step()
+        grad_norms.append(clipped_step(optimizer, cfg.max_grad_norm, "train_step"))
         losses.append(mb_loss)
-        grad_norms.append(float(grad_norm))
     optimizer.zero_grad(set_to_none=True)
     if world.size > 1:  # the metrics of the whole batch: every rank's share summed
         summed = world.sum(torch.tensor([*losses, *totals.values()], dtype=torch.float64, device=device)).tolist()
@@ -338,12 +322,8 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: SFT
         loss.backward()
         total += float(loss.detach())
         n_micro += 1
-    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), cfg.max_grad_norm)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"sft_step: gradient norm is {float(grad_norm)}; step skipped")
-    optimizer.step()
+    grad_norm = clipped_step(optimizer, cfg.max_grad_norm, "sft_step")
     optimizer.zero_grad(set_to_none=True)
-    return dict(loss=total, perplexity=math.exp(min(total, 50.0)), grad_norm=float(grad_norm),
+    return dict(loss=total, perplexity=math.exp(min(total, 50.0)), grad_norm=grad_norm,
                 n_loss_tokens=float(n_loss), n_micro_batches=float(n_micro),
                 lr=float(optimizer.param_groups[0]["lr"]))

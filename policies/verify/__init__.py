@@ -1,1 +1,7 @@
-"""policies/verify."""
+"""policies/verify: is a response's answer right, and what reward it earns.
+
+boxed.py (the last \\boxed{}), answer_normalize.py / math_equal.py (answer equality), answer_guard.py
+(refusals and hedges), verifier.py + verifier_pool.py (checking in worker processes with deadlines),
+reward.py / reward_fns.py (the reward and user reward functions). Imports math_verify and the standard
+library; nothing from the other policies sub-packages.
+"""

@@ -21,15 +21,8 @@ from typing import Any
 import msgpack
 import torch
 from tensors import wire
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-    new_transfer_id,
-)
+from tensors.channels.base import (Channel, Descriptor, Payload,
+                                    check_descriptor, check_payload, check_send_args, new_transfer_id)
 from tensors.channels.outbox import Outbox, Puller
 from tensors.errors import TransferError, WireError
 

@@ -11,15 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-    new_transfer_id,
-)
+from tensors.channels.base import (Channel, Descriptor, Payload,
+                                    check_descriptor, check_payload, check_send_args, new_transfer_id)
 from tensors.errors import TransferError
 
 

@@ -27,15 +27,8 @@ from typing import Any
 import torch
 
 from tensors import wire
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-    new_transfer_id,
-)
+from tensors.channels.base import (Channel, Descriptor, Payload,
+                                    check_descriptor, check_payload, check_send_args, new_transfer_id)
 from tensors.channels.cuda_ipc import cuda_device, import_cupy, pack_layout
 from tensors.errors import TransferError, WireError
 

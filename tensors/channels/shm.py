@@ -27,6 +27,9 @@ channel's directory (no other file is opened), opened without following links, i
 claim at most MAX_READERS readers and no more bytes than the file holds (a read past the end of a
 shared file is a SIGBUS too).
 Tensors received with readers > 1 share pages with the other readers: treat them as read-only.
+
+Over 500 lines on purpose: the segment layout, its state machine and the sweep of orphans are one
+protocol between writer and readers; split across files, each half would be unreadable without the other.
 """
 
 from __future__ import annotations
@@ -54,14 +57,7 @@ import numpy as np
 import torch
 
 from tensors import wire
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-)
+from tensors.channels.base import Channel, Descriptor, Payload, check_descriptor, check_payload, check_send_args
 from tensors.errors import TransferError, WireError
 
 PREFIX = "boba-shm"

@@ -10,15 +10,8 @@ both ends (see outbox.py).
 from __future__ import annotations
 
 from tensors import wire
-from tensors.channels.base import (
-    Channel,
-    Descriptor,
-    Payload,
-    check_descriptor,
-    check_payload,
-    check_send_args,
-    new_transfer_id,
-)
+from tensors.channels.base import (Channel, Descriptor, Payload,
+                                    check_descriptor, check_payload, check_send_args, new_transfer_id)
 from tensors.channels.outbox import DEFAULT_MAX_FRAME_BYTES, Curve, Outbox, Puller
 from tensors.errors import TransferError, WireError
 
