@@ -57,3 +57,8 @@ PACKER = "packer"
 LEARNER = "learner"
 BROADCASTER = "broadcaster"
 LAUNCHER = "launcher"
+
+# learner -> broadcaster (its process): PUBLISH_WEIGHTS (request) {version, weights: a `local` channel
+# descriptor of the full state dict} -> {updated, failed, seconds}, answered once the weights went out and
+# the version was announced (actors.weights.broadcaster); the learner trains on only after the answer.
+PUBLISH_WEIGHTS = "publish_weights"

@@ -22,7 +22,7 @@ class PeriodicEval:
 
     def __init__(self, cfg, model_path: str, tokenizer, *, device: str, dtype: torch.dtype):
         from launcher.commands.evaluate import EvalSettings
-        from launcher.job.roles import data_layout
+        from launcher.job.data import data_layout
         from policies.data.dataset import load_problems
         from policies.model.loading import load_model
         self.every = cfg.eval.every

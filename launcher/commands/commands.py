@@ -67,7 +67,8 @@ def cmd_run(args) -> int:
     from actors.learner.checkpoint import CheckpointError
     from policies.data.dataset import DatasetError
     from launcher.job.hosts import HostsError, parse_hosts
-    from launcher.job.roles import check_model_path, load_train_problems
+    from launcher.job.data import load_train_problems
+    from launcher.job.start import check_model_path
     from launcher.job.run import RunFailed, dry_run, run_job
     try:
         cfg = absolute_paths(_load(args))
@@ -115,15 +116,17 @@ def _run_actors(actors) -> None:
 
 
 def cmd_actor(args) -> int:
-    from launcher.job.roles import Start, build, torch_threads
+    from launcher.job.compute import torch_threads
+    from launcher.job.roles import build
     from launcher.job.run import bus_kwargs
+    from launcher.job.start import Start
     cfg = load_config(args.config)
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
     if args.role == "learner" and cfg.actors.learner.ranks > 1:
         from actors.learner.ranks import RankError, env_rank
         if env_rank() > 0:  # a plain process in the learner group, not on the bus
-            from launcher.job.roles import serve_rank
+            from launcher.job.learner_state import serve_rank
             try:
                 serve_rank(cfg, start)
             except RankError as exc:
@@ -155,7 +158,9 @@ def _client_kwargs(keys_dir: str | None) -> dict:
 def cmd_attach(args) -> int:
     from actors import protocol as P
     from bus.client import BusClient
-    from launcher.job.roles import Start, build, torch_threads
+    from launcher.job.compute import torch_threads
+    from launcher.job.roles import build
+    from launcher.job.start import Start
 
     async def fetch_config() -> dict:
         client = BusClient(args.bus, f"attach-{uuid.uuid4().hex[:8]}", "tool", **_client_kwargs(args.keys))
