@@ -173,7 +173,7 @@ def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypat
         monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
         assert dtype_for(cfg, "generator") == dtype_for(cfg, "learner") == dtype
         assert precision.resolve_bf16(cfg.ppo.bf16, "cpu") is native
-    assert precision.resolvedtype_for("float32", "cpu") == torch.float32  # explicit settings are kept as given
+    assert precision.resolve_dtype("float32", "cpu") == torch.float32  # explicit settings are kept as given
     assert precision.resolve_bf16(True, "cpu") is True
 
 
