@@ -247,8 +247,8 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     await peer("generator-1", "generator", ["update_weights"],  # never takes them: retried a bounded number of times
                reply=lambda t, body, src: update("generator-1", body, fail=True))
     sampler = _sampler(broker)
-    bc = WeightBroadcaster(broker.address, weights=snapshot(model), retry_attempts=3, retry_backoff=0.05, update_timeout=20,
-                           heartbeat_interval=HB)
+    bc = WeightBroadcaster(broker.address, weights=snapshot(model), retry_attempts=3, retry_backoff=0.05,
+                           update_timeout=20, heartbeat_interval=HB)
     try:
         await sampler.start()
         await bc.start()  # pushes v0: both fail; generator-0 takes the second copy

@@ -83,9 +83,10 @@ async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_an
     other = TorchGeneratorStandIn(broker.address)
     sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=10, collective_timeout=30)
     bc = WeightBroadcaster(broker.address, weights=snapshot(model), sglang=sync, heartbeat_interval=HB)
-    learner = Learner(broker.address, model=model, tokenizer=None, optimizer=None, ppo=PPOConfig(), heartbeat_interval=HB,
-                      settings=LearnerSettings(run_dir=tmp_path, total_steps=2, start_step=0, recompute=False,
-                                               checkpoint_every=0, keep_checkpoints=1))
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=2, start_step=0, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=1)
+    learner = Learner(broker.address, model=model, tokenizer=None, optimizer=None, ppo=PPOConfig(), settings=settings,
+                      heartbeat_interval=HB)
     try:
         await gen.start()
         await other.start()

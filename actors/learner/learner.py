@@ -6,7 +6,8 @@ own logprobs are not the learner's: stale data, or other kernels or precision (`
 TRAIN is acknowledged at once (a second copy is ignored). After each step it hands the new weights
 to the broadcaster (PUBLISH_WEIGHTS, actors.weights) and waits for its answer before training on.
 Every step's metrics are published and also recorded in RUN_DIR/trained.jsonl (actors.learner.trained_log:
-the exactly-once record of the query ids, bounded in memory), so the launcher can fetch a record whose publication a broker restart lost.
+the exactly-once record of the query ids, bounded in memory), so the launcher can fetch a record whose
+publication a broker restart lost.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from actors import protocol as P
 from actors.base import Actor, handler
 from actors.weights.broadcaster import snapshot
 from actors.learner.trained_log import TrainedLog
+from bus.errors import BusError
 from policies.train.ppo import PPOConfig, recompute_logprobs, train_step
 from policies.model.precision import AUTO
 from policies.train.schedule import scheduled_lr
@@ -163,12 +165,23 @@ class Learner(Actor):
         {updated, failed, seconds} once every generator has them or was dropped; until then nothing
         trains, so nothing overwrites the weights it reads."""
         timeout = self.settings.weights_timeout
-        broadcasters = await self.bus.actors(role=P.BROADCASTER)
-        if not broadcasters:
-            raise RuntimeError("no weight broadcaster is registered on the bus")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (broadcasters := await self._broadcasters()):  # registering (again, after a broker restart)
+            if loop.time() > deadline:
+                raise RuntimeError(f"no weight broadcaster registered on the bus within {timeout:g} s "
+                                   f"to take the weights of version {version}")
+            await asyncio.sleep(0.5)
         desc = await self.channels.send(self.weights(), broadcasters[:1], timeout=timeout)
-        return await self.request_until(broadcasters[0].name, P.PUBLISH_WEIGHTS,
-                                        {"version": version, "weights": desc}, within=timeout, attempt=min(30.0, timeout))
+        return await self.request_until(broadcasters[0].name, P.PUBLISH_WEIGHTS, {"version": version, "weights": desc},
+                                        within=max(1.0, deadline - loop.time()), attempt=min(30.0, timeout))
+
+    async def _broadcasters(self) -> list:
+        try:
+            return await self.bus.actors(role=P.BROADCASTER)
+        except BusError as exc:
+            log.info("asking the broker for the broadcaster: %s", exc)
+            return []
 
     def train_batch(self, batch, step: int) -> dict:
         """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other

@@ -15,9 +15,8 @@ def torch_backend(cfg: ExperimentConfig, start: Start, tok):
     from policies.data.prompts import stop_ids
     from policies.model.loading import load_model
     model = load_model(start.model_path, dtype=dtype_for(cfg, "generator"), device=device_for(cfg))
-    backend = TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)), interrupt_on_update=cfg.rollout.interrupt_on_update)
-    backend.engine.version = start.step
-    return backend
+    return TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)), interrupt_on_update=cfg.rollout.interrupt_on_update,
+                        version=start.step)
 
 
 def sglang_backend(cfg: ExperimentConfig, start: Start):
