@@ -22,6 +22,10 @@ packer       -> sampler      ACCEPTED            {step, qid}
 packer, generator, verifier
              -> sampler      REJECTED            {step, qid, reason}
 packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats}
+learner      -> broadcaster  PUBLISH_WEIGHTS     {version, weights: a `local` descriptor of the state dict}
+                                                  -> {updated, failed, seconds}: answered once every generator has
+                                                  the weights or was dropped and the version was announced; the
+                                                  learner trains on only after the answer
 broadcaster  -> generator    UPDATE_WEIGHTS      {version, weights} -> {version}
 sampler      -> broadcaster  BROADCASTER_STATE   {} -> its last WEIGHTS_VERSION announcement
 launcher     -> sampler      SAMPLER_STATE       {} -> {next_step, version, owed, generators: {name: prompts held}}
@@ -55,6 +59,7 @@ SCORED = "scored"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 TRAIN = "train"
+PUBLISH_WEIGHTS = "publish_weights"
 UPDATE_WEIGHTS = "update_weights"
 BROADCASTER_STATE = "broadcaster_state"
 # requests from the launcher (and tools)

@@ -13,8 +13,10 @@
 - pack: the packer actor (actors.packer) gathers the step's scored groups and calls `pack_step`;
 - train: the learner actor (actors.learner) calls `train_ppo_batch` in `Learner.train_batch`, then
   records, checkpoints and publishes the step's metrics;
-- update: the weight broadcaster (actors.weights.broadcaster) sends `snapshot(model)` to every generator, which
-  loads it with `GenerationEngine.update_weights`: version = steps trained (actors.protocol).
+- update: the learner hands `snapshot(model)` to the weight broadcaster (actors.weights), which sends it to
+  every generator (its way: a tensor channel, torch.distributed into SGLang, or disk); a torch generator
+  loads it with `GenerationEngine.update_weights`: version = steps trained
+  (actors.protocol).
 
 Used by bench/rl_step.py (the in-process side of its comparison) and tests/test_rl_step.py.
 """

@@ -229,7 +229,7 @@ async def test_a_prompt_handed_to_a_verifier_that_left_is_dealt_again_at_once(br
 async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_prompts_again(broker, peer):
     import torch
 
-    from actors.weights.broadcaster import WeightBroadcaster
+    from actors.weights.broadcaster import WeightBroadcaster, snapshot
     from tensors.channels import Channels, TensorOptions
 
     model = torch.nn.Linear(4, 3)
@@ -249,8 +249,8 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     await peer("generator-1", "generator", [P.UPDATE_WEIGHTS],  # never takes them: retried a bounded number of times
                reply=lambda t, body, src: update("generator-1", body, fail=True))
     sampler = _sampler(broker)
-    bc = WeightBroadcaster(broker.address, model=model, retry_attempts=3, retry_backoff=0.05, update_timeout=20,
-                           heartbeat_interval=HB)
+    bc = WeightBroadcaster(broker.address, weights=snapshot(model), retry_attempts=3, retry_backoff=0.05,
+                           update_timeout=20, heartbeat_interval=HB)
     try:
         await sampler.start()
         await bc.start()  # pushes v0: both fail; generator-0 takes the second copy
@@ -317,7 +317,7 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
     import msgpack
 
     from actors.generator.generator import Generator
-    from actors.learner.learner import Learner
+    from actors.learner.learner import Learner, LearnerSettings
     from bus import envelope as E
     from bus.errors import RemoteError
     from policies.train.ppo import PPOConfig
@@ -337,8 +337,10 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
 
     backend = Recording()
     gen = Generator("generator-0", broker.address, backend=backend, tokenizer=FakeTokenizer(), heartbeat_interval=HB)
-    learner = Learner(broker.address, model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(), broadcaster=None,
-                      run_dir=tmp_path, total_steps=10, heartbeat_interval=HB)
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=10, start_step=0, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=2)
+    learner = Learner(broker.address, model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(), settings=settings,
+                      heartbeat_interval=HB)
     rogue = await peer("rogue", "verifier")
     packer = await peer("packer", "packer")
     try:

@@ -23,7 +23,7 @@ from actors.learner.checkpoint import CheckpointError
 from launcher.__main__ import main
 from launcher.config import load_config
 from launcher.mathdata import make_dataset
-from launcher.job.roles import resolve_start
+from launcher.job.start import resolve_start
 
 TINY = "configs/tiny.yaml"
 
@@ -163,7 +163,7 @@ def test_resume_skips_a_damaged_checkpoint_naming_it_or_fails_when_none_is_whole
     assert resolve_start(cfg, resume=True).step == 4
     newest = checkpoint.checkpoint_dir(run_dir, 4) / "model" / "model.safetensors"
     _truncate(newest)
-    with caplog.at_level(logging.WARNING, logger="launcher.job.roles"):
+    with caplog.at_level(logging.WARNING, logger="launcher.job.start"):
         start = resolve_start(cfg, resume=True)
     assert start.step == 2 and start.checkpoint == str(checkpoint.checkpoint_dir(run_dir, 2))
     assert "step-000004: model/model.safetensors" in caplog.text and "falling back to" in caplog.text

@@ -160,21 +160,21 @@ def test_config_errors(tmp_path, yaml_text, message):
 
 def test_generator_dtype_defaults_to_the_model_dtype(tmp_path):
     import torch
-    from launcher.job.roles import _dtype
+    from launcher.job.compute import dtype_for
     cfg = load_config(write(tmp_path, "model: {dtype: bfloat16}\n"))
-    assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == torch.bfloat16
+    assert dtype_for(cfg, "generator") == dtype_for(cfg, "learner") == torch.bfloat16
     cfg = load_config(write(tmp_path, "actors: {generator: {dtype: bfloat16}}\n"))
-    assert (_dtype(cfg, "generator"), _dtype(cfg, "learner")) == (torch.bfloat16, torch.float32)
+    assert (dtype_for(cfg, "generator"), dtype_for(cfg, "learner")) == (torch.bfloat16, torch.float32)
 
 
 def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypatch):
     import torch
-    from launcher.job.roles import _dtype
+    from launcher.job.compute import dtype_for
     from policies.model import precision
     cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(precision, "bf16_is_fast", lambda device, native=native: native)
-        assert _dtype(cfg, "generator") == _dtype(cfg, "learner") == dtype
+        assert dtype_for(cfg, "generator") == dtype_for(cfg, "learner") == dtype
         assert precision.resolve_bf16(cfg.ppo.bf16, "cpu") is native
     assert precision.resolve_dtype("float32", "cpu") == torch.float32  # explicit settings are kept as given
     assert precision.resolve_bf16(True, "cpu") is True
@@ -190,7 +190,7 @@ def test_auto_precision_is_bf16_exactly_where_bf16_is_native(tmp_path, monkeypat
     ("ppo: {recompute_logprobs: true}\n", True),
 ])
 def test_the_learner_recomputes_logprobs_unless_the_generator_computed_them_its_way(tmp_path, yaml_text, recompute):
-    from launcher.job.roles import learner_recomputes
+    from launcher.job.compute import learner_recomputes
     cfg = load_config(write(tmp_path, "model: {dtype: float32, device: cpu}\n" + yaml_text))
     got, why = learner_recomputes(cfg)
     assert got is recompute, why
@@ -198,7 +198,7 @@ def test_the_learner_recomputes_logprobs_unless_the_generator_computed_them_its_
 
 
 def test_auto_recompute_follows_auto_precision(tmp_path, monkeypatch):
-    from launcher.job.roles import learner_recomputes
+    from launcher.job.compute import learner_recomputes
     from policies.model import precision
     cfg = load_config(write(tmp_path, "model: {dtype: auto, device: cpu}\nppo: {bf16: auto}\n"))
     for native in (True, False):

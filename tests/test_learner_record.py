@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import actors.learner.learner as learner_mod
-from actors.learner.learner import Learner
+from actors.learner.learner import Learner, LearnerSettings
 from actors.learner.trained_log import TrainedLog, TrainedLogError, read_trained
 from policies.train.ppo import PPOConfig
 from tensors.channels import open_channel
@@ -16,9 +16,8 @@ SEQS = 64  # sequences a step, each with a 24-character query id (the real runs:
 WINDOW = 8
 
 
-class _Broadcaster:
-    async def broadcast(self, version: int) -> dict:
-        return {"updated": 1, "failed": 0}
+async def _published(version: int) -> dict:  # the broadcaster's answer to PUBLISH_WEIGHTS
+    return {"updated": 1, "failed": 0}
 
 
 def _batch(step: int) -> PackedBatch:
@@ -29,9 +28,10 @@ def _batch(step: int) -> PackedBatch:
 
 
 def _learner(run_dir, start_step: int = 0, total: int = 10_000) -> Learner:
-    lrn = Learner("tcp://127.0.0.1:1", model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(),
-                  broadcaster=_Broadcaster(), run_dir=run_dir, total_steps=total, start_step=start_step,
-                  recent_steps=WINDOW)
+    settings = LearnerSettings(run_dir=run_dir, total_steps=total, start_step=start_step, recompute=False,
+                               checkpoint_every=0, keep_checkpoints=2, recent_steps=WINDOW)
+    lrn = Learner("tcp://127.0.0.1:1", model=None, tokenizer=None, optimizer=None, ppo=PPOConfig(), settings=settings)
+    lrn.publish_weights = _published
     published = []
 
     async def publish(topic, body):
@@ -122,13 +122,12 @@ async def test_a_step_is_served_only_once_its_weight_sync_is_done(tmp_path, no_t
     release = asyncio.Event()
     entered = asyncio.Event()
 
-    class SlowBroadcaster:
-        async def broadcast(self, version):
-            entered.set()
-            await release.wait()
-            return {"updated": 1, "failed": 0}
+    async def slow_broadcaster(version):
+        entered.set()
+        await release.wait()
+        return {"updated": 1, "failed": 0}
 
-    lrn.broadcaster = SlowBroadcaster()
+    lrn.publish_weights = slow_broadcaster
     training = asyncio.create_task(_train(lrn, range(1, 2)))
     await asyncio.wait_for(entered.wait(), 10)
     assert [r["step"] for r in read_trained(tmp_path)] == [0, 1], "on disk before the sync"

@@ -8,7 +8,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from launcher.config import load_config
-from launcher.job.roles import check_model_path
+from launcher.job.start import check_model_path
 from policies.infer.hf_decoder import HFDecoder
 from policies.infer.llama_infer import CompactDecoder
 from policies.model.loading import ModelPathError

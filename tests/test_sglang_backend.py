@@ -24,7 +24,7 @@ from actors.generator.sglang.client import SGLangClient  # noqa: E402
 from actors.generator.sglang.backend import SGLangGeneratorBackend  # noqa: E402
 from actors.generator.sglang.protocol import (  # noqa: E402
     SGLangLaunchError, SGLangProtocolError, SGLangRefused,
-    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors,
+    SGLangTimeout, SGLangUnreachable, TensorMeta, bucket_tensors, tensor_bytes,
     normalize_sampling, parse_result)
 
 FAKE_CMD = [sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]
@@ -276,6 +276,15 @@ def test_bucket_tensors_keeps_broadcast_order_within_the_byte_budget():
     assert [m for b in bucket_tensors(META, 1 << 30) for m in b] == [TensorMeta(*m) for m in META]
     with pytest.raises(ValueError, match="tensor 'x': shape"):
         bucket_tensors([("x", "float32", (2, -1))], 10)
+    # (moved from tests/test_tensors_wire.py with tensors/buckets.py, the second bucketing it tested)
+    named = [(f"layer{i}", "float32", (i + 1,)) for i in range(10)]  # 4..40 bytes
+    buckets = bucket_tensors(named, 60)
+    assert [m.name for b in buckets for m in b] == [n for n, _, _ in named]
+    assert all(sum(tensor_bytes(m) for m in b) <= 60 or len(b) == 1 for b in buckets)
+    big = bucket_tensors([("a", "float32", (100,)), ("b", "float32", (1,))], 8)
+    assert [[m.name for m in b] for b in big] == [["a"], ["b"]]
+    with pytest.raises(ValueError, match="tensor 'a' appears twice"):
+        bucket_tensors([("a", "float32", (1,)), ("a", "float32", (1,))], 100)
 
 
 def test_normalize_sampling_fills_the_server_default():

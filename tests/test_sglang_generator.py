@@ -1,6 +1,6 @@
 """The sglang generator on a real bus: it joins only once its server answers /health, and the
-broadcaster sends it weights over the torch.distributed session while a torch generator keeps
-getting them over a tensor channel."""
+broadcaster, asked by the learner over the bus, sends it weights over the torch.distributed session
+while a torch generator keeps getting them over a tensor channel."""
 import asyncio
 import sys
 from pathlib import Path
@@ -13,11 +13,13 @@ from fake_sglang import FakeSGLang  # noqa: E402
 
 from actors import protocol as P  # noqa: E402
 from actors.base import Actor, handler  # noqa: E402
-from actors.weights.broadcaster import WeightBroadcaster  # noqa: E402
+from actors.learner.learner import Learner, LearnerSettings  # noqa: E402
+from actors.weights.broadcaster import WeightBroadcaster, snapshot  # noqa: E402
 from actors.generator.generator import Generator  # noqa: E402
 from actors.generator.sglang.protocol import SGLangTimeout  # noqa: E402
 from actors.generator.sglang.backend import SGLangGeneratorBackend  # noqa: E402
 from actors.weights.sglang_distributed import SGLangWeightSync  # noqa: E402
+from policies.train.ppo import PPOConfig  # noqa: E402
 
 HB = 0.2
 
@@ -73,21 +75,26 @@ class TorchGeneratorStandIn(Actor):
 
 
 async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_and_torch_ones_over_a_channel(
-        broker):
+        broker, tmp_path):
     model = torch.nn.Linear(4, 3)
     fake = FakeSGLang(weight_version="0")
     await fake.start()
     gen = sglang_generator(broker, fake.url)
     other = TorchGeneratorStandIn(broker.address)
     sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", call_timeout=10, collective_timeout=30)
-    bc = WeightBroadcaster(broker.address, model=model, sglang=sync, heartbeat_interval=HB)
+    bc = WeightBroadcaster(broker.address, weights=snapshot(model), sglang=sync, heartbeat_interval=HB)
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=2, start_step=0, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=1)
+    learner = Learner(broker.address, model=model, tokenizer=None, optimizer=None, ppo=PPOConfig(), settings=settings,
+                      heartbeat_interval=HB)
     try:
         await gen.start()
         await other.start()
         await bc.start()  # v0 to both
+        await learner.start()
         with torch.no_grad():
             model.weight.add_(1.0)
-        assert await bc.broadcast(1) == {"updated": 2, "failed": 0, "seconds": pytest.approx(0, abs=60)}
+        assert await learner.publish_weights(1) == {"updated": 2, "failed": 0, "seconds": pytest.approx(0, abs=60)}
         assert bc.announced == {"version": 1, "generators": ["generator-sgl", "generator-torch"]}
         assert fake.weight_version == "1"
         for k, v in model.state_dict().items():
@@ -96,7 +103,12 @@ async def test_the_broadcaster_sends_sglang_generators_weights_over_the_group_an
         paths = [c["path"] for c in fake.calls]
         assert paths.count("/init_weights_update_group") == 1  # one group for both versions
         assert paths.count("/end_weight_update") == 2 and "/update_weights_from_disk" not in paths
+        # a second copy of the request (its answer lost) is answered without a second update
+        assert (await learner.publish_weights(1))["updated"] == 2
+        assert [c["path"] for c in fake.calls].count("/end_weight_update") == 2
+        assert [v for v, _ in other.got] == [0, 1]
     finally:
+        await learner.stop()
         await bc.stop()
         await other.stop()
         await gen.stop()
@@ -107,11 +119,11 @@ def test_the_generator_section_decides_how_the_server_starts_and_how_weights_rea
     from actors.generator.sglang.backend import make_sglang_backend
     from actors.generator.sglang.server import launch_argv
     from launcher.config import load_config
-    from launcher.job.roles import Start
     cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_tp_size=2",
                              "actors.generator.sglang_command=[/opt/sgl/bin/python, -m, sglang.launch_server]",
                              "actors.generator.sglang_args=[--dtype, bfloat16]"])
-    b = make_sglang_backend(cfg, Start(step=4, model_path="/m"))
+    b = make_sglang_backend(cfg.actors.generator, model_path="/m", step=4, seed=cfg.seed,
+                            request_timeout=cfg.rollout.request_timeout, interrupt_on_update=True)
     argv = launch_argv(b._server.cfg)
     assert argv[:3] == ["/opt/sgl/bin/python", "-m", "sglang.launch_server"]
     assert argv[argv.index("--tp-size") + 1] == "2" and argv[argv.index("--weight-version") + 1] == "4"
@@ -119,7 +131,8 @@ def test_the_generator_section_decides_how_the_server_starts_and_how_weights_rea
     assert b.capabilities == {"sglang_url": b.url, "sglang_tp_size": 2, "weights": "distributed"}
     cfg = load_config(None, ["actors.generator.backend=sglang", "actors.generator.sglang_url=http://h:30000",
                              "actors.generator.sglang_weights=disk"])
-    b = make_sglang_backend(cfg, Start(step=0, model_path="/m"))
+    b = make_sglang_backend(cfg.actors.generator, model_path="/m", step=0, seed=cfg.seed,
+                            request_timeout=cfg.rollout.request_timeout, interrupt_on_update=True)
     assert b._server is None and b.capabilities["weights"] == "disk" and b.url == "http://h:30000"
 
 
@@ -130,7 +143,7 @@ async def test_a_launched_server_that_dies_marks_the_backend_failed():
     from actors.generator.sglang.backend import SGLangGeneratorBackend
     from actors.generator.sglang.protocol import SGLangUnreachable
     from actors.generator.sglang.server import SGLangLaunch
-    from actors.weights.group import free_port
+    from actors.weights.sglang_distributed import free_port
     port = free_port()
     b = SGLangGeneratorBackend(model_path="fake-model", health_timeout=20, launch=SGLangLaunch(
         model_path="fake-model", port=port, command=[sys.executable, str(Path(__file__).with_name("fake_sglang.py"))]))

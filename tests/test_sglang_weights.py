@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang  # noqa: E402
 
 from actors.generator.sglang.client import SGLangClient  # noqa: E402
-from actors.weights.sglang_distributed import Server, SGLangWeightSync  # noqa: E402
-from actors.weights.group import free_port  # noqa: E402
+from actors.weights.sglang_distributed import Server, SGLangWeightSync, free_port  # noqa: E402
 
 ORDER = ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
          "/flush_cache", "/end_weight_update", "/continue_generation"]

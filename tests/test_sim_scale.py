@@ -128,7 +128,7 @@ def test_accuracy_boxes_the_reference_that_the_verifier_accepts(tok):
 # ------------------------------------------------------------------------------------ through the launcher
 
 def test_sim_generators_share_processes_in_the_launchers_plan(tmp_path):
-    from launcher.job.roles import Start
+    from launcher.job.start import Start
     from launcher.job.run import process_specs
     cfg = load_config(None, ["actors.generator.backend=sim", "actors.generator.count=10",
                              "actors.generator.per_process=4"])

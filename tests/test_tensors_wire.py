@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tensors import wire
-from tensors.buckets import bucket_named_tensors
 from tensors.errors import WireError
 from tensors.packed import PackedBatch
 
@@ -159,16 +158,3 @@ def test_unencodable_inputs_are_named():
         wire.encode({"x": [1, 2]})
     with pytest.raises(WireError, match="PackedBatch or a dict"):
         wire.encode([torch.zeros(1)])
-
-
-def test_buckets_keep_order_and_respect_the_size():
-    named = {f"layer{i}": torch.zeros(i + 1, dtype=torch.float32) for i in range(10)}  # 4..40 bytes
-    buckets = bucket_named_tensors(named, max_bytes=60)
-    assert [k for b in buckets for k in b] == list(named)
-    for b in buckets:
-        size = sum(t.numel() * 4 for t in b.values())
-        assert size <= 60 or len(b) == 1
-    big = bucket_named_tensors({"a": torch.zeros(100), "b": torch.zeros(1)}, max_bytes=8)
-    assert [list(b) for b in big] == [["a"], ["b"]]
-    with pytest.raises(ValueError, match="twice"):
-        bucket_named_tensors([("a", torch.zeros(1)), ("a", torch.zeros(1))], 100)

@@ -3,15 +3,18 @@
 Training math lives in policies.train.ppo; this shell only orders the steps, moves tensors, times things
 and reports. It recomputes the proximal logprobs for the decoupled objective where the generator's
 own logprobs are not the learner's: stale data, or other kernels or precision (`recompute_needed`).
-TRAIN is acknowledged at once (a second copy is ignored). Every step's metrics are published and
-also recorded in RUN_DIR/trained.jsonl (actors.learner.trained_log: the exactly-once record of the query ids,
-bounded in memory), so the launcher can fetch a record whose publication a broker restart lost.
+TRAIN is acknowledged at once (a second copy is ignored). After each step it hands the new weights
+to the broadcaster (PUBLISH_WEIGHTS, actors.weights) and waits for its answer before training on.
+Every step's metrics are published and also recorded in RUN_DIR/trained.jsonl (actors.learner.trained_log:
+the exactly-once record of the query ids, bounded in memory), so the launcher can fetch a record whose
+publication a broker restart lost.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +22,9 @@ import torch
 from actors.learner import checkpoint
 from actors import protocol as P
 from actors.base import Actor, handler
-from actors.weights.broadcaster import WeightBroadcaster
+from actors.weights.broadcaster import snapshot
 from actors.learner.trained_log import TrainedLog
+from bus.errors import BusError
 from policies.train.ppo import PPOConfig, recompute_logprobs, train_step
 from policies.model.precision import AUTO
 from policies.train.schedule import scheduled_lr
@@ -66,30 +70,38 @@ def train_ppo_batch(model, optimizer, batch, ppo: PPOConfig, *, lr: float, recom
     return stats
 
 
+@dataclass(frozen=True)
+class LearnerSettings:
+    """How one run's learner trains: which steps, how, and what it keeps (the launcher fills it from the
+    config's train.*, rollout.* and ppo.* keys; `recompute` is decided once, by `recompute_needed`)."""
+    run_dir: Path
+    total_steps: int
+    start_step: int
+    recompute: bool  # recompute the proximal logprobs (else the generator's are taken as exact)
+    checkpoint_every: int  # steps between checkpoints (0: only when asked)
+    keep_checkpoints: int
+    resumed: dict | None = None  # {checkpoint, step, digest} of the state loaded at start, if resumed
+    transfer_timeout: float = 120.0  # a packed batch's transfer
+    weights_timeout: float = 600.0  # the broadcaster's answer to PUBLISH_WEIGHTS (every generator reached or dropped)
+    recent_steps: int = 16  # steps whose records stay in memory (8,192 qids a step add up)
+
+
 class Learner(Actor):
     role = P.LEARNER
 
-    def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig,
-                 broadcaster: WeightBroadcaster, run_dir: str | Path, total_steps: int,
-                 start_step: int = 0, max_staleness: int = 0, recompute_logprobs: bool | None = None,
-                 checkpoint_every: int = 0, keep_checkpoints: int = 2, transfer_timeout: float = 120.0,
-                 resumed: dict | None = None, recent_steps: int = 16, name: str = P.LEARNER, ref_model=None,
-                 periodic_eval=None, **bus_kwargs):
+    def __init__(self, bus_address: str, *, model, tokenizer, optimizer, ppo: PPOConfig, settings: LearnerSettings,
+                 ref_model=None, periodic_eval=None, name: str = P.LEARNER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.model, self.tokenizer, self.optimizer, self.ppo = model, tokenizer, optimizer, ppo
-        self.broadcaster = broadcaster
+        self.settings = settings
         self.ref_model = ref_model  # frozen, for ppo.kl_coef > 0 (its logprobs are the KL's reference)
         self.periodic_eval = periodic_eval  # eval.every: .due(steps_done), (model) -> metrics
-        self.run_dir = Path(run_dir)
-        self.total_steps, self.step = total_steps, start_step
-        # None: only for stale data (the generator's logprobs taken as exact otherwise)
-        self.recompute = max_staleness > 0 if recompute_logprobs is None else recompute_logprobs
-        self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
-        self.transfer_timeout = transfer_timeout
+        self.run_dir = Path(settings.run_dir)
+        self.total_steps, self.step = settings.total_steps, settings.start_step
+        self.recompute = settings.recompute
         self.pending: dict[int, dict] = {}
-        # every step's record on disk, the last `recent_steps` in memory (8,192 qids a step add up)
-        self.trained = TrainedLog(self.run_dir, start_step, window=recent_steps)
-        self.resumed = resumed  # {checkpoint, step, digest} of the state loaded at start, if resumed
+        self.trained = TrainedLog(self.run_dir, settings.start_step, window=settings.recent_steps)
+        self.resumed = settings.resumed
         self._training: int | None = None
         self._state_lock = asyncio.Lock()  # a checkpoint never sees a half-trained step
         self._wake = asyncio.Event()
@@ -138,9 +150,37 @@ class Learner(Actor):
 
     async def _checkpoint(self) -> Path:
         path = await asyncio.to_thread(checkpoint.save, self.run_dir, self.step, self.model, self.tokenizer,
-                                       self.optimizer, keep=self.keep)
+                                       self.optimizer, keep=self.settings.keep_checkpoints)
         log.info("checkpoint written: %s", path)
         return path
+
+    def weights(self) -> dict:
+        """What the generators load: the model's full state dict, by reference (the seam the simulated
+        learner replaces with a token payload)."""
+        return snapshot(self.model)
+
+    async def publish_weights(self, version: int) -> dict:
+        """The weights as ``version`` to the broadcaster (by reference: it runs in this process) ->
+        {updated, failed, seconds} once every generator has them or was dropped; until then nothing
+        trains, so nothing overwrites the weights it reads."""
+        timeout = self.settings.weights_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (broadcasters := await self._broadcasters()):  # registering (again, after a broker restart)
+            if loop.time() > deadline:
+                raise RuntimeError(f"no weight broadcaster registered on the bus within {timeout:g} s "
+                                   f"to take the weights of version {version}")
+            await asyncio.sleep(0.5)
+        desc = await self.channels.send(self.weights(), broadcasters[:1], timeout=timeout)
+        return await self.request_until(broadcasters[0].name, P.PUBLISH_WEIGHTS, {"version": version, "weights": desc},
+                                        within=max(1.0, deadline - loop.time()), attempt=min(30.0, timeout))
+
+    async def _broadcasters(self) -> list:
+        try:
+            return await self.bus.actors(role=P.BROADCASTER)
+        except BusError as exc:
+            log.info("asking the broker for the broadcaster: %s", exc)
+            return []
 
     def train_batch(self, batch, step: int) -> dict:
         """One PPO batch on the model (in a worker thread) -> its metrics; the seam that other
@@ -166,7 +206,7 @@ class Learner(Actor):
         self._training = step
         batch = None
         if body["batch_ref"] is not None:
-            batch = await self.channels.recv(body["batch_ref"], timeout=self.transfer_timeout)
+            batch = await self.channels.recv(body["batch_ref"], timeout=self.settings.transfer_timeout)
         t_recv = time.perf_counter()
         stats: dict = {}
         async with self._state_lock:
@@ -189,9 +229,10 @@ class Learner(Actor):
             }
             # on disk before a checkpoint that includes the step: a resume never lacks its record
             self.trained.record(metrics)
-            if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
+            every = self.settings.checkpoint_every
+            if every and (self.step % every == 0 or self.step == self.total_steps):
                 await self._checkpoint()
-        sync = await self.broadcaster.broadcast(self.step)
+        sync = await self.publish_weights(self.step)
         t_end = time.perf_counter()
         # the published record (and the in-memory copy) add the weight sync and any eval; the file line has not
         metrics.update({"time_sync_s": t_end - t_train, "generators_updated": sync["updated"],

@@ -62,7 +62,8 @@ def cmd_run(args) -> int:
     from actors.learner.checkpoint import CheckpointError
     from policies.data.dataset import DatasetError
     from launcher.job.hosts import HostsError, parse_hosts
-    from launcher.job.roles import check_model_path, load_train_problems
+    from launcher.job.data import load_train_problems
+    from launcher.job.start import check_model_path
     from launcher.job.run import RunFailed, dry_run, run_job
     try:
         cfg = absolute_paths(_load(args))
@@ -91,15 +92,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_actor(args) -> int:
-    from launcher.job.roles import Start, build, torch_threads
+    from launcher.job.compute import torch_threads
+    from launcher.job.roles import build
     from launcher.job.run import bus_kwargs
+    from launcher.job.start import Start
     cfg = load_config(args.config)
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
     if args.role == "learner" and cfg.actors.learner.ranks > 1:
         from actors.learner.ranks import RankError, env_rank
         if env_rank() > 0:  # a plain process in the learner group, not on the bus
-            from launcher.job.roles import serve_rank
+            from launcher.job.learner_state import serve_rank
             try:
                 serve_rank(cfg, start)
             except RankError as exc:
@@ -121,11 +124,11 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-
-
 def cmd_attach(args) -> int:
     from actors import protocol as P
-    from launcher.job.roles import Start, build, torch_threads
+    from launcher.job.compute import torch_threads
+    from launcher.job.roles import build
+    from launcher.job.start import Start
 
     try:
         reply = _with_tool_client(args, "attach", lambda c: c.request(P.LAUNCHER, P.CONFIG, {}, timeout=10.0))

@@ -20,7 +20,7 @@ from launcher.config import load_config
 from policies.infer.evaluate import EvalConfig, evaluate
 from launcher.mathdata import make_dataset
 from launcher.plot import plot_run
-from launcher.job.roles import base_model_path
+from launcher.job.start import base_model_path
 from launcher.job.run import run_job
 from launcher.commands.sft import train_sft
 from policies.model.loading import load_model, load_tokenizer, save_checkpoint

@@ -1,1 +1,12 @@
-"""launcher/job."""
+"""launcher/job: one training job, from the config to live actors and back.
+
+- run.py: the launcher's job (broker, every actor process, metrics, deaths, restarts, shutdown);
+- roles.py: role -> builder (builders/: one per role), the entry of every actor process;
+- start.py: the run directory, the base model, the step a (resumed) run starts from;
+- data.py, compute.py, learner_state.py: what builders share (data layout; device, dtypes, threads;
+  the learner's model, optimizer and ranks);
+- hosts.py, spawn.py: placement on hosts and starting processes (local, ssh, srun);
+- metrics.py, progress.py: the metrics files and the progress line.
+
+May import launcher.config, actors, policies, tensors and bus.
+"""

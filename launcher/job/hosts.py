@@ -130,7 +130,7 @@ def parse_hosts(path: str | Path, ssh_config: str | None = None) -> list[Host]:
 def slot_env(host: Host, slot: int) -> dict[str, str]:
     """The environment of the `slot`-th generator on `host`: its own device. On a GPU host GPU
     `slot` (counted among the launcher's CUDA_VISIBLE_DEVICES for a local host); on a CPU host the
-    variable is inert and BOBA_SLOTS gives it 1/slots of the cores (`roles.torch_threads`)."""
+    variable is inert and BOBA_SLOTS gives it 1/slots of the cores (`launcher.job.compute.torch_threads`)."""
     index = slot % host.slots
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if host.is_local else ""
     ids = [d for d in visible.split(",") if d.strip()]

@@ -26,7 +26,7 @@ from launcher.config.schema import wandb_options
 from launcher.job.hosts import Host, place, slot_env
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
-from launcher.job.roles import Start, resolve_start, run_dir
+from launcher.job.start import Start, resolve_start, run_dir
 from launcher.job.spawn import Process, ProcessSpec, check_hosts, start as start_process
 from tensors.channels.shm import sweep_orphans
 
@@ -517,7 +517,7 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     """The command lines the launcher would run, without running anything."""
     import shlex
     address = f"tcp://{cfg.bus.host}:{cfg.bus.port or 5555}"
-    from launcher.job.roles import base_model_path
+    from launcher.job.start import base_model_path
     start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
     port = cfg.actors.learner.dist_port or 29500  # the job picks a free one

@@ -1,13 +1,12 @@
 """The sglang generator backend: an SGLang server (launched here or already running) behind the
 generator actor's Backend interface.
 
-Weights reach the server one of two ways (``actors.generator.sglang_weights``):
+Weights reach the server one of two ways (``actors.generator.sglang_weights``, both in actors.weights):
 - distributed (default): the broadcaster, in the learner's process, broadcasts them over
   torch.distributed straight into the server (actors.weights.sglang_distributed); this backend only tells
   the bus where its server is (``capabilities``), and update_weights is never called;
-- disk: tensors that arrive over a tensor channel are written, off the event loop, as a
-  safetensors checkpoint next to the base model's config and loaded with
-  /update_weights_from_disk (which always flushes the radix cache).
+- disk: tensors that arrive over a tensor channel are written as a checkpoint and loaded with
+  /update_weights_from_disk (actors.weights.sglang_disk; it always flushes the radix cache).
 
 ``interrupt_on_update`` (rollout.interrupt_on_update) on the disk path: true aborts the requests in
 flight (abort_all_requests) and generate_group resubmits prompt + tokens so far, recomputed under
@@ -16,21 +15,14 @@ the update is applied. The distributed path always interrupts (pause_generation 
 """
 from __future__ import annotations
 
-import asyncio
-import shutil
 import socket
-import tempfile
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from actors.generator.sglang.client import SGLangClient
 from actors.generator.sglang.protocol import SGLangError, SGLangLaunchError
 from actors.generator.sglang.server import ServerProcess, SGLangLaunch
-
-_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json")
+from actors.weights.sglang_disk import DiskWeights
 
 
 class SGLangGeneratorBackend(SGLangClient):
@@ -49,7 +41,7 @@ class SGLangGeneratorBackend(SGLangClient):
         self._server = ServerProcess(launch) if launch else None
         if weights not in ("distributed", "disk"):
             raise ValueError(f"sglang weights {weights!r} must be distributed or disk")
-        self.model_path = Path(model_path)
+        self.disk = DiskWeights(model_path)
         if not isinstance(interrupt_on_update, bool):
             raise ValueError(f"interrupt_on_update={interrupt_on_update!r}: must be true or false")
         if weights == "distributed" and not interrupt_on_update:
@@ -57,7 +49,6 @@ class SGLangGeneratorBackend(SGLangClient):
                              "generation, which interrupts it")
         self.weights_mode, self.tp_size = weights, tp_size
         self.interrupt_on_update = interrupt_on_update
-        self._weights_dir: Path | None = None
 
     async def start(self, wait: bool = True) -> "SGLangGeneratorBackend":
         """Launch the server (if configured) and wait until it is healthy; on failure it is stopped."""
@@ -101,46 +92,30 @@ class SGLangGeneratorBackend(SGLangClient):
         """Registered on the bus: the broadcaster finds the server (and its GPUs) here."""
         return {"sglang_url": self.url, "sglang_tp_size": self.tp_size, "weights": self.weights_mode}
 
-    def _write(self, tensors: dict[str, torch.Tensor]) -> str:
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="sglang-weights-"))
-        for name in _COPY:
-            if (self.model_path / name).exists():
-                shutil.copy2(self.model_path / name, self._weights_dir / name)
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        # safetensors refuses shared storage (tied embeddings): keep one copy of each buffer
-        seen: dict[int, str] = {}
-        for k in list(tensors):
-            ptr = tensors[k].data_ptr()
-            if ptr in seen:
-                tensors[k] = tensors[k].clone()
-            seen[ptr] = k
-        save_file(tensors, str(self._weights_dir / "model.safetensors"))
-        return str(self._weights_dir)
-
     async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        """The disk fallback; the write runs in a thread so the generator keeps answering."""
-        path = await asyncio.to_thread(self._write, weights)
-        await self.update_weights_from_disk(path, version, abort_all_requests=self.interrupt_on_update)
+        """The disk way (the write runs in a thread, so the generator keeps answering)."""
+        await self.disk.load(self, weights, version, abort_all_requests=self.interrupt_on_update)
 
     async def close(self) -> None:
         await super().close()
         if self._server is not None:
             await self._server.stop()
-        if self._weights_dir is not None:
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
+        self.disk.close()
 
 
-def make_sglang_backend(cfg, start) -> SGLangGeneratorBackend:
-    g = cfg.actors.generator
-    kw = dict(model_path=start.model_path, request_timeout=cfg.rollout.request_timeout,
-              health_timeout=g.sglang_health_timeout, weights=g.sglang_weights, tp_size=g.sglang_tp_size,
-              interrupt_on_update=cfg.rollout.interrupt_on_update)
-    if g.sglang_url:
-        return SGLangGeneratorBackend(g.sglang_url, **kw)
+def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, request_timeout: float,
+                        interrupt_on_update: bool) -> SGLangGeneratorBackend:
+    """The backend the generator section's ``sglang_*`` settings describe (``settings``: that section,
+    e.g. the launcher's actors.generator): a server at sglang_url, else one launched here serving
+    ``model_path`` as version ``step``."""
+    kw = dict(model_path=model_path, request_timeout=request_timeout, health_timeout=settings.sglang_health_timeout,
+              weights=settings.sglang_weights, tp_size=settings.sglang_tp_size,
+              interrupt_on_update=interrupt_on_update)
+    if settings.sglang_url:
+        return SGLangGeneratorBackend(settings.sglang_url, **kw)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = SGLangLaunch(model_path=start.model_path, port=port, random_seed=cfg.seed, tp_size=g.sglang_tp_size,
-                          initial_version=start.step, extra_args=list(g.sglang_args), command=g.sglang_command)
+    launch = SGLangLaunch(model_path=model_path, port=port, random_seed=seed, tp_size=settings.sglang_tp_size,
+                          initial_version=step, extra_args=list(settings.sglang_args), command=settings.sglang_command)
     return SGLangGeneratorBackend(launch=launch, **kw)

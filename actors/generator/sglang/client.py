@@ -304,7 +304,7 @@ class SGLangClient:
                                  backend: str = "nccl", timeout: float | None = None) -> None:
         """Make the server join the trainer's weight-update group (torch.distributed, `backend`
         nccl on GPUs, gloo on CPUs). SGLang answers only once every rank has joined, so run this
-        concurrently with the trainer's own join (actors.weights.group.TrainerGroup.join)."""
+        concurrently with the trainer's own join (actors.weights.sglang_distributed.TrainerGroup.join)."""
         if not 0 < rank_offset < world_size:
             raise ValueError(f"rank_offset={rank_offset} must be in [1, world_size={world_size})"
                              " (rank 0 is the trainer)")

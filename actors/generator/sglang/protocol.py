@@ -260,8 +260,9 @@ def parse_generate_reply(reply: Any, n_results: int) -> list[Sample]:
 
 
 def check_tensor_meta(named_meta: Sequence[Any]) -> list[TensorMeta]:
-    """Validate (name, dtype, shape) triples; 'torch.bfloat16' is accepted as 'bfloat16'."""
+    """Validate (name, dtype, shape) triples (each name once); 'torch.bfloat16' is accepted as 'bfloat16'."""
     out = []
+    seen: set[str] = set()
     for k, m in enumerate(named_meta):
         if not isinstance(m, (tuple, list)) or len(m) != 3:
             raise ValueError(f"named_meta[{k}]={m!r:.80} is not (name, dtype, shape)")
@@ -273,6 +274,9 @@ def check_tensor_meta(named_meta: Sequence[Any]) -> list[TensorMeta]:
             raise ValueError(f"tensor {name!r}: dtype {m[1]!r} is not one of {sorted(DTYPE_BYTES)}")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"tensor {name!r}: shape {shape!r} is not a tuple of ints >= 0")
+        if name in seen:
+            raise ValueError(f"tensor {name!r} appears twice")
+        seen.add(name)
         out.append(TensorMeta(name, dtype, tuple(shape)))
     return out
 
@@ -286,7 +290,8 @@ def tensor_bytes(m: TensorMeta) -> int:
 
 def bucket_tensors(named_meta: Sequence[Any], bucket_bytes: int) -> list[list[TensorMeta]]:
     """Split in list order (the broadcast order) into buckets of at most bucket_bytes each;
-    a tensor larger than the budget goes alone."""
+    a tensor larger than the budget goes alone. The one bucketing of weights (the tensor channels
+    send a state dict whole)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be > 0")
     buckets: list[list[TensorMeta]] = []
