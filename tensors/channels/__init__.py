@@ -1,4 +1,10 @@
-"""Tensor channels, chosen by locality.  The GPU kinds import CuPy only when opened."""
+"""tensors/channels: where a payload's bytes travel, while the bus carries its small descriptor.
+
+base.py (the Channel interface and descriptors), kinds.py (every kind by name, `open_channel`),
+locality.py (`Channels`: which kind reaches a peer, decided in one place), local.py (same process, by
+reference), shm.py (same host), outbox.py + zmq_channel.py (any host), cuda_ipc.py and nccl.py (GPUs,
+through CuPy, imported only when opened). Imports tensors' wire format and errors, nothing above.
+"""
 
 from __future__ import annotations
 
