@@ -200,7 +200,10 @@ def test_reward_default_and_custom():
     assert reward(True, cfg) == 1.0 and reward(False, cfg) == 0.0
 
 
-@pytest.mark.parametrize("kw", [{"correct": -6.0}, {"wrong": float("nan")}, {"correct": "5"}])
-def test_reward_config_rejects_bad_values(kw):
-    with pytest.raises(ValueError, match="RewardConfig"):
+@pytest.mark.parametrize("kw,says", [
+    ({"correct": -6.0}, r"^wrong: expected a number below correct \(-6\.0\), got -5\.0"),
+    ({"wrong": float("nan")}, r"^wrong: expected a number \(finite\), got nan"),
+    ({"correct": "5"}, r"^correct: expected a number \(finite\), got '5'")])
+def test_reward_config_rejects_bad_values_naming_the_field(kw, says):
+    with pytest.raises(ValueError, match=says):
         RewardConfig(**kw)
