@@ -5,7 +5,6 @@ config), its broker and six actors, and a seventh actor attached by hand once th
 """
 from __future__ import annotations
 
-import time
 
 from launcher.__main__ import main
 from launcher.job.metrics import read_metrics

@@ -318,7 +318,6 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
 
     from actors.generator.generator import Generator
     from actors.learner.learner import Learner, LearnerSettings
-    from bus import envelope as E
     from bus.errors import RemoteError
     from policies.train.ppo import PPOConfig
 

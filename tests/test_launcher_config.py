@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

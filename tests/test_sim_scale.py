@@ -129,7 +129,7 @@ def test_accuracy_boxes_the_reference_that_the_verifier_accepts(tok):
 
 def test_sim_generators_share_processes_in_the_launchers_plan(tmp_path):
     from launcher.job.start import Start
-    from launcher.job.run import process_specs
+    from launcher.job.plan import process_specs
     cfg = load_config(None, ["actors.generator.backend=sim", "actors.generator.count=10",
                              "actors.generator.per_process=4"])
     specs = [s for s in process_specs(cfg, tmp_path / "c.yaml", "tcp://127.0.0.1:1", Start(0, "m"), None)

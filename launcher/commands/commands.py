@@ -64,7 +64,8 @@ def cmd_run(args) -> int:
     from launcher.job.hosts import HostsError, parse_hosts
     from launcher.job.data import load_train_problems
     from launcher.job.start import check_model_path
-    from launcher.job.run import RunFailed, dry_run, run_job
+    from launcher.job.plan import dry_run
+    from launcher.job.run import RunFailed, run_job
     try:
         cfg = absolute_paths(_load(args))
         hosts = parse_hosts(args.hosts, args.ssh_config) if args.hosts else None
@@ -94,7 +95,7 @@ def cmd_run(args) -> int:
 def cmd_actor(args) -> int:
     from launcher.job.compute import torch_threads
     from launcher.job.roles import build
-    from launcher.job.run import bus_kwargs
+    from launcher.job.plan import bus_kwargs
     from launcher.job.start import Start
     cfg = load_config(args.config)
     torch_threads()
@@ -141,7 +142,7 @@ def cmd_attach(args) -> int:
         cfg.bus.keys_dir = args.keys
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     torch_threads()
-    from launcher.job.run import bus_kwargs
+    from launcher.job.plan import bus_kwargs
     try:
         actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
     except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
