@@ -22,11 +22,11 @@ packer       -> sampler      ACCEPTED            {step, qid}
 packer, generator, verifier
              -> sampler      REJECTED            {step, qid, reason}
 packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats}
-learner      -> broadcaster  PUBLISH_WEIGHTS     {version, weights: a `local` descriptor of the state dict}
+learner      -> broadcaster  PUBLISH_WEIGHTS     {version, weights_ref: a `local` descriptor of the state dict}
                                                   -> {updated, failed, seconds}: answered once every generator has
                                                   the weights or was dropped and the version was announced; the
                                                   learner trains on only after the answer
-broadcaster  -> generator    UPDATE_WEIGHTS      {version, weights} -> {version}
+broadcaster  -> generator    UPDATE_WEIGHTS      {version, weights_ref} -> {version}
 sampler      -> broadcaster  BROADCASTER_STATE   {} -> its last WEIGHTS_VERSION announcement
 launcher     -> sampler      SAMPLER_STATE       {} -> {next_step, version, owed, generators: {name: prompts held}}
 launcher     -> learner      CHECKPOINT          {} -> {step, path}

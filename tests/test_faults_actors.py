@@ -237,7 +237,7 @@ async def test_a_generator_whose_weight_update_fails_once_gets_them_again_and_pr
     updates: dict[str, list] = {"generator-0": [], "generator-1": []}
 
     async def update(name: str, body: dict, fail: bool):
-        weights = await rx.recv(body["weights"], timeout=5)
+        weights = await rx.recv(body["weights_ref"], timeout=5)
         updates[name].append((body["version"], weights))
         if fail:
             raise RuntimeError("injected: out of memory loading the weights")
@@ -349,7 +349,7 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
                                               r"and only role packer may send it"):
             await rogue.client.request("learner", P.TRAIN, {"step": 0, "batch_ref": None, "stats": {}}, timeout=5)
         with pytest.raises(RemoteError, match=r"refused 'update_weights' from 'rogue'.*only role broadcaster"):
-            await rogue.client.request("generator-0", P.UPDATE_WEIGHTS, {"version": 7, "weights": {}}, timeout=5)
+            await rogue.client.request("generator-0", P.UPDATE_WEIGHTS, {"version": 7, "weights_ref": {}}, timeout=5)
         # claiming a role in the envelope does not help: the broker drops a frame with a key it did not add
         dropped = broker.stats["dropped"]
         rogue.client._send_frame(msgpack.packb({"v": 1, "type": P.TRAIN, "src": "rogue", "dst": "learner", "cid": 0,

@@ -70,7 +70,7 @@ class TorchGeneratorStandIn(Actor):
 
     @handler(P.UPDATE_WEIGHTS, from_roles=(P.BROADCASTER,))
     async def on_update(self, body, src):
-        self.got.append((body["version"], await self.channels.recv(body["weights"], timeout=5)))
+        self.got.append((body["version"], await self.channels.recv(body["weights_ref"], timeout=5)))
         return {"version": body["version"]}
 
 

@@ -163,7 +163,7 @@ class Generator(Actor):
         async with self._update_lock:  # a second copy (its first answer was lost) waits, then is answered
             if self._updated_to == version and self.backend.version == version:
                 return {"version": version}
-            weights = await self.channels.recv(body["weights"], timeout=self.transfer_timeout)
+            weights = await self.channels.recv(body["weights_ref"], timeout=self.transfer_timeout)
             await self.backend.update_weights(weights, version)
             self._updated_to = version
         log.info("weights updated to version %d", self.backend.version)

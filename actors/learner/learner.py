@@ -172,7 +172,7 @@ class Learner(Actor):
                                    f"to take the weights of version {version}")
             await asyncio.sleep(0.5)
         desc = await self.channels.send(self.weights(), broadcasters[:1], timeout=timeout)
-        return await self.request_until(broadcasters[0].name, P.PUBLISH_WEIGHTS, {"version": version, "weights": desc},
+        return await self.request_until(broadcasters[0].name, P.PUBLISH_WEIGHTS, {"version": version, "weights_ref": desc},
                                         within=max(1.0, deadline - loop.time()), attempt=min(30.0, timeout))
 
     async def _broadcasters(self) -> list:

@@ -1,6 +1,6 @@
 """Weight broadcaster: moves the learner's new weights to every live generator, then announces the version.
 
-The learner asks it over the bus (PUBLISH_WEIGHTS {version, weights}); it lives in the learner's
+The learner asks it over the bus (PUBLISH_WEIGHTS {version, weights_ref}); it lives in the learner's
 process, so the weights come by reference over the ``local`` tensor channel and the bus carries only
 their descriptor. Its answer comes once every generator has the version or was dropped from it, and
 the learner trains on only then: no weights are overwritten while they are read, and the version is
@@ -78,7 +78,7 @@ class WeightBroadcaster(Actor):
         A second copy of a request (its answer was lost) waits for the first one's result."""
         version = int(body["version"])
         if self._published is None or self._published[0] != version:
-            weights = await self.channels.recv(body["weights"], timeout=self.update_timeout)
+            weights = await self.channels.recv(body["weights_ref"], timeout=self.update_timeout)
             self._published = (version, asyncio.ensure_future(self.broadcast(version, weights)))
         return await asyncio.shield(self._published[1])
 

@@ -49,7 +49,7 @@ class ChannelPush:
         """Ask ``gen`` to load the offered weights as ``version``; whether it did (a failure is logged)."""
         within = self.update_timeout if within is None else within
         try:
-            reply = await self.actor.request_until(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights": desc},
+            reply = await self.actor.request_until(gen.name, P.UPDATE_WEIGHTS, {"version": version, "weights_ref": desc},
                                                    within=within, attempt=min(self.attempt_timeout, within),
                                                    gone_grace=min(5.0, within))
             return int(reply["version"]) == version
