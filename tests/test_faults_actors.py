@@ -383,3 +383,28 @@ async def test_an_unknown_sender_error_from_a_peer_does_not_make_a_client_regist
     with pytest.raises(BusError, match="UnknownSender from 'rogue'"):
         await victim.client.request("rogue", "echo", None, timeout=5)
     assert victim.client.registered and victim.client._rereg_task is None
+
+
+async def test_the_learner_stops_waiting_for_a_broadcaster_that_never_registers(broker, tmp_path):
+    """Step s's weights go to the broadcaster over the bus; with none on the bus the learner says so within
+    LearnerSettings.weights_timeout instead of waiting forever."""
+    import time
+
+    import torch
+
+    from actors.learner.learner import Learner, LearnerSettings
+    from policies.train.ppo import PPOConfig
+
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=10, start_step=0, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=2, weights_timeout=1.5)
+    learner = Learner(broker.address, model=torch.nn.Linear(2, 2), tokenizer=None, optimizer=None, ppo=PPOConfig(),
+                      settings=settings, heartbeat_interval=HB)
+    try:
+        await learner.start()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"no weight broadcaster registered on the bus within 1.5 s "
+                                               r"to take the weights of version 3"):
+            await learner.publish_weights(3)
+        assert 1.5 <= time.monotonic() - t0 < 10
+    finally:
+        await learner.stop()
