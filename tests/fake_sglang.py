@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -63,7 +64,18 @@ ROUTES = {
     "/end_weight_update": ("POST",), "/update_weights_from_distributed": ("POST",),
     "/update_weights_from_tensor": ("POST",), "/update_weights_from_disk": ("POST",),
 }
-FAKE_ROUTES = {"/_fake/calls": ("GET",)}  # introspection for tests; not an SGLang route
+FAKE_ROUTES = {"/_fake/calls": ("GET",), "/_fake/launch": ("GET",)}  # introspection for tests; not SGLang's
+# what /_fake/launch reports of the server's environment (the launcher's placement and NCCL settings)
+LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NCCL_CUMEM_ENABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def auth_allowed(path: str, authorization: str | None, api_key: str | None) -> bool:
+    """SGLang 0.5.23's decision for its normal endpoints (sglang.srt.utils.auth.decide_request_auth):
+    health, readiness and metrics always; with --api-key every other path needs `Bearer <key>`."""
+    if not api_key or path.startswith(("/health", "/ready", "/metrics", "/_fake/")):
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(token, api_key)
 
 
 def fake_token(context: list[int], version: str, vocab_size: int, salt: int = 0) -> int:
@@ -137,8 +149,10 @@ class FakeSGLang:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, model_path: str = "fake-model",
                  tp_size: int = 1, weight_version: str = "default", startup_delay: float = 0.0,
                  token_delay: float = 0.002, vocab_size: int = 32000, update_delay: float = 0.0,
-                 group_timeout: float = 30.0, dump_weights: str | None = None):
+                 group_timeout: float = 30.0, dump_weights: str | None = None, api_key: str | None = None,
+                 dtype: str | None = None):
         self.host, self.port, self.model_path, self.tp_size = host, port, model_path, tp_size
+        self.api_key, self.dtype = api_key, dtype  # --api-key, --dtype
         self.weight_version = weight_version
         self.startup_delay, self.token_delay = startup_delay, token_delay
         self.vocab_size = vocab_size
@@ -208,7 +222,8 @@ class FakeSGLang:
                 raw = await reader.readexactly(n) if n else b""
                 url = urllib.parse.urlsplit(target)
                 query = dict(urllib.parse.parse_qsl(url.query))
-                work = asyncio.ensure_future(self._dispatch(method, url.path, query, raw))
+                work = asyncio.ensure_future(self._dispatch(method, url.path, query, raw,
+                                                            headers.get("authorization")))
                 # a client that hangs up mid-request makes SGLang abort it ("type 3" abort)
                 eof = asyncio.ensure_future(reader.read(1))
                 done, _ = await asyncio.wait({work, eof}, return_when=asyncio.FIRST_COMPLETED)
@@ -237,7 +252,9 @@ class FakeSGLang:
             self._conns.pop(writer, None)
             writer.close()
 
-    async def _dispatch(self, method: str, path: str, query: dict, raw: bytes):
+    async def _dispatch(self, method: str, path: str, query: dict, raw: bytes, authorization: str | None = None):
+        if method != "OPTIONS" and not auth_allowed(path, authorization, self.api_key):
+            return 401, "application/json", b'{"error":"Unauthorized"}'
         routes = {**ROUTES, **FAKE_ROUTES}
         if path not in routes:
             return 404, "application/json", b'{"detail":"Not Found"}'
@@ -245,6 +262,10 @@ class FakeSGLang:
             return 405, "application/json", b'{"detail":"Method Not Allowed"}'
         if path == "/_fake/calls":
             return 200, "application/json", json.dumps(self.calls).encode()
+        if path == "/_fake/launch":
+            info = {"dtype": self.dtype, "host": self.host, "keyed": bool(self.api_key),
+                    "env": {k: os.environ.get(k) for k in LAUNCH_ENV}}
+            return 200, "application/json", json.dumps(info).encode()
         if path in ("/health", "/health_generate"):
             starting = time.monotonic() - self._started < self.startup_delay
             return (503 if starting else 200), "text/plain", b""
@@ -699,6 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mem-fraction-static", type=float)
     ap.add_argument("--random-seed", type=int)
     ap.add_argument("--skip-tokenizer-init", action="store_true")
+    ap.add_argument("--api-key")
+    ap.add_argument("--dtype", choices=("auto", "half", "float16", "bfloat16", "float", "float32"))
     ap.add_argument("--startup-delay", type=float, default=0.0, help="fake: 503 for this long")
     ap.add_argument("--token-delay", type=float, default=0.002, help="fake: seconds per token")
     ap.add_argument("--vocab-size", type=int, default=32000)
@@ -709,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
                       tp_size=args.tp_size, weight_version=args.weight_version,
                       startup_delay=args.startup_delay, token_delay=args.token_delay,
                       vocab_size=args.vocab_size, update_delay=args.update_delay,
-                      dump_weights=args.dump_weights)
+                      dump_weights=args.dump_weights, api_key=args.api_key, dtype=args.dtype)
 
     async def serve():
         await fake.start()

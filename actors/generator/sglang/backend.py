@@ -35,7 +35,7 @@ class SGLangGeneratorBackend(SGLangClient):
             raise ValueError("the sglang backend needs a url or a launch config (one of them)")
         if url is None:
             host = "127.0.0.1" if launch.host in ("0.0.0.0", "::") else launch.host
-            url = f"http://{host}:{launch.port}"
+            url = f"http://[{host}]:{launch.port}" if ":" in host else f"http://{host}:{launch.port}"
             tp_size = launch.tp_size
         super().__init__(url, **kwargs)
         self._server = ServerProcess(launch) if launch else None
@@ -104,18 +104,21 @@ class SGLangGeneratorBackend(SGLangClient):
 
 
 def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, request_timeout: float,
-                        interrupt_on_update: bool) -> SGLangGeneratorBackend:
+                        interrupt_on_update: bool, dtype: str | None = None, bind: str = "127.0.0.1",
+                        api_key: str | None = None) -> SGLangGeneratorBackend:
     """The backend the generator section's ``sglang_*`` settings describe (``settings``: that section,
     e.g. the launcher's actors.generator): a server at sglang_url, else one launched here serving
-    ``model_path`` as version ``step``."""
+    ``model_path`` as version ``step`` in ``dtype``, listening on ``bind`` (beyond loopback only with
+    ``api_key``), on the GPUs of this process's CUDA_VISIBLE_DEVICES (the launcher's placement)."""
     kw = dict(model_path=model_path, request_timeout=request_timeout, health_timeout=settings.sglang_health_timeout,
               weights=settings.sglang_weights, tp_size=settings.sglang_tp_size,
-              interrupt_on_update=interrupt_on_update)
+              interrupt_on_update=interrupt_on_update, api_key=api_key)
     if settings.sglang_url:
         return SGLangGeneratorBackend(settings.sglang_url, **kw)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
+        s.bind((bind, 0))
         port = s.getsockname()[1]
     launch = SGLangLaunch(model_path=model_path, port=port, random_seed=seed, tp_size=settings.sglang_tp_size,
-                          initial_version=step, extra_args=list(settings.sglang_args), command=settings.sglang_command)
+                          initial_version=step, extra_args=list(settings.sglang_args), command=settings.sglang_command,
+                          dtype=dtype, host=bind, api_key=api_key)
     return SGLangGeneratorBackend(launch=launch, **kw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,23 @@ from actors.generator.sglang.protocol import (DEFAULT_GROUP, PAUSE_MODES, Malfor
                                     reply_message, update_bucket_body)
 
 log = logging.getLogger("actors.generator.sglang.client")
+# names the file holding the job's SGLang API key (the launcher writes it; the path is no secret)
+API_KEY_FILE_ENV = "BOBA_SGLANG_KEY_FILE"
 
+
+def job_api_key() -> str | None:
+    """The job's SGLang API key (the file API_KEY_FILE_ENV names), else None: every client of the
+    job's servers, the generator's and the learner's weight group, sends it without being told."""
+    path = os.environ.get(API_KEY_FILE_ENV)
+    if not path:
+        return None
+    try:
+        key = open(path, encoding="ascii").read().strip()
+    except OSError as e:
+        raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read the job's SGLang API key ({e.strerror})") from None
+    if not key:
+        raise ValueError(f"{API_KEY_FILE_ENV}={path}: the job's SGLang API key file is empty")
+    return key
 
 
 class SGLangClient:
@@ -38,7 +55,7 @@ class SGLangClient:
 
     def __init__(self, url: str, *, request_timeout: float = 3600.0, health_timeout: float = 600.0,
                  control_timeout: float = 60.0, update_timeout: float = 600.0,
-                 progress_interval: float = 10.0):
+                 progress_interval: float = 10.0, api_key: str | None = None):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"SGLang url {url!r} must start with http:// or https://")
         for name, v in [("request_timeout", request_timeout), ("health_timeout", health_timeout),
@@ -50,6 +67,7 @@ class SGLangClient:
         self.request_timeout, self.health_timeout = request_timeout, health_timeout
         self.control_timeout, self.update_timeout = control_timeout, update_timeout
         self.progress_interval = progress_interval
+        self._api_key = api_key if api_key is not None else job_api_key()  # not in any repr or log
         self._http: httpx2.AsyncClient | None = None
         self._update_lock = asyncio.Lock()
         self.version = 0  # the server's weight version: read at start, then from its replies
@@ -62,6 +80,7 @@ class SGLangClient:
             # trust_env=False: a cluster's HTTP(S)_PROXY must not capture server traffic.
             self._http = httpx2.AsyncClient(
                 base_url=self.url, trust_env=False,
+                headers={"Authorization": f"Bearer {self._api_key}"} if self._api_key else None,
                 timeout=httpx2.Timeout(None, connect=min(10.0, self.control_timeout)),
                 limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64))
         try:

@@ -3,20 +3,33 @@
 The server may run from another environment (``SGLangLaunch.command``, e.g. SGLang's own venv:
 its torch/transformers pins differ from ours); we only start it, keep its last log lines for
 error messages, and stop its whole process group (SGLang forks a scheduler per TP rank).
+
+The server dies with its generator even when that is SIGKILLed (PR_SET_PDEATHSIG: it holds a GPU).
+Its environment carries `NCCL_ENV`, the NCCL settings the learner's processes get too (the launcher's
+plan): SGLang would set NCCL_CUMEM_ENABLE=0 for itself where unset, and a weight group whose two
+sides disagree on it can hang; TORCH_NCCL_ASYNC_ERROR_HANDLING=2 aborts a failed communicator
+without tearing the process down, so a dead member is dropped and the rest go on.
+The API key (`--api-key`) is never written to a log: `redacted` hides it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 log = logging.getLogger("actors.generator.sglang.server")
+# set in the server's and in the learner's environment before any process group is built
+NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+SGLANG_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PR_SET_PDEATHSIG = 1
 
 @dataclass
 class SGLangLaunch:
@@ -27,6 +40,9 @@ class SGLangLaunch:
     tp_size: int = 1
     mem_fraction_static: float | None = None
     random_seed: int | None = None
+    dtype: str | None = None  # --dtype: the learner's (else SGLang picks float16 for fp32 checkpoints)
+    api_key: str | None = None  # --api-key: every call but /health needs it (Authorization: Bearer)
+    env: dict[str, str] = field(default_factory=dict)  # over ours: the planner's CUDA_VISIBLE_DEVICES
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     initial_version: int = 0  # sent as --weight-version so replies carry an integer version
@@ -47,6 +63,11 @@ class SGLangLaunch:
                              "must be in (0, 1)")
         if self.initial_version < 0:
             raise ValueError(f"SGLangLaunch.initial_version={self.initial_version} must be >= 0")
+        if self.dtype is not None and self.dtype not in SGLANG_DTYPES:
+            raise ValueError(f"SGLangLaunch.dtype={self.dtype!r} must be one of {', '.join(SGLANG_DTYPES)}")
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.api_key:
+            raise ValueError(f"SGLangLaunch.host={self.host!r}: a server reachable beyond loopback needs an "
+                             "api_key (its HTTP port has endpoints that unpickle)")
         if not all(isinstance(a, str) for a in self.extra_args):
             raise ValueError(f"SGLangLaunch.extra_args must be strings, got {self.extra_args!r}")
 
@@ -60,8 +81,51 @@ def launch_argv(cfg: SGLangLaunch) -> list[str]:
         argv += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.random_seed is not None:
         argv += ["--random-seed", str(cfg.random_seed)]
+    if cfg.dtype is not None and "--dtype" not in cfg.extra_args:
+        argv += ["--dtype", cfg.dtype]
+    if cfg.api_key:
+        argv += ["--api-key", cfg.api_key]
     return argv + list(cfg.extra_args)
 
+
+def launch_env(cfg: SGLangLaunch, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ours, NCCL_ENV (an operator's own values win), then cfg.env."""
+    env = dict(os.environ if base is None else base)
+    for k, v in NCCL_ENV.items():
+        env.setdefault(k, v)
+    return env | cfg.env
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """argv with the value after --api-key hidden, for logs."""
+    return [("***" if i and argv[i - 1] == "--api-key" else a) for i, a in enumerate(argv)]
+
+
+def address_towards(peer: str) -> str:
+    """This host's address on the route to `peer` (the bus host): where a server of a job that spans
+    hosts binds and what it registers. Loopback for a loopback peer (a one-host job)."""
+    try:
+        infos = socket.getaddrinfo(peer, 9, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"bus host {peer!r}: cannot resolve it ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(addr)  # UDP: picks the route, sends nothing
+        own = s.getsockname()[0]
+    return "127.0.0.1" if own.startswith("127.") or own == "::1" else own
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: the server gets SIGKILL when its generator dies (SIGKILL included), and at once if the
+    generator died between fork and now; without it the server (own session) outlives it on its GPU."""
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 class ServerProcess:
@@ -75,10 +139,12 @@ class ServerProcess:
 
     async def start(self) -> None:
         argv = launch_argv(self.cfg)
-        log.info("starting sglang: %s", " ".join(argv))
+        log.info("starting sglang: %s", " ".join(redacted(argv)))
+        linux = sys.platform.startswith("linux")
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20, env=launch_env(self.cfg),
+            preexec_fn=_die_with_parent(os.getpid()) if linux else None)
         self._pump_task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
@@ -87,6 +153,8 @@ class ServerProcess:
         try:
             while raw := await self.proc.stdout.readline():
                 line = raw.decode("utf-8", "replace").rstrip()
+                if self.cfg.api_key:  # SGLang prints its ServerArgs, key included
+                    line = line.replace(self.cfg.api_key, "***")
                 self.tail.append(line)
                 log.debug("[sglang:%d] %s", self.cfg.port, line)
                 if sink:

@@ -19,11 +19,20 @@ def torch_backend(cfg: ExperimentConfig, start: Start, tok):
                         version=start.step)
 
 
-def sglang_backend(cfg: ExperimentConfig, start: Start):
+def sglang_backend(cfg: ExperimentConfig, start: Start, bus_address: str):
+    """A server in the generator's dtype, keyed with the job's API key; where the bus is beyond loopback
+    (a job across hosts) and a key exists, it listens on this host's address towards the bus."""
     from actors.generator.sglang.backend import make_sglang_backend
+    from actors.generator.sglang.client import job_api_key
+    from actors.generator.sglang.server import address_towards
+    key = job_api_key()
+    bus_host = bus_address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    bind = address_towards(bus_host) if key and bus_host not in ("*", "0.0.0.0", "::") else "127.0.0.1"
+    dtype = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}.get(str(dtype_for(cfg, "generator")))
     return make_sglang_backend(cfg.actors.generator, model_path=start.model_path, step=start.step, seed=cfg.seed,
                                request_timeout=cfg.rollout.request_timeout,
-                               interrupt_on_update=cfg.rollout.interrupt_on_update)
+                               interrupt_on_update=cfg.rollout.interrupt_on_update, dtype=dtype, bind=bind,
+                               api_key=key)
 
 
 def sim_generators(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_kwargs: dict,
@@ -53,7 +62,7 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
     from policies.model.loading import load_tokenizer
     tok = load_tokenizer(start.model_path)
     if cfg.actors.generator.backend == "sglang":
-        backend = sglang_backend(cfg, start)
+        backend = sglang_backend(cfg, start, bus_address)
     else:
         backend = torch_backend(cfg, start, tok)
     return [Generator(name, bus_address, backend=backend, tokenizer=tok, **bus_kwargs)]
