@@ -24,11 +24,11 @@ def test_the_launch_carries_dtype_key_address_and_nccl_env(monkeypatch):
                                                 redacted)
     from types import SimpleNamespace
     section = SimpleNamespace(sglang_url=None, sglang_tp_size=2, sglang_health_timeout=60, sglang_weights="distributed",
-                              sglang_args=[], sglang_command=None)
+                              sglang_args=[], sglang_command=None, sglang_mem_fraction_static=0.5)
     b = make_sglang_backend(section, model_path="/m", step=4, seed=1, request_timeout=60,
                             interrupt_on_update=True, dtype="bfloat16", bind="127.0.0.1", api_key="s3cret")
     argv = launch_argv(b._server.cfg)
-    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--mem-fraction-static") + 1] == "0.5"
     assert argv[argv.index("--api-key") + 1] == "s3cret" and argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "s3cret" not in " ".join(redacted(argv)) and "--api-key" in redacted(argv)
     assert b._api_key == "s3cret" and "s3cret" not in repr(b.__dict__.get("_server"))

@@ -116,6 +116,12 @@ class GeneratorConfig(RoleConfig):
     sglang_weights: Literal["distributed", "disk"] = opt(
         "distributed", doc="distributed: the learner broadcasts over torch.distributed (nccl on GPU, gloo on "
                            "CPU) into every server; disk: safetensors + /update_weights_from_disk")
+    sglang_share_learner_gpu: bool = opt(
+        False, doc="a GPU job may put one SGLang server (tp 1) on learner rank 0's GPU, e.g. on a one-GPU "
+                   "machine; needs sglang_mem_fraction_static")
+    sglang_mem_fraction_static: float | None = opt(
+        None, check=lambda v: v is None or 0 < v < 1, expect="in (0, 1) or null",
+        doc="SGLang's --mem-fraction-static: the share of its GPU's memory it takes; null = SGLang's default")
     sglang_master_address: str | None = opt(
         None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
                   "address on the route to the first server")
@@ -143,6 +149,9 @@ class ActorsConfig(Checked):
     verifier: RoleConfig = field(default_factory=RoleConfig)
     packer: RoleConfig = field(default_factory=RoleConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    gpus_per_host: int | None = opt(None, check=lambda v: v is None or v >= 0, expect=">= 0 or null",
+                                    doc="GPUs of each host without a hostfile gpus=; null = detected on this "
+                                        "machine (CUDA_VISIBLE_DEVICES, nvidia-smi), a remote host's slots")
 
     def check(self) -> None:
         for role in ROLES:
@@ -155,6 +164,11 @@ class ActorsConfig(Checked):
         if self.learner.mode == "sim" and self.generator.backend != "sim":
             raise FieldError("learner.mode", "'train' unless generator.backend is sim (its weights are "
                              "simulated)", self.learner.mode)
+        g = self.generator
+        if g.sglang_share_learner_gpu and g.sglang_mem_fraction_static is None:
+            raise FieldError("generator.sglang_mem_fraction_static", "a fraction in (0, 1) (e.g. 0.5) when "
+                             "generator.sglang_share_learner_gpu is true: the server and the learner share a GPU",
+                             None)
         if self.learner.mode == "sim" and self.learner.ranks > 1:
             raise FieldError("learner.ranks", "1 with learner.mode sim (the simulated learner is one process)",
                              self.learner.ranks)

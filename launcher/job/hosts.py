@@ -5,6 +5,8 @@ A hostfile lists one machine per line, MPI style::
     # head node first: the control actors run there
     localhost slots=1
     alice@node-1 slots=8     # slots = how many generators the host takes (e.g. its GPUs)
+    node-2 gpus=8            # its GPUs, for the GPU placement (launcher.job.placement); default: detected
+                             # on this machine, the slots on a remote host of a GPU job
 
 `place` turns role counts into (role, index, host) triples: a role pinned in the config
 (`actors.<role>.hosts`) goes round-robin over its pinned hosts; unpinned generators are spread over
@@ -25,7 +27,7 @@ from launcher.config.yaml_io import read_text
 
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
-_KEYS = ("slots",)
+_KEYS = ("slots", "gpus")
 
 
 class HostsError(ValueError):
@@ -38,6 +40,7 @@ class Host:
     slots: int = 1
     user: str | None = None
     ssh_config: str | None = None  # `ssh -F FILE` (launcher --ssh-config): keys, known hosts, jump hosts
+    gpus: int | None = None  # hostfile gpus=N; None = not said (launcher.job.placement.inventory decides)
 
     @property
     def is_local(self) -> bool:
@@ -108,11 +111,17 @@ def parse_hosts_text(text: str, source: str = "<hosts>") -> list[Host]:
             if not re.fullmatch(r"[0-9]+", v) or int(v) < 1:
                 raise HostsError(f"{where}: bad slots value {v!r}: expected an integer >= 1")
             slots = int(v)
+        gpus = None
+        if "gpus" in opts:
+            v = opts["gpus"]
+            if not re.fullmatch(r"[0-9]+", v):
+                raise HostsError(f"{where}: bad gpus value {v!r}: expected an integer >= 0")
+            gpus = int(v)
         key = name.lower()
         if key in first_line:
             raise HostsError(f"{where}: duplicate host {name!r} (first listed at line {first_line[key]})")
         first_line[key] = lineno
-        hosts.append(Host(name, slots, user or None))
+        hosts.append(Host(name, slots, user or None, gpus=gpus))
     if not hosts:
         raise HostsError(f"{source}: no hosts listed")
     return hosts

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from actors import protocol as P
 from launcher.config import ExperimentConfig
-from launcher.job.hosts import Host, place, slot_env
+from actors.generator.sglang.client import API_KEY_FILE_ENV
+from actors.generator.sglang.server import NCCL_ENV
+from launcher.job.hosts import Host, HostsError, place, slot_env
+from launcher.job.placement import Demand, Inventory, assign, device_ids, inventory, local_gpus, server_hosts
 from launcher.job.spawn import ProcessSpec
 from launcher.job.start import Start, base_model_path, run_dir
 
@@ -25,7 +28,8 @@ def bus_kwargs(cfg: ExperimentConfig) -> dict:
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,
                   hosts: list[Host] | None, dist_port: int | None = None) -> list[ProcessSpec]:
     """Every actor process; with actors.learner.ranks > 1 also the learner ranks > 0 (named learner-rank-R,
-    role learner), each with its group's environment. `dist_port`: the group's port (config or picked)."""
+    role learner), each with its group's environment. `dist_port`: the group's port (config or picked).
+    In a GPU job (launcher.job.placement) every learner rank and generator also gets its own devices."""
     counts = {role: getattr(cfg.actors, role).count for role in P.ROLES}
     per_process = cfg.actors.generator.per_process  # simulated generators share processes
     counts["generator"] = -(-counts["generator"] // per_process)
@@ -34,12 +38,20 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     placed = place(counts, hosts, pinned)
     learner_host = next(h for r, _, h in placed if r == "learner")
     rank_hosts = learner_rank_hosts(cfg, learner_host, hosts)
+    gpu_inventory = gpu_job_inventory(cfg, hosts or [learner_host], learner_host)
+    g = cfg.actors.generator
+    if gpu_inventory and g.backend == "sglang" and not g.sglang_url and not g.hosts:
+        per_host = {h.name.lower(): rank_hosts.count(h) for h in set(rank_hosts)}
+        pinned["generator"] = server_hosts(gpu_inventory, per_host, g.sglang_tp_size, counts["generator"],
+                                           g.sglang_share_learner_gpu)
+        placed = place(counts, hosts, pinned)
     # the learner ranks keep their hosts' first slots (GPUs) where a host has more: generators start after them
     slots_taken: dict[Host, int] = {}
     for h in set(rank_hosts):
         n = rank_hosts.count(h)
         slots_taken[h] = n - 1 if h.slots > n else -1
     group_env = learner_group_env(cfg, learner_host, rank_hosts, dist_port)
+    key_env = {API_KEY_FILE_ENV: str(sglang_key_file(cfg))} if sglang_key_file(cfg) else {}
     for role, index, host in placed:
         first = index * per_process if role == "generator" else index
         name = f"{role}-{first}" if role in ("generator", "verifier") else role
@@ -52,12 +64,77 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
             env = slot_env(host, slot)
         if role == "learner" and group_env:
             env = group_env[0]
+        if role in ("generator", "learner") and key_env:
+            env = {**env, **key_env}
         specs.append(ProcessSpec(name, role, argv, host, env))
     for rank in range(1, len(group_env)):
         name = f"learner-rank-{rank}"
         specs.append(ProcessSpec(name, "learner", actor_argv("learner", name, address, config_path, start),
                                  rank_hosts[rank], group_env[rank]))
+    if gpu_inventory:
+        place_gpus(cfg, specs, gpu_inventory)
     return specs
+
+
+def gpu_job_inventory(cfg: ExperimentConfig, hosts: list[Host], learner_host: Host) -> Inventory | None:
+    """The GPUs of every host when this is a GPU job (model.device cuda, or auto with a GPU on the
+    learner's host); None for a CPU job, which is planned by slots alone, as without GPUs."""
+    if cfg.model.device == "cpu":
+        return None
+    if not inventory([learner_host], cfg.actors.gpus_per_host, gpu_job=cfg.model.device == "cuda")[0][1]:
+        if cfg.model.device == "cuda":
+            raise HostsError(f"model.device: cuda, but the learner's host {learner_host.name} has no GPU "
+                             "(hostfile gpus=, actors.gpus_per_host)")
+        return None
+    listed = {h.name.lower() for h in hosts}
+    return inventory(hosts if learner_host.name.lower() in listed else [learner_host, *hosts],
+                     cfg.actors.gpus_per_host, gpu_job=True)
+
+
+def place_gpus(cfg: ExperimentConfig, specs: list[ProcessSpec], inv: Inventory) -> None:
+    """Give every learner rank and GPU generator its devices (CUDA_VISIBLE_DEVICES) and the NCCL
+    settings the SGLang servers get too (actors.generator.sglang.server.NCCL_ENV)."""
+    g = cfg.actors.generator
+    kind = {"sglang": "sglang", "torch": "torch"}.get(g.backend)
+    demands = []
+    for s in specs:
+        host = s.host.name if s.host else "localhost"
+        if s.role == "learner":
+            demands.append(Demand(s.name, host, 1, "learner"))
+        elif s.role == "generator" and kind and not (kind == "sglang" and g.sglang_url):
+            demands.append(Demand(s.name, host, g.sglang_tp_size if kind == "sglang" else 1, kind))
+    devices = assign(inv, demands, share_learner_gpu=g.sglang_share_learner_gpu)
+    counts = {h.lower(): n for h, n in inv}
+    for s in specs:
+        if s.name in devices:
+            host = s.host or Host("localhost")
+            ids = device_ids(host, counts.get(host.name.lower(), 0))
+            if devices[s.name]:  # a torch generator on a host without GPUs stays as the CPU plan has it
+                s.env = {**s.env, **NCCL_ENV, "CUDA_VISIBLE_DEVICES": ",".join(ids[i] for i in devices[s.name])}
+
+
+def sglang_key_file(cfg: ExperimentConfig) -> Path | None:
+    """Where the job's SGLang API key lives (beside its config in the run directory) when it launches
+    servers; every generator and learner process reads it (actors.generator.sglang.client.job_api_key)."""
+    g = cfg.actors.generator
+    if g.backend != "sglang" or g.sglang_url:
+        return None
+    return (run_dir(cfg) / "secrets" / "sglang_api_key").resolve()
+
+
+def write_sglang_key(cfg: ExperimentConfig) -> None:
+    """A fresh per-job key (0600 in a 0700 directory), never printed; a resumed job gets a new one
+    (its servers start anew)."""
+    import os
+    import secrets
+    path = sglang_key_file(cfg)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
 
 
 def actor_argv(role: str, name: str, address: str, config_path: Path, start: Start) -> list[str]:
@@ -110,16 +187,36 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
     port = cfg.actors.learner.dist_port or 29500  # the job picks a free one
-    for spec in process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts, port):
+    specs = process_specs(cfg, run_dir(cfg) / "config.yaml", address, start, hosts, port)
+    learner_gpu = next(((s.host, s.env.get("CUDA_VISIBLE_DEVICES")) for s in specs if s.name == "learner"), None)
+    for spec in specs:
         where = f"# {spec.name} on {spec.host.name if spec.host else 'localhost'}"
         command = spec.command(PROJECT_DIR)
         if "RANK" in spec.env:
             where += (f", learner rank {spec.env['RANK']} of {spec.env['WORLD_SIZE']} (group at "
                       f"{spec.env['MASTER_ADDR']}:{'<free port>' if not cfg.actors.learner.dist_port else port})")
-        if spec.env:
+        if NCCL_ENV.keys() <= spec.env.keys():  # a GPU job's process
+            where += gpu_note(cfg, spec, learner_gpu)
+        elif "BOBA_SLOT" in spec.env:
             where += (f", slot {spec.env['BOBA_SLOT']} of {spec.env['BOBA_SLOTS']}: GPU "
                       f"{spec.env['CUDA_VISIBLE_DEVICES']}, or 1/{spec.env['BOBA_SLOTS']} of the cores on a CPU host")
+        if spec.env:
             if command[0] != "ssh":  # a remote command carries its env inline already
                 command = ["env", *(f"{k}={v}" for k, v in sorted(spec.env.items())), *command]
         lines.append(where + "\n" + shlex.join(command))
     return lines
+
+
+def gpu_note(cfg: ExperimentConfig, spec: ProcessSpec, learner_gpu: tuple) -> str:
+    """What --dry-run says of a GPU job's process: its devices, and for a server how it gets them."""
+    ids = spec.env["CUDA_VISIBLE_DEVICES"]
+    note = f", GPU{'s' if ',' in ids else ''} {ids}"
+    g = cfg.actors.generator
+    if spec.role == "generator" and g.backend == "sglang":
+        note += f" for its SGLang server (tp {g.sglang_tp_size}"
+        if g.sglang_mem_fraction_static is not None:
+            note += f", --mem-fraction-static {g.sglang_mem_fraction_static}"
+        note += ")"
+        if (spec.host, ids) == learner_gpu:
+            note += ", shared with learner rank 0"
+    return note

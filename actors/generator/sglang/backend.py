@@ -120,5 +120,6 @@ def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, requ
         port = s.getsockname()[1]
     launch = SGLangLaunch(model_path=model_path, port=port, random_seed=seed, tp_size=settings.sglang_tp_size,
                           initial_version=step, extra_args=list(settings.sglang_args), command=settings.sglang_command,
-                          dtype=dtype, host=bind, api_key=api_key)
+                          dtype=dtype, host=bind, api_key=api_key,
+                          mem_fraction_static=settings.sglang_mem_fraction_static)
     return SGLangGeneratorBackend(launch=launch, **kw)
