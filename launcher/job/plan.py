@@ -122,6 +122,21 @@ def sglang_key_file(cfg: ExperimentConfig) -> Path | None:
     return (run_dir(cfg) / "secrets" / "sglang_api_key").resolve()
 
 
+def check_nccl_parity(cfg: ExperimentConfig) -> None:
+    """A GPU job whose servers run from another Python (sglang_command, e.g. .venv-sglang) must load the
+    learner's NCCL, or every weight update fails: gpu_env.ParityError names both versions. This assumes
+    every host has the head's environments (the same paths), as the actors' command lines do."""
+    g = cfg.actors.generator
+    if g.backend != "sglang" or g.sglang_url or g.sglang_weights != "distributed" or not g.sglang_command:
+        return
+    from launcher.job.compute import device_for
+    if device_for(cfg) != "cuda":
+        return
+    from launcher.job import gpu_env
+    gpu_env.check_parity(gpu_env.probe(), gpu_env.probe(g.sglang_command[0]),
+                         f"actors.generator.sglang_command: {g.sglang_command[0]}")
+
+
 def write_sglang_key(cfg: ExperimentConfig) -> None:
     """A fresh per-job key (0600 in a 0700 directory), never printed; a resumed job gets a new one
     (its servers start anew)."""

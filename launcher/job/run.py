@@ -23,7 +23,7 @@ from bus.errors import BusError
 from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
 from launcher.config.schema import wandb_options
 from launcher.job.hosts import Host
-from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, process_specs, write_sglang_key
+from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, check_nccl_parity, process_specs, write_sglang_key
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
 from launcher.job.start import Start, resolve_start, run_dir
@@ -104,6 +104,10 @@ class Job:
         config_path = rd / "config.yaml"
         config_path.write_text(config_to_yaml(cfg))
         write_sglang_key(cfg)  # the job's SGLang API key, beside its config (plan.sglang_key_file)
+        try:
+            check_nccl_parity(cfg)
+        except ValueError as exc:  # gpu_env.ParityError: one line naming both NCCL versions
+            raise RunFailed(str(exc)) from None
         port = cfg.bus.port or free_port(cfg.bus.host)
         address = f"tcp://{cfg.bus.host}:{port}"
         print(f"[launcher] mode: {describe_mode(cfg)}; steps {start.step}..{cfg.train.steps}; bus {address}; "
