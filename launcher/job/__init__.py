@@ -6,6 +6,8 @@
 - data.py, compute.py, learner_state.py: what builders share (data layout; device, dtypes, threads;
   the learner's model, optimizer and ranks);
 - hosts.py, spawn.py: placement on hosts and starting processes (local, ssh, srun);
+- plan.py, placement.py: which processes a job starts, and in a GPU job which devices each gets;
+- gpu_env.py: one torch/NCCL for learner and SGLang servers (gpu-lock.json; standard library only);
 - metrics.py, progress.py: the metrics files and the progress line.
 
 May import launcher.config, actors, policies, tensors and bus.
