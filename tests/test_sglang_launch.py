@@ -138,3 +138,30 @@ def test_the_server_dies_with_a_sigkilled_generator():
                 os.killpg(server, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_server_of_a_job_across_hosts_listens_on_the_address_towards_the_bus(tmp_path, monkeypatch):
+    import socket
+
+    from actors.generator.sglang.client import API_KEY_FILE_ENV
+    from launcher.config import load_config
+    from launcher.job.builders.generator import sglang_backend
+    from launcher.job.start import Start
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: only the route is looked up
+            own = s.getsockname()[0]
+        except OSError:
+            pytest.skip("this machine has no route beyond loopback")
+    if own.startswith("127."):
+        pytest.skip("this machine has no address beyond loopback")
+    cfg = load_config(None, ["model.path=tiny", "actors.generator.backend=sglang", "model.dtype=bfloat16"])
+    monkeypatch.delenv(API_KEY_FILE_ENV, raising=False)
+    b = sglang_backend(cfg, Start(0, "m"), f"tcp://{own}:5555")  # no key: loopback only
+    assert b._server.cfg.host == "127.0.0.1"
+    (tmp_path / "key").write_text("k")
+    monkeypatch.setenv(API_KEY_FILE_ENV, str(tmp_path / "key"))
+    b = sglang_backend(cfg, Start(0, "m"), f"tcp://{own}:5555")
+    assert b._server.cfg.host == own and b.url.startswith(f"http://{own}:") and b.capabilities["sglang_url"] == b.url
+    assert b._server.cfg.api_key == "k" and b._server.cfg.dtype == "bfloat16"
+    assert sglang_backend(cfg, Start(0, "m"), "tcp://127.0.0.1:5555")._server.cfg.host == "127.0.0.1"
