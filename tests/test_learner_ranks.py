@@ -35,7 +35,7 @@ wrote = 0
 for _ in range(600):
     try:
         store = dist.TCPStore(addr, port, is_master=False, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=2))
+                              timeout=datetime.timedelta(seconds=20))
         for seq in range(8):
             store.set(f"cmd/{seq}", '{"op": "stop"}')
         wrote += 1
