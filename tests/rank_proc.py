@@ -1,7 +1,9 @@
 """One learner rank training the equality test's PPO batch over a real gloo group.
 
-`MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n python tests/rank_proc.py OUT N_SEQS MINIBATCHES`: rank 0
-writes its metrics, weights and gathered optimizer state after the step to OUT. `setup()` is the batch and
+`MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n BOBA_LEARNER_SECRET=.. python tests/rank_proc.py OUT N_SEQS
+MINIBATCHES link|group`: rank 0 sends the step's command and batch (over the command link, or the group as on
+GPU) as the learner does and writes its metrics, weights and gathered optimizer state after the step to OUT;
+rank 1 serves as a launched rank does. `setup()` is the batch and
 model the one-rank run uses too.
 """
 from __future__ import annotations
@@ -45,24 +47,27 @@ def train(n_seqs: int = 10, minibatches: int = 2):
 
 
 if __name__ == "__main__":
-    from actors.learner.ranks import join
-    from policies.train.data_parallel import World
     import copy
-    from policies.train.data_parallel import load_optimizer_state_by_name
-    ranks = join("cpu", timeout=60.0)
-    n_seqs, minibatches = int(sys.argv[2]), int(sys.argv[3])
+    from actors.learner.ranks import join, serve
+    from policies.train.data_parallel import World, whole_optimizer_state
+    n_seqs, minibatches, batch_over = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    ranks = join("cpu", timeout=60.0, batch_over=batch_over)
     model, _, batch = setup(n_seqs, minibatches)
     whole = copy.deepcopy(model)
     world = World.fsdp(model)
     opt = make_optimizer(model, CFG)  # over the shards
-    stats = train_ppo_batch(model, opt, batch, config(n_seqs, minibatches), recompute=True, ref_model=None, lr=CFG.lr,
-                      world=world)
-    weights = world.full_weights()
-    gathered = world.full_optimizer_state(opt)
+    cfg = config(n_seqs, minibatches)
+    if ranks.rank > 0:  # as a launched rank does: whatever rank 0 says, with the batch it sends
+        serve(ranks, world, optimizer=opt, ppo=cfg, recompute=True)
+        sys.exit(0)
+    # rank 0, as RankedLearner does: the step's command and batch, its share, the weights, the optimizer state
+    ranks.post({"op": "train", "step": 0, "lr": CFG.lr}, batch)
+    stats = train_ppo_batch(model, opt, batch, cfg, recompute=True, ref_model=None, lr=CFG.lr, world=world)
+    world.gather_weights(whole)
+    ranks.post({"op": "optimizer"})
+    whole_opt = make_optimizer(whole, CFG)
+    gathered = whole_optimizer_state(whole, whole_opt, world.full_optimizer_state(opt))  # what a checkpoint writes
+    ranks.post({"op": "stop"})
     # what this rank holds of AdamW's state: its shards only
     held = sum(t.to_local().numel() for st in opt.state.values() for k, t in st.items() if k == "exp_avg")
-    if ranks.rank == 0:
-        whole_opt = make_optimizer(whole, CFG)
-        load_optimizer_state_by_name(whole, whole_opt, gathered)  # as a checkpoint writes it
-        torch.save({"stats": stats, "weights": weights, "optimizer": whole_opt.state_dict(), "held": held},
-                   sys.argv[1])
+    torch.save({"stats": stats, "weights": whole.state_dict(), "optimizer": gathered, "held": held}, sys.argv[1])

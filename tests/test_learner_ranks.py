@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rank_proc
+import simhosts
 
 HERE = Path(__file__).resolve().parent
 # fp32 on a CPU: two ranks add the micro-batch gradients in another order than one rank does, and AdamW's
@@ -25,20 +26,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("n_seqs,minibatches", [(10, 2), (1, 1)])
-def test_two_ranks_train_a_batch_to_the_weights_and_metrics_of_one(tmp_path, n_seqs, minibatches):
-    out = tmp_path / "rank0.pt"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "BOBA_TORCH_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "rank_proc.py"), str(out), str(n_seqs),
-                               str(minibatches)], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+# a keyless process on another simulated host writes stop commands into the group's TCP store (as the
+# ranks > 0 read them before the command link) for as long as the ranks run
+ATTACK = """
+import datetime, sys, time, torch.distributed as dist
+addr, port = sys.argv[1], int(sys.argv[2])
+wrote = 0
+for _ in range(600):
     try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
+        store = dist.TCPStore(addr, port, is_master=False, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=20))
+        for seq in range(8):
+            store.set(f"cmd/{seq}", '{"op": "stop"}')
+        wrote += 1
+        if wrote == 1:
+            print("attacker: wrote stop commands into the store", flush=True)
+    except Exception:  # not listening yet, or gone
+        pass
+    time.sleep(0.1)
+"""
+
+
+def _rank_env(addr: str) -> dict:
+    return {**os.environ, "MASTER_ADDR": addr, "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+            "BOBA_TORCH_THREADS": "1", "BOBA_LEARNER_SECRET": os.urandom(32).hex()}
+
+
+@pytest.mark.parametrize("n_seqs,minibatches,batch_over,attacked",
+                         [(10, 2, "link", True), (1, 1, "group", False)])
+def test_two_ranks_train_a_batch_to_the_weights_and_metrics_of_one(tmp_path, n_seqs, minibatches, batch_over,
+                                                                   attacked):
+    """Rank 0 sends the step and its batch as the learner does: over the command link (CPU) or the group
+    (GPU's path, here on gloo). Attacked: the ranks on simulated host A, a keyless client on host B keeps
+    writing stop commands into their store; the ranks ignore it and train as one rank does."""
+    out = tmp_path / "rank0.pt"
+    argv = [sys.executable, str(HERE / "rank_proc.py"), str(out), str(n_seqs), str(minibatches), batch_over]
+    net = attacker = None
+    if attacked and simhosts.skip_reason() is None:
+        net = simhosts.SimHosts(2, tmp_path, sshd=False).__enter__()
+    try:
+        env = _rank_env(net.hosts[0].addr if net else "127.0.0.1")
+        if net:
+            attacker = subprocess.Popen(net.argv(net.hosts[1], [sys.executable, "-c", ATTACK, net.hosts[0].addr,
+                                                                env["MASTER_PORT"]]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs = [subprocess.Popen(net.argv(net.hosts[0], argv) if net else argv, env={**env, "RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        try:
+            logs = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        said = ""
+        if attacker:
+            attacker.kill()
+            said = attacker.communicate()[0]
     finally:
-        for p in procs:
-            p.kill()
+        if net:
+            net.close()
     assert [p.returncode for p in procs] == [0, 0], logs
+    if attacker:
+        assert "attacker: wrote stop commands into the store" in said, said[-3000:]  # it did reach the store
     two = torch.load(out, weights_only=True)
     model, opt, one = rank_proc.train(n_seqs, minibatches)
     diff = max(float((p - two["weights"][k]).abs().max()) for k, p in model.state_dict().items())

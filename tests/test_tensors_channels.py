@@ -264,11 +264,9 @@ async def test_an_actors_channels_reuse_one_channel_per_kind():
 
 
 def test_choose_kind_and_open_channel():
-    assert choose_kind(True, True, "cpu") == "local"
-    assert choose_kind(False, True, "cpu") == "shm"
-    assert choose_kind(False, False, "cpu") == "zmq"
-    assert choose_kind(False, True, "cuda:0") == "cuda_ipc"
-    assert choose_kind(False, False, torch.device("cuda", 1)) == "nccl"
+    assert choose_kind(True, True) == "local"
+    assert choose_kind(False, True) == "shm"
+    assert choose_kind(False, False) == "zmq"
     with pytest.raises(ValueError, match="unknown channel kind 'carrier-pigeon'"):
         open_channel("carrier-pigeon")
 

@@ -1,167 +1,68 @@
-"""GPU channels (CUDA IPC, NCCL via CuPy).  The GPU tests skip without CUDA and CuPy; the rest
-checks, on any machine, that the package works without them and that the unique id survives the bus."""
-
+"""GPU bytes between learner ranks (gpu marker; skipped without CUDA): on one GPU, a one-rank NCCL group
+runs the same calls as two ranks do. The batch from rank 0 reaches the group over NCCL as tensors, whole;
+rank 0's copy of the weights is filled device to device from the FSDP2 shards; the optimizer state a
+checkpoint writes is gathered to the CPU and never loaded into rank 0's GPU optimizer."""
 from __future__ import annotations
 
-import asyncio
-import importlib.util
-import multiprocessing as mp
+import copy
 import os
-import subprocess
-import sys
+import socket
 
 import pytest
 import torch
 
-from tensors.channels import open_channel
-from tensors.channels.nccl import UNIQUE_ID_BYTES, decode_unique_id, encode_unique_id
-from tensors.errors import TransferError
-from tests.spawned import let_go, spawned
-
-HAVE_CUPY = importlib.util.find_spec("cupy") is not None
-HAVE_GPU = torch.cuda.is_available() and HAVE_CUPY
-needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs CUDA and CuPy")
-needs_two_gpus = pytest.mark.skipif(not HAVE_GPU or torch.cuda.device_count() < 2, reason="needs 2 GPUs and CuPy")
+pytestmark = pytest.mark.gpu
 
 
-def weights(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    named = {
-        "layers.0.w": torch.randn(256, 128, generator=g),
-        "layers.0.b": torch.randn(128, generator=g).to(torch.bfloat16),
-        "step": torch.tensor(seed),
-    }
-    return {k: v.to(device) for k, v in named.items()}
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def same(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+@pytest.fixture
+def one_rank_nccl(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from actors.learner.ranks import join
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "BOBA_LEARNER_SECRET": os.urandom(32).hex()}.items():
+        monkeypatch.setenv(k, v)
+    torch.cuda.set_device(0)
+    ranks = join("cuda", timeout=60.0)
+    yield ranks
+    ranks.link.close()
+    torch.distributed.destroy_process_group()
 
 
-def test_unique_id_round_trips_through_bytes():
-    uid = tuple(range(-128, 0)) if UNIQUE_ID_BYTES == 128 else ()
-    data = encode_unique_id(uid)
-    assert isinstance(data, bytes) and len(data) == UNIQUE_ID_BYTES
-    assert decode_unique_id(data) == uid
-    mixed = tuple((i * 37) % 256 - 128 for i in range(UNIQUE_ID_BYTES))
-    assert decode_unique_id(encode_unique_id(mixed)) == mixed
-    with pytest.raises(ValueError, match="128 bytes"):
-        decode_unique_id(b"short")
+def test_batch_weights_and_optimizer_state_on_one_nccl_rank(one_rank_nccl):
+    import torch.distributed as dist
+    from actors.learner.rank_link import broadcast_batch
+    from policies.model.loading import tiny_model
+    from policies.train.data_parallel import World, whole_optimizer_state
+    from policies.train.ppo import PPOConfig, make_optimizer, train_step
+    from tensors import wire
+    from tests.batches import synthetic_batch
+    ranks = one_rank_nccl
+    assert dist.get_backend() == "nccl" and ranks.batch_over == "group"
+    batch = synthetic_batch(6, 1, response_len=lambda i: 3 + i, reward=lambda i: float(i % 3) - 1.0)
+    header, tensors = wire.encode_tensors(batch)
+    got = broadcast_batch(header, tensors, ranks.device, ranks.timeout)
+    assert torch.equal(got.input_ids, batch.input_ids) and torch.equal(got.cu_seqlens, batch.cu_seqlens)
 
-
-@pytest.mark.skipif(HAVE_GPU, reason="checks the error when CUDA or CuPy is missing")
-@pytest.mark.parametrize("kind", ["cuda_ipc"])
-def test_gpu_kinds_fail_clearly_without_cuda_or_cupy(kind):
-    with pytest.raises(RuntimeError, match="CuPy|CUDA"):
-        open_channel(kind)
-
-
-# ---- on a GPU -------------------------------------------------------------------------------------
-
-
-def _ipc_sender(conn) -> None:
-    async def main() -> None:
-        ch = open_channel("cuda_ipc", device=0, name="ipc-child")
-        conn.send(await ch.send(weights(3, "cuda:0"), timeout=60))
-        await asyncio.to_thread(conn.recv)
-        await ch.close()
-
-    asyncio.run(main())
-
-
-@pytest.mark.gpu
-@needs_gpu
-async def test_cuda_ipc_round_trip_across_processes():
-    with spawned(_ipc_sender) as (proc, parent):
-        assert await asyncio.to_thread(parent.poll, 120), "child did not start"
-        desc = parent.recv()
-        async with open_channel("cuda_ipc", device=0) as rx:
-            got = await rx.recv(desc, timeout=30)
-            assert all(t.is_cuda for t in got.values())
-            assert same(got, weights(3))
-            with pytest.raises(TransferError):  # one reader: it is gone now
-                await rx.recv(desc, timeout=5)
-        assert await let_go(proc, parent) == 0
-
-
-@pytest.mark.gpu
-@needs_gpu
-async def test_nccl_single_rank_broadcast_and_init_timeout():
-    from tensors.channels.nccl import NcclGroup, nccl_unique_id
-
-    group = await NcclGroup.create(nccl_unique_id(), 1, 0, device=0, timeout=60)
-    buf = torch.arange(1000, dtype=torch.uint8, device="cuda:0")
-    await group.broadcast(buf, root=0, timeout=30)
-    assert torch.equal(buf.cpu(), torch.arange(1000, dtype=torch.uint8))
-    group.close()
-    # a group of two where the other rank never comes: a clear error, not a hang
-    with pytest.raises(TransferError, match="not all 2 ranks joined") as info:
-        await NcclGroup.create(nccl_unique_id(), 2, 0, device=0, timeout=3)
-    assert info.value.phase == "init"
-
-
-def _nccl_rank(rank: int, uid: bytes, desc_conn, mode: str) -> None:
-    from tensors.channels.nccl import NcclChannel, NcclGroup
-
-    async def main() -> None:
-        group = await NcclGroup.create(uid, 2, rank, device=rank, timeout=60)
-        ch = NcclChannel(group=group)
-        if rank == 0:
-            desc = await ch.send(weights(11, "cuda:0"), timeout=10, readers=1)
-            desc_conn.send(desc)
-            try:
-                await ch.flush()
-                desc_conn.send("ok")
-            except TransferError as e:
-                desc_conn.send(f"error:{e.phase}")
-        elif mode == "normal":
-            got = await ch.recv(desc_conn.recv(), timeout=30)
-            desc_conn.send("same" if same(got, weights(11)) else "different")
-        else:  # "absent": never joins the broadcast
-            desc_conn.recv()
-            await asyncio.sleep(30)
-
-    asyncio.run(main())
-
-
-@pytest.mark.gpu
-@needs_two_gpus
-@pytest.mark.parametrize("mode", ["normal", "absent"])
-async def test_nccl_weight_broadcast_between_two_processes(mode):
-    from tensors.channels.nccl import nccl_unique_id
-
-    uid = nccl_unique_id()
-    ctx = mp.get_context("spawn")
-    root_end, root_child = ctx.Pipe()
-    peer_end, peer_child = ctx.Pipe()
-    procs = [
-        ctx.Process(target=_nccl_rank, args=(0, uid, root_child, mode), daemon=True),
-        ctx.Process(target=_nccl_rank, args=(1, uid, peer_child, mode), daemon=True),
-    ]
-    for p in procs:
-        p.start()
-    try:
-        assert await asyncio.to_thread(root_end.poll, 120)
-        peer_end.send(root_end.recv())  # the descriptor rides "the bus"
-        assert await asyncio.to_thread(root_end.poll, 60)
-        outcome = root_end.recv()
-        if mode == "normal":
-            assert outcome == "ok"
-            assert await asyncio.to_thread(peer_end.poll, 60) and peer_end.recv() == "same"
-        else:
-            assert outcome.startswith("error:"), "the watchdog aborts a broadcast nobody joins"
-    finally:
-        for p in procs:
-            p.kill()
-            p.join(10)
-
-
-def test_gpu_modules_import_without_importing_cupy():
-    code = (
-        "import sys, tensors, tensors.channels, tensors.channels.cuda_ipc as ipc, tensors.channels.nccl\n"
-        "assert 'cupy' not in sys.modules, 'cupy was imported eagerly'\n"
-        "assert ipc.pack_layout([3, 300, 0, 1]) == ([0, 256, 768, 768], 1024)\n"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    model = tiny_model(seed=3).cuda()
+    whole = copy.deepcopy(model)
+    world = World.fsdp(model)
+    cfg = PPOConfig(minibatches=1, lr=1e-2, max_tokens_per_micro_batch=64)
+    opt = make_optimizer(model, cfg)
+    train_step(model, opt, batch, cfg, lr=cfg.lr, world=world)
+    before = {k: v.clone() for k, v in whole.state_dict().items()}
+    world.gather_weights(whole)
+    after = whole.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step's weights arrived
+    assert all(v.device.type == "cuda" for v in after.values())
+    whole_opt = make_optimizer(whole, cfg)
+    saved = whole_optimizer_state(whole, whole_opt, world.full_optimizer_state(opt))
+    assert not whole_opt.state  # nothing loaded onto the GPU copy
+    assert saved["state"] and all(t.device.type == "cpu" for st in saved["state"].values()
+                                  for t in st.values() if isinstance(t, torch.Tensor))

@@ -5,6 +5,7 @@ starts what this plans, and `--dry-run` prints it.
 """
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -175,11 +176,14 @@ def learner_group_env(cfg: ExperimentConfig, learner_host: Host, rank_hosts: lis
         return []
     master = cfg.bus.host if learner_host.is_local else learner_host.name
     port = dist_port if dist_port is not None else cfg.actors.learner.dist_port
+    from actors.learner.rank_link import SECRET_ENV
+    secret = secrets.token_hex(32)  # this launch's ranks only: they prove it and key their command link with it
     envs = []
     for rank, host in enumerate(rank_hosts):
         local = rank_hosts[:rank].count(host)  # this rank's slot on its host
         envs.append({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
-                     "WORLD_SIZE": str(len(rank_hosts)), **slot_env(host, local)})
+                     "WORLD_SIZE": str(len(rank_hosts)), SECRET_ENV: secret,
+                     **slot_env(host, local)})
     return envs
 
 
@@ -217,7 +221,9 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
                       f"{spec.env['CUDA_VISIBLE_DEVICES']}, or 1/{spec.env['BOBA_SLOTS']} of the cores on a CPU host")
         if spec.env:
             if command[0] != "ssh":  # a remote command carries its env inline already
-                command = ["env", *(f"{k}={v}" for k, v in sorted(spec.env.items())), *command]
+                from actors.learner.rank_link import SECRET_ENV
+                command = ["env", *(f"{k}={'<per-launch secret>' if k == SECRET_ENV else v}"
+                                for k, v in sorted(spec.env.items())), *command]
         lines.append(where + "\n" + shlex.join(command))
     return lines
 

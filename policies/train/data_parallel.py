@@ -61,13 +61,22 @@ class World:
         self._reduce(t)
         return t
 
-    def full_weights(self) -> dict[str, Tensor]:
-        """The whole model's weights on the CPU on rank 0, {} elsewhere (a collective: every rank calls)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def gather_weights(self, into: nn.Module | None) -> None:
+        """The whole weights into `into` (rank 0's unsharded copy; None on the other ranks), a collective:
+        one parameter at a time is all-gathered on the ranks' device and copied device to device, so no
+        CPU round trip and never more than one whole parameter besides `into`."""
+        from torch.distributed.tensor import DTensor
+        dst = dict(into.named_parameters()) if into is not None else {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                whole = p.full_tensor() if isinstance(p, DTensor) else p
+                if into is not None:
+                    dst[name].copy_(whole)
+                del whole
 
     def full_optimizer_state(self, optimizer) -> dict:
-        """The whole optimizer state, keyed by parameter name, on rank 0 ({} elsewhere; a collective)."""
+        """The whole optimizer state, keyed by parameter name, on rank 0's CPU ({} elsewhere; a collective):
+        each tensor is gathered and moved to the CPU before the next, so no GPU holds the whole state."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(self.model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -84,10 +93,17 @@ def optimizer_state_by_name(model: nn.Module, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
 
-def load_optimizer_state_by_name(model: nn.Module, optimizer, state: dict) -> None:
-    """An unsharded model's optimizer from a state keyed by parameter name (`World.full_optimizer_state`)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def whole_optimizer_state(model: nn.Module, optimizer, by_name: dict) -> dict:
+    """`optimizer.state_dict()` of the unsharded `model` as it would read after loading `by_name` (a state
+    keyed by parameter name, `World.full_optimizer_state`), built without loading it: the tensors stay
+    where the gather put them (the CPU) instead of moving to the parameters' device."""
+    template = optimizer.state_dict()  # param_groups with the parameters' indices
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {index[n]: s for n, s in by_name["state"].items()}
+    groups = [{**g, **{k: v for k, v in named.items() if k != "params"}}
+              for g, named in zip(template["param_groups"], by_name["param_groups"])]
+    return {"state": state, "param_groups": groups}
 
 
 def rank_share(lengths: list[int], max_tokens: int, world: World) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Every channel kind by name, and the one function that opens one (the GPU kinds import CuPy only when opened)."""
+"""Every channel kind by name, and the one function that opens one."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +8,7 @@ from tensors.channels.local import LocalChannel
 from tensors.channels.shm import ShmChannel
 from tensors.channels.zmq_channel import ZmqChannel
 
-KINDS = ("local", "shm", "zmq", "cuda_ipc", "nccl")
+KINDS = ("local", "shm", "zmq")
 
 
 def open_channel(kind: str, **opts: Any) -> Channel:
@@ -19,12 +19,4 @@ def open_channel(kind: str, **opts: Any) -> Channel:
         return ShmChannel(**opts)
     if kind == "zmq":
         return ZmqChannel(**opts)
-    if kind == "cuda_ipc":
-        from tensors.channels.cuda_ipc import CudaIpcChannel
-
-        return CudaIpcChannel(**opts)
-    if kind == "nccl":
-        from tensors.channels.nccl import NcclChannel
-
-        return NcclChannel(**opts)
     raise ValueError(f"unknown channel kind {kind!r}; known kinds: {', '.join(KINDS)}")

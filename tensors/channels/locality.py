@@ -4,7 +4,7 @@ A process is known to its peers by the address of its host (`TensorOptions.host`
 name for the host, or the address this host uses to reach the bus). Every actor registers on the bus
 with that address and its pid, so for any peer it can tell
 
-    same process -> local      same host -> shm (GPU: cuda_ipc)      other host -> zmq (GPU: nccl)
+    same process -> local      same host -> shm      other host -> zmq
 
 and a zmq outbox binds on that address (or `bind`) and advertises it, so a peer on another host can
 dial it. Two simulated hosts (network namespaces) share one /dev/shm but not an address: they talk
@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from tensors.channels.base import Channel, Descriptor, Payload
 from tensors.channels.outbox import DEFAULT_MAX_FRAME_BYTES, Curve
 
@@ -32,14 +30,11 @@ class Peer(Protocol):
     pid: int
 
 
-def choose_kind(same_process: bool, same_host: bool, device: str | torch.device = "cpu") -> str:
-    """The cheapest channel for a peer: by reference, shared memory / CUDA IPC, or zmq / NCCL."""
-    on_gpu = torch.device(device).type == "cuda"
+def choose_kind(same_process: bool, same_host: bool) -> str:
+    """The cheapest channel for a peer: by reference, shared memory, or zmq (GPU bytes: tensors.channels)."""
     if same_process:
         return "local"
-    if same_host:
-        return "cuda_ipc" if on_gpu else "shm"
-    return "nccl" if on_gpu else "zmq"
+    return "shm" if same_host else "zmq"
 
 
 def route_address(peer_host: str) -> str:
@@ -66,7 +61,6 @@ class TensorOptions:
 
     host: str  # the address peers know this host by; the registry's `host` for every actor here
     bind: str | None = None  # the interface the zmq outbox binds; None = `host`
-    device: str = "cpu"
     curve: Curve | None = None
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     pid: int = field(default_factory=os.getpid)
@@ -97,9 +91,8 @@ class Channels:
 
     def kind_for(self, peers: Iterable[Peer]) -> str:
         """One kind that reaches every peer (the most general one any of them needs)."""
-        kinds = {choose_kind(p.host == self.host and p.pid == self.options.pid, p.host == self.host,
-                             self.options.device) for p in peers}
-        for kind in ("nccl", "zmq", "cuda_ipc", "shm", "local"):
+        kinds = {choose_kind(p.host == self.host and p.pid == self.options.pid, p.host == self.host) for p in peers}
+        for kind in ("zmq", "shm", "local"):
             if kind in kinds:
                 return kind
         raise ValueError("no peer to choose a channel for")
@@ -122,13 +115,12 @@ class Channels:
         return desc
 
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
-        """The payload a descriptor names, through a channel of its kind (NCCL needs its group)."""
+        """The payload a descriptor names, through a channel of its kind."""
         from tensors.channels.kinds import KINDS
 
         kind = descriptor.get("kind") if isinstance(descriptor, dict) else None
-        if kind not in KINDS or kind == "nccl":
-            raise ValueError(f"descriptor has channel kind {kind!r}; receivable here: "
-                             + ", ".join(k for k in KINDS if k != "nccl"))
+        if kind not in KINDS:
+            raise ValueError(f"descriptor has channel kind {kind!r}; receivable here: " + ", ".join(KINDS))
         return await self.channel(kind).recv(descriptor, timeout=timeout)
 
     async def close(self) -> None:
