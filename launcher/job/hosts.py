@@ -38,6 +38,7 @@ class Host:
     slots: int = 1
     user: str | None = None
     ssh_config: str | None = None  # `ssh -F FILE` (launcher --ssh-config): keys, known hosts, jump hosts
+    engine: str = "ssh"  # how a process starts there when it is not this machine (launcher.job.engines)
 
     @property
     def is_local(self) -> bool:
