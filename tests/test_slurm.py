@@ -8,20 +8,45 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from launcher.job.engines import slurm
+from launcher.job.engines.slurm_step import slurm_devices
+from launcher.job.hosts import Host
 from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids, tiny_overrides
 from tests.slurm_cluster import SlurmCluster, skip_reason
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 SCRIPT = str(ROOT / "examples" / "slurm" / "multi_node.sbatch")
 NODES = ("n1", "n2", "n3")
+
+
+def test_gpus_and_devices_come_from_slurm(monkeypatch):
+    detail = ("JobId=7 JobName=x\n   Nodes=n[1-2] CPU_IDs=0-7 Mem=0 GRES=gpu:a100:4(IDX:0-3)\n"
+              "   Nodes=n3 CPU_IDs=0-7 Mem=0 GRES=gpu:2(IDX:4-5),gpu:v100:1(IDX:6)\n   Nodes=n4 CPU_IDs=0 Mem=0 GRES=\n")
+    names = {"n[1-2]": "n1\nn2\n", "n3": "n3\n", "n4": "n4\n"}
+    monkeypatch.setattr(slurm, "_scontrol", lambda *a: names[a[2]] if a[:2] == ("show", "hostnames") else "")
+    assert slurm.gpus_per_node(detail) == {"n1": 4, "n2": 4, "n3": 3, "n4": 0}
+    # the planner's indices, as the ids Slurm gave the step (a node shared with another job: GPUs 4-7)
+    assert slurm_devices("0", "4,5,6,7") == "4" and slurm_devices("1,2", "4,5,6,7") == "5,6"
+    assert slurm_devices("1", None) == "1"  # Slurm gave no GPUs: the planned index stands
+
+
+def test_outside_an_allocation_and_the_srun_command(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(slurm.HostsError, match=r"^--slurm: not inside a Slurm allocation \(SLURM_JOB_ID"):
+        slurm.allocation_hosts()
+    argv = slurm.ENGINE.command(Host("n2", 8, engine="slurm"), [sys.executable, "-m", "launcher", "actor",
+                                "generator", "--name", "generator-3"], {"CUDA_VISIBLE_DEVICES": "3"}, "/proj")
+    assert argv[:8] == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "--nodelist=n2", "--job-name=generator-3",
+                        "--kill-on-bad-exit=1", "--chdir=/proj"]
+    assert argv[8:13] == [sys.executable, slurm.STEP, "generator-3", "CUDA_VISIBLE_DEVICES=3", "--"]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +94,23 @@ def assert_nothing_left(sc: SlurmCluster, within: float = 15.0) -> None:
         time.sleep(0.3)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 def test_sbatch_trains_on_three_nodes(cluster, tmp_path):
     job = Submitted(cluster, tmp_path, steps=3)
+    # meanwhile --dry-run in an allocation of its own (salloc; the launcher on its first node, as in sbatch)
+    dry = subprocess.Popen(cluster.inside(cluster.ctl, [
+        "salloc", "-N3", "--cpus-per-task=1", "srun", "-N1", "-n1", "-w", "n1", sys.executable, "-m", "launcher",
+        "--slurm", "--dry-run", "--config", "configs/tiny.yaml", *tiny_overrides(tmp_path / "dry", job.train, **{
+            "actors.generator.count": 3})]), env={**cluster.env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dry_out = dry.communicate(timeout=150)[0]
+    assert dry.returncode == 0, dry_out
+    for node in ("n2", "n3"):  # generators spread over the nodes; the remote ones as srun steps
+        assert re.search(rf"^# generator-\d on {node}.*\nsrun --overlap --nodes=1 --ntasks=1 --nodelist={node} "
+                         rf"--job-name=generator-\d .*slurm_step\.py generator-\d .*-- .* -m launcher actor generator",
+                         dry_out, re.M), dry_out
+    assert re.search(r"^# generator-\d on n1", dry_out, re.M) and not (tmp_path / "dry" / "keys").exists()
     state = cluster.wait_state(job.id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 150)
     out = job.output()
     assert state == "COMPLETED", out[-4000:]
@@ -90,3 +130,98 @@ def test_sbatch_trains_on_three_nodes(cluster, tmp_path):
     trained = [json.loads(ln) for ln in (job.run_dir / "trained.jsonl").read_text().splitlines()]
     assert [r["step"] for r in trained] == [0, 1, 2]
     assert_nothing_left(cluster)
+
+
+def steps_done(job: Submitted) -> list[int]:
+    return [int(s) for s in re.findall(r"^\[progress\] step (\d+)/", job.output(), re.M)]
+
+
+def wait_steps(job: Submitted, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(steps_done(job)) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} steps within {timeout} s: {job.output()[-3000:]}"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+def test_lost_node_then_scancel(cluster, tmp_path):
+    """n3 set DOWN and its cable cut mid-run (--no-kill): the run goes on with n2's generator, exactly once;
+    then `scancel --batch --signal=TERM` (the graceful stop): a checkpoint, and nothing left anywhere."""
+    job = Submitted(cluster, tmp_path, steps=500, **{"train.checkpoint_every": 0})
+    wait_steps(job, 2, 150)
+    n3 = cluster.names["n3"]
+    cluster.net.cut(n3)
+    r = cluster.run(["scontrol", "update", "nodename=n3", "state=down", "reason=test-lost-node"])
+    assert r.returncode == 0, r.stderr
+    lost_at = len(steps_done(job))
+    wait_steps(job, lost_at + 3, 90)  # n3's generator drops out, n2's carries the run
+    assert cluster.state(job.id) == "RUNNING"
+    out = job.output()
+    # a lost node is a lost host: its generator's step ends, named by its Slurm step id
+    assert re.search(rf"generator-1 \(Slurm step {job.id}\.\d+ on n3\) exited with code", out), out[-3000:]
+
+    t0 = time.monotonic()
+    assert cluster.run(["scancel", "--batch", "--signal=TERM", job.id]).returncode == 0
+    m = job.wait_for(r"checkpoint written at step (\d+)", 60)
+    cluster.wait_state(job.id, {"COMPLETED", "FAILED", "CANCELLED"}, 60)
+    stopped = time.monotonic() - t0
+    assert (job.run_dir / "checkpoints" / f"step-{int(m.group(1)):06d}").is_dir()
+    records = read_metrics(job.run_dir)
+    late = [r for r in records if r["step"] >= lost_at + 1]
+    assert late and all(set(r["groups_by_generator"]) == {"generator-0"} for r in late), late
+    assert_exactly_once(records, job.train)
+    trained = [json.loads(ln)["step"] for ln in (job.run_dir / "trained.jsonl").read_text().splitlines()]
+    assert trained == list(range(len(trained))) and len(trained) >= lost_at + 3
+    cluster.net.mend(n3)  # n3's slurmd registers again and ends the step of a job that is gone
+    cluster.run(["scontrol", "update", "nodename=n3", "state=resume"])
+    assert_nothing_left(cluster, within=30)
+    print(f"[test] stopped {stopped:.1f} s after scancel")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+def test_requeue_resumes_with_the_same_data_order(cluster, tmp_path):
+    """USR1 (what `--signal=B:USR1@120` sends before the time limit): a checkpoint, `scontrol requeue`, the
+    job comes back with --resume and continues the exactly-once record in the same data order; a generator
+    attached from a second allocation registers with it again. Then a plain `scancel` ends everything."""
+    deadline = time.monotonic() + 60
+    while cluster.idle() != set(NODES):
+        assert time.monotonic() < deadline, f"nodes not idle: {cluster.run(['sinfo', '-N']).stdout}"
+        time.sleep(0.5)
+    port = 29555
+    job = Submitted(cluster, tmp_path, steps=500, **{"train.checkpoint_every": 0, "bus.port": port})
+    bus = f"tcp://{cluster.addr('n1')}:{port}"
+    wait_steps(job, 1, 150)
+    env = {**cluster.env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "BOBA_TORCH_THREADS": "1",
+           "BOBA_PROJECT": str(ROOT)}
+    attach_out = tmp_path / "attach.out"
+    attach = cluster.sbatch(["--nodes=1", "--nodelist=n2", "--gpus-per-node=0", "--cpus-per-task=1",
+                             f"--output={attach_out}", str(ROOT / "examples" / "slurm" / "attach.sbatch"), bus,
+                             str(job.run_dir)], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while "got its first" not in (attach_out.read_text() if attach_out.exists() else ""):
+        assert time.monotonic() < deadline, attach_out.read_text() if attach_out.exists() else "no output"
+        time.sleep(0.5)
+    before = len(steps_done(job))
+
+    assert cluster.run(["scancel", "--batch", "--signal=USR1", job.id]).returncode == 0
+    m = job.wait_for(r"checkpoint written at step (\d+)", 60)
+    ckpt = int(m.group(1))
+    job.wait_for(r"^\[job\.sh\] job \d+ \(restart 1\)", 90)
+    wait_steps(job, before + 2, 150)  # the requeued job trains on
+    out = job.output()
+    assert f"steps {ckpt}..500" in out, out[-3000:]
+    trained = [json.loads(ln) for ln in (job.run_dir / "trained.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in trained]
+    assert steps == list(range(len(steps))) and len(steps) > ckpt, steps  # each step once, none lost
+    for r in trained:  # the data order of a run that never stopped
+        expected = expected_qids(job.train, batch_prompts=2, seed=1, step=r["step"])
+        assert sorted(set(r["qids"])) == expected, r["step"]
+    broker_log = job.log("broker")
+    assert len(re.findall(r"joined: generator-n2-\d+ ", broker_log)) >= 2, broker_log[-3000:]
+
+    t0 = time.monotonic()
+    assert cluster.run(["scancel", job.id, attach]).returncode == 0
+    assert_nothing_left(cluster, within=20)
+    print(f"[test] everything gone {time.monotonic() - t0:.1f} s after a plain scancel")

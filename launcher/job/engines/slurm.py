@@ -49,7 +49,7 @@ def gpus_per_node(job_detail: str) -> dict[str, int]:
     """Node -> GPUs of the job there, from `scontrol show job -d`'s lines "Nodes=n[1-2] ... GRES=gpu:4(IDX:0-3)"."""
     out: dict[str, int] = {}
     for line in job_detail.splitlines():
-        m = re.search(r"\bNodes=(\S+).*\bGRES=(\S+)", line)
+        m = re.search(r"\bNodes=(\S+).*\bGRES=(\S*)", line)
         if not m:
             continue
         n = sum(int(g.group(1)) for g in re.finditer(r"gpu(?::[^:(,]+)?:(\d+)", m.group(2)))
