@@ -6,6 +6,8 @@
 - data.py, compute.py, learner_state.py: what builders share (data layout; device, dtypes, threads;
   the learner's model, optimizer and ranks);
 - hosts.py, spawn.py: placement on hosts and starting processes (local, ssh, srun);
+- engines/: how a process starts on another host, one Engine per way (ssh.py: a hostfile's hosts;
+  slurm.py: a Slurm allocation's nodes, `--slurm`, as srun steps);
 - metrics.py, progress.py: the metrics files and the progress line.
 
 May import launcher.config, actors, policies, tensors and bus.

@@ -17,7 +17,7 @@ from launcher.job.engines import slurm, ssh
 
 ENGINES = {"ssh": ssh.ENGINE, "slurm": slurm.ENGINE}
 # the first line a remote process prints (engines that can name what ran it): "[engine] NAME: WHERE"
-WHERE = re.compile(r"^\[(\w+)\] (\S+): (.+)$")
+WHERE = re.compile(rf"^\[({'|'.join(ENGINES)})\] (\S+): (.+)$")
 
 
 class Engine(Protocol):
@@ -47,9 +47,12 @@ async def check_hosts(hosts: list) -> None:
 
 def where(log_path: Path) -> str:
     """Where a remote process ran, from the line its engine's wrapper printed first ('' if none)."""
+    last = ""
     try:
-        text = log_path.read_text(errors="replace")
+        with open(log_path, errors="replace") as f:  # streamed: a long run's log may be large
+            for line in f:
+                if line.startswith("[") and (m := WHERE.match(line.rstrip("\n"))):
+                    last = f" ({m.group(3)})"
     except OSError:
         return ""
-    found = [m for m in map(WHERE.match, text.splitlines()) if m]
-    return f" ({found[-1].group(3)})" if found else ""
+    return last
