@@ -93,6 +93,23 @@ test_hosts_setup() {
         || echo "[run.sh] could not install$missing: the simulated-host tests will skip" >&2
 }
 
+test_slurm_setup() {
+    # The Slurm tests (tests/test_slurm.py) start a real cluster on the simulated hosts: slurmctld, munged
+    # and one slurmd per host, from Debian's slurm-wlm and munge. As root on Debian we install them
+    # (without starting their services); elsewhere those tests skip and say why.
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 0
+    { [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && command -v sbatch >/dev/null 2>&1; } \
+        && return 0
+    echo "[run.sh] installing slurm-wlm and munge for the Slurm tests" >&2
+    local policy=/usr/sbin/policy-rc.d made=""
+    [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1; } \
+        || echo "[run.sh] could not install slurm-wlm and munge: the Slurm tests will skip" >&2
+    [ -z "$made" ] || rm -f "$policy"
+}
+
 if [ "${1:-}" = setup-sglang ]; then
     setup_sglang
     exit 0
@@ -103,6 +120,7 @@ case "${1:-}" in
     test)
         shift
         test_hosts_setup
+        test_slurm_setup
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     setup)

@@ -25,6 +25,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an RL training job (the default command)")
     _common_config(run)
     run.add_argument("--hosts", help="hostfile: one host per line, `node-1 slots=8`; default localhost")
+    run.add_argument("--slurm", action="store_true",
+                     help="inside a Slurm allocation: its nodes are the hosts (this one the head), actors start as srun steps")
     run.add_argument("--ssh-config", help="ssh client config for the hosts (ssh -F FILE): keys, known hosts")
     run.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     run.add_argument("--dry-run", action="store_true", help="print the command lines, start nothing")

@@ -68,7 +68,12 @@ def cmd_run(args) -> int:
     from launcher.job.run import RunFailed, run_job
     try:
         cfg = absolute_paths(_load(args))
+        if args.slurm and args.hosts:
+            raise HostsError("--slurm and --hosts: the allocation's nodes are the hosts; give one of them")
         hosts = parse_hosts(args.hosts, args.ssh_config) if args.hosts else None
+        if args.slurm:
+            from launcher.job.engines.slurm import prepare
+            hosts = prepare(cfg, make_keys=not args.dry_run)
         from launcher.config import check_trainable
         check_trainable(cfg)
         check_model_path(cfg)

@@ -8,6 +8,8 @@
 - hosts.py, spawn.py: placement on hosts and starting processes (local, ssh, srun);
 - plan.py, placement.py: which processes a job starts, and in a GPU job which devices each gets;
 - gpu_env.py: one torch/NCCL for learner and SGLang servers (gpu-lock.json; standard library only);
+- engines/: how a process starts on another host, one Engine per way (ssh.py: a hostfile's hosts;
+  slurm.py: a Slurm allocation's nodes, `--slurm`, as srun steps);
 - metrics.py, progress.py: the metrics files and the progress line.
 
 May import launcher.config, actors, policies, tensors and bus.

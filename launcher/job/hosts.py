@@ -41,6 +41,7 @@ class Host:
     user: str | None = None
     ssh_config: str | None = None  # `ssh -F FILE` (launcher --ssh-config): keys, known hosts, jump hosts
     gpus: int | None = None  # hostfile gpus=N; None = not said (launcher.job.placement.inventory decides)
+    engine: str = "ssh"  # how a process starts there when it is not this machine (launcher.job.engines)
 
     @property
     def is_local(self) -> bool:

@@ -220,10 +220,10 @@ def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
             where += (f", slot {spec.env['BOBA_SLOT']} of {spec.env['BOBA_SLOTS']}: GPU "
                       f"{spec.env['CUDA_VISIBLE_DEVICES']}, or 1/{spec.env['BOBA_SLOTS']} of the cores on a CPU host")
         if spec.env:
-            if command[0] != "ssh":  # a remote command carries its env inline already
+            if spec.host is None or spec.host.is_local:  # a remote command carries its env already
                 from actors.learner.rank_link import SECRET_ENV
                 command = ["env", *(f"{k}={'<per-launch secret>' if k == SECRET_ENV else v}"
-                                for k, v in sorted(spec.env.items())), *command]
+                                    for k, v in sorted(spec.env.items())), *command]
         lines.append(where + "\n" + shlex.join(command))
     return lines
 

@@ -27,7 +27,8 @@ from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, check_nccl_p
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
 from launcher.job.start import Start, resolve_start, run_dir
-from launcher.job.spawn import Process, ProcessSpec, check_hosts, start as start_process
+from launcher.job.engines import check_hosts, where
+from launcher.job.spawn import Process, ProcessSpec, start as start_process
 from tensors.channels.shm import sweep_orphans
 
 log = logging.getLogger("launcher")
@@ -303,7 +304,7 @@ class Job:
         rc = await proc.wait()
         if self.finished.is_set():
             return
-        msg = f"{proc.name} exited with code {rc}; last lines: " + " / ".join(proc.tail[-3:])
+        msg = f"{proc.name}{where(proc.log_path)} exited with code {rc}; last lines: " + " / ".join(proc.tail[-3:])
         role = proc.spec.role
         if role not in CRITICAL and any(p.returncode is None for p in self.procs if p.spec.role == role):
             print(f"[launcher] {msg}", flush=True)

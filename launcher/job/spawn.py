@@ -1,11 +1,11 @@
-"""Start actor processes on local hosts (subprocess) or remote ones (ssh), and stream their logs.
+"""Start actor processes on local hosts (subprocess) or remote ones (ssh, srun), and stream their logs.
 
 Every process's output is prefixed with its name on our stdout and kept in run_dir/logs/NAME.log,
 so one terminal shows the whole job and a post-mortem has each actor's full log.
 
-Every process dies with the launcher, even a SIGKILLed one: local processes (ssh included) are
-started with PR_SET_PDEATHSIG = SIGKILL, and a remote process ends with its ssh (-tt gives it a
-terminal, so it gets SIGHUP).  Each also carries RUN_DIR_ENV = the run directory in its
+Every process dies with the launcher, even a SIGKILLed one: local processes (ssh and srun included)
+are started with PR_SET_PDEATHSIG = SIGKILL, and a remote process ends with its ssh (-tt gives it a
+terminal, so it gets SIGHUP) or its Slurm step (launcher.job.engines).  Each also carries RUN_DIR_ENV = the run directory in its
 environment, so a process of a job can be found by its run directory.
 """
 from __future__ import annotations
@@ -13,26 +13,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.job.hosts import Host, HostsError
+from launcher.job.engines import engine_for
+from launcher.job.hosts import Host
 
-SSH_CONNECT_TIMEOUT = 10  # seconds; ssh's own limit on reaching a host
-# what a local actor inherits from the launcher and a remote one gets on its command line
-FORWARDED_ENV = ("BOBA_TORCH_THREADS", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED")
-SSH_ALIVE = (10, 3)  # a host silent for 10 s x 3 probes ends its ssh, and so its actor (-tt: SIGHUP)
-
-
-def ssh_argv(host: Host, *, tty: bool = False) -> list[str]:
-    """`ssh [-tt] [-F config] -o ... user@host`: no prompts, bounded connect, dead links noticed."""
-    argv = ["ssh"] + (["-tt"] if tty else []) + (["-F", host.ssh_config] if host.ssh_config else [])
-    return argv + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
-                   "-o", f"ServerAliveInterval={SSH_ALIVE[0]}", "-o", f"ServerAliveCountMax={SSH_ALIVE[1]}",
-                   host.ssh_target]
 RUN_DIR_ENV = "BOBA_RUN_DIR"  # in every process's environment: the run directory of its job
 _PR_SET_PDEATHSIG = 1
 
@@ -46,15 +34,10 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)
 
     def command(self, cwd: str) -> list[str]:
-        """The full command line, wrapped in ssh for a remote host (what --dry-run prints)."""
+        """The full command line, wrapped by the host's engine (ssh, srun) for a remote host (what --dry-run prints)."""
         if self.host is None or self.host.is_local:
             return list(self.argv)
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | self.env
-        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-        remote = f"cd {shlex.quote(cwd)} && {envs + ' ' if envs else ''}exec {shlex.join(self.argv)}"
-        # -tt: a remote terminal, so the remote process gets SIGHUP and ends with this ssh (stopped by
-        # the launcher, or the connection lost); without one it would outlive the job on its host
-        return ssh_argv(self.host, tty=True) + [remote]
+        return engine_for(self.host).command(self.host, self.argv, self.env, cwd)
 
 
 class Process:
@@ -143,34 +126,3 @@ async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None)
     return Process(spec, proc, log_dir / f"{spec.name}.log", echo)
-
-
-async def check_hosts(hosts: list[Host], timeout: float = SSH_CONNECT_TIMEOUT) -> None:
-    """Reach every remote host over ssh once, before anything starts: HostsError names each that fails.
-
-    Without this an unreachable host shows up only as an actor that never joins, after the rest of
-    the job has started.
-    """
-    async def probe(host: Host) -> str | None:
-        argv = ssh_argv(host) + ["true"]
-        try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            return f"{host}: cannot run ssh ({exc})"
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout + 5)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return f"{host}: no answer over ssh within {timeout + 5:.0f} s"
-        if proc.returncode != 0:
-            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
-            return f"{host}: ssh exited with code {proc.returncode}: {lines[-1] if lines else '(no output)'}"
-        return None
-
-    problems = [p for p in await asyncio.gather(*(probe(h) for h in hosts)) if p]
-    if problems:
-        raise HostsError(f"unreachable host{'s' if len(problems) > 1 else ''} (ssh -o BatchMode=yes): "
-                         + "; ".join(problems))
