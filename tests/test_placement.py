@@ -86,6 +86,7 @@ def test_a_gpu_job_gives_every_process_its_devices_and_a_cpu_job_plans_as_before
     monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi: this machine has no GPU
     # CPU job: slots as before, no NCCL settings, no devices for the learner
     _, _, env = _specs(["actors.learner.ranks=2", "actors.generator.count=2"])
+    assert len(env["learner"].pop("BOBA_LEARNER_SECRET")) == 64  # the ranks' per-launch secret
     assert env["learner"] == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "2",
                               "CUDA_VISIBLE_DEVICES": "0", "BOBA_SLOT": "0", "BOBA_SLOTS": "1"}
     assert env["generator-1"] == {"CUDA_VISIBLE_DEVICES": "0", "BOBA_SLOT": "0", "BOBA_SLOTS": "1"}  # inert on a CPU
