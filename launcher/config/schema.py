@@ -283,6 +283,13 @@ def describe_recipe(cfg: ExperimentConfig) -> str:
     return f"{name} ({', '.join(parts)})"
 
 
+def max_refills(cfg: ExperimentConfig) -> int:
+    """Prompts dealt per step in place of zero-variance groups (rollout.dynamic_sampling), at most."""
+    if not cfg.rollout.dynamic_sampling:
+        return 0
+    return (cfg.rollout.dynamic_sampling_max_rounds - 1) * cfg.rollout.batch_prompts
+
+
 # the bf16 path keeps fp32 masters of its own beside the model, which FSDP2 does not shard
 RANKS_BF16 = ("actors.learner.ranks: {ranks} learner ranks train in fp32 only, but ppo.bf16 is {bf16} "
               "(set ppo.bf16: false)")
