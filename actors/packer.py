@@ -80,7 +80,10 @@ def pack_step(step: int, groups: list[ScoredGroup], *, drop_uniform: bool) -> tu
                                         "group_ids": torch.full((n,), gid, dtype=torch.int64)})
         parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * n}, frozenset({"qids"})))
     packed = PackedBatch.concat(parts) if parts else None
-    return packed, batch_stats(step, groups, dropped=len(groups) - len(kept))
+    stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
+    if drop_uniform:
+        stats["dropped_qids"] = sorted({g.qid for g in groups} - {g.qid for g in kept})
+    return packed, stats
 
 
 class Packer(Actor):

@@ -260,10 +260,10 @@ class ExperimentConfig(Checked):
                 return self._fill_loss_agg_norm()
             overlong = OverlongConfig(buffer=buffer)
         if overlong.max_len is None:
+            if overlong.buffer > r.max_new_tokens:
+                raise ConfigError(f"reward.overlong.buffer: expected at most rollout.max_new_tokens "
+                                  f"({r.max_new_tokens}), got {overlong.buffer}")
             overlong = dataclasses.replace(overlong, max_len=r.max_new_tokens)
-        if overlong.buffer > overlong.max_len:
-            raise ConfigError(f"reward.overlong.buffer: expected at most max_len ({overlong.max_len}), "
-                              f"got {overlong.buffer}")
         self.reward = dataclasses.replace(self.reward, overlong=overlong)
         self._fill_loss_agg_norm()
 
