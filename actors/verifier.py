@@ -49,8 +49,8 @@ class Verifier(Actor):
             else:
                 correct = await self.pool.score(texts, [body["answers"]] * len(texts))
                 rewards, errors = [reward(c, self.reward_cfg) for c in correct], 0
-            # reward.overlong: DAPO's soft punishment by each response's length
-            rewards = [r + length_term(n, self.reward_cfg) for r, n in zip(rewards, body["stats"]["response_tokens"])]
+            if self.reward_cfg.overlong is not None:  # DAPO's soft punishment by each response's length
+                rewards = [r + length_term(n, self.reward_cfg) for r, n in zip(rewards, body["stats"]["response_tokens"])]
             await self.deliver(P.PACKER, P.SCORED, {
                 "step": body["step"], "qid": body["qid"], "rewards": rewards, "correct": correct,
                 "reward_errors": errors, "rollout_ref": body["rollout_ref"], "generator": body["generator"],
