@@ -9,7 +9,7 @@ Recipes run one after another on a shared machine, so contention may favour eith
 order across runs before trusting a small gap.
 
     .venv/bin/python bench/recipes.py [--minutes 20 --recipes boba dapo --test-problems 96 --out runs/bench-recipes]
-    .venv/bin/python bench/recipes.py --model tiny --minutes 0.5 --test-problems 4   # a smoke run: learns nothing
+    .venv/bin/python bench/recipes.py --model tiny --no-sft --minutes 0.5 --test-problems 4  # smoke: learns nothing
 """
 from __future__ import annotations
 
@@ -36,14 +36,18 @@ from policies.data.dataset import load_problems, load_sft_pairs  # noqa: E402
 from policies.model.loading import load_model, load_tokenizer, save_checkpoint  # noqa: E402
 
 
-def shared_start(out: Path, model: str, test_problems: int, overrides: list[str]) -> tuple[Path, Path, dict]:
-    """The data and the SFT model both recipes start from (built once), and the SFT model's pass@1."""
+def shared_start(out: Path, model: str, test_problems: int, overrides: list[str],
+                 sft: bool = True) -> tuple[Path, Path, dict]:
+    """The data and the SFT model both recipes start from (built once; the base model without `sft`), and
+    its pass@1."""
     cfg = load_config(DEMO_CONFIG, [f"run_dir={out / 'base'}", *overrides])
     data, sft_dir = out / "data", out / "sft-model"
     if not (data / "train.jsonl").exists():
         make_dataset(data, n_train=512, n_test=test_problems, n_sft=200, seed=cfg.seed)
-    if not (sft_dir / "config.json").exists():
-        cfg.model.path = model
+    cfg.model.path = model
+    if not sft:
+        sft_dir = Path(base_model_path(cfg))
+    elif not (sft_dir / "config.json").exists():
         base = base_model_path(cfg)
         m, tok = load_model(base), load_tokenizer(base)
         torch.manual_seed(cfg.seed)
@@ -77,11 +81,13 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2", help="smollm2 | tiny (a smoke run) | an HF directory")
     ap.add_argument("--test-problems", type=int, default=96)
     ap.add_argument("--out", default="runs/bench-recipes")
+    ap.add_argument("--no-sft", action="store_true", help="start RL from the base model (a quick smoke run)")
     ap.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data, sft_dir, start = shared_start(out, args.model, args.test_problems, args.overrides)
+    data, sft_dir, start = shared_start(out, args.model, args.test_problems, args.overrides,
+                                          sft=not args.no_sft)
     rows = [rl_run(r, out, data, sft_dir, args.minutes, args.overrides) for r in args.recipes]
     print(f"\nSFT start: pass@1 {start['pass@1']:.3f} over {start['problems']} problems x {start['k']}")
     print("| recipe | RL s | steps | groups dealt | dropped | pass@1 |")
