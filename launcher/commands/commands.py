@@ -10,7 +10,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from launcher.config import ConfigError, ExperimentConfig, describe_mode, describe_recipe, load_config
+from launcher.config import ConfigError, ExperimentConfig, describe_mode, load_config
 from policies.settings import from_dict
 
 log = logging.getLogger("launcher")
@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
         return _die(f"{args.hosts} names remote hosts but bus.host is {cfg.bus.host}: set bus.host to an "
                     f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
     if args.dry_run:
-        print(f"# mode: {describe_mode(cfg)}\n# recipe: {describe_recipe(cfg)}")
+        print(f"# mode: {describe_mode(cfg)}")
         print("\n".join(dry_run(cfg, hosts)))
         return 0
     try:
