@@ -80,18 +80,25 @@ def pack_step(step: int, groups: list[ScoredGroup], *, drop_uniform: bool) -> tu
                                         "group_ids": torch.full((n,), gid, dtype=torch.int64)})
         parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * n}, frozenset({"qids"})))
     packed = PackedBatch.concat(parts) if parts else None
-    return packed, batch_stats(step, groups, dropped=len(groups) - len(kept))
+    stats = batch_stats(step, groups, dropped=len(groups) - len(kept))
+    if drop_uniform:
+        stats["dropped_qids"] = sorted({g.qid for g in groups} - {g.qid for g in kept})
+    return packed, stats
 
 
 class Packer(Actor):
     role = P.PACKER
 
     def __init__(self, bus_address: str, *, batch_prompts: int, drop_uniform_groups: bool = False,
-                 start_step: int = 0, transfer_timeout: float = 60.0, batch_ttl: float = 3600.0,
+                 dynamic_sampling: bool = False, max_refills: int = 0, start_step: int = 0, transfer_timeout: float = 60.0, batch_ttl: float = 3600.0,
                  deliver_timeout: float = 30.0, name: str = P.PACKER, **bus_kwargs):
         super().__init__(name, self.role, bus_address, **bus_kwargs)
         self.batch_prompts = batch_prompts
         self.drop_uniform = drop_uniform_groups
+        # rollout.dynamic_sampling: a zero-variance group is held apart and the sampler deals another prompt;
+        # a step is full at batch_prompts kept groups, or once all batch_prompts + max_refills dealt are back
+        self.dynamic, self.max_refills = dynamic_sampling, max_refills
+        self.zero_var: dict[int, dict[str, ScoredGroup]] = {}
         self.next_step = start_step
         self.transfer_timeout = transfer_timeout
         self.batch_ttl = batch_ttl  # a packed step may wait behind the learner's current one
@@ -107,7 +114,7 @@ class Packer(Actor):
         step, qid = int(body["step"]), body["qid"]
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
             return
-        if step < self.next_step or qid in self.groups.get(step, {}):
+        if step < self.next_step or qid in self.groups.get(step, {}) or qid in self.zero_var.get(step, {}):
             log.info("dropping a duplicate of %s in step %d", qid, step)
             self.spawn(self._tell_sampler(P.ACCEPTED, {"step": step, "qid": qid}))
             return
@@ -124,9 +131,9 @@ class Packer(Actor):
             log.warning("could not fetch %s from %s: %s", qid, body["generator"], exc)
             await self._tell_sampler(P.REJECTED, {"step": step, "qid": qid, "reason": str(exc)})
             return
-        self.groups.setdefault(step, {})[qid] = group
+        refill = self._hold(step, qid, group)
         self._fetching.discard((step, qid))
-        self.spawn(self._tell_sampler(P.ACCEPTED, {"step": step, "qid": qid}))
+        self.spawn(self._tell_sampler(P.ACCEPTED, {"step": step, "qid": qid, **({"refill": True} if refill else {})}))
         await self._pack_ready()
 
     async def _tell_sampler(self, type: str, body: dict) -> None:
@@ -137,11 +144,11 @@ class Packer(Actor):
 
     async def _pack_ready(self) -> None:
         async with self._pack_lock:
-            while len(self.groups.get(self.next_step, {})) >= self.batch_prompts:
+            while self._step_full(self.next_step):
                 step = self.next_step
                 self.next_step += 1  # from here on a late copy of one of its groups is a duplicate
-                groups = list(self.groups.pop(step).values())
-                packed, stats = pack_step(step, groups, drop_uniform=self.drop_uniform)
+                groups = list(self.groups.pop(step, {}).values()) + list(self.zero_var.pop(step, {}).values())
+                packed, stats = pack_step(step, groups, drop_uniform=self.drop_uniform or self.dynamic)
                 try:
                     desc = await self._offer(packed) if packed is not None else None
                 except Exception as exc:  # keep the groups: the step is packed again, never lost
@@ -156,6 +163,19 @@ class Packer(Actor):
                 log.info("step %d packed: %d groups (%d dropped), %d tokens", step,
                          stats["groups"] - stats["groups_dropped"], stats["groups_dropped"],
                          packed.num_tokens if packed is not None else 0)
+
+    def _hold(self, step: int, qid: str, group: ScoredGroup) -> bool:
+        """Keep an accepted group for its step; True where dynamic sampling sets it apart (all its rewards
+        equal: nothing to learn between its samples) and another prompt should be dealt in its place."""
+        if self.dynamic and len(set(group.rewards)) == 1:
+            self.zero_var.setdefault(step, {})[qid] = group
+            return True
+        self.groups.setdefault(step, {})[qid] = group
+        return False
+
+    def _step_full(self, step: int) -> bool:
+        kept, apart = len(self.groups.get(step, {})), len(self.zero_var.get(step, {}))
+        return kept >= self.batch_prompts or (self.dynamic and kept + apart >= self.batch_prompts + self.max_refills)
 
     async def _pack_later(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -73,11 +73,12 @@ def rl_step(step: int, problems: list[Problem], prompt_ids: list[list[int]], *, 
     for p, ids in zip(problems, prompt_ids):
         samples = groups[p.id]
         correct = [is_correct(tokenizer.decode(s.output_ids, skip_special_tokens=True), p.answers) for s in samples]
-        rewards = [reward(c, reward_cfg) for c in correct]
+        rewards = [reward(c, reward_cfg, len(s.output_ids)) for c, s in zip(correct, samples)]
         scored.append(ScoredGroup(p.id, rollout_batch(ids, samples), rewards, correct,
                                   rollout_stats(samples, engine.version)))
     t2 = time.perf_counter()
-    # 3. pack (packer): one PackedBatch, no padding, rewards, group ids and qids; groups without signal dropped if asked
+    # 3. pack (packer): one PackedBatch, no padding, rewards, group ids and qids; groups without signal dropped if
+    # asked (the actors' rollout.dynamic_sampling also deals other prompts in their place: not done here)
     packed, stats = pack_step(step, scored, drop_uniform=drop_uniform_groups)
     t3 = time.perf_counter()
     # 4. train (learner): PPO minibatches on the packed batch at the scheduled learning rate

@@ -11,7 +11,7 @@ import logging
 
 from actors import protocol as P
 from actors.base import Actor, handler
-from policies.verify.reward import RewardConfig, reward
+from policies.verify.reward import RewardConfig, length_term, reward
 from policies.verify.verifier import VerifierPool
 
 log = logging.getLogger("actors.verifier")
@@ -49,6 +49,8 @@ class Verifier(Actor):
             else:
                 correct = await self.pool.score(texts, [body["answers"]] * len(texts))
                 rewards, errors = [reward(c, self.reward_cfg) for c in correct], 0
+            if self.reward_cfg.overlong is not None:  # DAPO's soft punishment by each response's length
+                rewards = [r + length_term(n, self.reward_cfg) for r, n in zip(rewards, body["stats"]["response_tokens"])]
             await self.deliver(P.PACKER, P.SCORED, {
                 "step": body["step"], "qid": body["qid"], "rewards": rewards, "correct": correct,
                 "reward_errors": errors, "rollout_ref": body["rollout_ref"], "generator": body["generator"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from actors.rl_step import rl_step
 from policies.data.prompts import DIRECTIVE
 from policies.model.loading import load_tokenizer, smollm2_dir, tiny_model
 from policies.train.ppo import PPOConfig, make_optimizer
-from policies.verify.reward import RewardConfig, RewardFn
+from policies.train.recipes import RECIPES
+from policies.verify.reward import OverlongConfig, RewardConfig, RewardFn
 from policies.infer.sampling import GenerationEngine, SamplingParams
 
 PROBLEMS = [Problem("q0", "What is 2 + 3?", ["5"]), Problem("q1", "What is 7 - 4?", ["3"]),
@@ -101,3 +103,22 @@ def test_bad_inputs_are_named(tok):
     with pytest.raises(ValueError, match="reward_cfg.fns"):
         rl_step(0, PROBLEMS, prompt_ids(tok), reward_cfg=RewardConfig(fns=(RewardFn("policies.verify.reward_fns:boxed"),)),
                 **env)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_trains_through_one_step(tok, recipe, monkeypatch):
+    """Every preset's loss, aggregation, advantage and correction through the in-process step. A random model
+    is never right: here a response of even length counts as correct, so groups differ within."""
+    monkeypatch.setattr("actors.rl_step.is_correct", lambda text, answers: len(text) % 2 == 0)
+    env = setup(tok, recipe=recipe, recompute_logprobs=True)
+    env["group_size"] = 4
+    overlong = OverlongConfig(buffer=3, max_len=6) if recipe == "dapo" else None  # what the launcher fills in
+    before = params(env["model"])
+    res = rl_step(0, PROBLEMS[:2], prompt_ids(tok)[:2], recompute=True, drop_uniform_groups=recipe == "dapo",
+                  reward_cfg=RewardConfig(overlong=overlong), **env)
+    m = res.metrics
+    assert m["groups"] == 2 and m["groups_dropped"] < 2 and math.isfinite(m["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in params(env["model"]).items()), recipe
+    assert all(len(s.output_ids) == 6 for s in res.samples)  # no EOS from a random model: each at max_len
+    assert set(res.batch.rewards.tolist()) == ({0.0, -10.0} if recipe == "dapo" else {5.0, -5.0})  # -5 at max_len
+    assert m["behav_imp_weight"] == pytest.approx(1.0, abs=1e-3)  # fp32 both sides: no mismatch to correct

@@ -14,6 +14,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+
+import numpy as np
 from dataclasses import dataclass
 
 from actors import protocol as P
@@ -40,6 +42,12 @@ class SamplerConfig:
     request_timeout: float  # a prompt held longer than this is dealt again
     deliver_timeout: float = 30.0  # how long a prompt is sent again to a generator that does not acknowledge
     report_every: float = 15.0  # seconds between "waiting for ..." progress lines
+    max_refills: int = 0  # rollout.dynamic_sampling: prompts dealt per step in place of dropped groups, at most
+
+
+def refill_index(n_problems: int, seed: int, step: int, k: int) -> int:
+    """The dataset index of step `step`'s k-th refill: a walk through a permutation of its own."""
+    return int(np.random.default_rng([seed, 1 << 20, step]).permutation(n_problems)[k % n_problems])
 
 
 @dataclass
@@ -64,6 +72,7 @@ class PromptSampler(Actor):
         self.queue: deque[tuple[int, str]] = deque()
         self.generators = LoadBook()  # name -> prompts in flight there
         self._watchdog: asyncio.Task | None = None
+        self._refills: dict[int, int] = {}  # step -> prompts dealt in place of dropped groups
 
     async def on_start(self) -> None:
         self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
@@ -131,14 +140,30 @@ class PromptSampler(Actor):
             key = (step, prob.id)
             if key in self.owed:  # the same problem twice in one batch (tiny datasets)
                 key = (step, f"{prob.id}#{sum(k[0] == step for k in self.owed)}")
-            self.owed[key] = _Owed({
-                "step": step, "qid": key[1], "prompt_ids": self.prompt_ids[i],
-                "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
-                "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
-            })
-            self.queue.append(key)
+            self._owe(key, i)
         log.info("batch %d admitted (%d prompts, policy version %d, max_staleness %d)",
                  step, len(idx), self.version, self.cfg.max_staleness)
+
+    def _owe(self, key: tuple[int, str], i: int) -> None:
+        prob = self.problems[i]
+        self.owed[key] = _Owed({
+            "step": key[0], "qid": key[1], "prompt_ids": self.prompt_ids[i],
+            "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
+            "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
+        })
+        self.queue.append(key)
+
+    def _refill(self, step: int) -> None:
+        """Dynamic sampling: the packer set a group of `step` apart; deal another prompt in its place (the
+        k-th refill of a step is a pure function of seed, step and k, so a resumed run deals the same)."""
+        k = self._refills.get(step, 0)
+        if k >= self.cfg.max_refills:
+            log.warning("step %d: %d prompts dealt in place of zero-variance groups (the most allowed); "
+                        "it trains on what it kept", step, k)
+            return
+        self._refills[step] = k + 1
+        i = refill_index(len(self.problems), self.cfg.seed, step, k)
+        self._owe((step, f"{self.problems[i].id}#r{k}"), i)
 
     async def _pump(self) -> None:
         while self.admissible():
@@ -245,6 +270,8 @@ class PromptSampler(Actor):
         owed = self.owed.pop(key, None)
         if owed is not None and owed.holder in self.generators:
             self._release(key, owed.holder)
+        if owed is not None and body.get("refill"):
+            self._refill(key[0])
         await self._deal()
 
     @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))

@@ -8,8 +8,9 @@ May import `policies` and `actors.protocol` (the role names); nothing else of th
 
 The names most code needs are here: ``from launcher.config import ExperimentConfig, ConfigError, load_config``.
 """
-from launcher.config.schema import ConfigError, ExperimentConfig, check_trainable, describe_mode
+from launcher.config.schema import ConfigError, ExperimentConfig, check_trainable, describe_mode, describe_recipe
 from launcher.config.yaml_io import config_to_yaml, dump_config, load_config
 
-__all__ = ["ConfigError", "ExperimentConfig", "check_trainable", "config_to_yaml", "describe_mode", "dump_config",
+__all__ = ["ConfigError", "ExperimentConfig", "check_trainable", "config_to_yaml", "describe_mode", "describe_recipe",
+           "dump_config",
            "load_config"]

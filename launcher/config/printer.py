@@ -5,13 +5,13 @@ import sys
 import typing
 from pathlib import Path
 
-from launcher.config.schema import ConfigError, ExperimentConfig, describe_mode
+from launcher.config.schema import ConfigError, ExperimentConfig, describe_mode, describe_recipe
 from launcher.config.yaml_io import config_to_yaml, load_config
 
 
 def show(cfg: ExperimentConfig) -> str:
-    """The effective config: the asynchrony mode (users confuse the settings), then the YAML."""
-    return f"# mode: {describe_mode(cfg)}\n{config_to_yaml(cfg)}"
+    """The effective config: the asynchrony mode (users confuse the settings), the recipe, then the YAML."""
+    return f"# mode: {describe_mode(cfg)}\n# recipe: {describe_recipe(cfg)}\n{config_to_yaml(cfg)}"
 
 
 def print_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> int:

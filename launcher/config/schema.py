@@ -75,6 +75,14 @@ class RolloutConfig(Checked):
                   "sequences continue under the new weights at once, their KV cache recomputed (prompt + tokens "
                   "so far; SGLang: aborted and resubmitted), later tokens carry the new version; false: the update "
                   "waits until they end (no new group starts meanwhile), so no sequence mixes versions")
+    dynamic_sampling: bool | None = opt(
+        None, doc="DAPO's dynamic sampling: a group whose rewards are all equal is dropped (counted in "
+                  "groups_dropped) and another prompt is dealt in its place until the batch is full; null = "
+                  "ppo.recipe's (dapo: true)")
+    dynamic_sampling_max_rounds: int = opt(
+        10, check=at_least_one, expect=">= 1",
+        doc="at most this many times batch_prompts prompts are dealt for one step; past it the step trains on "
+            "what it kept (verl's max_num_gen_batches)")
 
 
 @dataclass
@@ -239,6 +247,7 @@ class ExperimentConfig(Checked):
     def check(self) -> None:
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
+        self._fill_recipe()
         g = self.actors.generator
         if not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed":
             # SGLang's model_update_lock holds requests off one update call, and lets them in between the
@@ -248,6 +257,51 @@ class ExperimentConfig(Checked):
                               "interrupting it), got distributed")
         if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
+
+
+    def _fill_recipe(self) -> None:
+        """ppo.recipe's keys outside ppo (left null by the user), and the lengths they take from rollout.*."""
+        import dataclasses
+        from policies.train import recipes
+        from policies.verify.reward import OverlongConfig
+        recipe, r = self.ppo.recipe, self.rollout
+        if r.dynamic_sampling is None:
+            r.dynamic_sampling = recipes.dynamic_sampling(recipe)
+        overlong = self.reward.overlong
+        if overlong is None:
+            buffer = recipes.overlong_buffer(recipe, r.max_new_tokens)
+            if not buffer:
+                return self._fill_loss_agg_norm()
+            overlong = OverlongConfig(buffer=buffer)
+        if overlong.max_len is None:
+            if overlong.buffer > r.max_new_tokens:
+                raise ConfigError(f"reward.overlong.buffer: expected at most rollout.max_new_tokens "
+                                  f"({r.max_new_tokens}), got {overlong.buffer}")
+            overlong = dataclasses.replace(overlong, max_len=r.max_new_tokens)
+        self.reward = dataclasses.replace(self.reward, overlong=overlong)
+        self._fill_loss_agg_norm()
+
+    def _fill_loss_agg_norm(self) -> None:
+        if self.ppo.loss_agg == "seq_mean_token_sum_norm" and self.ppo.loss_agg_norm is None:
+            self.ppo.loss_agg_norm = self.rollout.max_new_tokens
+
+
+def describe_recipe(cfg: ExperimentConfig) -> str:
+    """The recipe's effective values in one line (printed at start: a preset sets keys the user did not)."""
+    ppo = cfg.ppo.effective()
+    name = ppo.pop("recipe")
+    o = cfg.reward.overlong
+    parts = [f"{k}={v}" for k, v in ppo.items()]
+    parts.append(f"dynamic_sampling={str(cfg.rollout.dynamic_sampling).lower()}")
+    parts.append(f"overlong={'off' if o is None or not o.buffer else f'last {o.buffer} of {o.max_len} tokens'}")
+    return f"{name} ({', '.join(parts)})"
+
+
+def max_refills(cfg: ExperimentConfig) -> int:
+    """Prompts dealt per step in place of zero-variance groups (rollout.dynamic_sampling), at most."""
+    if not cfg.rollout.dynamic_sampling:
+        return 0
+    return (cfg.rollout.dynamic_sampling_max_rounds - 1) * cfg.rollout.batch_prompts
 
 
 # the bf16 path keeps fp32 masters of its own beside the model, which FSDP2 does not shard

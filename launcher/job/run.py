@@ -20,7 +20,7 @@ from pathlib import Path
 from actors import protocol as P
 from bus.client import BusClient
 from bus.errors import BusError
-from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, dump_config
+from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, describe_recipe, dump_config
 from launcher.config.schema import wandb_options
 from launcher.job.hosts import Host
 from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, check_nccl_parity, process_specs, write_sglang_key
@@ -113,6 +113,7 @@ class Job:
         address = f"tcp://{cfg.bus.host}:{port}"
         print(f"[launcher] mode: {describe_mode(cfg)}; steps {start.step}..{cfg.train.steps}; bus {address}; "
               f"run dir {rd}", flush=True)
+        print(f"[launcher] recipe: {describe_recipe(cfg)}", flush=True)
         self.steps = range(start.step, cfg.train.steps)
         dist_port = cfg.actors.learner.dist_port or (free_port(cfg.bus.host) if cfg.actors.learner.ranks > 1 else 0)
         specs = process_specs(cfg, config_path, address, start, self.hosts, dist_port)

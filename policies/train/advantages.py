@@ -9,6 +9,15 @@ Normalisation (`normalize`): "batch" (True; boba) takes mean/std over all respon
 "group" (GRPO) over the sequences answering the same prompt (`group_ids`), one value per sequence
 (its return: the advantage of its first response token), so a long response weighs as much as a
 short one in its group's statistics; "none" (False) leaves the advantages as they are.
+
+`ppo.advantage` picks the estimator; boba's is the above (its normalisation `ppo.normalize_advantages`).
+The others work on the same returns, with a group's statistics over its sequences' returns
+(`group_advantages`): grpo (DeepSeekMath, arXiv 2402.03300): (R - mean_g) / (std_g + eps), the "group"
+normalisation (std biased here; TRL and verl take Bessel's); dr_grpo (arXiv 2503.20783): R - mean_g,
+no std; rloo (Ahmadian et al. 2402.14740, TRL RLOO): R_i minus the mean of the group's other samples,
+= n/(n-1) (R_i - mean_g); reinforce_pp (REINFORCE++-baseline, arXiv 2501.03262, verl's
+reinforce_plus_plus_baseline): R - mean_g, then mean/std over all response tokens of the batch
+(boba without the group baseline is REINFORCE++ itself).
 """
 from __future__ import annotations
 
@@ -88,17 +97,15 @@ def normalize_masked(x: Tensor, mask: Tensor, eps: float = NORM_EPS) -> Tensor:
     return torch.where(mask, (x.double() - mean) / (std + eps), 0.0).float()
 
 
-def normalize_groups(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor,
-                     eps: float = NORM_EPS) -> Tensor:
-    """(A - mean_g) / (std_g + eps) on response tokens, with a group's mean/std (biased) over its
-    sequences' returns (each sequence's first response-token advantage); 0 elsewhere."""
+def _group_stats(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor):
+    """For the response tokens: positions, and their group's size, mean and std (biased) of the
+    sequences' returns (each sequence's first response-token advantage)."""
     group_ids = group_ids.to(adv.device)
     if group_ids.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"group_ids: expected {cu_seqlens.numel() - 1} sequence group ids, got {group_ids.numel()}")
     pos, seq, rank, counts = response_layout(loss_mask, cu_seqlens)
-    out = torch.zeros(adv.numel(), dtype=torch.float32, device=adv.device)
     if pos.numel() == 0:
-        return out
+        return pos, None, None, None
     _, gidx = torch.unique(group_ids, return_inverse=True)          # [S] dense group index
     n_groups = int(gidx.max()) + 1
     first = rank == 0
@@ -108,7 +115,39 @@ def normalize_groups(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_i
     mean = torch.zeros_like(n).index_add_(0, g_of, returns) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, g_of, (returns - mean[g_of]).pow(2)) / n.clamp(min=1)
     tok_g = gidx[seq]
-    out[pos] = ((adv[pos].double() - mean[tok_g]) / (var.sqrt()[tok_g] + eps)).float()
+    return pos, n[tok_g], mean[tok_g], var.sqrt()[tok_g]
+
+
+def normalize_groups(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor,
+                     eps: float = NORM_EPS) -> Tensor:
+    """(A - mean_g) / (std_g + eps) on response tokens, with a group's mean/std (biased) over its
+    sequences' returns (each sequence's first response-token advantage); 0 elsewhere."""
+    return group_advantages(adv, loss_mask, cu_seqlens, group_ids, "grpo", eps)
+
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+ESTIMATORS = ("boba", *GROUP_ESTIMATORS)
+
+
+def group_advantages(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor | None, mode: str,
+                     eps: float = NORM_EPS) -> Tensor:
+    """Returns `adv` [T] turned into `mode`'s advantages against their group (module doc); 0 off the mask."""
+    if mode not in GROUP_ESTIMATORS:
+        raise ValueError(f"advantage={mode!r}: must be one of {', '.join(ESTIMATORS)}")
+    if group_ids is None:
+        raise ValueError(f"advantage={mode!r}: needs the batch's group_ids (which prompt each sequence answers)")
+    out = torch.zeros(adv.numel(), dtype=torch.float32, device=adv.device)
+    pos, n, mean, std = _group_stats(adv, loss_mask, cu_seqlens, group_ids)
+    if pos.numel() == 0:
+        return out
+    centred = adv[pos].double() - mean
+    if mode == "grpo":
+        centred = centred / (std + eps)
+    elif mode == "rloo":
+        centred = torch.where(n > 1, centred * n / (n - 1).clamp(min=1), 0.0)
+    out[pos] = centred.float()
+    if mode == "reinforce_pp":
+        out = normalize_masked(out, loss_mask, eps)
     return out
 
 
@@ -154,3 +193,12 @@ def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *
     rewards = token_rewards(seq_rewards, loss_mask, cu_seqlens, kl=kl, kl_coef=kl_coef)
     adv = gae_advantages(rewards, loss_mask, cu_seqlens, gamma=gamma, lam=lam)
     return normalize_advantages(adv, loss_mask, cu_seqlens, normalize, group_ids)
+
+
+def estimate_advantages(raw: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, estimator: str = "boba",
+                        normalize: bool | str = True, group_ids: Tensor | None = None) -> Tensor:
+    """`ppo.advantage` on raw returns (``advantages_for(..., normalize="none")``): boba's normalisation
+    as ``normalize`` asks, or a group estimator (module doc)."""
+    if estimator == "boba":
+        return normalize_advantages(raw, loss_mask, cu_seqlens, normalize, group_ids)
+    return group_advantages(raw, loss_mask, cu_seqlens, group_ids, estimator)

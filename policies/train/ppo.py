@@ -17,10 +17,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from policies.train.advantages import advantages_for, kl_estimate, normalize_advantages
+from policies.train.advantages import advantages_for, estimate_advantages, kl_estimate
+from policies.train.aggregation import token_weights
 from policies.train.data_parallel import World, idle_forward, rank_share, zero_step
 from policies.model.logprobs import check_packed, packed_logprobs
-from policies.train.losses import ppo_loss, sft_loss  # noqa: F401  (re-exported)
+from policies.train.losses import cispo_loss, gspo_loss, ppo_loss, sft_loss  # noqa: F401  (re-exported)
+from policies.train.mismatch import mismatch_weights
 from policies.model.loading import assert_trainable
 from policies.train.optim import clipped_step, make_optimizer  # noqa: F401  (make_optimizer re-exported)
 from policies.model.precision import resolve_bf16
@@ -70,6 +72,43 @@ class PPOConfig(Checked):
     recompute_logprobs: bool | Literal["auto"] = opt(
         "auto", doc="the learner recomputes the proximal logprobs before the minibatches; auto: unless the "
                     "generator's logprobs are already the learner's (actors.learner.recompute_needed)")
+    # the recipe and the keys it fills where left null (policies.train.recipes; a key set here wins)
+    recipe: Literal["boba", "grpo", "dr_grpo", "dapo", "gspo", "cispo"] = opt(
+        "boba", doc="named preset: sets every key below left null, and rollout.dynamic_sampling / reward.overlong "
+                    "(policies.train.recipes)")
+    loss: Literal["ppo", "gspo", "cispo"] | None = opt(
+        None, doc="ppo: token-ratio clipped surrogate (boba); gspo: sequence ratio; cispo: clipped stop-gradient "
+                  "IS weight (policies.train.losses); null = the recipe's")
+    eps_clip_low: float | None = opt(None, check=lambda v: v is None or 0 < v <= 1, expect="in (0, 1]",
+                                     doc="ratio clipped below at 1 - this; null = the recipe's (boba: eps_clip)")
+    eps_clip_high: float | None = opt(None, check=lambda v: v is None or v > 0, expect="> 0",
+                                      doc="ratio clipped above at 1 + this (DAPO's clip-higher); null = the recipe's")
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = \
+        opt(None, doc="how token losses add up (policies.train.aggregation); null = the recipe's")
+    loss_agg_norm: int | None = opt(None, check=at_least_one, expect=">= 1",
+                                    doc="seq_mean_token_sum_norm's constant (Dr.GRPO); null = rollout.max_new_tokens "
+                                        "(in-process: the longest response of the minibatch)")
+    advantage: Literal["boba", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = opt(
+        None, doc="estimator (policies.train.advantages); normalize_advantages applies to boba's; null = the recipe's")
+    mismatch: Literal["none", "tis", "mis", "icepop"] | None = opt(
+        None, doc="train/inference mismatch correction on pi_prox/pi_behav (policies.train.mismatch); none: boba's "
+                  "behaviour_imp_cap; null = the recipe's")
+    mismatch_level: Literal["token", "sequence"] | None = opt(None, doc="null = the recipe's (token)")
+    mismatch_threshold: float | None = opt(None, check=_above_one, expect="> 1",
+                                           doc="C: tis truncates at it, mis / icepop mask above; null = the recipe's (2)")
+    mismatch_threshold_low: float | None = opt(None, check=lambda v: v is None or 0 <= v < 1, expect="in [0, 1)",
+                                               doc="mis / icepop mask below; null = 1 / mismatch_threshold")
+
+    def check(self) -> None:
+        from policies.train.recipes import ppo_values
+        for key, value in ppo_values(self.recipe, self.eps_clip).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def effective(self) -> dict:
+        """The recipe's keys as they stand (printed at launch)."""
+        from policies.train.recipes import PPO_KEYS
+        return {"recipe": self.recipe, **{k: getattr(self, k) for k in PPO_KEYS}}
 
 
 @dataclass
@@ -170,6 +209,30 @@ def _group_ids(batch) -> Tensor | None:
         return None
 
 
+def _aggregation_weights(cfg: PPOConfig, train_mask: Tensor, pos: Tensor, cu: Tensor) -> Tensor | None:
+    """The minibatch's per-token loss weights [T] (ppo.loss_agg); None for token_mean, which divides by
+    the minibatch's loss tokens as boba always has."""
+    if cfg.loss_agg == "token_mean":
+        return None
+    out = torch.zeros(train_mask.numel(), dtype=torch.float32, device=train_mask.device)
+    out[pos] = token_weights(train_mask[pos], cu, cfg.loss_agg, cfg.loss_agg_norm)
+    return out
+
+
+def policy_loss(cfg: PPOConfig, logprobs: Tensor, prox: Tensor, adv: Tensor, mask: Tensor, cu_seqlens: Tensor,
+                imp_weights: Tensor, *, normalizer: int, token_weights: Tensor | None) -> tuple[Tensor, dict]:
+    """`cfg.loss` on one micro-batch (policies.train.losses)."""
+    common = dict(normalizer=normalizer, imp_weights=imp_weights, token_weights=token_weights)
+    if cfg.loss == "gspo":
+        return gspo_loss(logprobs, prox, adv, mask, cu_seqlens, eps_clip_low=cfg.eps_clip_low,
+                         eps_clip_high=cfg.eps_clip_high, **common)
+    if cfg.loss == "cispo":
+        return cispo_loss(logprobs, prox, adv, mask, eps_clip_low=cfg.eps_clip_low,
+                          eps_clip_high=cfg.eps_clip_high, **common)
+    return ppo_loss(logprobs, prox, None, adv, mask, eps_clip=cfg.eps_clip_low, eps_clip_high=cfg.eps_clip_high,
+                    dual_clip=cfg.dual_clip, **common)
+
+
 @torch.no_grad()
 def recompute_logprobs(model: nn.Module, batch, cfg: PPOConfig, *, loss_tokens_only: bool = False,
                        world: World | None = None) -> Tensor:
@@ -230,17 +293,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
     raw_adv = advantages_for(f["rewards"], f["loss_mask"], f["cu_seqlens"], gamma=cfg.gamma, lam=cfg.lam,
                              normalize=False, logprobs=prox, ref_logprobs=ref, kl_coef=cfg.kl_coef,
                              kl_estimator=cfg.kl_estimator)
-    adv = normalize_advantages(raw_adv, f["loss_mask"], f["cu_seqlens"], cfg.normalize_advantages, groups)
+    adv = estimate_advantages(raw_adv, f["loss_mask"], f["cu_seqlens"], cfg.advantage, cfg.normalize_advantages,
+                              groups)
+    # ppo.mismatch: each token's weight pi_prox/pi_behav as corrected, and the tokens that stay in the loss
+    imp_w, train_mask = mismatch_weights(prox, behav, f["loss_mask"], f["cu_seqlens"], mode=cfg.mismatch,
+                                         level=cfg.mismatch_level, threshold=cfg.mismatch_threshold,
+                                         threshold_low=cfg.mismatch_threshold_low, cap=cfg.behaviour_imp_cap)
 
     model.train()
     world = World.alone(model) if world is None else world
     totals = dict.fromkeys(_SUMMED, 0.0)  # this rank's share; summed over ranks below
     losses, grad_norms = [], []
     for seqs in split_minibatches(f["cu_seqlens"].numel() - 1, cfg.minibatches):
-        pos, _ = gather_sequences(f["cu_seqlens"], seqs)
-        n_loss = int(f["loss_mask"][pos].sum())
+        pos, mb_cu_all = gather_sequences(f["cu_seqlens"], seqs)
+        n_loss = int(train_mask[pos].sum())
         if n_loss == 0:
             continue  # a minibatch of prompts only: nothing to learn from
+        weights = _aggregation_weights(cfg, train_mask, pos, mb_cu_all)
         optimizer.zero_grad(set_to_none=True)
         mb_loss = 0.0
         plan = _rank_plan(f["cu_seqlens"], seqs, cfg.max_tokens_per_micro_batch, world)
@@ -253,13 +322,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
             lp, ent = world.forward(f["input_ids"][mpos], mb_cu, temperature=cfg.temperature,
                                     with_entropy=True, only=mask,
                                     prompt_lens=prompt_lengths(mask, mb_cu) if cfg.share_prompts else None)
-            loss, st = ppo_loss(lp, prox[mpos], behav[mpos], adv[mpos], mask, eps_clip=cfg.eps_clip,
-                                dual_clip=cfg.dual_clip, behaviour_imp_cap=cfg.behaviour_imp_cap,
-                                normalizer=n_loss)
+            loss, st = policy_loss(cfg, lp, prox[mpos], adv[mpos], train_mask[mpos], mb_cu, imp_w[mpos],
+                                   normalizer=n_loss, token_weights=None if weights is None else weights[mpos])
             # FSDP averages the ranks' gradients; times the world size they are summed: one rank's
             (loss * world.size if world.size > 1 else loss).backward()
             mb_loss += float(loss.detach())
-            st["entropy"] = torch.where(mask, ent.detach(), 0.0).sum()
+            st["entropy"] = torch.where(train_mask[mpos], ent.detach(), 0.0).sum()
             st["n_micro"] = 1.0
             for k, v in st.items():
                 totals[k] += float(v)
@@ -291,6 +359,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
         n_loss_tokens=float(n),
         n_minibatches=float(len(losses)),
         n_micro_batches=float(totals["n_micro"]),
+        mismatch_dropped_frac=float((mask & ~train_mask).sum()) / max(int(mask.sum()), 1),
         lr=float(optimizer.param_groups[0]["lr"]),
         **({} if ref is None or not mask.any() else
            {"ref_kl": float(kl_estimate(prox, ref, cfg.kl_estimator)[mask].mean())}),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from actors.base import Actor
-from launcher.config.schema import ExperimentConfig
+from launcher.config.schema import ExperimentConfig, max_refills
 from launcher.job.start import Start
 
 
@@ -10,5 +10,7 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
           instances: int = 1) -> list[Actor]:
     from actors.packer import Packer
     return [Packer(bus_address, batch_prompts=cfg.rollout.batch_prompts,
-                   drop_uniform_groups=cfg.rollout.drop_uniform_groups, start_step=start.step, name=name,
+                   drop_uniform_groups=cfg.rollout.drop_uniform_groups,
+                   dynamic_sampling=bool(cfg.rollout.dynamic_sampling), max_refills=max_refills(cfg),
+                   start_step=start.step, name=name,
                    **bus_kwargs)]

@@ -3,7 +3,7 @@ staleness bound) for train.steps batches."""
 from __future__ import annotations
 
 from actors.base import Actor
-from launcher.config.schema import ExperimentConfig
+from launcher.config.schema import ExperimentConfig, max_refills
 from launcher.job.data import load_train_problems
 from launcher.job.start import Start
 
@@ -31,6 +31,6 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
     sc = SamplerConfig(batch_prompts=cfg.rollout.batch_prompts, group_size=cfg.rollout.group_size,
                        max_staleness=cfg.rollout.max_staleness, total_batches=cfg.train.steps, seed=cfg.seed,
                        sampling=sampling_params(cfg, stop_ids(tok)),
-                       request_timeout=cfg.rollout.request_timeout)
+                       request_timeout=cfg.rollout.request_timeout, max_refills=max_refills(cfg))
     return [PromptSampler(bus_address, problems=problems, prompt_ids=prompt_ids, cfg=sc,
                           start_batch=start.step, name=name, **bus_kwargs)]
