@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang  # noqa: E402
 
 from actors.generator.sglang.client import SGLangClient  # noqa: E402
-from actors.weights.sglang_distributed import Server, SGLangWeightSync, free_port  # noqa: E402
+from actors.weights.sglang_distributed import Server, SGLangWeightSync, TrainerGroup, free_port  # noqa: E402
 
 ORDER = ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
          "/flush_cache", "/end_weight_update", "/continue_generation"]
@@ -78,7 +78,9 @@ async def test_two_servers_receive_every_tensor_in_order_and_in_the_0523_call_or
                                              for body in buckets)
             assert buckets[0]["dtypes"] == ["float32", "bfloat16", "float32"]  # 1312 bytes, then lm_head
         inits = [next(c["body"] for c in f.calls if c["path"] == "/init_weights_update_group") for f in (a, b)]
-        assert [(i["rank_offset"], i["world_size"], i["backend"]) for i in inits] == [(1, 4, "gloo"), (2, 4, "gloo")]
+        # a group per server: the trainer is rank 0 and the server's tp ranks follow it
+        assert [(i["rank_offset"], i["world_size"], i["backend"]) for i in inits] == [(1, 2, "gloo"), (1, 3, "gloo")]
+        assert inits[0]["group_name"] != inits[1]["group_name"]
         assert next(c["body"] for c in a.calls if c["path"] == "/pause_generation") == {"mode": "abort"}
 
         # a second update reuses the group (no second rendezvous); a generation in flight is
@@ -144,7 +146,10 @@ async def test_a_server_that_never_flushes_is_dropped_and_left_running(fakes, ca
     assert "flush_cache" in caplog.text
 
 
-async def test_a_server_killed_mid_update_is_dropped_and_the_others_get_the_weights(fakes, caplog, tmp_path):
+async def test_a_server_killed_mid_broadcast_is_aborted_alone_and_the_other_gets_the_weights(fakes, caplog,
+                                                                                             monkeypatch):
+    """The async/abort path on gloo: the dead server's group is aborted (our broadcast fails fast, the
+    learner goes on), the other server's own group is neither re-formed nor held up."""
     caplog.set_level(logging.INFO)
     a = await fakes(update_delay=0.05)
     port = free_port()
@@ -155,30 +160,49 @@ async def test_a_server_killed_mid_update_is_dropped_and_the_others_get_the_weig
         url = f"http://127.0.0.1:{port}"
         async with SGLangClient(url, health_timeout=20):
             pass  # it is up
-        sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=600, call_timeout=5,
-                                collective_timeout=5)
+        sync = SGLangWeightSync(backend="gloo", master_address="127.0.0.1", bucket_bytes=600, call_timeout=20,
+                                collective_timeout=30)
         w = weights(5)
+        killed = []
 
-        async def kill_after_first_bucket():
-            while not any(c["path"] == "/update_weights_from_distributed" for c in a.calls):
-                await asyncio.sleep(0.005)
+        sending = []  # groups whose broadcast started
+        real_broadcast = TrainerGroup.broadcast
+
+        async def broadcast(self, tensors):
+            sending.append(self.group_name)
+            return await real_broadcast(self, tensors)
+        monkeypatch.setattr(TrainerGroup, "broadcast", broadcast)
+
+        async def kill_after_first_bucket():  # once gen-b's group is sending (or after 20 s)
+            give_up = time.monotonic() + 20
+            while not (sync._links.get("gen-b") and sync._links["gen-b"].group
+                       and sync._links["gen-b"].group.group_name in sending) and time.monotonic() < give_up:
+                await asyncio.sleep(0.002)
+            killed.append(time.time())
             os.killpg(proc.pid, signal.SIGKILL)
         try:
-            t0 = time.monotonic()
             killer = asyncio.create_task(kill_after_first_bucket())
             got = await sync.update([Server("gen-a", a.url), Server("gen-b", url)], w, 1)
-            elapsed = time.monotonic() - t0
             await killer
+            assert got == {"gen-a"}
+            [dropped] = [r for r in caplog.records if "dropped from weight update" in r.getMessage()]
+            assert dropped.created - killed[0] < 10  # aborted on the error, not after the 30 s collective timeout
+            assert_holds(a, w)
+            assert a.weight_version == "1" and not a.session_open and a.pause_mode is None
+            inits = [c["body"] for c in a.calls if c["path"] == "/init_weights_update_group"]
+            assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 2)]  # its group was never re-formed
+            assert "aborting the group" in caplog.text
+            assert f"sglang server of gen-b ({url}) dropped from weight update v1" in caplog.text
+            assert list(sync._links) == ["gen-a", "gen-b"]
+            # the learner goes on: the next version reaches the survivor over its same group
+            assert await sync.update([Server("gen-a", a.url)], weights(6), 2) == {"gen-a"}
+            assert_holds(a, weights(6))
+            assert len([c for c in a.calls if c["path"] == "/init_weights_update_group"]) == 1
+            await sync.retain({"gen-a"})  # gen-b left the bus: its link (client, group) goes
+            assert list(sync._links) == ["gen-a"]
         finally:
             await sync.close()
-        assert got == {"gen-a"}
-        assert elapsed < 15, elapsed
-        assert_holds(a, w)  # the survivor got the whole update again in a group formed without the dead one
-        assert a.weight_version == "1" and not a.session_open and a.pause_mode is None
-        inits = [c["body"] for c in a.calls if c["path"] == "/init_weights_update_group"]
-        assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 3), (1, 2)]
-        assert inits[0]["group_name"] != inits[1]["group_name"]
-        assert f"sglang server of gen-b ({url}) dropped from weight update v1" in caplog.text
+        assert sync._links == {} and a.groups == {}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -195,7 +219,7 @@ async def test_the_group_is_not_the_default_group_and_leaves_one_alone(fakes):
         default = dist.group.WORLD
         assert await sync.update([Server("gen-a", a.url)], weights(6), 1) == {"gen-a"}
         assert dist.group.WORLD is default and dist.get_world_size() == 1 and dist.get_rank() == 0
-        assert sync._group._pg is not default
+        assert sync._links["gen-a"].group._pg is not default
         t = torch.ones(3)
         dist.all_reduce(t)  # the default group still works
         assert torch.equal(t, torch.ones(3))
