@@ -368,10 +368,11 @@ class SGLangWeightSync:
                         await self._form(link)
                     await self._attempt(link, weights, version)
                     return True
-                except Exception as exc:  # the group may be out of step: the next try forms a new one
+                except Exception as exc:  # _form and _bucket abort a group that may be out of step
                     err = exc
-                    await self._teardown(link)
                 healthy = await self._healthy(link)
+                if not healthy:
+                    await self._teardown(link)
                 if attempt >= self.attempts or not healthy:
                     why = "it does not answer /health" if not healthy else f"{attempt} failed attempts"
                     log.error("sglang server of %s (%s) dropped from weight update v%d (%s): %s", s.name, s.url,
