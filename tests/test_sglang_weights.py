@@ -4,6 +4,7 @@ The fakes join the trainer's torch.distributed rendezvous as SGLang does (init_c
 rank = rank_offset + tp_rank) and receive one broadcast per tensor, so what they hold at the end is
 what crossed the group."""
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_sglang import FakeSGLang  # noqa: E402
+import simhosts  # noqa: E402
 
 from actors.generator.sglang.client import SGLangClient  # noqa: E402
 from actors.weights.sglang_distributed import Server, SGLangWeightSync, TrainerGroup, free_port  # noqa: E402
@@ -227,3 +229,92 @@ async def test_the_group_is_not_the_default_group_and_leaves_one_alone(fakes):
     finally:
         await sync.close()
         dist.destroy_process_group()
+
+
+LEARNER = r"""
+import asyncio, json, logging, sys
+sys.path.insert(0, sys.argv[1])
+from test_sglang_weights import weights
+from actors.weights.sglang_distributed import Server, SGLangWeightSync
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+async def main():
+    sync = SGLangWeightSync(backend="gloo", call_timeout=20, collective_timeout=20)  # master: the route to B
+    try:
+        got = await sync.update([Server("gen-b", sys.argv[2])], weights(7), 1)
+    finally:
+        await sync.close()
+    print(json.dumps(sorted(got)), flush=True)
+asyncio.run(main())
+"""
+
+ROGUE = r"""
+import datetime, re, sys, time, json
+from pathlib import Path
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from fake_sglang import init_custom_process_group
+log, report = Path(sys.argv[2]), Path(sys.argv[3])
+out = {"joined": [], "received": {}}
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline and not (m := re.search(r"tcp://([\d.]+):(\d+)", log.read_text())):
+    time.sleep(0.01)
+host, port = m.group(1), int(m.group(2))
+store = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=5))
+names = {k.split("/")[0] for k in store.list_keys() if "/" in k} | {"weight_update_group"}
+for name in sorted(names):  # what an attacker finds on the open store, and the default name
+    try:
+        pg = init_custom_process_group("gloo", f"tcp://{host}:{port}", 2, 1, name, datetime.timedelta(seconds=8))
+    except Exception as exc:
+        continue
+    out["joined"].append(name)
+    for k, shape in [("model.embed_tokens.weight", (32, 8))]:
+        t = torch.zeros(shape)
+        try:
+            dist.broadcast(t, src=0, group=pg)
+            out["received"][k] = t.tolist()
+        except Exception:
+            pass
+report.write_text(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(simhosts.skip_reason() is not None, reason=str(simhosts.skip_reason()))
+def test_a_server_on_another_host_gets_the_weights_and_a_keyless_stranger_on_the_rendezvous_gets_none(tmp_path):
+    """Learner on host A, a fake SGLang on host B: the rendezvous master is A's address towards B (not
+    loopback) and B ends with the reference weights. A stranger on host C, holding no key, reads the
+    open rendezvous store and tries to join as the server's rank under every name it finds: it is
+    not sent a byte of weights, and B still gets them."""
+    tests = str(Path(__file__).parent)
+    # gloo picks its interface from the hostname unless told: on a cluster, GLOO_SOCKET_IFNAME names it
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0",
+           "PYTHONPATH": f"{Path(__file__).parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with simhosts.SimHosts(3, tmp_path, sshd=False) as net:
+        a, b, c = net.hosts
+        port = 31000
+        server = subprocess.Popen(net.argv(b, [sys.executable, str(Path(tests) / "fake_sglang.py"), "--host", b.addr,
+                                                "--port", str(port), "--weight-version", "0",
+                                                "--dump-weights", str(tmp_path / "b")]),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        learner_log, rogue_report = tmp_path / "learner.log", tmp_path / "rogue.json"
+        learner_log.write_text("")
+        rogue = subprocess.Popen(net.argv(c, [sys.executable, "-c", ROGUE, tests, str(learner_log), str(rogue_report)]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        time.sleep(3)  # the stranger waits, torch imported, for the rendezvous to open
+        with open(learner_log, "w") as err:
+            learner = subprocess.run(net.argv(a, [sys.executable, "-c", LEARNER, tests, f"http://{b.addr}:{port}"]),
+                                     stdout=subprocess.PIPE, stderr=err, text=True, env=env, timeout=120)
+        rogue_err = rogue.communicate(timeout=60)[1]
+        server.kill()
+        server.wait()
+    text = learner_log.read_text()
+    assert learner.returncode == 0, text[-2000:]
+    assert json.loads(learner.stdout.splitlines()[-1]) == ["gen-b"], text[-2000:]
+    assert f"at tcp://{a.addr}:" in text  # A's address on the route to B, not 127.0.0.1
+    from safetensors.torch import load_file
+    got = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    for k, v in weights(7).items():
+        assert torch.equal(got[k], v), k
+    report = json.loads(rogue_report.read_text()) if rogue_report.exists() else {"error": rogue_err[-1500:]}
+    ref = weights(7)["model.embed_tokens.weight"]
+    for k, t in report.get("received", {}).items():
+        assert not torch.equal(torch.tensor(t), ref), f"the stranger received {k}"
