@@ -390,8 +390,8 @@ class SGLangWeightSync:
         ok = await asyncio.gather(*(self._update_one(s, weights, version) for s in members))
         got = {s.name for s, good in zip(members, ok) if good}
         if got:
-            log.info("weights v%d reached %d of %d sglang server(s) over %s in %.2f s: %s", version, len(got),
-                     len(members), self.backend, time.monotonic() - t0, ", ".join(sorted(got)))
+            log.info("weights v%d reached %d sglang server(s) over %s in %.2f s (of %d): %s", version, len(got),
+                     self.backend, time.monotonic() - t0, len(members), ", ".join(sorted(got)))
         return got
 
     async def close(self) -> None:
