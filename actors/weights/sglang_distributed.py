@@ -247,6 +247,8 @@ class SGLangWeightSync:
         self.call_timeout, self.collective_timeout, self.attempts = call_timeout, collective_timeout, attempts
         self._links: dict[str, _Link] = {}  # generator name -> its server's link; see retain() and forget()
         self._forms = 0  # groups formed so far
+        if backend == "nccl":  # before any group of this process is built, not only ours
+            set_nccl_env()
 
     # ---- links and their groups
 
