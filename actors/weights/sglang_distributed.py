@@ -114,7 +114,10 @@ async def in_thread(fn, *args, deadline: float, what: str):
             res, err = fn(*args), None
         except BaseException as exc:  # handed to the awaiting task
             res, err = None, exc
-        loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(err) if err else fut.set_result(res)))
+        try:
+            loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(err) if err else fut.set_result(res)))
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
     threading.Thread(target=run, name=what, daemon=True).start()
     return await asyncio.wait_for(fut, deadline)
 
