@@ -307,7 +307,7 @@ def test_a_server_on_another_host_gets_the_weights_and_a_keyless_stranger_on_the
         server.kill()
         server.wait()
     text = learner_log.read_text()
-    assert learner.returncode == 0, text[-2000:]
+    assert learner.returncode == 0, (learner.returncode, text[-2000:])
     assert json.loads(learner.stdout.splitlines()[-1]) == ["gen-b"], text[-2000:]
     assert f"at tcp://{a.addr}:" in text  # A's address on the route to B, not 127.0.0.1
     from safetensors.torch import load_file
