@@ -1,78 +1,103 @@
 #!/usr/bin/env bash
-# Every GPU path on one GPU machine, one line per step: PASS, FAIL or SKIP (with why), then a summary.
-# Not run in CI (no GPU there). Without CUDA it says so and exits 2 before anything else.
-#   tools/gpu_check.sh                 # uses .venv (./run.sh setup); SGLang steps need ./run.sh setup-sglang
-#   PY=path/to/python SGLANG_PY=.venv-sglang/bin/python OUT=/tmp/gpu-check tools/gpu_check.sh
+# Every GPU path on one GPU machine WITHOUT network, with that machine's own Python 3.12, CUDA torch,
+# CuPy and NCCL. What it lacks comes from .gpu-wheels/ (tools/gpu_check/download_wheels.sh, run
+# beforehand where there is network; carry the folder along). One line per step: PASS, FAIL or SKIP,
+# each step bounded (STEP_S, 120 s), the whole run too (TOTAL_S, 450 s); every log goes into ONE
+# tarball, $OUT/gpu-check.tgz.
+#   tools/gpu_check.sh                       # PY=python3, OUT=a new /tmp folder
+#   PY=/usr/bin/python3.12 OUT=$OUT tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-SGLANG_PY=${SGLANG_PY:-.venv-sglang/bin/python}
+PY=${PY:-python3}
 OUT=${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
-STEP_TIMEOUT=${STEP_TIMEOUT:-900}
+STEP_S=${STEP_S:-120}
+TOTAL_S=${TOTAL_S:-450}
+WHEELS=${WHEELS:-.gpu-wheels}
+LOGS=$(mktemp -d /tmp/gpu-check-logs.XXXXXX)
+ENV=$LOGS/venv
+START=$SECONDS
 mkdir -p "$OUT"
 declare -a RESULTS=()
 
 record() { RESULTS+=("$1 $2${3:+ ($3)}"); printf '%-5s %s%s\n' "$1" "$2" "${3:+ ($3)}"; }
 
-step() {  # step NAME CMD... : runs CMD with a deadline, its output in $OUT/NAME.log
+finish() {
+    { echo "---- summary"; printf '%s\n' "${RESULTS[@]}"; } | tee "$LOGS/summary.txt"
+    rm -rf "$ENV"  # the venv stays here; logs and run dirs go back
+    tar czf "$OUT/gpu-check.tgz" -C "$LOGS" . 2>/dev/null
+    echo "logs: $OUT/gpu-check.tgz"
+}
+trap finish EXIT
+
+step() {  # step NAME CMD... : CMD bounded by min(STEP_S, what is left of TOTAL_S), output in NAME.log
     local name=$1; shift
-    if timeout "$STEP_TIMEOUT" "$@" >"$OUT/$name.log" 2>&1; then
-        record PASS "$name"
+    local left=$((TOTAL_S - (SECONDS - START)))
+    local limit=$((left < STEP_S ? left : STEP_S))
+    if [ "$limit" -lt 15 ]; then
+        record SKIP "$name" "only ${left}s of ${TOTAL_S}s left"
+        return
+    fi
+    local t0=$SECONDS
+    timeout -k 5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then
+        record PASS "$name" "$((SECONDS - t0))s"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        record FAIL "$name" "timed out after ${limit}s; $name.log: $(tail -n 1 "$LOGS/$name.log" | cut -c1-200)"
     else
-        record FAIL "$name" "exit $?, see $OUT/$name.log"
+        record FAIL "$name" "exit $rc; $name.log: $(tail -n 1 "$LOGS/$name.log" | cut -c1-200)"
     fi
 }
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "FAIL  cuda (no NVIDIA GPU: nvidia-smi missing or it lists none); nothing else was run"
+    record FAIL cuda "no NVIDIA GPU: nvidia-smi missing or it lists none; nothing else was run"
     exit 2
 fi
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "FAIL  cuda ($PY has no CUDA torch: run ./run.sh setup on this machine); nothing else was run"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >"$LOGS/cuda.log" 2>&1; then
+    record FAIL cuda "$PY has no CUDA torch (cuda.log); nothing else was run"
     exit 2
 fi
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-record PASS cuda "$GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)"
 
-step gpu-tests "$PY" -m pytest -q -m gpu tests/
-step learner-bf16-precision "$PY" - <<'PY'
+# A venv over the machine's own packages (its torch, CuPy, NCCL, numpy) plus what .gpu-wheels holds
+# and it lacks: nothing is downloaded.
+setup_env() {
+    "$PY" -m venv --system-site-packages "$ENV" || return 1
+    [ -d "$WHEELS" ] || { echo "no $WHEELS: run tools/gpu_check/download_wheels.sh where there is network"; return 1; }
+    # shellcheck disable=SC2046
+    "$ENV/bin/python" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation \
+        $(grep -v '^\s*#' tools/gpu_check/wheels.txt | grep -v '^\s*$') || return 1
+    "$ENV/bin/python" -c "import torch, zmq, transformers, httpx2, math_verify; print('env ok, torch', torch.__version__)"
+}
+step env setup_env
+VPY=$ENV/bin/python
+[ -x "$VPY" ] || VPY=$PY
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+step versions "$VPY" - <<'PY'
 import torch
-from policies.model.loading import tiny_model
-from policies.train.optim import make_optimizer
-from policies.train.ppo import PPOConfig
-m = tiny_model(seed=0).cuda()
-opt = make_optimizer(m, PPOConfig(bf16=True))
-p = next(m.parameters())
-assert p.dtype == torch.bfloat16, p.dtype  # bf16 compute weights
-assert all(t.dtype == torch.float32 for t in opt.masters)  # fp32 master weights
-print("model", p.dtype, "masters", opt.masters[0].dtype, "attention", m.config._attn_implementation)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())))
+print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+try:
+    import cupy
+    print("cupy", cupy.__version__, "cupy nccl", cupy.cuda.nccl.get_version())
+except Exception as exc:
+    print("cupy unavailable:", type(exc).__name__, exc)
 PY
-step tiny-rl-job-cuda "$PY" -m launcher --quiet --config configs/tiny.yaml -o model.device=cuda \
-    -o train.steps=2 -o "run_dir=$OUT/tiny-rl" -o data.test=null \
-    -o "data.train=$("$PY" -c "from pathlib import Path; from launcher.mathdata import make_dataset; \
-make_dataset(Path('$OUT/data'), n_train=24, n_test=4, n_sft=4, seed=0); print('$OUT/data/train.jsonl')")"
+step fsdp2-nccl-1rank-vs-alone "$VPY" tools/gpu_check/fsdp_vs_alone.py
+step weight-group-nccl-1rank "$VPY" tools/gpu_check/weight_group.py
+step cupy-channels "$VPY" -m pytest -q -p no:cacheprovider -m gpu tests/test_tensors_gpu.py
 
-if [ ! -x "$SGLANG_PY" ]; then
-    record SKIP sglang-server "no $SGLANG_PY: ./run.sh setup-sglang"
-    record SKIP sglang-rl-job "no $SGLANG_PY"
-else
-    SGL_CMD="[$SGLANG_PY, -m, sglang.launch_server]"
-    if [ "$GPUS" -ge 2 ]; then  # NCCL puts one rank per GPU: the learner on GPU 0, the server on GPU 1
-        step sglang-rl-job-nccl "$PY" -m launcher --quiet --config configs/tiny.yaml -o model.path=smollm2 \
-            -o model.device=cuda -o model.dtype=bfloat16 -o train.steps=2 -o "run_dir=$OUT/sglang-nccl" \
-            -o data.test=null -o "data.train=$OUT/data/train.jsonl" -o actors.generator.backend=sglang \
-            -o "actors.generator.sglang_command=$SGL_CMD" \
-            -o 'actors.generator.sglang_args=[--base-gpu-id, "1", --mem-fraction-static, "0.5"]'
-    else
-        record SKIP sglang-rl-job-nccl "one GPU: NCCL cannot put the learner and the server on the same GPU"
-    fi
-    step sglang-rl-job-disk "$PY" -m launcher --quiet --config configs/tiny.yaml -o model.path=smollm2 \
-        -o model.device=cuda -o model.dtype=bfloat16 -o train.steps=2 -o "run_dir=$OUT/sglang-disk" \
-        -o data.test=null -o "data.train=$OUT/data/train.jsonl" -o actors.generator.backend=sglang \
-        -o "actors.generator.sglang_command=$SGL_CMD" -o actors.generator.sglang_weights=disk \
-        -o 'actors.generator.sglang_args=[--mem-fraction-static, "0.3"]'
-fi
+DATA=$LOGS/data
+"$VPY" -c "from pathlib import Path; from launcher.mathdata import make_dataset; \
+make_dataset(Path('$DATA'), n_train=24, n_test=4, n_sft=4, seed=0)" >"$LOGS/data.log" 2>&1 \
+    || record FAIL data "the tiny dataset could not be made (data.log)"
+job=(-m launcher --quiet --config configs/tiny.yaml -o model.device=cuda -o train.steps=2 -o data.test=null
+     -o "data.train=$DATA/train.jsonl" -o bus.heartbeat_interval=1.0)
+# the learner on CUDA, a fake SGLang (CPU) as the generator; weights by disk (a second NCCL rank on the
+# only GPU is what NCCL refuses: the weight group on nccl is the step above)
+step fake-sglang-job-cuda "$VPY" "${job[@]}" -o "run_dir=$LOGS/fake-sglang" -o actors.generator.backend=sglang \
+    -o "actors.generator.sglang_command=[$VPY, $PWD/tests/fake_sglang.py]" -o actors.generator.sglang_weights=disk \
+    -o 'actors.generator.sglang_args=[--token-delay, "0.001"]' -o actors.generator.sglang_health_timeout=60
+step tiny-rl-job-cuda "$VPY" "${job[@]}" -o "run_dir=$LOGS/tiny-rl"
 
-echo "---- summary (logs in $OUT)"
-printf '%s\n' "${RESULTS[@]}"
 ! printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'

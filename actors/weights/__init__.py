@@ -5,7 +5,8 @@
   and announces the version; `snapshot(model)`, the state dict every way sends;
 - channel_push.py: over a tensor channel (shared memory, zmq, by reference) + UPDATE_WEIGHTS, for the
   torch and simulated generators and SGLang's disk way;
-- sglang_distributed.py: over torch.distributed straight into SGLang servers (the weight-update group);
+- sglang_distributed.py: over torch.distributed straight into SGLang servers (one weight-update group per
+  server; async collectives with deadlines, a failed member's group aborted);
 - sglang_disk.py: a checkpoint written in the generator's process and loaded with
   /update_weights_from_disk.
 

@@ -40,8 +40,10 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _clone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in weights.items()}
+def host_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy in host memory: what a late joiner or a retry is sent while the learner trains on.
+    Made once per version and shared; never a second whole model on the learner's GPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
 
 class WeightBroadcaster(Actor):
@@ -62,6 +64,7 @@ class WeightBroadcaster(Actor):
         self.announced: dict | None = None  # the last announcement: a version and who runs it
         self._lock = asyncio.Lock()
         self.current: set[str] = set()  # generators known to run self.version
+        self._held: tuple[int, dict] | None = None  # (version, its host copy) for joiners and retries
 
     async def on_start(self) -> None:
         self.bus.subscribe(P.JOINED, self._on_joined)
@@ -110,16 +113,22 @@ class WeightBroadcaster(Actor):
                       ", ".join(g.name for g in gens), type(exc).__name__, exc)
             return set()
 
+    def _host_copy(self, version: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``version``'s weights in host memory, copied once however many joiners and retries need them."""
+        if self._held is None or self._held[0] != version:
+            self._held = (version, host_copy(weights))
+        return self._held[1]
+
     async def _update(self, gens: list, weights: dict[str, torch.Tensor], version: int, *,
                       live: bool = False) -> list[bool]:
         """Each generator brought to ``weights`` as ``version`` its way -> whether it was, in order.
-        ``live``: the learner may train meanwhile, so the SGLang servers are sent a copy."""
+        ``live``: the learner may train meanwhile, so the SGLang servers are sent the host copy."""
         sglang = [g for g in gens if self._sglang_server(g) is not None]
         direct = [g for g in gens if self._sglang_server(g) is None]
         descs = await self.channel_push.offer(direct, weights) if direct else {}
         pushed, synced = await asyncio.gather(
             asyncio.gather(*(self.channel_push.push(g, descs[g.name], version) for g in direct)),
-            self._sync_sglang(sglang, _clone(weights) if live and sglang else weights, version))
+            self._sync_sglang(sglang, self._host_copy(version, weights) if live and sglang else weights, version))
         ok = {**dict(zip((g.name for g in direct), pushed)), **{g.name: g.name in synced for g in sglang}}
         return [ok[g.name] for g in gens]
 
@@ -133,6 +142,8 @@ class WeightBroadcaster(Actor):
             t0 = loop.time()
             self.version, self.weights = version, weights
             gens = await self.bus.actors(role="generator")
+            if self.sglang is not None:  # servers of generators that left: their groups and clients go
+                await self.sglang.retain({g.name for g in gens if self._sglang_server(g) is not None})
             results = await self._update(gens, weights, version)
             self.current = {g.name for g, ok in zip(gens, results) if ok}
             await self._announce()
@@ -156,6 +167,8 @@ class WeightBroadcaster(Actor):
 
     async def _on_left(self, topic: str, body: dict, src: str) -> None:
         self.current.discard(body.get("name"))
+        if self.sglang is not None and body.get("name"):
+            self.spawn(self.sglang.forget(body["name"]))
         task = self._retries.pop(body.get("name"), None)
         if task is not None:
             task.cancel()
@@ -168,7 +181,7 @@ class WeightBroadcaster(Actor):
         direct = [g for g in missed if self._sglang_server(g) is None]
         try:
             descs = await self.channel_push.offer(direct, weights, reads=self.retry_attempts) if direct else {}
-            held = _clone(weights) if len(direct) < len(missed) else {}  # the learner trains on meanwhile
+            held = self._host_copy(version, weights) if len(direct) < len(missed) else {}  # the learner trains on
         except Exception as exc:
             log.error("weights v%d could not be offered again to %s (%s: %s); they wait for the next version",
                       version, ", ".join(g.name for g in missed), type(exc).__name__, exc)
