@@ -32,12 +32,10 @@ setup() {
         gpu_torch=$($GPU_LOCK pin learner torch)
         case "$(cuda_major)" in
             12)
-                # a CUDA 12 torch beside cupy-cuda12x (SGLang 0.5.23 itself needs CUDA 13: setup-sglang refuses)
-                $pip install --index-url "$TORCH_CUDA12_INDEX" "torch==$gpu_torch"
-                extras="$extras,gpu" ;;
+                # a CUDA 12 torch (SGLang 0.5.23 itself needs CUDA 13: setup-sglang refuses)
+                $pip install --index-url "$TORCH_CUDA12_INDEX" "torch==$gpu_torch" ;;
             *)
-                $pip install "torch==$gpu_torch"
-                extras="$extras,gpu-cuda13" ;;
+                $pip install "torch==$gpu_torch" ;;
         esac
     else
         # The CPU build first, so that nothing below pulls several GB of CUDA packages.

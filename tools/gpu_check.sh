@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU path on one GPU machine WITHOUT network, with that machine's own Python 3.12, CUDA torch,
-# CuPy and NCCL. What it lacks comes from .gpu-wheels/ (tools/gpu_check/download_wheels.sh, run
+# and NCCL. What it lacks comes from .gpu-wheels/ (tools/gpu_check/download_wheels.sh, run
 # beforehand where there is network; carry the folder along). One line per step: PASS, FAIL or SKIP,
 # each step bounded (STEP_S, 120 s), the whole run too (TOTAL_S, 450 s); every log goes into ONE
 # tarball, $OUT/gpu-check.tgz.
@@ -58,7 +58,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 
-# A venv over the machine's own packages (its torch, CuPy, NCCL, numpy) plus what .gpu-wheels holds
+# A venv over the machine's own packages (its torch, NCCL, numpy) plus what .gpu-wheels holds
 # and it lacks: nothing is downloaded.
 setup_env() {
     "$PY" -m venv --system-site-packages "$ENV" || return 1
@@ -77,15 +77,10 @@ step versions "$VPY" - <<'PY'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())))
 print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
-try:
-    import cupy
-    print("cupy", cupy.__version__, "cupy nccl", cupy.cuda.nccl.get_version())
-except Exception as exc:
-    print("cupy unavailable:", type(exc).__name__, exc)
 PY
 step fsdp2-nccl-1rank-vs-alone "$VPY" tools/gpu_check/fsdp_vs_alone.py
 step weight-group-nccl-1rank "$VPY" tools/gpu_check/weight_group.py
-step cupy-channels "$VPY" -m pytest -q -p no:cacheprovider -m gpu tests/test_tensors_gpu.py
+step ranks-nccl-1rank "$VPY" -m pytest -q -p no:cacheprovider -m gpu tests/test_tensors_gpu.py
 
 DATA=$LOGS/data
 "$VPY" -c "from pathlib import Path; from launcher.mathdata import make_dataset; \

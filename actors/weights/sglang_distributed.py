@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from actors.generator.sglang.client import SGLangClient
+from actors.generator.sglang.server import NCCL_ENV
 from actors.generator.sglang.protocol import DEFAULT_GROUP, SGLangError, bucket_tensors, check_tensor_meta
 from tensors.channels.locality import route_address
 
@@ -65,7 +66,6 @@ log = logging.getLogger("actors.weights.sglang_distributed")
 
 # An NCCL error or timeout aborts the communicator and fails its work, without tearing the process
 # down (torch's default, 3, kills the learner). Read by ProcessGroupNCCL when a group is built.
-NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
 class GroupError(RuntimeError):
@@ -83,10 +83,12 @@ def free_port(host: str = "") -> int:
 
 
 def set_nccl_env() -> None:
-    """NCCL_ENV into this process's environment unless it already avoids the tear-down (0 or 2)."""
+    """The servers' NCCL_ENV into this process's environment (one value per knob on both sides of the
+    group), before any group is built; an error handling that tears the process down (1, 3) becomes 2."""
     for k, v in NCCL_ENV.items():
-        if os.environ.get(k) not in ("0", v):
-            os.environ[k] = v
+        os.environ.setdefault(k, v)
+    if os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] not in ("0", "2"):
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
 def custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
