@@ -110,7 +110,7 @@ def cmd_actor(args) -> int:
                 print(f"[{args.name}] {exc}", file=sys.stderr, flush=True)
                 _exit_now(1)
             _exit_now(0)
-    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg, args.role), instances=args.instances)
     from actors.base import run
     run(*actors)
     _exit_now(0)
@@ -144,7 +144,8 @@ def cmd_attach(args) -> int:
     torch_threads()
     from launcher.job.plan import bus_kwargs
     try:
-        actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
+        actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]),
+                       bus_kwargs(cfg, args.role))
     except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
         return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
     _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)

@@ -118,7 +118,7 @@ class Job:
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,
                                               echo=self.echo, run_dir=rd)
-            self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg))
+            self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg, P.LAUNCHER))
             await self._connect(address)
             self.client.on(P.CONFIG, self._serve_config(start))
             self.client.subscribe(P.METRICS, self._on_metrics(metrics, progress))
