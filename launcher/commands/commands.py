@@ -98,6 +98,8 @@ def cmd_actor(args) -> int:
     from launcher.job.plan import bus_kwargs
     from launcher.job.start import Start
     cfg = load_config(args.config)
+    if args.keys:
+        cfg.bus.keys_dir = args.keys
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
     if args.role == "learner" and cfg.actors.learner.ranks > 1:
@@ -202,13 +204,19 @@ def cmd_status(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from bus.keys import generate_keys
+    """Make the head node's key directory, or (--attach OUT) a generator-only one for an attach host."""
+    from bus.keys import generate_keys, write_subset
     try:
+        if args.attach:
+            path = write_subset(args.dir, ["generator"], args.attach)
+            print(f"generator keys for an attach host written to {path}: copy it there and run "
+                  f"`python -m launcher attach generator --bus ... --keys {path}`")
+            return 0
         path = generate_keys(args.dir, overwrite=args.force)
-    except (OSError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: libzmq without CURVE
+    except (OSError, ValueError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: no CURVE
         return _die(str(exc))
-    print(f"CurveZMQ keys written to {path}: give the whole directory to every host of the job "
-          f"and set bus.keys_dir to it")
+    print(f"CurveZMQ keys written to {path}: keep it on the head node (it holds the broker's secret) and set "
+          f"bus.keys_dir to it; the launcher hands each host the keys of its own roles only")
     return 0
 
 

@@ -27,6 +27,7 @@ from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, process_spec
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
 from launcher.job.start import Start, resolve_start, run_dir
+from launcher.job.keyship import ship_keys
 from launcher.job.spawn import Process, ProcessSpec, check_hosts, start as start_process
 from tensors.channels.shm import sweep_orphans
 
@@ -112,6 +113,8 @@ class Job:
         specs = process_specs(cfg, config_path, address, start, self.hosts, dist_port)
         await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
                                  key=lambda h: h.name))
+        if cfg.bus.keys_dir:  # each remote host gets its own roles' keys only
+            specs = await ship_keys(cfg.bus.keys_dir, specs)
         progress = Progress(cfg.train.steps, start.step, describe_mode(cfg), ends_at=self.ends_at)
         metrics = MetricsWriter(rd, wandb=wandb_options(cfg))
         tasks: list[asyncio.Task] = []
