@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,39 @@ def test_the_trust_table_names_the_protocol_and_the_actors_agree(tmp_path):
     attach = write_subset(generate_keys(tmp_path / "k2"), ["generator"], tmp_path / "a2")
     with pytest.raises(ValueError, match=r"holds no key for role 'packer': it needs packer.key_secret"):
         load_keys(attach).pair_for("packer")
+
+
+async def test_each_remote_host_gets_its_own_roles_keys_and_plaintext_tensors_beyond_loopback_are_refused(
+        tmp_path, monkeypatch):
+    from launcher.config.schema import ConfigError, ExperimentConfig
+    from launcher.job.hosts import Host
+    from launcher.job.keyship import ship_keys
+    from launcher.job.spawn import ProcessSpec
+    from policies.settings import from_dict
+
+    with pytest.raises(ConfigError, match=r"^tensors.bind: '0.0.0.0' listens beyond loopback.*bus.keys_dir"):
+        from_dict(ExperimentConfig, {"tensors": {"bind": "0.0.0.0"}})
+    from_dict(ExperimentConfig, {"tensors": {"bind": "0.0.0.0"}, "bus": {"keys_dir": str(tmp_path)}})
+
+    # an `ssh` that runs the remote command here, with the host's own home
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/bash\nhost="${@: -2:1}"\nHOME="$FAKE_HOMES/$host" exec bash -c "${@: -1}"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_HOMES", str(tmp_path / "homes"))
+    head = generate_keys(tmp_path / "keys")
+    gen_host, learner_host = Host("gpu-1", 2), Host("gpu-2", 1)
+    specs = [ProcessSpec("sampler", "sampler", ["x"]), ProcessSpec("generator-0", "generator", ["x"], gen_host),
+             ProcessSpec("generator-1", "generator", ["x"], gen_host), ProcessSpec("learner", "learner", ["x"],
+                                                                                   learner_host)]
+    shipped = await ship_keys(str(head), specs)
+    assert shipped[0].argv == ["x"]  # the head node's actors use bus.keys_dir
+    dirs = {s.name: s.argv[-1] for s in shipped[1:]}
+    assert all(s.argv[:2] == ["x", "--keys"] for s in shipped[1:]) and dirs["generator-0"] == dirs["generator-1"]
+    for name, secret in [("generator-0", "generator"), ("learner", "learner")]:
+        d = Path(dirs[name])
+        assert str(d).startswith(str(tmp_path / "homes"))
+        assert sorted(p.name for p in d.iterdir() if p.name.endswith("_secret")) == [f"{secret}.key_secret"]
+        assert all(p.stat().st_mode & 0o077 == 0 for p in [d, *d.iterdir()])
+        assert load_keys(d).server_secret is None and load_keys(d).authorized == load_keys(head).authorized
