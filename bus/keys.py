@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from bus.trust import KEY_ROLES, classes_for, key_class
+from bus.trust import KEY_ROLES, TOOL, classes_for, key_class
 
 BROKER = "broker"
 
@@ -116,8 +116,9 @@ def load_keys(directory: str | os.PathLike) -> CurveKeys:
     return CurveKeys(server_public, server_secret, roles_by_key, pairs, str(d))
 
 
-def client_kwargs(keys_dir: str | os.PathLike | None, role: str) -> dict:
-    """A `BusClient`'s CurveZMQ keyword arguments for a member of `role`; {} without keys (a plain bus)."""
+def client_kwargs(keys_dir: str | os.PathLike | None, role: str = TOOL) -> dict:
+    """A `BusClient`'s CurveZMQ keyword arguments for a member of `role` (default: a short-lived tool,
+    with whichever key the directory holds, the launcher's first); {} without keys (a plain bus)."""
     if not keys_dir:
         return {}
     keys = load_keys(keys_dir)

@@ -180,3 +180,11 @@ async def test_each_remote_host_gets_its_own_roles_keys_and_plaintext_tensors_be
         assert sorted(p.name for p in d.iterdir() if p.name.endswith("_secret")) == [f"{secret}.key_secret"]
         assert all(p.stat().st_mode & 0o077 == 0 for p in [d, *d.iterdir()])
         assert load_keys(d).server_secret is None and load_keys(d).authorized == load_keys(head).authorized
+
+
+def test_a_tool_uses_whichever_key_its_directory_holds(tmp_path):
+    head = generate_keys(tmp_path / "keys")
+    attach = write_subset(head, ["generator"], tmp_path / "attach")
+    assert client_kwargs(None) == {}
+    assert client_kwargs(head)["curve_client_keys"] == load_keys(head).pair_for("launcher")
+    assert client_kwargs(attach)["curve_client_keys"] == load_keys(head).pair_for("generator")  # attach's config ask
