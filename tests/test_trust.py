@@ -89,6 +89,12 @@ async def test_keyed_peers_claiming_packer_broadcaster_and_learner_are_refused_a
         learner = await member(P.LEARNER, P.LEARNER)  # the real one comes back
         learner.on(P.TRAIN, lambda body, src: got["train"].append((src, body)) or {"ok": True})
 
+        # attach's config question, asked with a generator-only directory, is answered by the real launcher
+        launcher = await member(P.LAUNCHER, P.LAUNCHER)
+        launcher.on(P.CONFIG, lambda body, src: {"config": "the job's", "src": src})
+        asker = await member("attach-1", trust.TOOL, keys=attach)
+        assert await asker.request(P.LAUNCHER, P.CONFIG, {}, timeout=5) == {"config": "the job's", "src": "attach-1"}
+
         # the run goes on: the honest members are served, and only they changed anything
         assert await packer.request(P.LEARNER, P.TRAIN, {"step": 0, "batch_ref": None, "stats": {}}, timeout=5)
         assert await broadcaster.request("generator-0", P.UPDATE_WEIGHTS, {"version": 1, "weights_ref": {}},
@@ -100,7 +106,7 @@ async def test_keyed_peers_claiming_packer_broadcaster_and_learner_are_refused_a
                        P.WEIGHTS_VERSION: [(P.BROADCASTER, {"version": 1, "generators": ["generator-0"]})],
                        P.RUN_FINISHED: []}
         assert set(broker.registry) == {"learner", "generator-0", "sampler", "packer", "broadcaster",
-                                        "generator-evil"}
+                                        "generator-evil", "launcher", "attach-1"}
         assert {n: i.role for n, i in broker.registry.items()}["generator-evil"] == "generator"
     finally:
         for c in clients:
