@@ -44,7 +44,8 @@ RUN_FINISHED     learner        {step}
 JOINED, LEFT     the broker     {name, role, host, pid, capabilities} (LEFT also: reason, "bye" | "expired")
 
 Each message that changes what an actor does is served only from its sender's role (left column), as
-registered with the broker, and each topic is published only by its owner (``bus.broker.TOPIC_OWNERS``).
+registered with the broker, and each topic is published only by its owner: the broker enforces both
+(``bus.trust.SENDERS`` and ``TOPIC_OWNERS``), and on a keyed bus a role is what the member's key allows.
 
 GENERATE, SCORE, GENERATED, SCORED, ACCEPTED, REJECTED and TRAIN are delivered: sent as requests and
 sent again until acknowledged (``Actor.deliver``), so a broker restart loses none; each receiver

@@ -7,8 +7,10 @@ send. `await start()` runs it beside an asyncio program; `python -m bus.broker -
 tcp://127.0.0.1:5555` runs it as its own process.
 
 The control plane cannot be impersonated: `joined` / `left` are published by the broker alone, and
-each topic of `topic_owners` only by members registered with one of its roles; a refused publication
-is dropped and its sender told (NotAllowed). Receivers check the stamped role of application messages.
+each topic of `topic_owners` only by members registered with one of its roles; the messages of
+`senders` are routed only from their sender roles; a name that is a role is taken only with that role;
+with keys, a member registers only a role its CurveZMQ key's class allows (the table: bus/trust.py).
+A refused message is dropped and its sender told (NotAllowed). Receivers check the stamped role too.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from bus.errors import (BusError, BusTimeout, MessageTooLarge, NameTaken, NotAll
                         error_body)
 from bus.keys import CurveKeys, load_keys
 from bus.registry import ActorInfo, Entry, Registry
+from bus.trust import NAMED_ROLES, SENDERS, TOPIC_OWNERS
 
 log = logging.getLogger("bus.broker")
 MiB = 1 << 20
@@ -37,9 +40,6 @@ NOBLOCK, SNDMORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 _send = zmq.backend.Socket.send  # the Cython send, skipping pyzmq's Python wrapper (~0.4 us a call)
 LOOPBACK_HOSTS = {"localhost", "::1", "[::1]", "lo", "ip6-localhost"}
 BROKER_TOPICS = ("joined", "left")  # membership events: published by the broker itself, never by a member
-# The control topics of actors/protocol.py and the roles that own them (bus/ imports nothing of
-# actors/, so they are named here; tests/test_faults_actors.py checks the two agree).
-TOPIC_OWNERS = {"weights.version": ("broadcaster",), "run.finished": ("learner",), "metrics": ("learner",)}
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -100,6 +100,7 @@ class Broker:
         insecure: bool = False,
         hwm: int = 100_000,
         topic_owners: dict[str, tuple[str, ...]] | None = None,
+        senders: dict[str, tuple[str, ...]] | None = None,
         stats_every: float = 0.0,
     ):
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
@@ -121,6 +122,8 @@ class Broker:
         # topic -> the roles that may publish it (none: the broker's own topics); other topics are free
         owners = TOPIC_OWNERS if topic_owners is None else topic_owners
         self.topic_owners = {t: frozenset(r) for t, r in owners.items()} | {t: frozenset() for t in BROKER_TOPICS}
+        # message type -> the only roles it is routed from (other types: any member)
+        self.senders = {t: frozenset(r) for t, r in (SENDERS if senders is None else senders).items()}
         self.session = uuid.uuid4().hex  # changes on every broker start; clients log it
         self.stats = {"received": 0, "routed": 0, "dropped": 0}
         self.stats_every = stats_every  # seconds between "stats" log lines (0 = none): load, for benches
@@ -275,7 +278,7 @@ class Broker:
         t = env.type
         if entry is None:
             if t == E.REGISTER:
-                return self._register(ident, env, now)
+                return self._register(ident, env, now, frame)
             if t in (E.REPLY, E.ERROR):
                 return self._drop(ident, f"{t} from an unregistered connection")
             # Not registered (or the broker restarted): tell the client, which then re-registers.
@@ -284,12 +287,17 @@ class Broker:
         entry.last_seen = now
         if env.src != entry.info.name:
             return self._drop(ident, f"src {env.src!r} does not match the registered name {entry.info.name!r}")
-        if t[0] != "_" or t == E.REPLY or t == E.ERROR:
+        if t[0] != "_":
+            allowed = self.senders.get(t)
+            if allowed is not None and entry.info.role not in allowed:
+                return self._refuse(entry, env.cid, f"{t!r} to {env.dst!r}", allowed, "send")
+            return self._route(entry, env, frame)
+        if t == E.REPLY or t == E.ERROR:
             return self._route(entry, env, frame)
         if t == E.PUBLISH:
             owners = self.topic_owners.get(env.dst)
             if owners is not None and entry.info.role not in owners:
-                return self._refuse_publish(entry, env.dst, owners)
+                return self._refuse(entry, 0, f"a publication on {env.dst!r}", owners, "publish")
             subs = self._registry.subscribers.get(env.dst)
             if subs:
                 for sub in list(subs):
@@ -339,12 +347,26 @@ class Broker:
                 return "gone"
             raise
 
-    def _refuse_publish(self, entry: Entry, topic: str, owners: frozenset) -> None:
-        who = f"members of role {', '.join(sorted(owners))}" if owners else "the broker"
-        exc = NotAllowed(entry.info.name, f"a publication on {topic!r}",
-                         f"it is registered with role {entry.info.role!r}; only {who} may publish it")
+    def _refuse(self, entry: Entry, cid: int, what: str, roles: frozenset, verb: str) -> None:
+        who = f"members of role {', '.join(sorted(roles))}" if roles else "the broker"
+        exc = NotAllowed(entry.info.name, what,
+                         f"it is registered with role {entry.info.role!r}; only {who} may {verb} it")
         self._drop(entry.ident, str(exc))
-        self._error(entry.ident, 0, exc)
+        self._error(entry.ident, cid, exc)
+
+    def _may_register(self, info: ActorInfo, frame: zmq.Frame) -> None:
+        """Raise NotAllowed unless the connection's key (ZAP's User-Id: its z85 public key) may
+        register `info.role`, and a name that is a role is taken with that role."""
+        if info.name in NAMED_ROLES and info.role != info.name:
+            raise NotAllowed(info.name, f"registration as role {info.role!r}",
+                             f"the name {info.name!r} is reserved for the member of role {info.name!r}")
+        if self.curve is not None:
+            key = frame.get("User-Id")
+            roles = self.curve.roles_of(key)
+            if info.role not in roles:
+                raise NotAllowed(info.name, f"registration as role {info.role!r}",
+                                 f"its CurveZMQ key {key[:8]}... may register only {', '.join(sorted(roles)) or 'nothing'}"
+                                 f" (each role needs its own key: bus/trust.py KEY_ROLES)")
 
     def _reply(self, ident: bytes, cid: int, type: str, body) -> None:
         self._send(ident, self._codec.pack(type, E.BROKER, "", cid, body))
@@ -370,7 +392,7 @@ class Broker:
             self._error(ident, cid, exc)
 
     # ---- broker commands -------------------------------------------------------------------
-    def _register(self, ident: bytes, env: E.Envelope, now: float) -> None:
+    def _register(self, ident: bytes, env: E.Envelope, now: float, frame: zmq.Frame) -> None:
         body = env.body
         try:
             if not isinstance(body, dict):
@@ -385,12 +407,13 @@ class Broker:
                 raise ProtocolError(f"register of {info.name!r}: topics must be a list of strings")
             if env.src != info.name:
                 raise ProtocolError(f"register src {env.src!r} differs from the name {info.name!r}")
+            self._may_register(info, frame)
             ttl = self.heartbeat_liveness * max(self.heartbeat_interval, float(hb))
             entry, is_new = self._registry.register(ident, info, session, ttl, topics, now)
         except ProtocolError as e:
             self._drop(ident, e.reason)
             return self._error(ident, env.cid, e)
-        except NameTaken as e:
+        except (NameTaken, NotAllowed) as e:
             log.warning("refused registration: %s", e)
             return self._error(ident, env.cid, e)
         self._reply(ident, env.cid, E.REPLY, {

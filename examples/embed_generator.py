@@ -99,7 +99,7 @@ async def serve(args) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gen = await make_generator(args.name, args.bus, args.model, client_kwargs(args.keys))
+        gen = await make_generator(args.name, args.bus, args.model, client_kwargs(args.keys, "generator"))
         await gen.start()  # registers on the bus; from now on prompts and weight updates arrive
         print(f"[service] {args.name} joined {args.bus}", flush=True)
         await stop.wait()

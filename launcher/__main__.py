@@ -41,6 +41,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     actor.add_argument("--model-path", required=True)
     actor.add_argument("--checkpoint")
     actor.add_argument("--instances", type=int, default=1, help="simulated generators in this process")
+    actor.add_argument("--keys", help="this host's bus key directory (the launcher ships it; default bus.keys_dir)")
 
     att = sub.add_parser("attach", help="add an actor (a generator) to a running job")
     att.add_argument("role", choices=["generator", "verifier"])
@@ -56,6 +57,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="make CurveZMQ keys for a bus that listens beyond loopback")
     keys.add_argument("dir")
     keys.add_argument("--force", action="store_true")
+    keys.add_argument("--attach", metavar="OUT", help="write OUT: DIR's keys for an attach host (a generator key only)")
 
     plot = sub.add_parser("plot", help="PNG of a run's reward, accuracy, truncation and throughput")
     plot.add_argument("run_dir")

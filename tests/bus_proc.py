@@ -57,7 +57,7 @@ def _actor_main(address: str, name: str, heartbeat: str, keydir: str = "") -> No
     from bus.keys import client_kwargs
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    kw = client_kwargs(keydir)
+    kw = client_kwargs(keydir, "tool")  # a keyed bus lets the launcher's key register a tool
 
     class Echo(Actor):
         @handler("echo")
@@ -77,7 +77,7 @@ def _actor_main(address: str, name: str, heartbeat: str, keydir: str = "") -> No
         async def on_start(self):
             print("READY", os.getpid(), flush=True)
 
-    run(Echo(name, "echo", address, heartbeat_interval=float(heartbeat), **kw))
+    run(Echo(name, "tool" if keydir else "echo", address, heartbeat_interval=float(heartbeat), **kw))
 
 
 if __name__ == "__main__":

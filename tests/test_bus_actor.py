@@ -50,7 +50,7 @@ def test_declared_handlers_follow_the_mro():
 async def test_actor_embedded_in_a_loop_errors_and_graceful_stop(broker):
     actor = Scorer("scorer-0", "verifier", broker.address, heartbeat_interval=HB)
     runner = asyncio.ensure_future(actor.run_forever())
-    me = BusClient(broker.address, "me", "test", heartbeat_interval=HB)
+    me = BusClient(broker.address, "me", "generator", heartbeat_interval=HB)  # the broker routes 'score' from it
     await me.connect(timeout=5)
     try:
         for _ in range(200):

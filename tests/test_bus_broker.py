@@ -107,11 +107,11 @@ async def test_pubsub_and_membership_events(connect):
 
 
 async def test_duplicate_name_is_refused_until_it_leaves(connect):
-    first = await connect("learner")
+    first = await connect("learner", "learner")
     with pytest.raises(NameTaken, match="'learner' is already taken"):
-        await connect("learner")
+        await connect("learner", "learner")
     await first.close()
-    again = await connect("learner")
+    again = await connect("learner", "learner")
     assert again.registered
 
 
@@ -132,10 +132,10 @@ async def test_timeout_names_the_peer_and_the_message(connect):
     async def never(body, src):
         await asyncio.sleep(60)
 
-    slow.on("generate", never)
+    slow.on("work", never)
     t = time.monotonic()
-    with pytest.raises(BusTimeout, match=r"0\.3s waiting for reply to 'generate' from 'slow-gen'") as e:
-        await a.request("slow-gen", "generate", 1, timeout=0.3)
+    with pytest.raises(BusTimeout, match=r"0\.3s waiting for reply to 'work' from 'slow-gen'") as e:
+        await a.request("slow-gen", "work", 1, timeout=0.3)
     assert e.value.peer == "slow-gen" and 0.28 < time.monotonic() - t < 1.0
 
 

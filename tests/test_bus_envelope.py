@@ -80,9 +80,11 @@ def test_actor_info_validation():
 def test_keys_generate_and_load(tmp_path):
     d = generate_keys(tmp_path / "k")
     keys = load_keys(d)
-    assert len(keys.server_public) == 40 and keys.server_secret and keys.client_keys[0] in keys.authorized
+    gen = keys.pair_for("generator")
+    assert len(keys.server_public) == 40 and keys.server_secret and gen[0] in keys.authorized
     assert keys.server_public not in keys.authorized
-    assert (d / "broker.key_secret").stat().st_mode & 0o077 == 0
+    assert keys.roles_of(gen[0]) == {"generator", "tool"} and keys.pair_for("broadcaster") == keys.pair_for("learner")
+    assert all(p.stat().st_mode & 0o077 == 0 for p in d.iterdir()) and d.stat().st_mode & 0o077 == 0
     with pytest.raises(FileExistsError, match="already exist"):
         generate_keys(d)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -120,8 +120,8 @@ async def test_curve_refuses_unkeyed_and_foreign_clients(tmp_path):
     b = Broker("tcp://127.0.0.1:0", heartbeat_interval=HB, curve=keys)
     await b.start()
     try:
-        ok = BusClient(b.address, "keyed", "t", heartbeat_interval=HB, curve_server_key=keys.server_public,
-                       curve_client_keys=keys.client_keys)
+        ok = BusClient(b.address, "keyed", "tool", heartbeat_interval=HB, curve_server_key=keys.server_public,
+                       curve_client_keys=keys.pair_for("tool"))
         await ok.connect(timeout=5)
         actor = await spawn_actor(b.address, "echo-1", HB, str(tmp_path / "keys"))
         try:
@@ -132,7 +132,7 @@ async def test_curve_refuses_unkeyed_and_foreign_clients(tmp_path):
         with pytest.raises(BusTimeout, match="CurveZMQ, does this client hold the right keys"):
             await plain.connect(timeout=0.5)
         foreign = BusClient(b.address, "foreign", "t", heartbeat_interval=HB,
-                            curve_server_key=keys.server_public, curve_client_keys=stranger.client_keys)
+                            curve_server_key=keys.server_public, curve_client_keys=stranger.pair_for("tool"))
         with pytest.raises(BusTimeout, match="registration reply"):
             await foreign.connect(timeout=0.5)
         assert set(b.registry) == {"keyed"}

@@ -345,18 +345,19 @@ async def test_rogue_train_and_update_weights_are_refused(broker, peer, tmp_path
     try:
         await gen.start()
         await learner.start()
-        with pytest.raises(RemoteError, match=r"refused 'train' from 'rogue': its registered role is 'verifier', "
-                                              r"and only role packer may send it"):
+        from bus.errors import NotAllowed  # the broker refuses it before the learner sees it (bus/trust.py)
+        with pytest.raises(NotAllowed, match=r"refused 'train' to 'learner' from 'rogue': it is registered "
+                                             r"with role 'verifier'; only members of role packer may send it"):
             await rogue.client.request("learner", P.TRAIN, {"step": 0, "batch_ref": None, "stats": {}}, timeout=5)
-        with pytest.raises(RemoteError, match=r"refused 'update_weights' from 'rogue'.*only role broadcaster"):
+        with pytest.raises(NotAllowed, match=r"refused 'update_weights' to.*only members of role broadcaster"):
             await rogue.client.request("generator-0", P.UPDATE_WEIGHTS, {"version": 7, "weights_ref": {}}, timeout=5)
         # claiming a role in the envelope does not help: the broker drops a frame with a key it did not add
         dropped = broker.stats["dropped"]
         rogue.client._send_frame(msgpack.packb({"v": 1, "type": P.TRAIN, "src": "rogue", "dst": "learner", "cid": 0,
                                                 "body": {"step": 1, "batch_ref": None, "stats": {}}, "role": "packer"}))
-        with pytest.raises(RemoteError, match="refused 'train'"):  # a frame after it: the first was handled
+        with pytest.raises(NotAllowed, match="refused 'train'"):  # a frame after it: the first was handled
             await rogue.client.request("learner", P.TRAIN, {"step": 2}, timeout=5)
-        assert broker.stats["dropped"] == dropped + 1
+        assert broker.stats["dropped"] == dropped + 2  # the forged frame and the refused request after it
         assert learner.pending == {} and backend.updates == []
         await packer.client.request("learner", P.TRAIN, {"step": 5, "batch_ref": None, "stats": {}}, timeout=5)
         assert list(learner.pending) == [5]  # the packer is served (step 5 waits for steps 0-4)

@@ -220,7 +220,7 @@ def test_keys_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert files and any(f.endswith("_secret") for f in files)
     before = {f: (d / f).read_bytes() for f in files}
     keys = load_keys(d)
-    assert keys.server_public and keys.client_keys
+    assert keys.server_public and keys.pair_for("generator")
 
     rc, _, err = run_cli(capsys, "keys", str(d))
     assert rc == 2 and "already exist" in err

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from bus.keys import generate_keys
+from bus.keys import generate_keys, write_subset
 from launcher.job.metrics import read_metrics
 from tests.launch_util import ROOT, dataset, expected_qids, tiny_overrides
 from tests.live_job import LiveProcess, Timeline, job_and_attached
@@ -118,8 +118,9 @@ def test_attach_from_another_host_and_keyless_clients_are_refused(net, tmp_path)
         address = job.wait_for(BUS, 60).group(1)
         job.wait_for_actors(("sampler", "packer", "learner", "verifier-0", "generator-0", "generator-1"))
         t("job up")
+        attach_keys = write_subset(tmp_path / "keys", ["generator"], tmp_path / "attach-keys")  # a generator key only
         extra = keep(LiveProcess(net.argv(d, [sys.executable, "-m", "launcher", "attach", "generator", "--bus",
-                                              address, "--keys", str(tmp_path / "keys"), "--name", "generator-d"]),
+                                              address, "--keys", str(attach_keys), "--name", "generator-d"]),
                                  name="attach"))
         extra.wait_for(r"weights updated to version \d+", 90)
         extra.wait_for(r"\[attach\] generator-d got its first 'generate'", 90)
@@ -129,7 +130,7 @@ def test_attach_from_another_host_and_keyless_clients_are_refused(net, tmp_path)
         # a client on host D without the job's keys: refused on the bus and on a generator's tensor socket
         log = (tmp_path / "run" / "logs" / "generator-0.log").read_text()
         endpoint = re.search(r"served at (tcp://198\.18\.0\.3:\d+)", log).group(1)
-        server_key = (tmp_path / "keys" / "client.key").read_text()
+        server_key = (tmp_path / "keys" / "generator.key").read_text()
         server_key = re.search(r'public-key = "(.+)"', server_key).group(1)
         r = net.run(d, [sys.executable, "-c", ROGUE, address, endpoint, server_key], cwd=ROOT)
         t("rogue client")

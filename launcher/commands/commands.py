@@ -106,6 +106,8 @@ def cmd_actor(args) -> int:
     from launcher.job.plan import bus_kwargs
     from launcher.job.start import Start
     cfg = load_config(args.config)
+    if args.keys:
+        cfg.bus.keys_dir = args.keys
     torch_threads()
     start = Start(args.start_step, args.model_path, args.checkpoint)
     if args.role == "learner" and cfg.actors.learner.ranks > 1:
@@ -118,7 +120,7 @@ def cmd_actor(args) -> int:
                 print(f"[{args.name}] {exc}", file=sys.stderr, flush=True)
                 _exit_now(1)
             _exit_now(0)
-    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg), instances=args.instances)
+    actors = build(args.role, args.name, cfg, args.bus, start, bus_kwargs(cfg, args.role), instances=args.instances)
     from actors.base import run
     run(*actors)
     _exit_now(0)
@@ -152,7 +154,8 @@ def cmd_attach(args) -> int:
     torch_threads()
     from launcher.job.plan import bus_kwargs
     try:
-        actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]), bus_kwargs(cfg))
+        actors = build(args.role, name, cfg, args.bus, Start(reply["step"], reply["model_path"]),
+                       bus_kwargs(cfg, args.role))
     except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
         return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
     _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
@@ -209,13 +212,19 @@ def cmd_status(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from bus.keys import generate_keys
+    """Make the head node's key directory, or (--attach OUT) a generator-only one for an attach host."""
+    from bus.keys import generate_keys, write_subset
     try:
+        if args.attach:
+            path = write_subset(args.dir, ["generator"], args.attach)
+            print(f"generator keys for an attach host written to {path}: copy it there and run "
+                  f"`python -m launcher attach generator --bus ... --keys {path}`")
+            return 0
         path = generate_keys(args.dir, overwrite=args.force)
-    except (OSError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: libzmq without CURVE
+    except (OSError, ValueError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: no CURVE
         return _die(str(exc))
-    print(f"CurveZMQ keys written to {path}: give the whole directory to every host of the job "
-          f"and set bus.keys_dir to it")
+    print(f"CurveZMQ keys written to {path}: keep it on the head node (it holds the broker's secret) and set "
+          f"bus.keys_dir to it; the launcher hands each host the keys of its own roles only")
     return 0
 
 

@@ -257,6 +257,14 @@ class ExperimentConfig(Checked):
                               "interrupting it), got distributed")
         if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
+        if self.tensors.bind is not None and not self.bus.keys_dir and not _loopback(self.tensors.bind):
+            raise ConfigError(f"tensors.bind: {self.tensors.bind!r} listens beyond loopback, and without bus.keys_dir "
+                              "the tensor sockets would be plaintext and open to anyone who reaches them: set "
+                              "bus.keys_dir (python -m launcher keys DIR) or bind tensors to 127.0.0.1")
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
     def _fill_recipe(self) -> None:

@@ -16,12 +16,13 @@ BUILDERS = {"sampler": sampler.build, "generator": generator.build, "verifier": 
             "packer": packer.build, "learner": learner.build}
 
 
-def tensor_options(cfg: ExperimentConfig, bus_address: str):
-    """This process's tensor sockets: its host's address towards the bus, CurveZMQ with the bus's keys."""
+def tensor_options(cfg: ExperimentConfig, bus_address: str, role: str):
+    """This process's tensor sockets: its host's address towards the bus, CurveZMQ with its role's key
+    (every client key of the bus lets in)."""
     from tensors.channels import Curve, TensorOptions
     from bus.keys import load_keys
     keys = load_keys(cfg.bus.keys_dir) if cfg.bus.keys_dir else None
-    curve = None if keys is None else Curve(*keys.client_keys, keys.authorized)
+    curve = None if keys is None else Curve(*keys.pair_for(role), keys.authorized)
     return TensorOptions.for_bus(bus_address, bind=cfg.tensors.bind, curve=curve,
                                  max_frame_bytes=cfg.tensors.max_frame_bytes)
 
@@ -33,5 +34,5 @@ def build(role: str, name: str, cfg: ExperimentConfig, bus_address: str, start: 
     if role not in BUILDERS:
         raise ValueError(f"unknown role {role!r}")
     torch.manual_seed(cfg.seed)
-    bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address)}
+    bus_kwargs = {**bus_kwargs, "tensors": tensor_options(cfg, bus_address, role)}
     return BUILDERS[role](cfg, start, name, bus_address, bus_kwargs, instances)

@@ -28,6 +28,7 @@ from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
 from launcher.job.start import Start, resolve_start, run_dir
 from launcher.job.engines import check_hosts, where
+from launcher.job.keyship import ship_keys
 from launcher.job.spawn import Process, ProcessSpec, start as start_process
 from tensors.channels.shm import sweep_orphans
 
@@ -119,13 +120,15 @@ class Job:
         specs = process_specs(cfg, config_path, address, start, self.hosts, dist_port)
         await check_hosts(sorted({s.host for s in specs if s.host is not None and not s.host.is_local},
                                  key=lambda h: h.name))
+        if cfg.bus.keys_dir:  # each remote host gets its own roles' keys only
+            specs = await ship_keys(cfg.bus.keys_dir, specs)
         progress = Progress(cfg.train.steps, start.step, describe_mode(cfg), ends_at=self.ends_at)
         metrics = MetricsWriter(rd, wandb=wandb_options(cfg))
         tasks: list[asyncio.Task] = []
         try:
             self.broker = await start_process(broker_spec(cfg, address), log_dir=rd / "logs", cwd=PROJECT_DIR,
                                               echo=self.echo, run_dir=rd)
-            self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg))
+            self.client = BusClient(address, P.LAUNCHER, "launcher", **bus_kwargs(cfg, P.LAUNCHER))
             await self._connect(address)
             self.client.on(P.CONFIG, self._serve_config(start))
             self.client.subscribe(P.METRICS, self._on_metrics(metrics, progress))
