@@ -263,10 +263,6 @@ class ExperimentConfig(Checked):
                               "bus.keys_dir (python -m launcher keys DIR) or bind tensors to 127.0.0.1")
 
 
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
-
-
     def _fill_recipe(self) -> None:
         """ppo.recipe's keys outside ppo (left null by the user), and the lengths they take from rollout.*."""
         import dataclasses
@@ -292,6 +288,10 @@ def _loopback(host: str) -> bool:
     def _fill_loss_agg_norm(self) -> None:
         if self.ppo.loss_agg == "seq_mean_token_sum_norm" and self.ppo.loss_agg_norm is None:
             self.ppo.loss_agg_norm = self.rollout.max_new_tokens
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def describe_recipe(cfg: ExperimentConfig) -> str:
