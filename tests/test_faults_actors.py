@@ -408,3 +408,49 @@ async def test_the_learner_stops_waiting_for_a_broadcaster_that_never_registers(
         assert 1.5 <= time.monotonic() - t0 < 10
     finally:
         await learner.stop()
+
+
+async def test_a_malformed_or_version_skewed_group_is_rejected_and_its_step_still_trained(broker, peer):
+    """A group that would break its step (a stats field missing, tokens from a version newer than the
+    step) is rejected at once, to be dealt again; its step is trained when the good copy comes. It
+    used to be packed after the step counter moved and outside the error handling: the step was lost."""
+    from actors.generator.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import Channels, TensorOptions, open_channel
+
+    sampler = await peer("sampler", "sampler", [P.ACCEPTED, P.REJECTED])
+    verifier = await peer("verifier-0", "verifier")
+    learner = await peer("learner", "learner", [P.TRAIN])
+    packer = Packer(broker.address, batch_prompts=2, heartbeat_interval=HB)
+    channel = open_channel("shm")
+    good = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
+    skewed = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 7], "stop")] * 2)
+
+    async def score(qid: str, batch, drop: str | None = None) -> None:
+        body = _scored(qid, await channel.send(batch, timeout=30))
+        body["stats"].pop(drop, None)
+        await verifier.client.request("packer", P.SCORED, body, timeout=5)
+
+    try:
+        await packer.start()
+        await score("q-1", good)
+        assert (await sampler.next(P.ACCEPTED))["qid"] == "q-1"
+        await score("q-2", good, drop="response_tokens")  # a SCORED lacking a field
+        rejected = await sampler.next(P.REJECTED)
+        assert rejected["qid"] == "q-2" and "'response_tokens'" in rejected["reason"], rejected
+        await score("q-2", skewed)  # dealt again, to a generator of another incarnation
+        rejected = await sampler.next(P.REJECTED)
+        assert rejected["qid"] == "q-2" and "policy version 7, newer than the step" in rejected["reason"], rejected
+        assert learner.empty(P.TRAIN)
+        await score("q-2", good)  # dealt again: the step completes
+        assert (await sampler.next(P.ACCEPTED))["qid"] == "q-2"
+        train = await learner.next(P.TRAIN)
+        assert train["step"] == 0 and train["stats"]["groups"] == 2
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(train["batch_ref"], timeout=5)
+        await rx.close()
+        assert trained.meta["qids"] == ["q-1", "q-1", "q-2", "q-2"]
+        assert sampler.empty(P.REJECTED) and packer.next_step == 1
+    finally:
+        await packer.stop()
+        await channel.close()

@@ -6,7 +6,10 @@ It owns the exactly-once guarantee on the sampling side: every prompt of an admi
 "owed" until the packer says ACCEPTED. A prompt held by a generator or verifier that leaves is dealt
 again; the packer drops any duplicate that the dead peer had already sent on. Prompts are delivered
 (acknowledged, sent again if lost), so a broker restart loses none, and after one the sampler asks
-the broadcaster for the policy version it may have missed.
+the broadcaster for the policy version it may have missed. A holder that died while the broker was
+down never gets a `left` (the new broker never knew it): the sampler reconciles what it dealt with the
+broker's actor list, and a holder missing from it for longer than a re-registration takes is treated
+as gone (`_reconcile`).
 """
 from __future__ import annotations
 
@@ -64,6 +67,10 @@ class PromptSampler(Actor):
         self.queue: deque[tuple[int, str]] = deque()
         self.generators = LoadBook()  # name -> prompts in flight there
         self._watchdog: asyncio.Task | None = None
+        self._reconciler: asyncio.Task | None = None
+        self._absent_since: dict[str, float] = {}  # holder -> when the broker's list first lacked it
+        # accepted prompts of steps not yet trained: the packer may still find one breaks its step
+        self.accepted: dict[tuple[int, str], dict] = {}
 
     async def on_start(self) -> None:
         self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
@@ -72,6 +79,7 @@ class PromptSampler(Actor):
         await self._ask_version()  # the broadcaster may have announced before we subscribed
         await self._pump()
         self._watchdog = asyncio.create_task(self._watch())
+        self._reconciler = asyncio.create_task(self._reconcile())
 
     async def _ask_version(self) -> None:
         try:
@@ -87,8 +95,37 @@ class PromptSampler(Actor):
             await self._ask_version()
 
     async def on_stop(self) -> None:
-        if self._watchdog:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._reconciler):
+            if task:
+                task.cancel()
+
+    async def _reconcile(self) -> None:
+        """Deal again the prompts of holders the broker no longer lists.
+
+        Every live actor registers again within a heartbeat window or two of a broker restart, so
+        a holder absent from the list for ``grace`` (two windows and a second) is dead: it died
+        while the broker was down (no `left` will come) or its `left` was lost with the broker."""
+        window = self.bus.heartbeat_interval * self.bus.heartbeat_liveness
+        period, grace = max(0.5, window), 2 * window + 1.0
+        while True:
+            await asyncio.sleep(period)
+            holders = {o.holder for o in self.owed.values() if o.holder}
+            if not holders:
+                self._absent_since.clear()
+                continue
+            try:
+                live = {a.name for a in await self.bus.actors(timeout=max(1.0, window))}
+            except BusError as exc:  # the broker is away: nothing to compare with yet
+                log.debug("cannot list the actors to reconcile (%s)", exc)
+                continue
+            now = time.monotonic()
+            self._absent_since = {h: self._absent_since.get(h, now) for h in holders - live}
+            for name, since in list(self._absent_since.items()):
+                if now - since >= grace:
+                    del self._absent_since[name]
+                    log.warning("%s holds prompts but is not on the bus (%.1f s): it died unseen", name,
+                                now - since)
+                    await self._on_left(P.LEFT, {"name": name, "reason": "unlisted"}, P.SAMPLER)
 
     async def _watch(self) -> None:
         """Say what we wait for, and deal again any prompt held past the request timeout."""
@@ -190,6 +227,7 @@ class PromptSampler(Actor):
         if version < self.version:
             return
         self.version = version
+        self.accepted = {k: b for k, b in self.accepted.items() if k[0] >= version}  # steps < version are trained
         current = set(body.get("generators", ()))
         for gone in set(self.generators) - current:
             del self.generators[gone]  # prompts it holds stay with it; `left` re-deals them if it dies
@@ -243,14 +281,18 @@ class PromptSampler(Actor):
     async def on_accepted(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
         owed = self.owed.pop(key, None)
-        if owed is not None and owed.holder in self.generators:
-            self._release(key, owed.holder)
+        if owed is not None:
+            self.accepted[key] = owed.body
+            if owed.holder in self.generators:
+                self._release(key, owed.holder)
         await self._deal()
 
     @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
         owed = self.owed.get(key)
+        if owed is None and src == P.PACKER and key in self.accepted:  # its step would not pack with it
+            owed = self.owed[key] = _Owed(self.accepted.pop(key))
         if owed is None:
             return
         log.warning("%s rejected by %s (%s): dealing it again", key, src, body.get("reason"))

@@ -209,13 +209,17 @@ class Job:
 
         A hang (a generator frozen with its prompts, a batch that never reaches the learner) otherwise
         shows only as silence.  The limit is max(train.step_timeout, 5x the slowest step so far), so a
-        slow but moving run is never stopped; it is armed at the job's first step, as start-up
-        (loading, compiling) runs at a pace of its own.
+        slow but moving run is never stopped.  It is armed once the critical actors (sampler, packer,
+        learner) are on the bus, so the job's first step is watched too, in every incarnation (a
+        restart or --resume makes a new Job): a stall before step 0 (the only generator frozen as it
+        joins) stops the run as one after step 100 does; loading before registering runs at a pace of
+        its own.
         """
         floor = self.cfg.train.step_timeout
         if not floor:
             return
-        seen, last, slowest = len(self.recorded), None, 0.0
+        await self._critical_registered(min(poll, floor / 4))
+        seen, last, slowest = len(self.recorded), time.monotonic(), 0.0
         while not self.finished.is_set():
             await asyncio.sleep(min(poll, floor / 4))
             now = time.monotonic()
@@ -225,11 +229,22 @@ class Job:
                 seen, last = len(self.recorded), now
                 continue
             limit = max(floor, 5 * slowest)
-            if last is not None and now - last > limit:
+            if now - last > limit:
                 stage = await self._stuck_stage()
                 self._fail(f"no learner step within {limit:.0f} s (train.step_timeout={floor:g}, slowest step "
                            f"so far {slowest:.1f} s): {stage}")
                 return
+
+    async def _critical_registered(self, poll: float) -> None:
+        """Return once the sampler, the packer and the learner are registered with the broker."""
+        while not self.finished.is_set():
+            try:
+                names = {a.name for a in await self.client.actors(timeout=max(poll, 1.0))}
+            except BusError:
+                names = set()
+            if {P.SAMPLER, P.PACKER, P.LEARNER} <= names:
+                return
+            await asyncio.sleep(poll)
 
     async def _stuck_stage(self) -> str:
         """Which stage holds the next step, from what the learner and the sampler say over the bus."""
