@@ -132,10 +132,22 @@ class Packer(Actor):
         self.ready: dict[int, tuple[PackedBatch | None, dict, dict]] = {}  # step -> (batch, descriptor, stats)
         self._fetching: set[tuple[int, str]] = set()
         self._pack_lock = asyncio.Lock()
+        self.epoch: str | None = None  # the job's incarnation (actors.protocol), the sampler's: asked once
+
+    async def _job_epoch(self) -> str:
+        if self.epoch is None:
+            reply = await self.request_until(P.SAMPLER, P.SAMPLER_STATE, {}, within=self.deliver_timeout)
+            self.epoch = reply["epoch"]
+        return self.epoch
 
     @handler(P.SCORED, from_roles=(P.VERIFIER,))
     async def on_scored(self, body: dict, src: str) -> None:
         step, qid = int(body["step"]), body["qid"]
+        epoch = body.get("epoch")
+        if epoch is not None and epoch != await self._job_epoch():  # made with weights that are no more
+            log.warning("refusing %s of step %d from %s: a rollout of another job incarnation (epoch %s, this "
+                        "job's %s)", qid, step, body.get("generator"), epoch, self.epoch)
+            return
         if (step, qid) in self._fetching:  # its twin is being fetched and will answer for both
             return
         if step < self.next_step or qid in self.groups.get(step, {}):

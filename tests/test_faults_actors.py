@@ -454,3 +454,50 @@ async def test_a_malformed_or_version_skewed_group_is_rejected_and_its_step_stil
     finally:
         await packer.stop()
         await channel.close()
+
+
+async def test_rollouts_of_an_earlier_job_incarnation_are_refused_and_their_generator_goes_on(broker, peer):
+    """A restart (or --resume) with a fixed bus.port: the generator outlives it, registers again and
+    gets the new incarnation's prompts; what it made for the old one (same step and qid, weights that
+    no longer exist) is ignored by the sampler and refused by the packer, never trained."""
+    from actors.generator.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import Channels, TensorOptions, open_channel
+
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", [P.BROADCASTER_STATE], reply=lambda t, body, src: announced)
+    gen = await peer("generator-0", "generator", [P.GENERATE])
+    verifier = await peer("verifier-0", "verifier")
+    learner = await peer("learner", "learner", [P.TRAIN])
+    channel = open_channel("shm")
+    made = {tag: rollout_batch([1, 2, 3], [Sample(ids, [-0.5, -0.7], [0, 0], "stop")] * 2)
+            for tag, ids in (("old", [7, 7]), ("new", [4, 5]))}
+    old = _sampler(broker)
+    await old.start()
+    stale = await gen.next(P.GENERATE)  # dealt by the first incarnation, which then ends
+    await old.stop()
+    sampler, packer = _sampler(broker), Packer(broker.address, batch_prompts=1, heartbeat_interval=HB)
+
+    async def report(tag: str, epoch: str) -> None:
+        await gen.client.request("sampler", P.GENERATED, {"step": 0, "qid": "q-1", "verifier": "verifier-0",
+                                                          "epoch": epoch}, timeout=5)
+        body = {**_scored("q-1", await channel.send(made[tag], timeout=30)), "epoch": epoch}
+        await verifier.client.request("packer", P.SCORED, body, timeout=5)
+
+    try:
+        await sampler.start()
+        await packer.start()
+        fresh = await gen.next(P.GENERATE)  # the generator goes on in the new incarnation
+        assert (fresh["step"], fresh["qid"]) == (stale["step"], stale["qid"]) and fresh["epoch"] != stale["epoch"]
+        await report("old", stale["epoch"])
+        assert sampler.owed[(0, "q-1")].holder == "generator-0" and learner.empty(P.TRAIN)
+        await report("new", fresh["epoch"])
+        train = await learner.next(P.TRAIN)
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(train["batch_ref"], timeout=5)
+        await rx.close()
+        assert trained.input_ids.tolist() == made["new"].input_ids.tolist()  # the old incarnation's never
+    finally:
+        await packer.stop()
+        await sampler.stop()
+        await channel.close()

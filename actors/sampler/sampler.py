@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ class PromptSampler(Actor):
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
         self.generators = LoadBook()  # name -> prompts in flight there
+        # the job's incarnation (actors.protocol): one sampler lives exactly as long as one, and a restart
+        # or --resume starts a new one; every prompt carries it, and replies of another are refused
+        self.epoch = secrets.token_hex(8)
         self._watchdog: asyncio.Task | None = None
         self._reconciler: asyncio.Task | None = None
         self._absent_since: dict[str, float] = {}  # holder -> when the broker's list first lacked it
@@ -169,7 +173,7 @@ class PromptSampler(Actor):
             if key in self.owed:  # the same problem twice in one batch (tiny datasets)
                 key = (step, f"{prob.id}#{sum(k[0] == step for k in self.owed)}")
             self.owed[key] = _Owed({
-                "step": step, "qid": key[1], "prompt_ids": self.prompt_ids[i],
+                "step": step, "qid": key[1], "epoch": self.epoch, "prompt_ids": self.prompt_ids[i],
                 "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
                 "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
             })
@@ -255,6 +259,8 @@ class PromptSampler(Actor):
         ``left`` event came first and found nothing to re-deal): such a prompt is dealt again at once.
         """
         key, verifier = (int(body["step"]), body["qid"]), body["verifier"]
+        if not self._this_epoch(body, src):
+            return
         if self._owed_by(key, src) is not None:
             try:
                 live = verifier in {a.name for a in await self.bus.actors(role=P.VERIFIER)}
@@ -273,6 +279,16 @@ class PromptSampler(Actor):
                     self.queue.appendleft(key)
         await self._deal()
 
+    def _this_epoch(self, body: dict, src: str) -> bool:
+        """Whether a reply is about a prompt of this job incarnation (an attached generator outlives a
+        restart, and reports on what the last one dealt it); a body without an epoch is a pre-epoch peer's."""
+        epoch = body.get("epoch")
+        if epoch is None or epoch == self.epoch:
+            return True
+        log.warning("%s from %s about (%s, %s) of another job incarnation (epoch %s, this one %s): ignored",
+                    "reply", src, body.get("step"), body.get("qid"), epoch, self.epoch)
+        return False
+
     def _owed_by(self, key: tuple[int, str], holder: str) -> _Owed | None:
         owed = self.owed.get(key)
         return owed if owed is not None and owed.holder == holder else None
@@ -290,6 +306,8 @@ class PromptSampler(Actor):
     @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
+        if not self._this_epoch(body, src):
+            return
         owed = self.owed.get(key)
         if owed is None and src == P.PACKER and key in self.accepted:  # its step would not pack with it
             owed = self.owed[key] = _Owed(self.accepted.pop(key))
@@ -303,5 +321,5 @@ class PromptSampler(Actor):
 
     @handler(P.SAMPLER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
-        return {"next_step": self.next_step, "version": self.version, "owed": len(self.owed),
+        return {"next_step": self.next_step, "version": self.version, "owed": len(self.owed), "epoch": self.epoch,
                 "generators": dict(self.generators)}
