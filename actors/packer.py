@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -239,12 +240,17 @@ class Packer(Actor):
         raised) will refuse every copy: the packer then stops with an error naming the learner and the
         step, and the launcher ends the run instead of leaving it waiting forever.
         """
-        rounds = 0
+        rounds, offered = 0, time.monotonic()
         while self._stopping is None:
             packed, desc, stats = self.ready[step]
             try:
-                await self.deliver(P.LEARNER, P.TRAIN, {"step": step, "batch_ref": desc, "stats": stats},
-                                   within=self.batch_ttl, gone_grace=self.batch_ttl)
+                reply = await self.request_until(P.LEARNER, P.TRAIN, {"step": step, "batch_ref": desc, "stats": stats},
+                                                 within=self.batch_ttl, gone_grace=self.batch_ttl)
+                if isinstance(reply, dict) and reply.get("later"):  # the learner holds enough steps ahead
+                    await asyncio.sleep(1.0)
+                    if time.monotonic() - offered < self.batch_ttl / 2:
+                        continue
+                    raise TimeoutError(f"held back by the learner for over batch_ttl/2={self.batch_ttl / 2:g}s")
                 del self.ready[step]
                 return
             except RemoteError as exc:
@@ -260,7 +266,7 @@ class Packer(Actor):
             try:
                 if packed is not None:
                     desc = await self._offer(packed)
-                self.ready[step] = (packed, desc, stats)
+                self.ready[step], offered = (packed, desc, stats), time.monotonic()
             except Exception as exc:
                 log.error("step %d could not be offered again (%s: %s); trying again in 1 s", step,
                           type(exc).__name__, exc)

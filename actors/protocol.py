@@ -27,7 +27,9 @@ verifier     -> packer       SCORED              {step, qid, epoch, rewards, cor
 packer       -> sampler      ACCEPTED            {step, qid}
 packer, generator, verifier
              -> sampler      REJECTED            {step, qid, reason, epoch (generator, verifier)}
-packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats}
+packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats} -> None, or
+                                                  {later: true} where the learner already holds max_pending steps
+                                                  ahead (the packer offers it again)
 learner      -> broadcaster  PUBLISH_WEIGHTS     {version, weights_ref: a `local` descriptor of the state dict}
                                                   -> {updated, failed, seconds}: answered once every generator has
                                                   the weights or was dropped and the version was announced; the

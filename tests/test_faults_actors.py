@@ -501,3 +501,27 @@ async def test_rollouts_of_an_earlier_job_incarnation_are_refused_and_their_gene
         await packer.stop()
         await sampler.stop()
         await channel.close()
+
+
+async def test_the_learner_holds_a_bounded_number_of_steps_ahead(broker, peer, tmp_path):
+    """TRAIN bodies of later steps used to pile up without bound; past max_pending the learner answers
+    `later` (the packer offers the step again), but always takes the step it trains next."""
+    import torch
+
+    from actors.learner.learner import Learner, LearnerSettings
+    from policies.train.ppo import PPOConfig
+
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=100, start_step=5, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=2, max_pending=2)
+    learner = Learner(broker.address, model=torch.nn.Linear(2, 2), tokenizer=None, optimizer=None, ppo=PPOConfig(),
+                      settings=settings, heartbeat_interval=HB)
+    packer = await peer("packer", "packer")
+    learner._wake.set = lambda: None  # nothing trains: the test looks at what is held
+    try:
+        await learner.start()
+        replies = [await packer.client.request("learner", P.TRAIN, {"step": s, "batch_ref": None, "stats": {}},
+                                               timeout=5) for s in (6, 7, 8, 7, 5)]
+        assert replies == [None, None, {"later": True}, None, None]
+        assert sorted(learner.pending) == [5, 6, 7]
+    finally:
+        await learner.stop()

@@ -62,3 +62,27 @@ def test_a_generator_that_dies_while_the_broker_is_down_has_its_prompts_dealt_ag
     assert re.search(rf"{victim} holds prompts but is not on the bus .*died unseen", out), job.tail()
     assert_exactly_once(run_dir, train, batch_prompts=4, group_size=2, steps=range(3))
     print(f"{victim} (holding {held[victim]}) killed while the broker was down: run finished {took:.1f} s later")
+
+
+async def test_the_shm_pool_stays_within_max_pool_bytes_and_a_send_waits_for_a_read_segment():
+    """Segments whose readers are still to come used to be kept and new ones made past the bound."""
+    import torch
+
+    from tensors.errors import TransferError
+    from tensors.channels.shm import ShmChannel
+
+    tx, rx = ShmChannel(max_pool_bytes=2 << 20), ShmChannel()
+    payload = {"w": torch.ones(100_000)}  # 400 kB: a 1 MiB segment each
+    try:
+        first = await tx.send(payload, timeout=30)
+        await tx.send(payload, timeout=30)
+        with pytest.raises(TransferError, match=r"max_pool_bytes=2097152, none freed within 0.3s"):
+            await tx.send(payload, timeout=0.3)
+        assert sum(s.capacity for s in tx._segments) <= 2 << 20
+        got = await rx.recv(first, timeout=5)  # its reader is done: the segment is free again
+        assert torch.equal(got["w"], payload["w"])
+        await tx.send(payload, timeout=30)
+        assert sum(s.capacity for s in tx._segments) <= 2 << 20
+    finally:
+        await tx.close()
+        await rx.close()

@@ -19,7 +19,8 @@ PROJECT_DIR = str(Path(__file__).resolve().parents[2])
 
 def bus_kwargs(cfg: ExperimentConfig) -> dict:
     from bus.keys import client_kwargs
-    return {"heartbeat_interval": cfg.bus.heartbeat_interval, **client_kwargs(cfg.bus.keys_dir)}
+    return {"heartbeat_interval": cfg.bus.heartbeat_interval, "heartbeat_liveness": cfg.bus.heartbeat_liveness,
+            **client_kwargs(cfg.bus.keys_dir)}
 
 
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,
