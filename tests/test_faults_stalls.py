@@ -86,3 +86,95 @@ async def test_the_shm_pool_stays_within_max_pool_bytes_and_a_send_waits_for_a_r
     finally:
         await tx.close()
         await rx.close()
+
+
+_HEAD = r"""
+import asyncio, sys, torch
+from bus.broker import Broker
+from bus.client import BusClient
+from actors.weights.broadcaster import WeightBroadcaster
+from tensors.channels.outbox import Outbox
+replies = []
+real = Outbox.send_reply
+def counting(self, ident, frames):
+    if frames and frames[0] == b"OK" and len(frames) > 2:  # a payload going out
+        replies.append(sum(memoryview(f).nbytes for f in frames[1:]))
+    return real(self, ident, frames)
+Outbox.send_reply = counting
+async def main():
+    broker = Broker(f"tcp://{sys.argv[1]}:0", heartbeat_interval=0.5, insecure=True)
+    await broker.start()
+    print("BUS", broker.address, flush=True)
+    bc = WeightBroadcaster(broker.address, weights={"w": torch.ones(int(sys.argv[2]) // 4)}, heartbeat_interval=0.5)
+    await bc.start()  # no generator yet: the one that joins is brought to v0 over its slow link
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while not (bc.announced or {}).get("generators") and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    print("ANNOUNCED", bc.announced, "REPLIES", replies, flush=True)
+    await bc.stop()
+    await broker.stop()
+asyncio.run(main())
+"""
+
+_GENERATOR = r"""
+import asyncio, sys, time
+from actors import protocol as P
+from actors.base import Actor, handler
+class Gen(Actor):
+    copies, loaded, lock = 0, None, None
+    @handler(P.UPDATE_WEIGHTS, from_roles=(P.BROADCASTER,))
+    async def update(self, body, src):
+        self.copies += 1
+        print("COPY", self.copies, flush=True)
+        async with self.lock:  # as the real generator: a second copy waits for the first
+            if self.loaded != body["version"]:
+                t0 = time.monotonic()
+                w = await self.channels.recv(body["weights_ref"], timeout=120)
+                print(f"RECEIVED {w['w'].numel() * 4} bytes in {time.monotonic() - t0:.1f} s", flush=True)
+                self.loaded = body["version"]
+        return {"version": body["version"]}
+async def main():
+    gen = Gen("generator-0", P.GENERATOR, sys.argv[1], heartbeat_interval=0.5)
+    gen.lock = asyncio.Lock()
+    await gen.start()
+    await asyncio.sleep(120)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_weight_update_over_a_slow_link_crosses_it_once_and_is_not_given_up(tmp_path):
+    """A generator behind a 2 Mbit/s link (a token bucket on its switch port): the update takes longer
+    than the old 10 s reply deadline, after which the broadcaster sent it again while the first copy
+    moved. Now it is sent once, watched while its bytes move, and it arrives."""
+    import subprocess
+    import sys
+
+    from tests.launch_util import ROOT
+    from tests.simhosts import SimHosts, skip_reason
+    if skip_reason() or not __import__("shutil").which("tc"):
+        pytest.skip(skip_reason() or "needs tc (iproute2)")
+    size = 3_000_000  # 24 Mbit: 12 s at 2 Mbit/s
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "BOBA_TORCH_THREADS": "1"}
+    with SimHosts(2, tmp_path, sshd=False) as net:
+        head, far = net.hosts
+        subprocess.run(["ip", "netns", "exec", net.switch, "tc", "qdisc", "add", "dev", "p1", "root", "tbf",
+                        "rate", "2mbit", "burst", "16kb", "latency", "2s"], check=True)
+        a = subprocess.Popen(net.argv(head, [sys.executable, "-c", _HEAD, head.addr, str(size)]), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        bus = a.stdout.readline().split()
+        assert bus[:1] == ["BUS"], bus + a.stdout.read()[-3000:]
+        b = subprocess.Popen(net.argv(far, [sys.executable, "-c", _GENERATOR, bus[1]]), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            head_out = a.communicate(timeout=150)[0]
+        finally:
+            b.kill()
+        far_out = b.communicate(timeout=10)[0]
+    print(head_out.strip().splitlines()[-1], "|", far_out.strip().replace("\n", " | ")[-300:])
+    assert "ANNOUNCED {'version': 0, 'generators': ['generator-0']}" in head_out, head_out[-3000:] + far_out[-3000:]
+    took = re.search(r"RECEIVED (\d+) bytes in ([\d.]+) s", far_out)
+    assert took and int(took.group(1)) == size and float(took.group(2)) > 10, far_out[-3000:]
+    assert far_out.count("COPY") == 1, far_out[-3000:]  # UPDATE_WEIGHTS sent once
+    assert re.search(r"REPLIES \[\d+\]", head_out), head_out[-3000:]  # the bytes went out once
