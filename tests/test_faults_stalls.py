@@ -178,3 +178,13 @@ def test_a_weight_update_over_a_slow_link_crosses_it_once_and_is_not_given_up(tm
     assert took and int(took.group(1)) == size and float(took.group(2)) > 10, far_out[-3000:]
     assert far_out.count("COPY") == 1, far_out[-3000:]  # UPDATE_WEIGHTS sent once
     assert re.search(r"REPLIES \[\d+\]", head_out), head_out[-3000:]  # the bytes went out once
+
+
+def test_every_client_is_given_the_configured_heartbeat_liveness():
+    """bus.heartbeat_liveness reached the broker only: clients judged it silent after their default 3."""
+    from launcher.config import load_config
+    from launcher.job.plan import bus_kwargs
+    from tests.launch_util import ROOT
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["bus.heartbeat_liveness=7"])
+    assert bus_kwargs(cfg)["heartbeat_liveness"] == 7

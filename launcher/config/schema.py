@@ -88,8 +88,8 @@ class TrainConfig(Checked):
     step_timeout: float = opt(3600.0, check=non_negative, expect=">= 0 (0 = off)",
                               doc="seconds without a learner step before the run stops naming the stage that "
                                   "has not moved; the limit is max(this, 5x the slowest step so far), armed "
-                                  "once the sampler, packer and learner are registered (step 0 and every "
-                                  "restart or --resume are watched too); 0 = off")
+                                  "once an actor of every role is registered (step 0 and every restart or "
+                                  "--resume are watched too); 0 = off")
 
 
 @dataclass

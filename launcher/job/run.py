@@ -209,8 +209,8 @@ class Job:
 
         A hang (a generator frozen with its prompts, a batch that never reaches the learner) otherwise
         shows only as silence.  The limit is max(train.step_timeout, 5x the slowest step so far), so a
-        slow but moving run is never stopped.  It is armed once the critical actors (sampler, packer,
-        learner) are on the bus, so the job's first step is watched too, in every incarnation (a
+        slow but moving run is never stopped.  It is armed once an actor of every role is on the bus
+        (each registers when loaded), so the job's first step is watched too, in every incarnation (a
         restart or --resume makes a new Job): a stall before step 0 (the only generator frozen as it
         joins) stops the run as one after step 100 does; loading before registering runs at a pace of
         its own.
@@ -218,7 +218,7 @@ class Job:
         floor = self.cfg.train.step_timeout
         if not floor:
             return
-        await self._critical_registered(min(poll, floor / 4))
+        await self._every_role_registered(min(poll, floor / 4))
         seen, last, slowest = len(self.recorded), time.monotonic(), 0.0
         while not self.finished.is_set():
             await asyncio.sleep(min(poll, floor / 4))
@@ -235,14 +235,14 @@ class Job:
                            f"so far {slowest:.1f} s): {stage}")
                 return
 
-    async def _critical_registered(self, poll: float) -> None:
-        """Return once the sampler, the packer and the learner are registered with the broker."""
+    async def _every_role_registered(self, poll: float) -> None:
+        """Return once an actor of every role (sampler, generator, verifier, packer, learner) is registered."""
         while not self.finished.is_set():
             try:
-                names = {a.name for a in await self.client.actors(timeout=max(poll, 1.0))}
+                roles = {a.role for a in await self.client.actors(timeout=max(poll, 1.0))}
             except BusError:
-                names = set()
-            if {P.SAMPLER, P.PACKER, P.LEARNER} <= names:
+                roles = set()
+            if set(P.ROLES) <= roles:
                 return
             await asyncio.sleep(poll)
 
