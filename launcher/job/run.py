@@ -91,6 +91,7 @@ class Job:
         self.last_metrics: dict = {}
         self.recorded: set[int] = set()  # steps whose metrics are written
         self.steps: range = range(0)
+        self.joined_roles: set[str] = set()  # the roles of every actor that registered (arms the watchdog)
 
     def _fail(self, why: str, role: str | None = None) -> None:
         if self.failure is None and not self.finished.is_set():
@@ -124,6 +125,7 @@ class Job:
             self.client.subscribe(P.METRICS, self._on_metrics(metrics, progress))
             self.client.subscribe(P.RUN_FINISHED, self._on_finished)
             self.client.subscribe(P.LEFT, self._on_left)
+            self.client.subscribe(P.JOINED, self._on_joined)
             tasks.append(asyncio.create_task(self._keep_broker(broker_spec(cfg, address), address)))
             for spec in specs:
                 self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
@@ -236,15 +238,13 @@ class Job:
                 return
 
     async def _every_role_registered(self, poll: float) -> None:
-        """Return once an actor of every role (sampler, generator, verifier, packer, learner) is registered."""
-        while not self.finished.is_set():
-            try:
-                roles = {a.role for a in await self.client.actors(timeout=max(poll, 1.0))}
-            except BusError:
-                roles = set()
-            if set(P.ROLES) <= roles:
-                return
+        """Return once an actor of every role (sampler, generator, verifier, packer, learner) has registered,
+        though it may have frozen or left since (a generator frozen as it joins is what must be caught)."""
+        while not self.finished.is_set() and not set(P.ROLES) <= self.joined_roles:
             await asyncio.sleep(poll)
+
+    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
+        self.joined_roles.add(body.get("role"))
 
     async def _stuck_stage(self) -> str:
         """Which stage holds the next step, from what the learner and the sampler say over the bus."""
