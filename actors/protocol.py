@@ -9,26 +9,35 @@ descriptor (``tensors.channels``) and the bytes travel over that channel. The fi
 
 - ``step``: the training step a prompt, a group or a batch belongs to; ``qid``: the prompt's problem id
   (``id#k`` for its k-th copy in one step of a tiny data set); ``(step, qid)`` names a prompt in flight.
+- ``epoch``: the job's incarnation, made by the sampler (one lives exactly as long as one incarnation:
+  a restart or ``--resume`` starts another). GENERATE carries it and every message about that prompt
+  echoes it; the sampler ignores, and the packer refuses, those of another incarnation: a generator
+  that outlives a restart (attached, with a fixed ``bus.port``) registers again and goes on, but what
+  it made with weights that no longer exist is never trained.
 - ``stats`` of SCORE and SCORED: the generator's ``actors.generator.generator.rollout_stats`` of the
   group; ``stats`` of TRAIN: the packer's ``actors.packer.batch_stats`` of the step.
 
 sender       -> receiver     message             body -> reply
-sampler      -> generator    GENERATE            {step, qid, prompt_ids, n, sampling, answers, problem: {prompt, extra}}
-generator    -> verifier     SCORE               {step, qid, texts, answers, problem, rollout_ref, generator, stats}
-generator    -> sampler      GENERATED           {step, qid, verifier}
-verifier     -> packer       SCORED              {step, qid, rewards, correct, reward_errors, rollout_ref, generator,
-                                                  stats}
+sampler      -> generator    GENERATE            {step, qid, epoch, prompt_ids, n, sampling, answers,
+                                                  problem: {prompt, extra}}
+generator    -> verifier     SCORE               {step, qid, epoch, texts, answers, problem, rollout_ref, generator, stats}
+generator    -> sampler      GENERATED           {step, qid, epoch, verifier}
+verifier     -> packer       SCORED              {step, qid, epoch, rewards, correct, reward_errors, rollout_ref,
+                                                  generator, stats}
 packer       -> sampler      ACCEPTED            {step, qid}
 packer, generator, verifier
-             -> sampler      REJECTED            {step, qid, reason}
-packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats}
+             -> sampler      REJECTED            {step, qid, reason, epoch (generator, verifier)}
+packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats} -> None, or
+                                                  {later: true} where the learner already holds max_pending steps
+                                                  ahead (the packer offers it again)
 learner      -> broadcaster  PUBLISH_WEIGHTS     {version, weights_ref: a `local` descriptor of the state dict}
                                                   -> {updated, failed, seconds}: answered once every generator has
                                                   the weights or was dropped and the version was announced; the
                                                   learner trains on only after the answer
 broadcaster  -> generator    UPDATE_WEIGHTS      {version, weights_ref} -> {version}
 sampler      -> broadcaster  BROADCASTER_STATE   {} -> its last WEIGHTS_VERSION announcement
-launcher     -> sampler      SAMPLER_STATE       {} -> {next_step, version, owed, generators: {name: prompts held}}
+launcher, packer
+             -> sampler      SAMPLER_STATE       {} -> {next_step, version, owed, epoch, generators: {name: prompts held}}
 launcher     -> learner      CHECKPOINT          {} -> {step, path}
 launcher     -> learner      LEARNER_STATE       {qids?} -> {step, version, total_steps, resumed, trained_file,
                                                   trained_steps: [first, next), training, pending,

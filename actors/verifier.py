@@ -28,14 +28,14 @@ class Verifier(Actor):
                                  reward_fns=[(f.fn, f.weight) for f in self.reward_cfg.fns])
         self.reward_errors = 0
         self.deliver_timeout = deliver_timeout
-        self._active: set[tuple[int, str]] = set()
+        self._active: set[tuple[int, str, str | None]] = set()
 
     async def on_stop(self) -> None:
         self.pool.close()
 
     @handler(P.SCORE, from_roles=(P.GENERATOR,))
     async def on_score(self, body: dict, src: str) -> None:
-        key = (int(body["step"]), body["qid"])
+        key = (int(body["step"]), body["qid"], body.get("epoch"))  # a job incarnation's copy is not another's
         if key not in self._active:
             self._active.add(key)
             self.spawn(self._score(key, body))
@@ -54,12 +54,12 @@ class Verifier(Actor):
             await self.deliver(P.PACKER, P.SCORED, {
                 "step": body["step"], "qid": body["qid"], "rewards": rewards, "correct": correct,
                 "reward_errors": errors, "rollout_ref": body["rollout_ref"], "generator": body["generator"],
-                "stats": body["stats"]},
+                "stats": body["stats"], "epoch": body.get("epoch")},
                 within=self.deliver_timeout)
         except Exception as exc:
             log.error("could not score %s: %s: %s", key, type(exc).__name__, exc)
             try:
-                await self.deliver(P.SAMPLER, P.REJECTED, {"step": key[0], "qid": key[1],
+                await self.deliver(P.SAMPLER, P.REJECTED, {"step": key[0], "qid": key[1], "epoch": body.get("epoch"),
                                                            "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
             except Exception as exc2:  # the sampler deals it again after rollout.request_timeout
                 log.error("could not tell the sampler that %s failed: %s", key, exc2)

@@ -71,3 +71,60 @@ def test_an_old_format_rng_file_is_named(tmp_path):
                ckpt / "rng.pt")  # how checkpoints were written before: a pickled numpy array
     with pytest.raises(CheckpointError, match=r"rng.pt holds pickled objects"):
         checkpoint.restore_rng(ckpt)
+
+
+_SAVE_AND_DIE = r"""
+import os, signal, sys, torch
+from actors.learner import checkpoint
+from actors.learner.trained_log import TrainedLog
+from policies.model.loading import tiny_model
+from policies.train.ppo import PPOConfig, make_optimizer
+run_dir = sys.argv[1]
+model = tiny_model(seed=0)
+opt = make_optimizer(model, PPOConfig())
+log = TrainedLog(run_dir, 0)
+for step in (0, 1):
+    log.record({"step": step, "qids": [f"q{step}"] * 2})
+checkpoint.save(run_dir, 2, model, None, opt, keep=1)
+print(checkpoint.state_digest(model, opt), flush=True)
+real_replace = os.replace
+def replace(src, dst):
+    if str(src).endswith(".tmp"):  # the new copy about to take its place: the old one is out of the way
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+opt.step()
+checkpoint.save(run_dir, 2, model, None, opt, keep=1)  # step 2 again (a CHECKPOINT request at the same step)
+"""
+
+
+def test_a_kill_while_saving_the_same_step_again_leaves_the_last_good_checkpoint(tmp_path):
+    """keep 1, the same step saved again, SIGKILLed between the old copy's removal and the new one's
+    rename: the old copy used to be removed first, leaving no checkpoint, and --resume started at step
+    0 and emptied trained.jsonl."""
+    import subprocess
+    import sys
+
+    from actors.learner.trained_log import TrainedLog, read_trained
+    from launcher.config import load_config
+    from launcher.job.start import resolve_start
+
+    run_dir = tmp_path / "run"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _SAVE_AND_DIE, str(run_dir)], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == -9, done.stderr[-2000:]  # killed at the injected point
+    digest = done.stdout.split()[0]
+    [ckpt] = checkpoint.list_checkpoints(run_dir)
+    assert checkpoint.verify(ckpt)["digest"] == digest  # the first save of step 2, whole
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"id": "q0", "prompt": "1+1?", "answer": "2"}\n')
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"run_dir={run_dir}", f"data.train={train}"])
+    start = resolve_start(cfg, resume=True)
+    assert (start.step, start.checkpoint) == (2, str(ckpt))
+    TrainedLog(run_dir, start.step)  # what the resumed learner does first
+    assert [r["step"] for r in read_trained(run_dir)] == [0, 1]
+    model = tiny_model(seed=1)  # the learner saves step 2 again: the copy moved aside is cleared
+    checkpoint.save(run_dir, 2, model, None, make_optimizer(model, PPOConfig()), keep=1)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]

@@ -200,12 +200,14 @@ def job_args(run_dir: Path, train: Path, **overrides) -> list[str]:
             *tiny_overrides(run_dir, train, **{"bus.heartbeat_interval": HB, **overrides})]
 
 
-def assert_exactly_once(records: list[dict], train: Path, batch_prompts: int, group_size: int, steps) -> None:
-    """Every prompt of every step trained once, with its G samples: the learner's record of query ids."""
-    by_step = {}
-    for m in records:
-        by_step[m["step"]] = m  # a step trained again after a resume: its last record counts
-    assert sorted(by_step) == list(steps), f"steps recorded: {[m['step'] for m in records]}"
+def assert_exactly_once(run_dir: Path, train: Path, batch_prompts: int, group_size: int, steps) -> None:
+    """Every prompt of every step trained once, with its G samples, by the learner's own record
+    (RUN_DIR/trained.jsonl, a line per trained step, rolled back with the weights on a resume): no
+    step twice, none missing, not a de-duplicated view."""
+    from actors.learner.trained_log import read_trained
+    records = read_trained(run_dir)
+    assert [m["step"] for m in records] == list(steps), f"steps in trained.jsonl: {[m['step'] for m in records]}"
+    by_step = {m["step"]: m for m in records}
     for step in steps:
         qids = by_step[step]["qids"]
         want = expected_qids(train, batch_prompts=batch_prompts, seed=1, step=step)
@@ -237,7 +239,7 @@ def test_sigkill_one_of_two_generators_mid_step(tmp_path, jobs):
     print(f"generator SIGKILL: {held.group(1)} prompts dealt again {redealt_at - killed_at:.2f} s after the kill")
 
     records = read_metrics(run_dir)
-    assert_exactly_once(records, train, batch_prompts=4, group_size=2, steps=range(3))
+    assert_exactly_once(run_dir, train, batch_prompts=4, group_size=2, steps=range(3))
     assert records[-1]["generators_updated"] == 1 and records[-1]["generators_failed"] == 0
 
 
@@ -274,7 +276,7 @@ def test_sigkill_whole_run_then_resume_continues_from_the_checkpoint(tmp_path, j
     records = read_metrics(run_dir)
     resumed = records[len(first):]
     assert [(m["step"], m["version"]) for m in resumed] == [(2, 3), (3, 4)]  # the same step numbers
-    assert_exactly_once(records, train, batch_prompts=2, group_size=2, steps=range(4))
+    assert_exactly_once(run_dir, train, batch_prompts=2, group_size=2, steps=range(4))
     assert sorted(resumed[0]["qids"]) == sorted(first[2]["qids"])  # step 2 saw the same prompts both times
     out = again.output()
     assert re.search(r"\[sampler\].*batch 2 admitted", out) and not re.search(r"batch [01] admitted", out)
@@ -365,7 +367,7 @@ def test_broker_restart_mid_step_actors_register_again_and_nothing_is_lost(tmp_p
             for name in ("sampler", "packer", "learner", "generator-0", "verifier-0")]
     print(f"broker SIGKILL: serving again after {serving_at - killed_at:.2f} s, all actors registered again "
           f"after {max(back) - killed_at:.2f} s; the launcher exited {time.monotonic() - killed_at:.1f} s after the kill")
-    assert_exactly_once(read_metrics(run_dir), train, batch_prompts=2, group_size=2, steps=range(3))
+    assert_exactly_once(run_dir, train, batch_prompts=2, group_size=2, steps=range(3))
     broker_log = (run_dir / "logs" / "broker.log").read_text()
     assert "not msgpack" in broker_log and "2 frames, expected 1" in broker_log
     assert "exceeds the bus limit" in broker_log
@@ -424,5 +426,5 @@ def test_dead_learner_restarts_the_run_from_its_last_checkpoint(tmp_path, jobs):
     assert detected < HB + 0.5, f"dead learner reported {detected:.2f} s after SIGKILL"
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [0, 1, 2, 3]
-    assert_exactly_once(records, train, batch_prompts=2, group_size=2, steps=range(4))
+    assert_exactly_once(run_dir, train, batch_prompts=2, group_size=2, steps=range(4))
     print(f"dead learner: reported after {detected:.3f} s")

@@ -409,3 +409,120 @@ async def test_the_learner_stops_waiting_for_a_broadcaster_that_never_registers(
         assert 1.5 <= time.monotonic() - t0 < 10
     finally:
         await learner.stop()
+
+
+async def test_a_malformed_or_version_skewed_group_is_rejected_and_its_step_still_trained(broker, peer):
+    """A group that would break its step (a stats field missing, tokens from a version newer than the
+    step) is rejected at once, to be dealt again; its step is trained when the good copy comes. It
+    used to be packed after the step counter moved and outside the error handling: the step was lost."""
+    from actors.generator.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import Channels, TensorOptions, open_channel
+
+    sampler = await peer("sampler", "sampler", [P.ACCEPTED, P.REJECTED])
+    verifier = await peer("verifier-0", "verifier")
+    learner = await peer("learner", "learner", [P.TRAIN])
+    packer = Packer(broker.address, batch_prompts=2, heartbeat_interval=HB)
+    channel = open_channel("shm")
+    good = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 0], "stop")] * 2)
+    skewed = rollout_batch([1, 2, 3], [Sample([4, 5], [-0.5, -0.7], [0, 7], "stop")] * 2)
+
+    async def score(qid: str, batch, drop: str | None = None) -> None:
+        body = _scored(qid, await channel.send(batch, timeout=30))
+        body["stats"].pop(drop, None)
+        await verifier.client.request("packer", P.SCORED, body, timeout=5)
+
+    try:
+        await packer.start()
+        await score("q-1", good)
+        assert (await sampler.next(P.ACCEPTED))["qid"] == "q-1"
+        await score("q-2", good, drop="response_tokens")  # a SCORED lacking a field
+        rejected = await sampler.next(P.REJECTED)
+        assert rejected["qid"] == "q-2" and "'response_tokens'" in rejected["reason"], rejected
+        await score("q-2", skewed)  # dealt again, to a generator of another incarnation
+        rejected = await sampler.next(P.REJECTED)
+        assert rejected["qid"] == "q-2" and "policy version 7, newer than the step" in rejected["reason"], rejected
+        assert learner.empty(P.TRAIN)
+        await score("q-2", good)  # dealt again: the step completes
+        assert (await sampler.next(P.ACCEPTED))["qid"] == "q-2"
+        train = await learner.next(P.TRAIN)
+        assert train["step"] == 0 and train["stats"]["groups"] == 2
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(train["batch_ref"], timeout=5)
+        await rx.close()
+        assert trained.meta["qids"] == ["q-1", "q-1", "q-2", "q-2"]
+        assert sampler.empty(P.REJECTED) and packer.next_step == 1
+    finally:
+        await packer.stop()
+        await channel.close()
+
+
+async def test_rollouts_of_an_earlier_job_incarnation_are_refused_and_their_generator_goes_on(broker, peer):
+    """A restart (or --resume) with a fixed bus.port: the generator outlives it, registers again and
+    gets the new incarnation's prompts; what it made for the old one (same step and qid, weights that
+    no longer exist) is ignored by the sampler and refused by the packer, never trained."""
+    from actors.generator.generator import Sample, rollout_batch
+    from actors.packer import Packer
+    from tensors.channels import Channels, TensorOptions, open_channel
+
+    announced = {"version": 0, "generators": ["generator-0"]}
+    await peer("broadcaster", "broadcaster", [P.BROADCASTER_STATE], reply=lambda t, body, src: announced)
+    gen = await peer("generator-0", "generator", [P.GENERATE])
+    verifier = await peer("verifier-0", "verifier")
+    learner = await peer("learner", "learner", [P.TRAIN])
+    channel = open_channel("shm")
+    made = {tag: rollout_batch([1, 2, 3], [Sample(ids, [-0.5, -0.7], [0, 0], "stop")] * 2)
+            for tag, ids in (("old", [7, 7]), ("new", [4, 5]))}
+    old = _sampler(broker)
+    await old.start()
+    stale = await gen.next(P.GENERATE)  # dealt by the first incarnation, which then ends
+    await old.stop()
+    sampler, packer = _sampler(broker), Packer(broker.address, batch_prompts=1, heartbeat_interval=HB)
+
+    async def report(tag: str, epoch: str) -> None:
+        await gen.client.request("sampler", P.GENERATED, {"step": 0, "qid": "q-1", "verifier": "verifier-0",
+                                                          "epoch": epoch}, timeout=5)
+        body = {**_scored("q-1", await channel.send(made[tag], timeout=30)), "epoch": epoch}
+        await verifier.client.request("packer", P.SCORED, body, timeout=5)
+
+    try:
+        await sampler.start()
+        await packer.start()
+        fresh = await gen.next(P.GENERATE)  # the generator goes on in the new incarnation
+        assert (fresh["step"], fresh["qid"]) == (stale["step"], stale["qid"]) and fresh["epoch"] != stale["epoch"]
+        await report("old", stale["epoch"])
+        assert sampler.owed[(0, "q-1")].holder == "generator-0" and learner.empty(P.TRAIN)
+        await report("new", fresh["epoch"])
+        train = await learner.next(P.TRAIN)
+        rx = Channels(TensorOptions(host="127.0.0.1"))
+        trained = await rx.recv(train["batch_ref"], timeout=5)
+        await rx.close()
+        assert trained.input_ids.tolist() == made["new"].input_ids.tolist()  # the old incarnation's never
+    finally:
+        await packer.stop()
+        await sampler.stop()
+        await channel.close()
+
+
+async def test_the_learner_holds_a_bounded_number_of_steps_ahead(broker, peer, tmp_path):
+    """TRAIN bodies of later steps used to pile up without bound; past max_pending the learner answers
+    `later` (the packer offers the step again), but always takes the step it trains next."""
+    import torch
+
+    from actors.learner.learner import Learner, LearnerSettings
+    from policies.train.ppo import PPOConfig
+
+    settings = LearnerSettings(run_dir=tmp_path, total_steps=100, start_step=5, recompute=False, checkpoint_every=0,
+                               keep_checkpoints=2, max_pending=2)
+    learner = Learner(broker.address, model=torch.nn.Linear(2, 2), tokenizer=None, optimizer=None, ppo=PPOConfig(),
+                      settings=settings, heartbeat_interval=HB)
+    packer = await peer("packer", "packer")
+    learner._wake.set = lambda: None  # nothing trains: the test looks at what is held
+    try:
+        await learner.start()
+        replies = [await packer.client.request("learner", P.TRAIN, {"step": s, "batch_ref": None, "stats": {}},
+                                               timeout=5) for s in (6, 7, 8, 7, 5)]
+        assert replies == [None, None, {"later": True}, None, None]
+        assert sorted(learner.pending) == [5, 6, 7]
+    finally:
+        await learner.stop()

@@ -161,7 +161,7 @@ def test_sim_job_trains_every_prompt_once_when_a_tenth_of_the_generators_is_sigk
     assert not left, f"the killed process's shm segments outlived the job: {left}"
 
     records = read_metrics(run_dir)
-    assert_exactly_once(records, train, batch_prompts=prompts, group_size=group, steps=range(steps))
+    assert_exactly_once(run_dir, train, batch_prompts=prompts, group_size=group, steps=range(steps))
     assert records[0]["generators_updated"] == 20 and records[-1]["generators_updated"] == 18
     assert 0 < sum(m["accuracy"] for m in records) / steps < 1  # real rewards from sim.accuracy 0.5
 

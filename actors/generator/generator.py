@@ -103,7 +103,8 @@ class Generator(Actor):
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
-        rid = f"{body['step']}:{body['qid']}"
+        rid = f"{body['step']}:{body['qid']}"  # a job incarnation's copy is not another's (protocol: epoch)
+        rid = f"{rid}@{body['epoch']}" if body.get("epoch") else rid
         if rid in self._active:
             return
         self._active.add(rid)
@@ -135,10 +136,12 @@ class Generator(Actor):
             stats = rollout_stats(samples, self.backend.version)
             await self.deliver(verifier, P.SCORE, {
                 "step": body["step"], "qid": body["qid"], "texts": texts, "answers": body["answers"],
-                "problem": body.get("problem"), "rollout_ref": desc, "generator": self.name, "stats": stats},
+                "problem": body.get("problem"), "rollout_ref": desc, "generator": self.name, "stats": stats,
+                "epoch": body.get("epoch")},
                 within=self.deliver_timeout)
             await self.deliver(sampler, P.GENERATED, {"step": body["step"], "qid": body["qid"],
-                                                      "verifier": verifier}, within=self.deliver_timeout)
+                                                      "verifier": verifier, "epoch": body.get("epoch")},
+                               within=self.deliver_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -150,7 +153,7 @@ class Generator(Actor):
             # over now: the sampler may deal it to us again while we report, and that copy must run
             self._active.discard(rid)
             try:
-                await self.deliver(sampler, P.REJECTED, {"step": body["step"], "qid": body["qid"],
+                await self.deliver(sampler, P.REJECTED, {"step": body["step"], "qid": body["qid"], "epoch": body.get("epoch"),
                                                          "reason": f"{self.name}: {exc}"}, within=self.deliver_timeout)
             except Exception as exc2:  # the sampler deals it again after rollout.request_timeout
                 log.error("could not tell %s that %s failed: %s", sampler, rid, exc2)

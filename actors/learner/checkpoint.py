@@ -1,7 +1,10 @@
 """Training checkpoints: model (HF dir), optimizer, step, RNG, sampler position.
 
 A checkpoint directory is written under a temporary name and renamed into place only when complete,
-so a crash mid-save leaves the previous checkpoint as the latest usable one. state.json lists every
+so a crash mid-save leaves the previous checkpoint as the latest usable one. Saving a step that is
+already on disk (keep 1: the only checkpoint there is) moves the old copy aside under a name of its
+own (`step-N.old`, renamed, not removed) before the new one takes its place, so a kill between the two
+renames leaves it, and `list_checkpoints` counts it as that step's checkpoint. state.json lists every
 file's size and a digest of the model and optimizer state: `verify` finds a checkpoint that was
 damaged on disk later (truncated, a file missing), and a resumed learner can prove it holds exactly
 what was saved.
@@ -29,6 +32,7 @@ from policies.model.loading import save_checkpoint
 from policies.train.optim import full_precision_state
 
 _PREFIX = "step-"
+_OLD = ".old"  # a step's last good copy while the same step is saved again
 
 
 class CheckpointError(ValueError):
@@ -77,12 +81,18 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
             "digest": state_digest(model, optimizer), "files": files, **(extra or {})}
     _write_synced(tmp / "state.json", json.dumps(meta, indent=1))
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.with_name(final.name + _OLD)
+    if final.exists():  # the same step again: its last good copy is moved aside, never removed first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    for gone in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(gone, ignore_errors=True)
+    for stale in final.parent.glob(f"{_PREFIX}*{_OLD}"):  # left by a save killed after its rename
+        if stale.with_name(stale.name.removesuffix(_OLD)).exists():
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -102,13 +112,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of an interrupted save are ignored)."""
+    """Complete checkpoints, oldest first (temporary directories of an interrupted save are ignored).
+
+    A step's copy moved aside (`step-N.old`) counts where a save died before its new copy took its
+    place; it has no side effects, so a lister never races the learner's save."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and not p.name.endswith(".tmp")
-            and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+    done = {}
+    for p in root.iterdir():
+        name = p.name.removesuffix(_OLD)
+        if p.name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and (p / "state.json").is_file():
+            if p.name == name or name not in done:  # the step's own copy wins over the one moved aside
+                done[name] = p
+    return sorted(done.values(), key=lambda p: int(p.name.removesuffix(_OLD)[len(_PREFIX):]))
 
 
 def latest(run_dir: str | Path) -> Path | None:

@@ -84,6 +84,7 @@ class LearnerSettings:
     transfer_timeout: float = 120.0  # a packed batch's transfer
     weights_timeout: float = 600.0  # the broadcaster's answer to PUBLISH_WEIGHTS (every generator reached or dropped)
     recent_steps: int = 16  # steps whose records stay in memory (8,192 qids a step add up)
+    max_pending: int = 8  # TRAIN bodies held ahead of the step being trained; the packer offers later ones again
 
 
 class Learner(Actor):
@@ -115,11 +116,13 @@ class Learner(Actor):
             self._worker.cancel()
 
     @handler(P.TRAIN, from_roles=(P.PACKER,))
-    async def on_train(self, body: dict, src: str) -> None:
+    async def on_train(self, body: dict, src: str) -> dict | None:
         step = int(body["step"])
         if step < self.step or step == self._training:
             log.info("ignoring step %d: already trained up to %d", step, self.step)
             return
+        if step != self.step and step not in self.pending and len(self.pending) >= self.settings.max_pending:
+            return {"later": True}  # bounded: the packer offers it again; the step trained next is always taken
         self.pending[step] = body
         self._wake.set()
 
@@ -228,7 +231,7 @@ class Learner(Actor):
                 "qids": qids,  # the exactly-once record: one entry per trained sequence
             }
             # on disk before a checkpoint that includes the step: a resume never lacks its record
-            self.trained.record(metrics)
+            await asyncio.to_thread(self.trained.record, metrics)  # fsync: a slow filesystem must not stall the loop
             every = self.settings.checkpoint_every
             if every and (self.step % every == 0 or self.step == self.total_steps):
                 await self._checkpoint()

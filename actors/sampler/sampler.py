@@ -6,17 +6,21 @@ It owns the exactly-once guarantee on the sampling side: every prompt of an admi
 "owed" until the packer says ACCEPTED. A prompt held by a generator or verifier that leaves is dealt
 again; the packer drops any duplicate that the dead peer had already sent on. Prompts are delivered
 (acknowledged, sent again if lost), so a broker restart loses none, and after one the sampler asks
-the broadcaster for the policy version it may have missed.
+the broadcaster for the policy version it may have missed. A holder that died while the broker was
+down never gets a `left` (the new broker never knew it): the sampler reconciles what it dealt with the
+broker's actor list, and a holder missing from it for longer than a re-registration takes is treated
+as gone (`_reconcile`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
-from dataclasses import dataclass
 
 from actors import protocol as P
 from actors.base import Actor, handler
@@ -71,8 +75,15 @@ class PromptSampler(Actor):
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
         self.generators = LoadBook()  # name -> prompts in flight there
+        # the job's incarnation (actors.protocol): one sampler lives exactly as long as one, and a restart
+        # or --resume starts a new one; every prompt carries it, and replies of another are refused
+        self.epoch = secrets.token_hex(8)
         self._watchdog: asyncio.Task | None = None
         self._refills: dict[int, int] = {}  # step -> prompts dealt in place of dropped groups
+        self._reconciler: asyncio.Task | None = None
+        self._absent_since: dict[str, float] = {}  # holder -> when the broker's list first lacked it
+        # accepted prompts of steps not yet trained: the packer may still find one breaks its step
+        self.accepted: dict[tuple[int, str], dict] = {}
 
     async def on_start(self) -> None:
         self.bus.subscribe(P.WEIGHTS_VERSION, self._on_version)
@@ -81,6 +92,7 @@ class PromptSampler(Actor):
         await self._ask_version()  # the broadcaster may have announced before we subscribed
         await self._pump()
         self._watchdog = asyncio.create_task(self._watch())
+        self._reconciler = asyncio.create_task(self._reconcile())
 
     async def _ask_version(self) -> None:
         try:
@@ -96,8 +108,37 @@ class PromptSampler(Actor):
             await self._ask_version()
 
     async def on_stop(self) -> None:
-        if self._watchdog:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._reconciler):
+            if task:
+                task.cancel()
+
+    async def _reconcile(self) -> None:
+        """Deal again the prompts of holders the broker no longer lists.
+
+        Every live actor registers again within a heartbeat window or two of a broker restart, so
+        a holder absent from the list for ``grace`` (two windows and a second) is dead: it died
+        while the broker was down (no `left` will come) or its `left` was lost with the broker."""
+        window = self.bus.heartbeat_interval * self.bus.heartbeat_liveness
+        period, grace = max(0.5, window), 2 * window + 1.0
+        while True:
+            await asyncio.sleep(period)
+            holders = {o.holder for o in self.owed.values() if o.holder}
+            if not holders:
+                self._absent_since.clear()
+                continue
+            try:
+                live = {a.name for a in await self.bus.actors(timeout=max(1.0, window))}
+            except BusError as exc:  # the broker is away: nothing to compare with yet
+                log.debug("cannot list the actors to reconcile (%s)", exc)
+                continue
+            now = time.monotonic()
+            self._absent_since = {h: self._absent_since.get(h, now) for h in holders - live}
+            for name, since in list(self._absent_since.items()):
+                if now - since >= grace:
+                    del self._absent_since[name]
+                    log.warning("%s holds prompts but is not on the bus (%.1f s): it died unseen", name,
+                                now - since)
+                    await self._on_left(P.LEFT, {"name": name, "reason": "unlisted"}, P.SAMPLER)
 
     async def _watch(self) -> None:
         """Say what we wait for, and deal again any prompt held past the request timeout."""
@@ -147,7 +188,7 @@ class PromptSampler(Actor):
     def _owe(self, key: tuple[int, str], i: int) -> None:
         prob = self.problems[i]
         self.owed[key] = _Owed({
-            "step": key[0], "qid": key[1], "prompt_ids": self.prompt_ids[i],
+            "step": key[0], "qid": key[1], "epoch": self.epoch, "prompt_ids": self.prompt_ids[i],
             "n": self.cfg.group_size, "sampling": self.cfg.sampling, "answers": prob.answers,
             "problem": {"prompt": prob.prompt, "extra": prob.extra},   # for reward functions
         })
@@ -215,6 +256,7 @@ class PromptSampler(Actor):
         if version < self.version:
             return
         self.version = version
+        self.accepted = {k: b for k, b in self.accepted.items() if k[0] >= version}  # steps < version are trained
         current = set(body.get("generators", ()))
         for gone in set(self.generators) - current:
             del self.generators[gone]  # prompts it holds stay with it; `left` re-deals them if it dies
@@ -242,6 +284,8 @@ class PromptSampler(Actor):
         ``left`` event came first and found nothing to re-deal): such a prompt is dealt again at once.
         """
         key, verifier = (int(body["step"]), body["qid"]), body["verifier"]
+        if not self._this_epoch(body, src):
+            return
         if self._owed_by(key, src) is not None:
             try:
                 live = verifier in {a.name for a in await self.bus.actors(role=P.VERIFIER)}
@@ -260,6 +304,16 @@ class PromptSampler(Actor):
                     self.queue.appendleft(key)
         await self._deal()
 
+    def _this_epoch(self, body: dict, src: str) -> bool:
+        """Whether a reply is about a prompt of this job incarnation (an attached generator outlives a
+        restart, and reports on what the last one dealt it); a body without an epoch is a pre-epoch peer's."""
+        epoch = body.get("epoch")
+        if epoch is None or epoch == self.epoch:
+            return True
+        log.warning("%s from %s about (%s, %s) of another job incarnation (epoch %s, this one %s): ignored",
+                    "reply", src, body.get("step"), body.get("qid"), epoch, self.epoch)
+        return False
+
     def _owed_by(self, key: tuple[int, str], holder: str) -> _Owed | None:
         owed = self.owed.get(key)
         return owed if owed is not None and owed.holder == holder else None
@@ -268,16 +322,22 @@ class PromptSampler(Actor):
     async def on_accepted(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
         owed = self.owed.pop(key, None)
-        if owed is not None and owed.holder in self.generators:
-            self._release(key, owed.holder)
-        if owed is not None and body.get("refill"):
-            self._refill(key[0])
+        if owed is not None:
+            self.accepted[key] = owed.body
+            if owed.holder in self.generators:
+                self._release(key, owed.holder)
+            if body.get("refill"):
+                self._refill(key[0])
         await self._deal()
 
     @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
+        if not self._this_epoch(body, src):
+            return
         owed = self.owed.get(key)
+        if owed is None and src == P.PACKER and key in self.accepted:  # its step would not pack with it
+            owed = self.owed[key] = _Owed(self.accepted.pop(key))
         if owed is None:
             return
         log.warning("%s rejected by %s (%s): dealing it again", key, src, body.get("reason"))
@@ -288,5 +348,5 @@ class PromptSampler(Actor):
 
     @handler(P.SAMPLER_STATE)
     async def on_state(self, body: dict, src: str) -> dict:
-        return {"next_step": self.next_step, "version": self.version, "owed": len(self.owed),
+        return {"next_step": self.next_step, "version": self.version, "owed": len(self.owed), "epoch": self.epoch,
                 "generators": dict(self.generators)}

@@ -69,7 +69,9 @@ class RolloutConfig(Checked):
     max_staleness: int = opt(0, check=non_negative, expect=">= 0")
     force_newline: bool = False
     drop_uniform_groups: bool = False
-    request_timeout: float = opt(600.0, check=positive, expect="> 0 (seconds)")
+    request_timeout: float = opt(600.0, check=positive, expect="> 0 (seconds)",
+                                 doc="a prompt held longer (generating or being scored) is dealt again; a "
+                                     "generator gives a group up after as long (its generate timeout)")
     interrupt_on_update: bool = opt(
         True, doc="with max_staleness > 0 a weight update reaches generators mid-sequence. true: running "
                   "sequences continue under the new weights at once, their KV cache recomputed (prompt + tokens "
@@ -94,7 +96,8 @@ class TrainConfig(Checked):
     step_timeout: float = opt(3600.0, check=non_negative, expect=">= 0 (0 = off)",
                               doc="seconds without a learner step before the run stops naming the stage that "
                                   "has not moved; the limit is max(this, 5x the slowest step so far), armed "
-                                  "after the job's first step; 0 = off")
+                                  "once an actor of every role is registered (step 0 and every restart or "
+                                  "--resume are watched too); 0 = off")
 
 
 @dataclass

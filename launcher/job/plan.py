@@ -24,7 +24,8 @@ PROJECT_DIR = str(Path(__file__).resolve().parents[2])
 def bus_kwargs(cfg: ExperimentConfig, role: str) -> dict:
     """A bus client's keyword arguments for a member of `role` (its role's key on a keyed bus)."""
     from bus.keys import client_kwargs
-    return {"heartbeat_interval": cfg.bus.heartbeat_interval, **client_kwargs(cfg.bus.keys_dir, role)}
+    return {"heartbeat_interval": cfg.bus.heartbeat_interval, "heartbeat_liveness": cfg.bus.heartbeat_liveness,
+            **client_kwargs(cfg.bus.keys_dir, role)}
 
 
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,

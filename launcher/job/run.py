@@ -93,6 +93,7 @@ class Job:
         self.last_metrics: dict = {}
         self.recorded: set[int] = set()  # steps whose metrics are written
         self.steps: range = range(0)
+        self.joined_roles: set[str] = set()  # the roles of every actor that registered (arms the watchdog)
 
     def _fail(self, why: str, role: str | None = None) -> None:
         if self.failure is None and not self.finished.is_set():
@@ -134,6 +135,7 @@ class Job:
             self.client.subscribe(P.METRICS, self._on_metrics(metrics, progress))
             self.client.subscribe(P.RUN_FINISHED, self._on_finished)
             self.client.subscribe(P.LEFT, self._on_left)
+            self.client.subscribe(P.JOINED, self._on_joined)
             tasks.append(asyncio.create_task(self._keep_broker(broker_spec(cfg, address), address)))
             for spec in specs:
                 self.procs.append(await start_process(spec, log_dir=rd / "logs", cwd=PROJECT_DIR, echo=self.echo,
@@ -219,13 +221,17 @@ class Job:
 
         A hang (a generator frozen with its prompts, a batch that never reaches the learner) otherwise
         shows only as silence.  The limit is max(train.step_timeout, 5x the slowest step so far), so a
-        slow but moving run is never stopped; it is armed at the job's first step, as start-up
-        (loading, compiling) runs at a pace of its own.
+        slow but moving run is never stopped.  It is armed once an actor of every role is on the bus
+        (each registers when loaded), so the job's first step is watched too, in every incarnation (a
+        restart or --resume makes a new Job): a stall before step 0 (the only generator frozen as it
+        joins) stops the run as one after step 100 does; loading before registering runs at a pace of
+        its own.
         """
         floor = self.cfg.train.step_timeout
         if not floor:
             return
-        seen, last, slowest = len(self.recorded), None, 0.0
+        await self._every_role_registered(min(poll, floor / 4))
+        seen, last, slowest = len(self.recorded), time.monotonic(), 0.0
         while not self.finished.is_set():
             await asyncio.sleep(min(poll, floor / 4))
             now = time.monotonic()
@@ -235,11 +241,20 @@ class Job:
                 seen, last = len(self.recorded), now
                 continue
             limit = max(floor, 5 * slowest)
-            if last is not None and now - last > limit:
+            if now - last > limit:
                 stage = await self._stuck_stage()
                 self._fail(f"no learner step within {limit:.0f} s (train.step_timeout={floor:g}, slowest step "
                            f"so far {slowest:.1f} s): {stage}")
                 return
+
+    async def _every_role_registered(self, poll: float) -> None:
+        """Return once an actor of every role (sampler, generator, verifier, packer, learner) has registered,
+        though it may have frozen or left since (a generator frozen as it joins is what must be caught)."""
+        while not self.finished.is_set() and not set(P.ROLES) <= self.joined_roles:
+            await asyncio.sleep(poll)
+
+    async def _on_joined(self, topic: str, body: dict, src: str) -> None:
+        self.joined_roles.add(body.get("role"))
 
     async def _stuck_stage(self) -> str:
         """Which stage holds the next step, from what the learner and the sampler say over the bus."""

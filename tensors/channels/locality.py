@@ -114,6 +114,12 @@ class Channels:
                      f" (served at {desc['endpoint']})" if "endpoint" in desc else "")
         return desc
 
+    def moved(self, descriptor: Descriptor) -> int | None:
+        """Bytes of a zmq offer sent on their way to its reader so far (None: not pulled yet, or a kind
+        without progress to tell), so a slow transfer is told from a stuck one."""
+        ch = self._open.get("zmq") if isinstance(descriptor, dict) and descriptor.get("kind") == "zmq" else None
+        return ch.moved(descriptor["id"]) if ch is not None else None
+
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
         """The payload a descriptor names, through a channel of its kind."""
         from tensors.channels.kinds import KINDS

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 _POLL_MS = 100
 MAX_REQUEST_BYTES = 4096  # a request is ``verb, transfer id``
 REQUEST_HWM = 1024
+_TRACKED = 64  # replies whose progress is kept (Outbox.moved)
 DEFAULT_MAX_FRAME_BYTES = 4 << 30  # the largest tensor of a 7B model is ~1.1 GB
 
 
@@ -111,6 +112,8 @@ class Outbox:
             raise
         self.endpoint = _connectable(self._sock.getsockopt_string(zmq.LAST_ENDPOINT), advertise)
         self._entries: dict[str, _Entry] = {}
+        # tid -> (frame sizes, their trackers) of the last replies: how far a pull's bytes have gone
+        self._sent: collections.OrderedDict[str, tuple[list[int], list[Any]]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"outbox {self.endpoint}", daemon=True)
@@ -128,6 +131,15 @@ class Outbox:
     ) -> None:
         with self._lock:
             self._entries[tid] = _Entry(frames, time.monotonic() + ttl, ttl, readers, needs_done, on_release)
+
+    def moved(self, tid: str) -> int | None:
+        """Bytes of the last reply for ``tid`` that zmq has handed to the kernel (frame by frame), or None
+        when none was sent: a slow pull is alive while this grows."""
+        with self._lock:
+            sent = self._sent.get(tid)
+        if sent is None:
+            return None
+        return sum(n for n, t in zip(*sent) if t is None or t.done)
 
     def __len__(self) -> int:
         with self._lock:
@@ -185,13 +197,28 @@ class Outbox:
                 reply = [b"ERR", b"bad request " + verb + b" for this transfer"]
             if e is not None and e.readers_left == 0 and e.outstanding == 0:
                 released = self._entries.pop(tid)
-        self.send_reply(ident, reply)
+        self._track(tid, self.send_reply(ident, reply), reply)
         if released is not None:
             _release(released)
 
-    def send_reply(self, ident: bytes, frames: list[Any]) -> None:
-        """Send [ident, *frames], payload buffers zero-copy (a seam for fault-injection tests)."""
-        self._sock.send_multipart([ident, *frames], copy=False)
+    def send_reply(self, ident: bytes, frames: list[Any]) -> list[Any] | None:
+        """Send [ident, *frames], payload buffers zero-copy (a seam for fault-injection tests) -> a tracker
+        per frame (None for one zmq copied), done once zmq has passed its bytes on."""
+        self._sock.send(ident, zmq.SNDMORE)
+        trackers = []
+        for i, f in enumerate(frames):
+            t = self._sock.send(f, zmq.SNDMORE if i < len(frames) - 1 else 0, copy=False, track=True)
+            trackers.append(t if isinstance(t, zmq.MessageTracker) else None)
+        return trackers
+
+    def _track(self, tid: str, trackers: list[Any] | None, frames: list[Any]) -> None:
+        if not trackers or frames[0] != b"OK":
+            return
+        sizes = [len(f) if isinstance(f, zmq.Frame) else memoryview(f).nbytes for f in frames]
+        with self._lock:
+            self._sent[tid] = (sizes, trackers)
+            while len(self._sent) > _TRACKED:
+                self._sent.popitem(last=False)
 
     def _expire(self) -> None:
         now = time.monotonic()

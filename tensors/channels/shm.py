@@ -249,6 +249,15 @@ def _write_segment(seg: _Segment, header: bytes, buffers: list[memoryview], offs
             seg.view[off : off + buf.nbytes].copy_(torch.frombuffer(buf, dtype=torch.uint8))
 
 
+class _PoolFull(Exception):
+    """No segment is free and a new one would pass max_pool_bytes (the message says by how much)."""
+
+
+def _capacity(size: int) -> int:
+    """A new segment's size for a payload of ``size`` bytes (sparse: only reserved pages cost memory)."""
+    return max(1 << 20, 1 << (size - 1).bit_length())
+
+
 class ShmChannel(Channel):
     kind = "shm"
 
@@ -285,10 +294,16 @@ class ShmChannel(Channel):
         header, buffers = wire.encode(payload, checksum=self.checksum)
         offsets, end = layout(len(header), [b.nbytes for b in buffers])
         deadline = time.monotonic() + timeout
-        try:
-            seg, state = self._acquire(end, readers, deadline)
-        except TimeoutError:
-            raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
+        while True:  # the pool stays within max_pool_bytes: a send waits for a segment its readers are done with
+            try:
+                seg, state = self._acquire(end, readers, deadline)
+                break
+            except TimeoutError:
+                raise TransferError(self.name, "-", "lock", f"no segment lock within {timeout}s") from None
+            except _PoolFull as full:
+                if time.monotonic() >= deadline:
+                    raise TransferError(self.name, "-", "pool", f"{full}, none freed within {timeout}s") from None
+            await asyncio.sleep(0.05)
         copy = None
         try:
             _reserve(seg, end, self.name, self.directory)
@@ -329,7 +344,11 @@ class ShmChannel(Channel):
                     state.write(seg.fd)
                     seg.busy = True
                     return seg, state
-        self._trim(size, now, deadline)
+        self._trim(_capacity(size), now, deadline)
+        held = sum(s.capacity for s in self._segments)
+        if self._segments and held + _capacity(size) > self.max_pool_bytes:
+            raise _PoolFull(f"the shm pool holds {held} bytes of segments still to be read: {_capacity(size)} more "
+                            f"would pass max_pool_bytes={self.max_pool_bytes}")
         seg = self._create(size)
         state = _State(gen=1, state=_WRITING, readers=readers)
         state.write(seg.fd)
@@ -348,7 +367,7 @@ class ShmChannel(Channel):
         return not any(pid and _alive(pid) for pid in s.pids[: s.taken])
 
     def _create(self, size: int) -> _Segment:
-        capacity = max(1 << 20, 1 << (size - 1).bit_length())  # sparse: only reserved pages cost memory
+        capacity = _capacity(size)
         self._count += 1
         path = os.path.join(self.directory, f"{PREFIX}-{_owner_tag()}-{self._token}-{self._count}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)

@@ -54,6 +54,10 @@ class ZmqChannel(Channel):
             desc["server_key"] = self._outbox.server_key
         return desc
 
+    def moved(self, tid: str) -> int | None:
+        """Bytes of the offer ``tid`` handed to the kernel so far (Outbox.moved); None before a pull."""
+        return self._outbox.moved(tid) if self._outbox is not None else None
+
     async def recv(self, descriptor: Descriptor, *, timeout: float) -> Payload:
         peer, tid = check_descriptor(descriptor, self.kind, ("endpoint",), timeout)
         server_key = descriptor.get("server_key")

@@ -65,4 +65,6 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
         backend = sglang_backend(cfg, start, bus_address)
     else:
         backend = torch_backend(cfg, start, tok)
-    return [Generator(name, bus_address, backend=backend, tokenizer=tok, **bus_kwargs)]
+    # a group is given up (REJECTED, dealt again) no later than the sampler would deal it again itself
+    return [Generator(name, bus_address, backend=backend, tokenizer=tok, generate_timeout=cfg.rollout.request_timeout,
+                      **bus_kwargs)]
