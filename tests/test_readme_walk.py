@@ -96,6 +96,7 @@ class Walk:
         return out.getvalue()
 
 
+@pytest.mark.timeout(900)  # two tiny jobs and a dozen commands: about a minute on a quiet 2-core machine
 def test_every_readme_command_works_in_order_on_a_fresh_clone(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     walk = Walk(clone)

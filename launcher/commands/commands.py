@@ -235,7 +235,7 @@ def cmd_keys(args) -> int:
     try:
         path = generate_keys(args.dir, overwrite=args.force)
     except FileExistsError:
-        return _die(f"{args.dir} already holds keys: pass --force to replace them (every host of a running job "
+        return _die(f"{args.dir}: keys already exist there: pass --force to replace them (every host of a running job "
                     f"then needs the new directory)")
     except (OSError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: libzmq without CURVE
         return _die(str(exc))
