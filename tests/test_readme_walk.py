@@ -14,7 +14,9 @@ import io
 import json
 import os
 import re
+import resource
 import shlex
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +63,12 @@ def run_sh_ready(clone: Path) -> bool:
     return (Path(sys.prefix) / f".setup-{digest[:16]}").exists()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (the walk's cost, apart from a busy machine)."""
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 class Walk:
     def __init__(self, clone: Path):
         self.clone, self.transcript = clone, []
@@ -71,9 +79,11 @@ class Walk:
         """A process, as the user types it (`python` is this venv's); its output, after checking rc 0."""
         if argv[0] == "python":
             argv = [sys.executable, *argv[1:]]
+        t0, cpu0 = time.monotonic(), cpu_seconds()
         p = subprocess.run(argv, cwd=self.clone, env=self.env, capture_output=True, text=True, timeout=timeout)
         out = p.stdout + p.stderr
-        self.transcript.append(f"$ {shlex.join(argv)}\n{out[-3000:]}")
+        self.transcript.append(f"$ {shlex.join(argv)}   [{time.monotonic() - t0:.1f} s, "
+                               f"{cpu_seconds() - cpu0:.1f} s CPU]\n{out[-3000:]}")
         assert p.returncode == 0, f"{shlex.join(argv)} exited {p.returncode}:\n{out[-3000:]}"
         return out
 
@@ -81,6 +91,7 @@ class Walk:
         """`python -m launcher ARGS` in this process (quick: torch is imported once), from the clone."""
         from launcher.__main__ import main
         out = io.StringIO()
+        t0, cpu0 = time.monotonic(), cpu_seconds()
         cwd = os.getcwd()
         os.chdir(self.clone)
         try:
@@ -91,12 +102,13 @@ class Walk:
                     rc = exc.code or 0
         finally:
             os.chdir(cwd)
-        self.transcript.append(f"$ python -m launcher {shlex.join(args)}\n{out.getvalue()[-3000:]}")
+        self.transcript.append(f"$ python -m launcher {shlex.join(args)}   [{time.monotonic() - t0:.1f} s, "
+                               f"{cpu_seconds() - cpu0:.1f} s CPU]\n{out.getvalue()[-3000:]}")
         assert rc == 0, f"python -m launcher {shlex.join(args)} -> {rc}:\n{out.getvalue()[-3000:]}"
         return out.getvalue()
 
 
-@pytest.mark.timeout(900)  # two tiny jobs and a dozen commands: about a minute on a quiet 2-core machine
+@pytest.mark.timeout(1200)  # two tiny jobs and a dozen commands; far less on a quiet machine
 def test_every_readme_command_works_in_order_on_a_fresh_clone(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     walk = Walk(clone)
@@ -147,6 +159,7 @@ def test_every_readme_command_works_in_order_on_a_fresh_clone(tmp_path):
         print("\n\n".join(walk.transcript))
         raise
     assert len(done) >= 20, done
+    print("\n".join(line.splitlines()[0] for line in walk.transcript))  # each command with its time
 
 
 def check_promise(clone: Path, args: list[str], out: str) -> None:
