@@ -96,7 +96,7 @@ def test_a_hub_id_says_hub_ids_need_a_local_copy(tmp_path):
     train = dataset(tmp_path)
     rc, _, err = launcher(*TINY, "-o", f"model.path={HUB_ID}", "-o", f"data.train={train}", "-o", "data.test=null",
                           "--dry-run", cwd=tmp_path)
-    one_line(rc, err, "model.path", HUB_ID, "hub id", "local copy", f"--local-dir models/Qwen2.5-0.5B-Instruct")
+    one_line(rc, err, "model.path", HUB_ID, "hub id", "local copy", "--local-dir models/Qwen2.5-0.5B-Instruct")
     rc, _, err = launcher("eval", "--model", HUB_ID, "--data", str(train), cwd=tmp_path)
     one_line(rc, err, HUB_ID, "hub id", "local copy")
 
