@@ -4,9 +4,11 @@ The service here stands for yours: a small HTTP endpoint (`GET /health`) on its 
 generator runs in the same event loop as the service; its decode steps and weight loads run in a
 worker thread, so the service keeps answering while it generates. It joins a running job's bus,
 gets the job's current weights from the broadcaster at once, serves prompts, and leaves the bus
-cleanly on Ctrl-C.
+cleanly on Ctrl-C, or by itself when the job ends (its learner announces the last step, or the
+job's broker stays silent for --job-gone-after seconds).
 
-    python -m launcher --config configs/tiny.yaml           # a job; note "bus tcp://HOST:PORT"
+    source .venv/bin/activate                    # or prefix each line with .venv/bin/
+    python -m launcher --config configs/tiny.yaml -o train.steps=200 &   # a job; note "bus tcp://HOST:PORT"
     python examples/embed_generator.py --bus tcp://HOST:PORT --port 8080
     curl http://127.0.0.1:8080/health
 """
@@ -64,6 +66,25 @@ async def make_generator(name: str, bus: str, model_path: str | None, keys: dict
     return Generator(name, bus, backend=backend, tokenizer=tok, **keys)
 
 
+async def until_the_job_ends(gen: Generator, bus: str, gone_after: float, stop: asyncio.Event) -> None:
+    """Set `stop` when the job ends: the learner's run.finished, or a broker silent for `gone_after` s
+    (a job stopped by Ctrl-C or killed takes its broker with it; the bus client would retry forever)."""
+    def finished(topic, body, src):
+        print(f"[service] the job finished (step {(body or {}).get('step')}): leaving", flush=True)
+        stop.set()
+    await gen.bus.subscribe(P.RUN_FINISHED, finished)
+    silent_since = None
+    while not stop.is_set():
+        await asyncio.sleep(0.5)
+        if gen.bus.registered:
+            silent_since = None
+        elif silent_since is None:
+            silent_since = time.monotonic()
+        elif time.monotonic() - silent_since > gone_after:
+            print(f"[service] no broker at {bus} for {gone_after:.0f} s: the job has ended; leaving", flush=True)
+            stop.set()
+
+
 async def serve(args) -> None:
     started, gen = time.monotonic(), None
 
@@ -102,7 +123,9 @@ async def serve(args) -> None:
         gen = await make_generator(args.name, args.bus, args.model, client_kwargs(args.keys, "generator"))
         await gen.start()  # registers on the bus; from now on prompts and weight updates arrive
         print(f"[service] {args.name} joined {args.bus}", flush=True)
+        watch = asyncio.create_task(until_the_job_ends(gen, args.bus, args.job_gone_after, stop))
         await stop.wait()
+        watch.cancel()
     finally:
         if gen is not None:
             await gen.stop()  # finishes in-flight handlers, then leaves the bus
@@ -113,11 +136,13 @@ async def serve(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bus", required=True, help="the job's bus, tcp://HOST:PORT")
+    ap.add_argument("--bus", required=True, help="the job's bus, tcp://HOST:PORT")  # as the launcher printed it
     ap.add_argument("--name", default=f"generator-{socket.gethostname()}-{os.getpid()}")
     ap.add_argument("--model", help="model directory; default: the one the job trains (asked over the bus)")
     ap.add_argument("--port", type=int, default=8080, help="the service's own HTTP port (0 = any free one)")
     ap.add_argument("--keys", help="CurveZMQ keys directory of a secured bus")
+    ap.add_argument("--job-gone-after", type=float, default=30.0,
+                    help="leave when the job's broker has not answered for this many seconds")
     try:
         asyncio.run(serve(ap.parse_args()))
     except (BusError, OSError) as exc:  # no job at --bus, a model directory that is not there, a port in use

@@ -4,10 +4,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 DERIVED = {"sft": "launcher.commands.sft", "eval": "launcher.commands.evaluate", "filter": "launcher.commands.difficulty"}
 COMMANDS = ("run", "actor", "attach", "status", "keys", "plot", "sft", "eval", "filter", "main", "config")
+
+
+OUR_PACKAGES = ("actors", "bus", "launcher", "policies", "tensors")
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bus_address(value: str) -> str:
+    """--bus: a ZeroMQ endpoint; `127.0.0.1:5999` alone would reach zmq as a raw `Invalid argument`."""
+    if "://" not in value:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a bus address: write it as tcp://{value} "
+                                         "(the `bus tcp://HOST:PORT` the job's launcher printed)")
+    return value
 
 
 def _common_config(p: argparse.ArgumentParser) -> None:
@@ -45,13 +58,13 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
 
     att = sub.add_parser("attach", help="add an actor (a generator) to a running job")
     att.add_argument("role", choices=["generator", "verifier"])
-    att.add_argument("--bus", required=True, help="the job's bus, tcp://HOST:PORT")
+    att.add_argument("--bus", required=True, type=bus_address, help="the job's bus, tcp://HOST:PORT")
     att.add_argument("--backend", choices=["torch", "sglang"])
     att.add_argument("--name")
     att.add_argument("--keys", help="CurveZMQ keys directory of a secured bus")
 
     st = sub.add_parser("status", help="list the actors of a running job")
-    st.add_argument("--bus", required=True)
+    st.add_argument("--bus", required=True, type=bus_address, help="the job's bus, tcp://HOST:PORT")
     st.add_argument("--keys")
 
     keys = sub.add_parser("keys", help="make CurveZMQ keys for a bus that listens beyond loopback")
@@ -97,5 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(commands, f"cmd_{args.command}")(args)
 
 
+def missing_module_hint(exc: ModuleNotFoundError) -> str | None:
+    """The one line for a dependency this interpreter lacks (torch, zmq, ... outside .venv), else None:
+    a module of our own that is missing is a bug to show in full."""
+    name = (exc.name or "").partition(".")[0]
+    if not name or name in OUR_PACKAGES:
+        return None
+    venv = os.path.join(PROJECT_DIR, ".venv")
+    if os.path.realpath(sys.prefix) == os.path.realpath(venv):
+        return (f"no module named {name!r} in {venv}: run `./run.sh setup` (it installs what pyproject.toml "
+                f"lists), or `{venv}/bin/python -m pip install {name}` for an optional one")
+    return (f"no module named {name!r} for {sys.executable}: run the launcher through ./run.sh (it sets up "
+            f".venv and uses it: `./run.sh --config configs/tiny.yaml`), or `source .venv/bin/activate` first")
+
+
+def entry() -> int:
+    """`python -m launcher`: main() with a one-line error for a missing dependency, caught before the
+    interpreter prints a traceback from deep inside an import of torch."""
+    try:
+        return main()
+    except ModuleNotFoundError as exc:
+        hint = missing_module_hint(exc)
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,7 +1,7 @@
 """examples/embed_generator.py: a generator actor inside another asyncio service, against a real job.
 
 The service's own endpoint must keep answering while its generator registers, loads weights and
-generates; Ctrl-C must take the generator off the bus cleanly.
+generates; Ctrl-C must take the generator off the bus cleanly, and so must the end of its job.
 """
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def test_embedded_generator_serves_while_the_service_answers(tmp_path):
         t("service stopped")
         assert "generator-embedded" not in status_table(address)  # it left the bus on the way out
         assert job.proc.poll() is None, job.output(40)            # and the job carries on without it
+
+        # a service whose job ends leaves by itself; the job's Ctrl-C after its checkpoint is no failure
+        svc = LiveProcess([sys.executable, str(ROOT / "examples/embed_generator.py"), "--bus", address,
+                           "--name", "generator-again", "--port", "0", "--job-gone-after", "3"], name="service")
+        svc.wait_for(r"\[service\] generator-again joined " + address, 120)
+        t("second service joined")
+        assert job.stop(signal.SIGINT, timeout=120) == 0, job.output(40)
+        assert "error: run failed" not in job.output() and "stopped at your request" in job.output(), job.output(20)
+        t("job stopped by Ctrl-C")
+        assert svc.wait(60) == 0, svc.output(20)
+        assert "the job has ended; leaving" in svc.output() and "[service] stopped" in svc.output(), svc.output(20)
+        t("service left with its job")
     except BaseException:
         print(f"--- job output ---\n{job.output()}\n--- service output ---\n{svc.output() if svc else ''}")
         raise

@@ -193,4 +193,4 @@ def test_every_client_is_given_the_configured_heartbeat_liveness():
     from tests.launch_util import ROOT
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["bus.heartbeat_liveness=7"])
-    assert bus_kwargs(cfg)["heartbeat_liveness"] == 7
+    assert bus_kwargs(cfg, "generator")["heartbeat_liveness"] == 7

@@ -75,6 +75,7 @@ def test_dry_run_wraps_only_remote_actors_in_ssh(tmp_path, data):
     run_dir = tmp_path / "run"
     r = launch(["--dry-run", "--hosts", str(hosts), "--config", "configs/tiny.yaml",
                 "-o", "bus.host=10.0.0.5", "-o", "bus.port=6000", "-o", "actors.generator.count=3",
+                "-o", f"bus.keys_dir={tmp_path / 'keys'}",  # a bus beyond loopback needs keys, in --dry-run too
                 "-o", f"run_dir={run_dir}", "-o", f"data.train={data['train']}", "-o", "data.test=null"],
                timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -133,7 +134,7 @@ def test_generators_beside_the_learner_leave_it_gpu_0(tmp_path, data, capsys):
 def test_dry_run_shows_the_learner_ranks_their_group_and_devices(tmp_path, data, capsys):
     rc, out, _ = dry_run_on(capsys, tmp_path, data, "localhost slots=4\nnode-7 slots=2\n", "actors.learner.ranks=3",
                             "actors.learner.hosts=[localhost, localhost, node-7]", "actors.learner.dist_port=29999",
-                            "actors.generator.count=2", "bus.host=10.0.0.5")
+                            "actors.generator.count=2", "bus.host=10.0.0.5", f"bus.keys_dir={tmp_path / 'keys'}")
     assert rc == 0
     assert "# learner on localhost, learner rank 0 of 3 (group at 10.0.0.5:29999)" in out
     assert "# learner-rank-1 on localhost, learner rank 1 of 3" in out

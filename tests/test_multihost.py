@@ -213,7 +213,8 @@ def test_the_head_hosts_own_address_starts_its_actors_without_ssh(net, tmp_path)
     train = dataset(tmp_path)
     r = net.run(net.hosts[0], [sys.executable, "-m", "launcher", "--dry-run", "--hosts", str(hostfile),
                                "--ssh-config", net.ssh_config, "--config", "configs/tiny.yaml",
-                               *tiny_overrides(tmp_path / "run", train, **{"bus.host": a, "actors.generator.count": 3})],
+                               *tiny_overrides(tmp_path / "run", train, **{"bus.host": a, "actors.generator.count": 3,
+                                                                           "bus.keys_dir": str(tmp_path / "keys")})],
                 cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     blocks = dict(re.findall(r"^# (\S+) on .*\n(.*)$", r.stdout, re.M))

@@ -55,6 +55,35 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+MATH_DATA_DIR = "arith"  # configs/tiny.yaml and example.yaml read data/arith/{train,test}.jsonl
+
+
+def make_math_data(cfg: ExperimentConfig) -> None:
+    """Write the arithmetic problems a config names under .../arith/ when they are not there yet, as
+    `python -m launcher.mathdata DIR` does: a fresh clone's first `--config configs/tiny.yaml` runs."""
+    train = Path(cfg.data.train) if cfg.data.train else None
+    if train is None or train.exists() or train.parent.name != MATH_DATA_DIR or train.name != "train.jsonl":
+        return
+    if cfg.data.test is not None and Path(cfg.data.test) != train.parent / "test.jsonl":
+        return
+    from launcher.mathdata import make_dataset
+    make_dataset(train.parent, 512, 64)
+    print(f"[launcher] {train} was missing: wrote the arithmetic problems there "
+          f"(python -m launcher.mathdata {train.parent})", flush=True)
+
+
+def check_bus_keys(cfg: ExperimentConfig) -> None:
+    """A bus beyond loopback without keys is refused by the broker at start; refuse it here, before
+    anything starts (and in --dry-run, which shows what the launch would run)."""
+    if not cfg.bus.keys_dir and not is_loopback_host(cfg.bus.host):
+        raise ConfigError(f"bus.host: {cfg.bus.host} listens beyond loopback but bus.keys_dir is not set: make keys "
+                          f"with `python -m launcher keys keys/` and add -o bus.keys_dir=keys/")
+
+
+def is_loopback_host(host: str) -> bool:
+    return host.lower() in ("localhost", "::1") or host.startswith("127.")
+
+
 def cmd_run(args) -> int:
     # The Rust tokenizers' thread pool costs seconds at interpreter exit on a busy machine; the
     # launcher and its actors encode prompts one at a time, so it buys nothing here.
@@ -74,14 +103,15 @@ def cmd_run(args) -> int:
         if args.slurm:
             from launcher.job.engines.slurm import prepare
             hosts = prepare(cfg, make_keys=not args.dry_run)
+        make_math_data(cfg)
+        check_bus_keys(cfg)
         from launcher.config import check_trainable
         check_trainable(cfg)
         check_model_path(cfg)
         load_train_problems(cfg)  # a bad line or row stops us here, named
     except (ConfigError, HostsError, DatasetError, OSError) as exc:
         return _die(str(exc))
-    loopback = cfg.bus.host.lower() in ("localhost", "::1") or cfg.bus.host.startswith("127.")
-    if hosts and any(not h.is_local for h in hosts) and loopback:
+    if hosts and any(not h.is_local for h in hosts) and is_loopback_host(cfg.bus.host):
         return _die(f"{args.hosts} names remote hosts but bus.host is {cfg.bus.host}: set bus.host to an "
                     f"address they can reach, and bus.keys_dir (python -m launcher keys DIR) to secure it")
     if args.dry_run:
@@ -221,7 +251,10 @@ def cmd_keys(args) -> int:
                   f"`python -m launcher attach generator --bus ... --keys {path}`")
             return 0
         path = generate_keys(args.dir, overwrite=args.force)
-    except (OSError, ValueError, RuntimeError) as exc:  # FileExistsError is an OSError; RuntimeError: no CURVE
+    except FileExistsError:
+        return _die(f"{args.dir}: keys already exist there: pass --force to replace them (every host of a running job "
+                    f"then needs the new directory)")
+    except (OSError, ValueError, RuntimeError) as exc:  # ValueError: a bad directory; RuntimeError: libzmq without CURVE
         return _die(str(exc))
     print(f"CurveZMQ keys written to {path}: keep it on the head node (it holds the broker's secret) and set "
           f"bus.keys_dir to it; the launcher hands each host the keys of its own roles only")

@@ -20,7 +20,7 @@ LAYOUT_FLAGS = ("prompt_key", "answer_key", "id_key", "answer_format", "split")
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True)
-    p.add_argument("--model", default="smollm2", help="smollm2 | an HF directory | a .gguf file")
+    p.add_argument("--model", default="smollm2", help="smollm2 | tiny (a random tiny model: smoke runs) | an HF directory | a .gguf file")
     add_flags(p, ModelConfig, "device")
 
 

@@ -204,7 +204,7 @@ def broker_spec(cfg: ExperimentConfig, bind: str) -> ProcessSpec:
 def dry_run(cfg: ExperimentConfig, hosts: list[Host] | None) -> list[str]:
     """The command lines the launcher would run, without running anything."""
     import shlex
-    address = f"tcp://{cfg.bus.host}:{cfg.bus.port or 5555}"
+    address = f"tcp://{cfg.bus.host}:{cfg.bus.port or '<free port>'}"  # bus.port 0: the job picks one at start
     start = Start(0, base_model_path(cfg, create=False))
     lines = [shlex.join(broker_spec(cfg, address).command(PROJECT_DIR))]
     port = cfg.actors.learner.dist_port or 29500  # the job picks a free one

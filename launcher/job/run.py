@@ -357,14 +357,17 @@ class Job:
             self._fail(f"the broker exited ({rc}) {BROKER_RESTARTS + 1} times: " + " / ".join(self.broker.tail[-3:]),
                        "broker")
 
-    async def checkpoint_now(self, timeout: float = 120.0) -> None:
+    async def checkpoint_now(self, timeout: float = 120.0) -> bool:
+        """Whether the learner wrote a checkpoint (a stop after one is clean: --resume continues there)."""
         if self.client is None:
-            return
+            return False
         try:
             reply = await self.client.request(P.LEARNER, P.CHECKPOINT, {}, timeout=timeout)
             print(f"[launcher] checkpoint written at step {reply['step']}: {reply['path']}", flush=True)
+            return True
         except Exception as exc:
             print(f"[launcher] could not write a checkpoint before stopping: {exc}", flush=True)
+            return False
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.procs), return_exceptions=True)
@@ -440,8 +443,11 @@ async def _run_locked(cfg: ExperimentConfig, *, hosts: list[Host] | None, resume
 
 
 async def _interrupt(job: Job) -> None:
-    await job.checkpoint_now()
-    job.failure = job.failure or "interrupted"
+    """Ctrl-C: a stop after a written checkpoint is what the user asked for, not a failure (exit 0)."""
+    if await job.checkpoint_now():
+        print("[launcher] stopped at your request; --resume continues from that checkpoint", flush=True)
+    else:
+        job.failure = job.failure or "interrupted before a checkpoint could be written"
     job.finished.set()
 
 

@@ -39,9 +39,17 @@ def _boxed(text: str) -> str:
     return answer.strip()
 
 
+# a worked solution whose last line is GSM8K's "#### 72": read raw, the whole solution would be the reference
+_GSM8K_TAIL = re.compile(r"\S[\s\S]*\n\s*####\s*\$?-?[\d,]+(\.\d+)?\s*$")
+
+
 def extract_answer(text: str, fmt: str) -> str:
-    """The reference answer in `text` read as `fmt` (raw: `text` itself)."""
+    """The reference answer in `text` read as `fmt` (raw: `text` itself, unless it is a GSM8K solution:
+    then no answer would ever match it, and the run would learn nothing without a word)."""
     if fmt == "raw":
+        if _GSM8K_TAIL.match(text):
+            raise AnswerFormatError("looks like a GSM8K solution ending '#### N' but data.answer_format is raw: "
+                                    "set data.answer_format: gsm8k (--answer-format gsm8k for eval, filter, sft)")
         return text
     if fmt == "gsm8k":
         return _gsm8k(text)

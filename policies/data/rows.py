@@ -69,10 +69,9 @@ def _answers(obj: dict, layout: Layout | None = None) -> list[str]:
             if layout.answer_key not in obj:
                 raise RowError(f"missing reference: no key {layout.answer_key!r} (data.answer_key)")
             return reference_answers(obj[layout.answer_key], layout.answer_format, layout.answer_key)
-        answers = _areal_answers(obj)
-        if layout is None or layout.answer_format == "raw":
-            return answers
-        return reference_answers(answers, layout.answer_format, "solutions" if "solutions" in obj else "answer")
+        answers = _areal_answers(obj)  # through the format even when raw: GSM8K solutions there are refused
+        return reference_answers(answers, "raw" if layout is None else layout.answer_format,
+                                 "solutions" if "solutions" in obj else "answer")
     except AnswerFieldError as e:
         raise RowError(str(e)) from None
 

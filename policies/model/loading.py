@@ -69,7 +69,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     """Raise ModelPathError naming the path and what is missing unless it is an HF model directory."""
     path = Path(path)
     if not path.exists():
-        raise ModelPathError(f"model path {str(path)!r} does not exist")
+        raise ModelPathError(f"model path {str(path)!r} does not exist{_hub_id_hint(path)}")
     if not path.is_dir():
         raise ModelPathError(f"model path {str(path)!r} is a file, not a model directory or a .gguf file")
     missing = []
@@ -78,8 +78,35 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
-        raise ModelPathError(f"model path {str(path)!r} is not a model directory: missing {', '.join(missing)}")
+        raise ModelPathError(f"model path {str(path)!r} is not a model directory: missing {', '.join(missing)}"
+                             f"{_checkpoint_hint(path)}")
     return path
+
+
+def _hub_id_hint(path: Path) -> str:
+    """A missing `ORG/NAME` (relative to here, as a hub id would be): nothing is downloaded, say so."""
+    try:
+        rel = Path(os.path.relpath(path))
+    except ValueError:
+        return ""
+    if len(rel.parts) != 2 or any(p.startswith(".") for p in rel.parts):
+        return ""
+    return (f" ({'/'.join(rel.parts)!r} looks like a Hugging Face hub id: nothing is downloaded here; fetch a local "
+            f"copy, e.g. `huggingface-cli download {'/'.join(rel.parts)} --local-dir models/{rel.parts[1]}`, "
+            f"and give that directory)")
+
+
+def _checkpoint_hint(path: Path) -> str:
+    """A run's checkpoint (step-N/) or its checkpoints/ directory: the model is inside it."""
+    if (path / "model" / "config.json").is_file():
+        return f" (a checkpoint: its model is {str(path / 'model')!r})"
+    steps = sorted((p for p in path.glob("step-*") if (p / "model" / "config.json").is_file()),
+                   key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+    if steps:
+        return f" (a run's checkpoints: the newest model is {str(steps[-1] / 'model')!r})"
+    if (path / "checkpoints").is_dir():
+        return f" (a run directory: its models are {str(path / 'checkpoints')!r}/step-N/model)"
+    return ""
 
 
 def check_causal_lm(path: str | os.PathLike) -> str:
@@ -326,6 +353,22 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def model_path(name: str) -> str:
-    """A command's --model as a path: the built-in name "smollm2" is the converted SmolLM2 copy, anything
-    else an HF directory or .gguf file, checked when loaded."""
-    return str(smollm2_dir()) if name == "smollm2" else name
+    """A command's --model as a path: the built-in names "smollm2" (the converted SmolLM2 copy) and "tiny"
+    (a random tiny model, as `model.path: tiny` in a config), anything else an HF directory or .gguf file,
+    checked when loaded."""
+    if name == "smollm2":
+        return str(smollm2_dir())
+    if name == "tiny":
+        return str(tiny_dir())
+    return name
+
+
+def tiny_dir(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny model (SmolLM2's tokenizer) saved once in the cache, for commands that load a directory."""
+    dest = cache_root(cache_dir) / f"tiny-seed{seed}"
+    if (dest / "config.json").is_file():
+        return dest
+    with _file_lock(dest.with_name(f".{dest.name}.lock")):
+        if not (dest / "config.json").is_file():
+            save_checkpoint(tiny_model(seed=seed), load_tokenizer(smollm2_dir(cache_dir)), dest)
+    return dest
