@@ -46,13 +46,20 @@ def one_line(rc: int, errors: str, *must: str) -> str:
 
 def test_outside_the_venv_a_missing_torch_is_one_line_naming_run_sh_and_the_venv(tmp_path):
     # an interpreter without torch: the import fails as it would in the system python
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['launcher', *sys.argv[1:]]; "
-            "runpy.run_module('launcher', run_name='__main__', alter_sys=True)")
+    # (sys.prefix set as the system python's or the project's .venv would have it, whichever runs this test)
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.prefix = sys.argv.pop(1); "
+            "sys.argv = ['launcher', *sys.argv[1:]]; runpy.run_module('launcher', run_name='__main__', alter_sys=True)")
     for argv in (TINY, ["config", *TINY], ["eval", "--help"]):
-        p = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        p = subprocess.run([sys.executable, "-c", code, "/usr", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
         assert p.returncode == 2, p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "'torch'" in p.stderr and "./run.sh" in p.stderr and "source .venv/bin/activate" in p.stderr, p.stderr
+    # inside the project's .venv the fix is its set-up
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / ".venv"), *TINY], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "'torch'" in p.stderr and "./run.sh setup" in p.stderr, p.stderr
 
 
 def test_keys_on_a_directory_that_has_them_names_the_force_flag(tmp_path):
