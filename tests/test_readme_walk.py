@@ -59,9 +59,10 @@ def fresh_clone(dest: Path) -> Path:
 
 
 def run_sh_ready(clone: Path) -> bool:
-    """Whether ./run.sh would find its environment set up (the stamp of this pyproject.toml + run.sh in
+    """Whether ./run.sh would find its environment set up (the stamp of what run.sh's setup() hashes, in
     the venv running us): then the walk runs ./run.sh itself, else `python -m launcher`, what it execs."""
-    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes() + (clone / "run.sh").read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join((clone / f).read_bytes()
+                                     for f in ("pyproject.toml", "run.sh", "gpu-lock.json"))).hexdigest()
     return (Path(sys.prefix) / f".setup-{digest[:16]}").exists()
 
 
