@@ -36,6 +36,6 @@ def launch(args: list[str], *, timeout: float = 240, wait: bool = True, **kw):
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def expected_qids(train: Path, batch_prompts: int, seed: int, step: int) -> list[str]:
-    problems = load_problems(train)
+def expected_qids(train: Path, batch_prompts: int, seed: int, step: int, layout=None) -> list[str]:
+    problems = load_problems(train, layout=layout)
     return sorted(problems[i].id for i in batch_indices(len(problems), batch_prompts, seed, step))

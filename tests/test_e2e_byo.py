@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from launcher.job.metrics import read_metrics
+from policies.data.records import Layout
 from tests.launch_util import ROOT, expected_qids, launch, tiny_overrides
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -18,6 +19,9 @@ def fails_on_medium(prompt, response, reference, extra):
         raise RuntimeError("medium rows are not graded")
     return 0.0
 '''
+
+
+GSM8K = Layout(prompt_key="question", answer_key="answer", answer_format="gsm8k")
 
 
 def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
@@ -48,7 +52,7 @@ def test_gsm8k_parquet_with_the_example_reward_and_a_failing_one(tmp_path):
     learner_log = (run_dir / "logs" / "learner.log").read_text()
     assert "KL penalty: kl_coef 0.05 (k1) against a frozen reference model" in learner_log
     for m in records:
-        qids = expected_qids(train, batch_prompts=2, seed=1, step=m["step"])
+        qids = expected_qids(train, batch_prompts=2, seed=1, step=m["step"], layout=GSM8K)
         assert sorted(set(m["qids"])) == qids
         n, n_err = len(m["qids"]), sum(q in medium for q in m["qids"])
         assert m["reward_errors"] == n_err        # counted per response, per step

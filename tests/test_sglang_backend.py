@@ -211,8 +211,8 @@ async def test_flush_cache_retries_while_requests_run(fake, backend):
 async def test_in_place_pause_cannot_flush_so_the_update_fails_but_the_server_resumes(
         fake, backend, synced, caplog):
     fake.token_delay = 0.01
-    for c in synced._clients.values():
-        c.control_timeout = 0.5
+    for link in synced._links.values():
+        link.client.control_timeout = 0.5
     gen = asyncio.create_task(backend.generate([[3]], 1, {"max_new_tokens": 60}))
     await wait_until(lambda: fake.running)
     assert await update(synced, fake, 1, "in_place") == set()

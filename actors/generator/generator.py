@@ -66,6 +66,13 @@ def rollout_stats(samples: list[Sample], version: int) -> dict:
     }
 
 
+
+def request_id(body: dict) -> str:
+    """A GENERATE's id at the backend: its step and qid, and its job incarnation (protocol: epoch), whose
+    copy is not another's."""
+    rid = f"{body['step']}:{body['qid']}"
+    return f"{rid}@{body['epoch']}" if body.get("epoch") else rid
+
 class Generator(Actor):
     role = P.GENERATOR
 
@@ -103,8 +110,7 @@ class Generator(Actor):
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
-        rid = f"{body['step']}:{body['qid']}"  # a job incarnation's copy is not another's (protocol: epoch)
-        rid = f"{rid}@{body['epoch']}" if body.get("epoch") else rid
+        rid = request_id(body)
         if rid in self._active:
             return
         self._active.add(rid)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from actors import protocol as P
 from actors.base import handler
-from actors.generator.generator import Generator
+from actors.generator.generator import Generator, request_id
 from policies.cost_model import CostModel
 from policies.infer.sampling import Sample
 
@@ -232,7 +232,7 @@ class SimGenerator(Generator):
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:
-        rid = f"{body['step']}:{body['qid']}"
+        rid = request_id(body)
         if rid not in self._active:
             self.backend.answers[rid] = list(body.get("answers") or [])
         await super().on_generate(body, src)
