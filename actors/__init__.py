@@ -2,7 +2,8 @@
 
 Read ``rl_step`` first (one synchronous step, top to bottom, calling what the actors call), then
 ``protocol`` (every message, its fields and who sends it; the weight version is the step count).
-Here: ``base`` (Actor, @handler, run), ``protocol``, ``rl_step``, the ``packer`` and ``verifier`` actors,
+Here: ``base`` (Actor, @handler, run), ``protocol``, ``rl_step``, ``children`` (child processes that die with
+their parent: the launcher's and the SGLang servers'), the ``packer`` and ``verifier`` actors,
 and one sub-package per remaining job: ``sampler/`` (admission and dealing of prompts), ``generator/``
 (the generator actor and its backends: torch, sim, sglang/), ``learner/`` (training, ranks, checkpoints,
 the trained record), ``weights/`` (getting the learner's weights to every generator).

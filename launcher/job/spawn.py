@@ -11,18 +11,17 @@ environment, so a process of a job can be found by its run directory.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.children import die_with_parent
 from launcher.job.engines import engine_for
 from launcher.job.hosts import Host
 
 RUN_DIR_ENV = "BOBA_RUN_DIR"  # in every process's environment: the run directory of its job
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -97,24 +96,6 @@ class Process:
             self.proc.kill()
 
 
-def _die_with_parent(parent: int):
-    """preexec_fn: SIGKILL this child when the thread that started it exits (the launcher's loop
-    thread: the main thread), and at once if that already happened between fork and now.
-
-    Children run in sessions of their own (a Ctrl-C meant for the launcher must not reach them
-    first), so nothing else would end them when a launcher is SIGKILLed.  Linux only; elsewhere a
-    no-op.
-    """
-    def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            return
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
-            os._exit(1)  # the launcher died before the prctl took effect
-    return preexec
-
-
 async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True,
                 run_dir: Path | None = None) -> Process:
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -124,5 +105,5 @@ async def start(spec: ProcessSpec, *, log_dir: Path, cwd: str, echo: bool = True
     proc = await asyncio.create_subprocess_exec(
         *spec.command(cwd), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None)
+        preexec_fn=die_with_parent(os.getpid()))
     return Process(spec, proc, log_dir / f"{spec.name}.log", echo)

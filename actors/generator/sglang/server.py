@@ -15,7 +15,6 @@ The API key (`--api-key`) is never written to a log: `redacted` hides it.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -25,11 +24,12 @@ from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
 
+from actors.children import die_with_parent
+
 log = logging.getLogger("actors.generator.sglang.server")
 # set in the server's and in the learner's environment before any process group is built
 NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 SGLANG_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_PR_SET_PDEATHSIG = 1
 
 @dataclass
 class SGLangLaunch:
@@ -115,19 +115,6 @@ def address_towards(peer: str) -> str:
     return "127.0.0.1" if own.startswith("127.") or own == "::1" else own
 
 
-def _die_with_parent(parent: int):
-    """preexec_fn: the server gets SIGKILL when its generator dies (SIGKILL included), and at once if the
-    generator died between fork and now; without it the server (own session) outlives it on its GPU."""
-    def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            return
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
-            os._exit(1)
-    return preexec
-
-
 class ServerProcess:
     """A launched server: its process group, and a pump that keeps its last log lines."""
 
@@ -140,11 +127,10 @@ class ServerProcess:
     async def start(self) -> None:
         argv = launch_argv(self.cfg)
         log.info("starting sglang: %s", " ".join(redacted(argv)))
-        linux = sys.platform.startswith("linux")
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20, env=launch_env(self.cfg),
-            preexec_fn=_die_with_parent(os.getpid()) if linux else None)
+            preexec_fn=die_with_parent(os.getpid()))
         self._pump_task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
