@@ -52,7 +52,12 @@ def is_loopback(endpoint: str) -> bool:
     host = rest.rsplit(":", 1)[0]
     if ";" in host:  # "src;dst" form: the bind interface is the last part
         host = host.rsplit(";", 1)[1]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return is_loopback_host(host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (what needs no keys)."""
+    return host.lower() in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 class _KeyCheck:

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from bus.broker import is_loopback_host
 from launcher.config import ConfigError, ExperimentConfig, describe_mode, load_config
 from policies.settings import from_dict
 
@@ -78,10 +79,6 @@ def check_bus_keys(cfg: ExperimentConfig) -> None:
     if not cfg.bus.keys_dir and not is_loopback_host(cfg.bus.host):
         raise ConfigError(f"bus.host: {cfg.bus.host} listens beyond loopback but bus.keys_dir is not set: make keys "
                           f"with `python -m launcher keys keys/` and add -o bus.keys_dir=keys/")
-
-
-def is_loopback_host(host: str) -> bool:
-    return host.lower() in ("localhost", "::1") or host.startswith("127.")
 
 
 def cmd_run(args) -> int:

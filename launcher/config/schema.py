@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from actors.protocol import ROLES, SCALABLE_ROLES
+from bus.broker import is_loopback_host
 from policies.cost_model import CostModel
 from policies.data.prompts import DIRECTIVE
 from policies.infer.evaluate import EvalConfig
@@ -260,7 +261,7 @@ class ExperimentConfig(Checked):
                               "interrupting it), got distributed")
         if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
-        if self.tensors.bind is not None and not self.bus.keys_dir and not _loopback(self.tensors.bind):
+        if self.tensors.bind is not None and not self.bus.keys_dir and not is_loopback_host(self.tensors.bind):
             raise ConfigError(f"tensors.bind: {self.tensors.bind!r} listens beyond loopback, and without bus.keys_dir "
                               "the tensor sockets would be plaintext and open to anyone who reaches them: set "
                               "bus.keys_dir (python -m launcher keys DIR) or bind tensors to 127.0.0.1")
@@ -291,10 +292,6 @@ class ExperimentConfig(Checked):
     def _fill_loss_agg_norm(self) -> None:
         if self.ppo.loss_agg == "seq_mean_token_sum_norm" and self.ppo.loss_agg_norm is None:
             self.ppo.loss_agg_norm = self.rollout.max_new_tokens
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def describe_recipe(cfg: ExperimentConfig) -> str:

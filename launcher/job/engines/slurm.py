@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bus.broker import is_loopback_host
 from launcher.job.hosts import Host, HostsError
 
 STEP = str(Path(__file__).with_name("slurm_step.py"))
@@ -118,7 +119,7 @@ def prepare(cfg, make_keys: bool = True) -> list[Host]:
     address (NodeAddr), and an unsecured one gets CurveZMQ keys in RUN_DIR/keys (made once, kept for a
     requeued job and for generators attached from other allocations: `attach --keys RUN_DIR/keys`)."""
     hosts = allocation_hosts()
-    if cfg.bus.host.lower() in ("localhost", "::1") or cfg.bus.host.startswith("127."):
+    if is_loopback_host(cfg.bus.host):
         cfg.bus.host = node_address(hosts[0].name)
     if not cfg.bus.keys_dir:
         keys = Path(cfg.run_dir) / "keys"
