@@ -216,8 +216,6 @@ class TrainerGroup:
             log.warning("weight-update group %r: abort still running after %g s; going on without it",
                         self.group_name, grace)
 
-    destroy = abort  # a healthy group leaves the same way
-
 
 @dataclass(frozen=True)
 class Server:
