@@ -54,7 +54,8 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
         n = rank_hosts.count(h)
         slots_taken[h] = n - 1 if h.slots > n else -1
     group_env = learner_group_env(cfg, learner_host, rank_hosts, dist_port)
-    key_env = {API_KEY_FILE_ENV: str(sglang_key_file(cfg))} if sglang_key_file(cfg) else {}
+    key_file = sglang_key_file(cfg)
+    key_env = {API_KEY_FILE_ENV: str(key_file)} if key_file else {}
     for role, index, host in placed:
         first = index * per_process if role == "generator" else index
         name = f"{role}-{first}" if role in ("generator", "verifier") else role
