@@ -40,6 +40,11 @@ from bus.errors import error_body, error_from_body
 from bus.registry import ActorInfo
 
 log = logging.getLogger("bus.client")
+
+# Contexts of clients not yet closed. A client dropped without close() would otherwise have its
+# context collected before its socket (the garbage collector clears the context's weak list of
+# sockets first), and zmq's term() would then wait forever for that socket inside the collector.
+_OPEN_CONTEXTS: set[zmq.Context] = set()
 MiB = 1 << 20
 # plain ints: pyzmq's enum flags cost an enum operation per use on the hot path
 NOBLOCK, EVENTS, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
@@ -126,6 +131,7 @@ class BusClient:
         self._registered = asyncio.Event()
         self._deadlines = Deadlines(self._loop, self._pending, self._expire)
         self._ctx = zmq.Context()
+        _OPEN_CONTEXTS.add(self._ctx)
         self._open_socket()
         try:
             await self._register(self.connect_timeout if timeout is None else timeout)
@@ -162,6 +168,7 @@ class BusClient:
         self._close_socket()
         if self._ctx is not None:
             self._ctx.term()
+            _OPEN_CONTEXTS.discard(self._ctx)
             self._ctx = None
 
     async def __aenter__(self) -> "BusClient":
@@ -191,17 +198,24 @@ class BusClient:
 
     # ---- sending ---------------------------------------------------------------------------
     def _send_frame(self, frame: bytes) -> None:
+        if not self._try_send(frame):
+            raise BusError(f"send queue of {self.name!r} to the broker at {self.address} is full "
+                           f"({self.hwm} messages): is the broker reachable?")
+
+    def _try_send(self, frame: bytes) -> bool:
+        """False when zmq would block: a full queue, or no pipe at all while the connection is
+        re-made (after a refused CurveZMQ handshake there is none for a moment)."""
         sock = self._sock
         if sock is None:
             raise BusError(f"bus client {self.name!r} is not connected")
         try:
             _send(sock, frame, NOBLOCK)
         except zmq.Again:
-            raise BusError(f"send queue of {self.name!r} to the broker at {self.address} is full "
-                           f"({self.hwm} messages): is the broker reachable?") from None
+            return False
         if not self._recheck:  # the send may have swallowed the FD's edge: look once this loop turn
             self._recheck = True
             self._loop.call_soon(self._on_readable)
+        return True
 
     def _pack(self, type: str, dst: str, cid: int, body: Any) -> bytes:
         frame = self._codec.pack(type, self.name, dst, cid, body)
@@ -232,7 +246,10 @@ class BusClient:
         self._pending[cid] = _Pending(fut, dst, phase or f"reply to {type!r}", timeout, deadline, frame)
         self._deadlines.add(cid, deadline)
         try:
-            self._send_frame(frame)
+            while not self._try_send(frame):  # a request waits for a pipe until its own deadline
+                await asyncio.wait([fut], timeout=0.02)
+                if fut.done():
+                    break
             return await fut
         finally:
             self._pending.pop(cid, None)

@@ -1,6 +1,8 @@
 """The bus across real processes: a broker process, actor processes, SIGKILL, restart, CurveZMQ."""
 import asyncio
 import os
+import subprocess
+import sys
 import socket
 import time
 
@@ -119,9 +121,9 @@ async def test_curve_refuses_unkeyed_and_foreign_clients(tmp_path):
     stranger = load_keys(generate_keys(tmp_path / "other"))
     b = Broker("tcp://127.0.0.1:0", heartbeat_interval=HB, curve=keys)
     await b.start()
-    try:
-        ok = BusClient(b.address, "keyed", "tool", heartbeat_interval=HB, curve_server_key=keys.server_public,
-                       curve_client_keys=keys.pair_for("tool"))
+    ok = BusClient(b.address, "keyed", "tool", heartbeat_interval=HB, curve_server_key=keys.server_public,
+                   curve_client_keys=keys.pair_for("tool"))
+    try:  # a client left open would hang the garbage collector in zmq's Context.term (a later test's)
         await ok.connect(timeout=5)
         actor = await spawn_actor(b.address, "echo-1", HB, str(tmp_path / "keys"))
         try:
@@ -135,7 +137,29 @@ async def test_curve_refuses_unkeyed_and_foreign_clients(tmp_path):
                             curve_server_key=keys.server_public, curve_client_keys=stranger.pair_for("tool"))
         with pytest.raises(BusTimeout, match="registration reply"):
             await foreign.connect(timeout=0.5)
+        for _ in range(20):  # a refused handshake leaves no pipe for a moment: still a BusTimeout
+            with pytest.raises(BusTimeout, match="CurveZMQ, does this client hold the right keys"):
+                await BusClient(b.address, "plain", "t", heartbeat_interval=HB).connect(timeout=0.05)
         assert set(b.registry) == {"keyed"}
-        await ok.close()
     finally:
+        await ok.close()
         await b.stop()
+
+
+def test_a_client_dropped_without_close_does_not_hang_the_garbage_collector():
+    script = """
+import asyncio, gc
+from bus.broker import Broker
+from bus.client import BusClient
+async def main():
+    b = Broker("tcp://127.0.0.1:0"); await b.start()
+    c = BusClient(b.address, "dropped", "tool"); await c.connect(timeout=5)
+    c.cycle = c  # as a failed test's frame holds it: collected by the cyclic collector only
+    await b.stop()
+asyncio.run(main())
+gc.collect()
+print("collected")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "collected", out.stderr
