@@ -181,10 +181,27 @@ class Actor:
         log.info("%s stopped", self.name)
 
 
-def run(*actors: Actor) -> None:
+def run(*actors: Actor, leave_after: float | None = None) -> bool:
     """Start `actors` in order and serve until SIGINT/SIGTERM, then stop them in reverse order; on uvloop
     when it is installed. An actor that stops itself (leaves the bus on a fault) does not end the process:
-    whoever started it decides when it ends."""
+    whoever started it decides when it ends. With `leave_after`, they also stop once none of them has been
+    registered with the broker for that many seconds (the job they joined has ended); True is returned then."""
+    lost = False
+
+    async def watch_broker(stop: asyncio.Event) -> None:
+        nonlocal lost
+        loop, since = asyncio.get_running_loop(), None
+        while not stop.is_set():
+            await asyncio.sleep(min(0.5, leave_after))
+            if any(a.bus.registered for a in actors):
+                since = None
+            elif since is None:
+                since = loop.time()
+            elif loop.time() - since >= leave_after:
+                log.error("%s: the broker at %s has not answered for %gs: the job has ended; leaving",
+                          actors[0].name, actors[0].bus.address, leave_after)
+                lost = True
+                stop.set()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -192,11 +209,16 @@ def run(*actors: Actor) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("%s: event loop %s", actors[0].name, type(loop).__module__)
+        watcher = None
         try:
             for actor in actors:
                 await actor.start()
+            if leave_after is not None:
+                watcher = loop.create_task(watch_broker(stop))
             await stop.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             for actor in reversed(actors):
                 await actor.stop()
 
@@ -208,3 +230,4 @@ def run(*actors: Actor) -> None:
         uvloop.run(main())
     else:
         asyncio.run(main())
+    return lost

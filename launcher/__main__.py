@@ -62,6 +62,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     att.add_argument("--backend", choices=["torch", "sglang"])
     att.add_argument("--name")
     att.add_argument("--keys", help="CurveZMQ keys directory of a secured bus")
+    att.add_argument("--leave-after", type=float, default=300.0, metavar="SECONDS",
+                     help="leave once the job's broker has not answered for this long (the job has ended)")
 
     st = sub.add_parser("status", help="list the actors of a running job")
     st.add_argument("--bus", required=True, type=bus_address, help="the job's bus, tcp://HOST:PORT")

@@ -188,7 +188,9 @@ def cmd_attach(args) -> int:
     _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
     print(f"[attach] {name} joining {args.bus}", flush=True)
     from actors.base import run
-    run(*actors)
+    if run(*actors, leave_after=args.leave_after):
+        print(f"[attach] {name} left: the job's broker at {args.bus} has not answered for {args.leave_after:g}s "
+              f"(the job has ended)", flush=True)
     return 0
 
 
