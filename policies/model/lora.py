@@ -110,15 +110,30 @@ def set_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
             p.copy_(value)
 
 
-def effective_state(model: nn.Module, lora: LoraSettings) -> dict[str, Tensor]:
-    """A `wrap`ped model's weights as the plain model's state dict (base + scale * B @ A merged)."""
+def settings_of(model: nn.Module) -> LoraSettings:
+    """The LoraSettings a `wrap`ped model was made with."""
+    c = model.peft_config["default"]
+    targets = c.target_modules if isinstance(c.target_modules, str) else sorted(c.target_modules)
+    return LoraSettings(r=c.r, alpha=float(c.lora_alpha), target_modules=tuple([targets] if isinstance(targets, str)
+                                                                               else targets), dropout=c.lora_dropout)
+
+
+def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A `wrap`ped model's state dict -> (the plain model's weights under their own names, the adapter
+    under PEFT's saved names)."""
     plain, adapter = {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if ".lora_" in name:
             adapter[PEFT_PREFIX + name.replace(".default.", ".")] = t
         else:
             plain[name.replace(".base_layer.", ".")] = t
-    return {**plain, **merged_weights(plain, adapter, lora)}
+    return plain, adapter
+
+
+def effective_state(model: nn.Module) -> dict[str, Tensor]:
+    """A `wrap`ped model's weights as the plain model's state dict (base + scale * B @ A merged)."""
+    plain, adapter = split_state(model.state_dict())
+    return {**plain, **merged_weights(plain, adapter, settings_of(model))}
 
 
 # ----------------------------------------------------------------------------- adapters as data
