@@ -16,6 +16,7 @@ from bus.broker import is_loopback_host
 from policies.cost_model import CostModel
 from policies.data.prompts import DIRECTIVE
 from policies.infer.evaluate import EvalConfig
+from policies.model.lora import LoraSettings
 from policies.settings import (Checked, ConfigError, FieldError, at_least_one, non_negative, opt, positive,
                                to_dict, unit_interval)
 from policies.train.ppo import PPOConfig, SFTConfig
@@ -29,6 +30,8 @@ class ModelConfig(Checked):
     dtype: Literal["float32", "bfloat16", "auto"] = opt(
         "float32", doc="the learner's weights (its optimizer state follows); auto = bfloat16 where it is native")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", doc="auto = cuda when present")
+    lora: LoraSettings | None = opt(None, doc="{r, alpha, target_modules, dropout}: train a LoRA adapter "
+                                              "(PEFT) instead of every weight; null = full fine-tuning")
 
 
 def _key_or_none(v) -> bool: return v is None or (isinstance(v, str) and bool(v.strip()))

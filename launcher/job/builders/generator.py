@@ -16,7 +16,7 @@ def torch_backend(cfg: ExperimentConfig, start: Start, tok):
     from policies.model.loading import load_model
     model = load_model(start.model_path, dtype=dtype_for(cfg, "generator"), device=device_for(cfg))
     return TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)), interrupt_on_update=cfg.rollout.interrupt_on_update,
-                        version=start.step)
+                        version=start.step, lora=cfg.model.lora)
 
 
 def sglang_backend(cfg: ExperimentConfig, start: Start, bus_address: str):
