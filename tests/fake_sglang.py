@@ -768,6 +768,8 @@ def main(argv: list[str] | None = None) -> None:
                       lora_target_modules=args.lora_target_modules)
 
     async def serve():
+        if args.enable_lora:  # the base weights the adapters merge into, read before serving (as SGLang's model)
+            await asyncio.to_thread(fake.lora.base)
         await fake.start()
         print(f"fake sglang {VERSION}: serving {args.model_path} on {fake.url}", flush=True)
         await asyncio.sleep(args.startup_delay)

@@ -64,6 +64,10 @@ class AdapterSwap:
         from policies.model.lora import save_adapter
         name = adapter_name(version)
         if client.lora_name != name:
+            ranks = {a.shape[0] for k, a in adapter.items() if k.endswith(".lora_A.weight")}
+            if ranks != {self.lora.r}:
+                raise ValueError(f"adapter v{version}: rank {sorted(ranks)}, but model.lora.r is {self.lora.r} "
+                                 "(what its server was launched with)")
             path = self.root / name
             await asyncio.to_thread(save_adapter, path, adapter, self.lora, base_model=self.base_model)
             try:

@@ -120,12 +120,12 @@ class SGLangGeneratorBackend(SGLangClient):
             await self.disk.load(self, weights, version, abort_all_requests=self.interrupt_on_update)
 
     async def close(self) -> None:
+        if self.adapters is not None:  # first: its retirements use the connection
+            self.adapters.close()
         await super().close()
         if self._server is not None:
             await self._server.stop()
         self.disk.close()
-        if self.adapters is not None:
-            self.adapters.close()
 
 
 def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, request_timeout: float,
