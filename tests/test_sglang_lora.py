@@ -27,6 +27,7 @@ from policies.model.loading import tiny_model  # noqa: E402
 LORA = lora.LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
 ATOL = 1e-6  # fp32 on both sides; the fake and policies.model.lora round B @ A * scale alike (observed 0)
 PROMPT = [5, 6, 7, 8]
+SMALL = dict(vocab_size=512)  # the tiny model with a small vocabulary: quick to save and for the fake to read
 
 
 def adapter(model, seed: int) -> dict[str, torch.Tensor]:
@@ -60,8 +61,8 @@ async def until_running(b, rid, within=10.0):
 
 async def test_adapter_updates_reach_sglang_as_files_and_generation_runs_on_base_plus_adapter(tmp_path):
     base_dir, dump = tmp_path / "base", tmp_path / "dump"
-    learner = lora.wrap(tiny_model(seed=0), LORA)
-    plain = tiny_model(seed=0)
+    learner = lora.wrap(tiny_model(seed=0, **SMALL), LORA)
+    plain = tiny_model(seed=0, **SMALL)
     plain.save_pretrained(base_dir)
     base = {k: v.clone() for k, v in plain.state_dict().items()}
     launch = SGLangLaunch(model_path=str(base_dir), port=free_port(), lora_rank=LORA.r,
@@ -83,12 +84,12 @@ async def test_adapter_updates_reach_sglang_as_files_and_generation_runs_on_base
 
         # v1 while a long request runs: it is interrupted and resumed on adapter-v1 (interrupt_on_update)
         a1 = adapter(learner, 1)
-        running = asyncio.create_task(b.generate_group("r1", PROMPT, 1, {"max_new_tokens": 500}))
+        running = asyncio.create_task(b.generate_group("r1", PROMPT, 1, {"max_new_tokens": 400}))
         await until_running(b, "r1")
         await b.update_weights(a1, 1)
         (s,) = await running
         cut = s.versions.index(1)
-        assert 0 < cut < 500 and s.versions == [0] * cut + [1] * (500 - cut) and s.resumes == 1, cut
+        assert 0 < cut < 400 and s.versions == [0] * cut + [1] * (400 - cut) and s.resumes == 1, cut
         await b.adapters.settle()
         gens = await calls(b, "/generate")
         assert "lora_path" not in gens[0]["body"] and gens[-1]["body"]["lora_path"] == "adapter-v1"
@@ -131,19 +132,19 @@ async def test_adapter_updates_reach_sglang_as_files_and_generation_runs_on_base
         # adapter-v2 is unloaded only after it ended
         b.interrupt_on_update = False
         a3 = adapter(learner, 3)
-        running = asyncio.create_task(b.generate_group("r3", PROMPT, 1, {"max_new_tokens": 400}))
+        running = asyncio.create_task(b.generate_group("r3", PROMPT, 1, {"max_new_tokens": 300}))
         await until_running(b, "r3")
         await b.update_weights(a3, 3)
         assert (await fetch(b, "/_fake/loras"))["loaded"].keys() == {"adapter-v2", "adapter-v3"}
         (s,) = await running
-        assert s.versions == [2] * 400 and s.resumes == 0 and s.finish_reason == "length"
+        assert s.versions == [2] * 300 and s.resumes == 0 and s.finish_reason == "length"
         await b.adapters.settle()
         assert (await fetch(b, "/_fake/loras"))["loaded"].keys() == {"adapter-v3"}
         assert sorted(p.name for p in b.adapters.root.iterdir()) == ["adapter-v3"]
 
         # refusals are clear, and generation goes on with the adapter it had
         r8 = lora.LoraSettings(r=8, alpha=8.0, target_modules=LORA.target_modules)
-        a8 = adapter(lora.wrap(tiny_model(seed=0), r8), 4)
+        a8 = adapter(lora.wrap(tiny_model(seed=0, **SMALL), r8), 4)
         with pytest.raises(ValueError, match=r"adapter v4: rank \[8\], but model.lora.r is 4"):
             await b.update_weights(a8, 4)
         b.adapters.lora = r8  # a job whose rank is over its server's --max-lora-rank (one given by URL)

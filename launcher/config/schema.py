@@ -257,7 +257,7 @@ class ExperimentConfig(Checked):
         self._fill_recipe()
         g = self.actors.generator
         if (not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed"
-                and getattr(self.model, "lora", None) is None):  # a LoRA job's adapters need no pause
+                and self.model.lora is None):  # a LoRA job's adapters need no pause
             # SGLang's model_update_lock holds requests off one update call, and lets them in between the
             # buckets of a distributed update: only the pause keeps them out, and it interrupts them
             raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "

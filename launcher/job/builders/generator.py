@@ -32,7 +32,7 @@ def sglang_backend(cfg: ExperimentConfig, start: Start, bus_address: str):
     return make_sglang_backend(cfg.actors.generator, model_path=start.model_path, step=start.step, seed=cfg.seed,
                                request_timeout=cfg.rollout.request_timeout,
                                interrupt_on_update=cfg.rollout.interrupt_on_update, dtype=dtype, bind=bind,
-                               api_key=key, lora=getattr(cfg.model, "lora", None))
+                               api_key=key, lora=cfg.model.lora)
 
 
 def sim_generators(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_kwargs: dict,

@@ -19,7 +19,7 @@ def sglang_weight_sync(cfg: ExperimentConfig):
     over torch.distributed; a LoRA job's servers load adapters from files): nccl where the learner runs
     on CUDA, gloo elsewhere."""
     g = cfg.actors.generator
-    if g.backend != "sglang" or g.sglang_weights != "distributed" or getattr(cfg.model, "lora", None) is not None:
+    if g.backend != "sglang" or g.sglang_weights != "distributed" or cfg.model.lora is not None:
         return None
     from actors.weights.sglang_distributed import SGLangWeightSync
     backend = "nccl" if device_for(cfg) == "cuda" else "gloo"
