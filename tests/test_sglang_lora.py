@@ -181,3 +181,29 @@ async def test_adapter_updates_reach_sglang_as_files_and_generation_runs_on_base
         root = b.adapters.root
         await b.close()
     assert not root.exists()
+
+
+def test_a_lora_job_launches_its_servers_with_enable_lora_and_forms_no_weight_group():
+    from actors.generator.sglang.backend import make_sglang_backend
+    from launcher.config import load_config
+    from launcher.job.builders.learner import sglang_weight_sync
+    from launcher.job.plan import gpu_note
+    from launcher.job.spawn import ProcessSpec
+    from policies.settings import ConfigError
+    over = ["actors.generator.backend=sglang", "rollout.interrupt_on_update=false",
+            "model.lora={r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj]}"]
+    cfg = load_config(None, over)  # no pause needed: requests in flight keep the adapter they named
+    assert sglang_weight_sync(cfg) is None
+    b = make_sglang_backend(cfg.actors.generator, model_path="/m", step=3, seed=cfg.seed, request_timeout=60,
+                            interrupt_on_update=False, lora=cfg.model.lora)
+    argv = launch_argv(b._server.cfg)
+    assert argv[argv.index("--enable-lora"):][:8] == ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules",
+                                                      "q_proj", "k_proj", "v_proj", "o_proj"]
+    assert b.capabilities["weights"] == "adapter" and b.adapters.lora == cfg.model.lora
+    b.adapters.close()
+    spec = ProcessSpec("generator-0", "generator", [], None, {"CUDA_VISIBLE_DEVICES": "1"})
+    assert gpu_note(cfg, spec, None).endswith("(tp 1, --enable-lora --max-lora-rank 8)")
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: SGLang 0.5.23 serves no adapter on \['attn'\]"):
+        SGLangLaunch(model_path="/m", port=1, lora_rank=8, lora_target_modules=("attn",))
+    with pytest.raises(ConfigError, match="rollout.interrupt_on_update: false"):
+        load_config(None, over[:2])  # full weights over the group still need the pause
