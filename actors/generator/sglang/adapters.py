@@ -90,8 +90,8 @@ class AdapterSwap:
             await client.update_weight_version(version, abort_all_requests=interrupt)
             self.applied = version
             log.info("sglang at %s serves adapter %s (%s)", client.url, name,
-                     "requests in flight interrupted, resumed on it" if interrupt else
-                     "requests in flight finish on the adapter they named")
+                     "any request in flight was interrupted and resumes on it" if interrupt else
+                     "any request in flight finishes on the adapter it named")
         while self._old:
             task = asyncio.ensure_future(self._retire(client, self._old.pop()))
             self._retiring.add(task)
