@@ -63,8 +63,9 @@ ROUTES = {
     "/destroy_weights_update_group": ("POST",), "/begin_weight_update": ("POST",),
     "/end_weight_update": ("POST",), "/update_weights_from_distributed": ("POST",),
     "/update_weights_from_tensor": ("POST",), "/update_weights_from_disk": ("POST",),
+    "/update_weight_version": ("POST",), "/load_lora_adapter": ("POST",), "/unload_lora_adapter": ("POST",),
 }
-FAKE_ROUTES = {"/_fake/calls": ("GET",), "/_fake/launch": ("GET",)}  # introspection for tests; not SGLang's
+FAKE_ROUTES = {"/_fake/calls": ("GET",), "/_fake/launch": ("GET",), "/_fake/loras": ("GET",)}  # introspection for tests; not SGLang's
 # what /_fake/launch reports of the server's environment (the launcher's placement and NCCL settings)
 LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NCCL_CUMEM_ENABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
@@ -141,6 +142,8 @@ class Req:
     events: list[tuple[str, int]] = field(default_factory=list)  # (old version, tokens so far)
     abort_message: str | None = None
     cached_tokens: int = 0
+    lora_id: str | None = None  # the adapter it was admitted with (None: the base)
+    key: str | None = None  # what its tokens hash instead of the weight version (its adapter's weights)
 
 
 class FakeSGLang:
@@ -150,7 +153,8 @@ class FakeSGLang:
                  tp_size: int = 1, weight_version: str = "default", startup_delay: float = 0.0,
                  token_delay: float = 0.002, vocab_size: int = 32000, update_delay: float = 0.0,
                  group_timeout: float = 30.0, dump_weights: str | None = None, api_key: str | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, enable_lora: bool = False, max_lora_rank: int | None = None,
+                 lora_target_modules: list[str] | None = None):
         self.host, self.port, self.model_path, self.tp_size = host, port, model_path, tp_size
         self.api_key, self.dtype = api_key, dtype  # --api-key, --dtype
         self.weight_version = weight_version
@@ -177,6 +181,8 @@ class FakeSGLang:
         self._started = time.monotonic()
         self._conns: dict[asyncio.StreamWriter, asyncio.Task] = {}
         self._workers: list[_TPWorker] = []  # the TP ranks' processes (started by the first init)
+        from fake_sglang_lora import FakeLoras
+        self.lora = FakeLoras(self, enabled=enable_lora, max_rank=max_lora_rank, target_modules=lora_target_modules)
 
     # ---- lifecycle
 
@@ -262,6 +268,9 @@ class FakeSGLang:
             return 405, "application/json", b'{"detail":"Method Not Allowed"}'
         if path == "/_fake/calls":
             return 200, "application/json", json.dumps(self.calls).encode()
+        if path == "/_fake/loras":
+            info = {"loaded": self.lora._names(), "ever": list(self.lora.ref_cache)}
+            return 200, "application/json", json.dumps(info).encode()
         if path == "/_fake/launch":
             info = {"dtype": self.dtype, "host": self.host, "keyed": bool(self.api_key),
                     "env": {k: os.environ.get(k) for k in LAUNCH_ENV}}
@@ -340,6 +349,7 @@ class FakeSGLang:
         await self._unpaused.wait()  # the tokenizer manager holds new requests while paused
         while self.writers_waiting:  # RWLock.acquire_reader waits for waiting writers
             await asyncio.sleep(0.005)
+        adapters = await self.lora.resolve(body.get("lora_path"), len(prompts), n)
         reqs = []
         for i, (p, sp) in enumerate(zip(prompts, sp_list)):
             for j in range(n):
@@ -348,8 +358,9 @@ class FakeSGLang:
                 else:  # SGLang regenerates rids for parallel samples
                     r = uuid.uuid4().hex
                 reqs.append(Req(r, list(p), j, sp))
-        for r in reqs:
-            r.cached_tokens = len(r.prompt) if tuple(r.prompt) in self._cache else 0
+                reqs[-1].lora_id, reqs[-1].key = adapters[i * n + j]
+        for r in reqs:  # the radix cache's keys include the adapter's lora_id
+            r.cached_tokens = len(r.prompt) if (r.lora_id, *r.prompt) in self._cache else 0
             self.running[r.rid] = r
         try:
             results = await asyncio.gather(*(self._run(r) for r in reqs))
@@ -357,7 +368,7 @@ class FakeSGLang:
             for r in reqs:
                 self.running.pop(r.rid, None)
         for r in reqs:
-            self._cache.add(tuple(r.prompt))
+            self._cache.add((r.lora_id, *r.prompt))
         return 200, (results[0] if single and n == 1 else results)
 
     async def _run(self, r: Req) -> dict:
@@ -381,9 +392,10 @@ class FakeSGLang:
                 continue
             ctx = r.prompt + r.output
             salt = r.salt if not r.output else 0
-            tok = fake_token(ctx, self.weight_version, self.vocab_size, salt)
+            weights = r.key or self.weight_version  # an adapter's own weights, else the version's
+            tok = fake_token(ctx, weights, self.vocab_size, salt)
             r.output.append(tok)
-            r.logprobs.append(fake_logprob(ctx, self.weight_version, salt))
+            r.logprobs.append(fake_logprob(ctx, weights, salt))
             if tok in stops and not sp.get("ignore_eos") and len(r.output) >= min_new:
                 finish = {"type": "stop", "matched": tok}
                 break
@@ -584,6 +596,21 @@ class FakeSGLang:
             return refused
         return self._after_update(body, "Success")
 
+    async def _h_update_weight_version(self, body, query):
+        _fields(body, {"new_version": (str, True), "abort_all_requests": (bool, False)})
+        if body.get("abort_all_requests", True):  # TokenizerManager.abort_request(abort_all=True)
+            for r in self.running.values():
+                r.abort_message = r.abort_message or "Aborted"
+        self._set_version(body["new_version"])
+        return 200, {"success": True, "message": f"Weight version updated to {body['new_version']}",
+                     "new_version": body["new_version"]}
+
+    async def _h_load_lora_adapter(self, body, query):
+        return await self.lora.h_load(body)
+
+    async def _h_unload_lora_adapter(self, body, query):
+        return await self.lora.h_unload(body)
+
     async def _h_update_weights_from_disk(self, body, query):
         _fields(body, {"model_path": (str, True), "load_format": (str, False),
                        "abort_all_requests": (bool, False), "weight_version": (str, False),
@@ -722,6 +749,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-tokenizer-init", action="store_true")
     ap.add_argument("--api-key")
     ap.add_argument("--dtype", choices=("auto", "half", "float16", "bfloat16", "float", "float32"))
+    ap.add_argument("--enable-lora", action="store_true")
+    ap.add_argument("--max-lora-rank", type=int)
+    ap.add_argument("--lora-target-modules", nargs="*")
+    ap.add_argument("--max-loras-per-batch", type=int, default=8)
     ap.add_argument("--startup-delay", type=float, default=0.0, help="fake: 503 for this long")
     ap.add_argument("--token-delay", type=float, default=0.002, help="fake: seconds per token")
     ap.add_argument("--vocab-size", type=int, default=32000)
@@ -732,9 +763,13 @@ def main(argv: list[str] | None = None) -> None:
                       tp_size=args.tp_size, weight_version=args.weight_version,
                       startup_delay=args.startup_delay, token_delay=args.token_delay,
                       vocab_size=args.vocab_size, update_delay=args.update_delay,
-                      dump_weights=args.dump_weights, api_key=args.api_key, dtype=args.dtype)
+                      dump_weights=args.dump_weights, api_key=args.api_key, dtype=args.dtype,
+                      enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
+                      lora_target_modules=args.lora_target_modules)
 
     async def serve():
+        if args.enable_lora:  # the base weights the adapters merge into, read before serving (as SGLang's model)
+            await asyncio.to_thread(fake.lora.base)
         await fake.start()
         print(f"fake sglang {VERSION}: serving {args.model_path} on {fake.url}", flush=True)
         await asyncio.sleep(args.startup_delay)

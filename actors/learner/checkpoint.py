@@ -1,5 +1,9 @@
 """Training checkpoints: model (HF dir), optimizer, step, RNG, sampler position.
 
+A LoRA run (model.lora) writes its adapter in PEFT's layout (adapter/: adapter_model.safetensors +
+adapter_config.json naming the base, loadable with `PeftModel.from_pretrained(base, dir)`) in place of
+model/, and state.json says `lora: true`: the base is the run's, unchanged.
+
 A checkpoint directory is written under a temporary name and renamed into place only when complete,
 so a crash mid-save leaves the previous checkpoint as the latest usable one. Saving a step that is
 already on disk (keep 1: the only checkpoint there is) moves the old copy aside under a name of its
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policies.model import lora
 from policies.model.loading import save_checkpoint
 from policies.train.optim import full_precision_state
 
@@ -73,12 +78,17 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_checkpoint(model, tokenizer, tmp / "model", state_dict=full_precision_state(model, optimizer))
+    adapter = lora.has_adapter(model)
+    if adapter:
+        _save_adapter(model, optimizer, tmp / "adapter")
+    else:
+        save_checkpoint(model, tokenizer, tmp / "model", state_dict=full_precision_state(model, optimizer))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     meta = {"step": step, "version": step, "sampler": {"next_batch": step},
-            "digest": state_digest(model, optimizer), "files": files, **(extra or {})}
+            "digest": state_digest(model, optimizer), "files": files, **({"lora": True} if adapter else {}),
+            **(extra or {})}
     _write_synced(tmp / "state.json", json.dumps(meta, indent=1))
     _fsync_dir(tmp)
     old = final.with_name(final.name + _OLD)
@@ -94,6 +104,29 @@ def save(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.opti
         if stale.with_name(stale.name.removesuffix(_OLD)).exists():
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _save_adapter(model, optimizer, out: Path) -> None:
+    """The adapter in PEFT's layout, in full precision (the optimizer's fp32 masters under bf16)."""
+    full = full_precision_state(model, optimizer)
+    state = lora.split_state(full)[1] if full is not None else lora.adapter_state(model)
+    base = getattr(model.config, "_name_or_path", None) or None
+    lora.save_adapter(out, state, lora.settings_of(model), base_model=str(base) if base else None)
+
+
+def restore_adapter(ckpt: Path, model) -> None:
+    """A LoRA checkpoint's adapter into the `wrap`ped model (nothing for a full model's checkpoint)."""
+    if not load_state(Path(ckpt)).get("lora"):
+        return
+    if not lora.has_adapter(model):
+        raise CheckpointError(f"checkpoint {ckpt}: holds a LoRA adapter, but model.lora is not set")
+    try:
+        state, saved, _ = lora.load_adapter(Path(ckpt) / "adapter")
+        if saved.r != lora.settings_of(model).r:
+            raise lora.LoraError(f"its r is {saved.r}, model.lora.r is {lora.settings_of(model).r}")
+        lora.set_adapter_state(model, state)
+    except lora.LoraError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: adapter: {exc}") from None
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -161,12 +194,14 @@ def verify(ckpt: Path) -> dict:
             if actual != size:
                 raise CheckpointError(f"checkpoint {ckpt}: {rel} is {actual} bytes, {size} were written "
                                       f"({'truncated' if actual < size else 'changed'} on disk)")
-    for rel in ("model/config.json", "optimizer.pt", "rng.pt"):
+    weights = "adapter" if state.get("lora") else "model"
+    first = f"adapter/{lora.ADAPTER_CONFIG}" if state.get("lora") else "model/config.json"
+    for rel in (first, "optimizer.pt", "rng.pt"):
         if not (ckpt / rel).is_file():
             raise CheckpointError(f"checkpoint {ckpt}: {rel} is missing")
-    shards = sorted((ckpt / "model").glob("*.safetensors"))
+    shards = sorted((ckpt / weights).glob("*.safetensors"))
     if not shards:
-        raise CheckpointError(f"checkpoint {ckpt}: model/ holds no .safetensors weights")
+        raise CheckpointError(f"checkpoint {ckpt}: {weights}/ holds no .safetensors weights")
     for shard in shards:
         _check_safetensors(shard, ckpt)
     for rel in ("optimizer.pt", "rng.pt"):

@@ -17,6 +17,7 @@ import torch
 from policies.data.dataset import Problem
 from policies.data.prompts import DIRECTIVE
 from policies.infer.evaluate import EvalConfig, evaluate
+from policies.model.lora import effective_state, has_adapter
 
 log = logging.getLogger("actors.learner.periodic_eval")
 
@@ -41,8 +42,10 @@ class PeriodicEval:
         t0 = time.monotonic()
         with torch.no_grad():
             own = dict(self.model.named_parameters())
-            for name, p in trained.named_parameters():
-                own[name].copy_(p)
+            weights = effective_state(trained) if has_adapter(trained) else dict(trained.named_parameters())
+            for name, p in weights.items():
+                if name in own:  # a LoRA model's state also names tied weights twice
+                    own[name].copy_(p)
         result = evaluate(self.model, self.tokenizer, self.problems, self.cfg, label="eval.every", **self.prompting)
         log.info("eval.every: pass@1 %.3f over %d problems x %d samples (%.0f s)", result["pass@1"],
                  result["problems"], self.cfg.k, time.monotonic() - t0)

@@ -31,12 +31,17 @@ import torch
 from actors import protocol as P
 from actors.base import Actor, handler
 from actors.weights.channel_push import ChannelPush
+from policies.model.lora import adapter_state, has_adapter
 
 log = logging.getLogger("actors.broadcaster")
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full, unsharded HF names and tensors (what SGLang and our generators load), by reference."""
+    """Full, unsharded HF names and tensors (what SGLang and our generators load), by reference; a LoRA
+    run's model (model.lora) gives its adapter only (policies.model.lora.adapter_state: PEFT's names,
+    which tell a generator it is an adapter), a few MB instead of the model."""
+    if has_adapter(model):
+        return adapter_state(model)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

@@ -16,6 +16,7 @@ from bus.broker import is_loopback_host
 from policies.cost_model import CostModel
 from policies.data.prompts import DIRECTIVE
 from policies.infer.evaluate import EvalConfig
+from policies.model.lora import LoraSettings
 from policies.settings import (Checked, ConfigError, FieldError, at_least_one, non_negative, opt, positive,
                                to_dict, unit_interval)
 from policies.train.ppo import PPOConfig, SFTConfig
@@ -29,6 +30,8 @@ class ModelConfig(Checked):
     dtype: Literal["float32", "bfloat16", "auto"] = opt(
         "float32", doc="the learner's weights (its optimizer state follows); auto = bfloat16 where it is native")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", doc="auto = cuda when present")
+    lora: LoraSettings | None = opt(None, doc="{r, alpha, target_modules, dropout}: train a LoRA adapter "
+                                              "(PEFT) instead of every weight; null = full fine-tuning")
 
 
 def _key_or_none(v) -> bool: return v is None or (isinstance(v, str) and bool(v.strip()))
@@ -253,7 +256,8 @@ class ExperimentConfig(Checked):
             self.run_dir = f"runs/{self.name}"
         self._fill_recipe()
         g = self.actors.generator
-        if not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed":
+        if (not self.rollout.interrupt_on_update and g.backend == "sglang" and g.sglang_weights == "distributed"
+                and self.model.lora is None):  # a LoRA job's adapters need no pause
             # SGLang's model_update_lock holds requests off one update call, and lets them in between the
             # buckets of a distributed update: only the pause keeps them out, and it interrupts them
             raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "

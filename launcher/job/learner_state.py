@@ -28,6 +28,9 @@ def learner_state(cfg: ExperimentConfig, start: Start):
         raise ConfigError(RANKS_BF16.format(ranks=cfg.actors.learner.ranks, bf16=f"{cfg.ppo.bf16} (bf16 here)"))
     model = load_model(start.model_path, dtype=dtype_for(cfg), device=device_for(cfg),
                        compute_dtype=torch.bfloat16 if bf16 else None)
+    if cfg.model.lora is not None:  # only the adapter trains (the optimizer takes what requires grad)
+        from policies.model.lora import wrap
+        wrap(model, cfg.model.lora)
     opt = make_optimizer(model, cfg.ppo)
     if cfg.ppo.gradient_checkpointing:
         from policies.model.loading import checkpoint_layers
@@ -48,7 +51,9 @@ def learner_state(cfg: ExperimentConfig, start: Start):
 
 
 def _restore(ckpt: Path, step: int, model, opt) -> dict:
-    """The optimizer and RNG state of ``ckpt``, checked against its digest -> the `resumed` record."""
+    """The optimizer and RNG state of ``ckpt`` (and a LoRA run's adapter), checked against its digest -> the
+    `resumed` record."""
+    checkpoint.restore_adapter(ckpt, model)
     checkpoint.restore_optimizer(ckpt, opt)
     checkpoint.restore_rng(ckpt)
     saved = checkpoint.load_state(ckpt).get("digest")

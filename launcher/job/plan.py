@@ -131,7 +131,8 @@ def check_nccl_parity(cfg: ExperimentConfig) -> None:
     learner's NCCL, or every weight update fails: gpu_env.ParityError names both versions. This assumes
     every host has the head's environments (the same paths), as the actors' command lines do."""
     g = cfg.actors.generator
-    if g.backend != "sglang" or g.sglang_url or g.sglang_weights != "distributed" or not g.sglang_command:
+    if (g.backend != "sglang" or g.sglang_url or g.sglang_weights != "distributed" or not g.sglang_command
+            or cfg.model.lora is not None):  # a LoRA job's adapters go by file, not NCCL
         return
     from launcher.job.compute import device_for
     if device_for(cfg) != "cuda":
@@ -240,6 +241,8 @@ def gpu_note(cfg: ExperimentConfig, spec: ProcessSpec, learner_gpu: tuple) -> st
         note += f" for its SGLang server (tp {g.sglang_tp_size}"
         if g.sglang_mem_fraction_static is not None:
             note += f", --mem-fraction-static {g.sglang_mem_fraction_static}"
+        if cfg.model.lora is not None:  # the adapter way: actors.generator.sglang.adapters
+            note += f", --enable-lora --max-lora-rank {cfg.model.lora.r}"
         note += ")"
         if (spec.host, ids) == learner_gpu:
             note += ", shared with learner rank 0"

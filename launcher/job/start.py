@@ -80,7 +80,9 @@ def resolve_start(cfg: ExperimentConfig, resume: bool) -> Start:
                 continue
             if damaged:
                 log.warning("--resume: falling back to %s", ckpt)
-            return Start(int(state["step"]), str(ckpt / "model"), str(ckpt))
+            # a LoRA checkpoint holds the adapter only: every process loads the base (the learner adds the adapter)
+            model = base_model_path(cfg) if state.get("lora") else str(ckpt / "model")
+            return Start(int(state["step"]), model, str(ckpt))
         if damaged:
             raise checkpoint.CheckpointError("--resume: no usable checkpoint under "
                                              f"{run_dir(cfg) / 'checkpoints'}: " + "; ".join(damaged))

@@ -20,6 +20,9 @@ Conventions
   AReaL's interrupt-and-continue), so no token is sampled from a cache of older weights; tokens
   sampled from then on carry the new version. A caller that wants no sequence to mix versions
   waits for the running rows to end before updating (`step(admit=False)` starts no new group).
+- LoRA (`lora=`): the engine keeps a copy of the base weights that the adapter targets, and an update
+  that is an adapter (policies.model.lora.is_adapter_state) sets each target to base + (alpha / r) * B @ A
+  (`merged_weights`) through the same in-place copy as full weights: the fused decoder reads them as ever.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from policies.infer.hf_decoder import make_decoder
 from policies.infer.llama_infer import KVCache
 from policies.infer.token_draw import sample_tokens
+from policies.model.lora import LoraError, LoraSettings, is_adapter_state, merged_weights, target_weight_names
 
 log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length", "abort"]
@@ -177,11 +181,17 @@ class GenerationEngine:
         seed: int | None = None,
         version: int = 0,
         hf_fallback: bool = True,
+        lora: LoraSettings | None = None,
     ):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
+        self.lora = lora
+        # the base weights an adapter modifies, copied before the decoder re-homes them (cast on merge)
+        targets = set(target_weight_names(model, lora)) if lora is not None else set()
+        self._lora_base = None if lora is None else {
+            n: t.detach().clone() for n, t in model.state_dict().items() if n in targets}
         self.decoder = make_decoder(model, fuse=fuse_projections, hf_fallback=hf_fallback)
         here = self.decoder.device
         if device is not None:
@@ -306,9 +316,18 @@ class GenerationEngine:
     def update_weights(self, named_tensors: Mapping[str, Tensor], version: int) -> None:
         """Copy new values into the model's parameters in place (no reallocation); running rows are
         re-prefilled under them at the next step and tokens sampled from then on carry `version`.
-        Everything is checked before anything is copied."""
+        Everything is checked before anything is copied. An adapter (LoRA engines only) sets its targets
+        to their merged weights, base + scale * B @ A."""
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version={version!r} must be an int")
+        if is_adapter_state(named_tensors):
+            if self._lora_base is None:
+                raise ValueError("update_weights: got a LoRA adapter, but this engine was made without lora= "
+                                 "(model.lora unset on the generator's side?)")
+            try:
+                named_tensors = merged_weights(self._lora_base, named_tensors, self.lora)
+            except LoraError as exc:
+                raise ValueError(f"update_weights: {exc}") from None
         targets = dict(self.model.named_parameters(remove_duplicate=False))
         targets.update(dict(self.model.named_buffers()))
         unknown = [k for k in named_tensors if k not in targets]

@@ -1,12 +1,18 @@
 """The sglang generator backend: an SGLang server (launched here or already running) behind the
 generator actor's Backend interface.
 
-Weights reach the server one of two ways (``actors.generator.sglang_weights``, both in actors.weights):
+Weights reach the server one of three ways: the two of ``actors.generator.sglang_weights`` (both in
+actors.weights), and in a LoRA job (``model.lora``) the adapter way, whatever sglang_weights says:
 - distributed (default): the broadcaster, in the learner's process, broadcasts them over
   torch.distributed straight into the server (actors.weights.sglang_distributed); this backend only tells
   the bus where its server is (``capabilities``), and update_weights is never called;
 - disk: tensors that arrive over a tensor channel are written as a checkpoint and loaded with
-  /update_weights_from_disk (actors.weights.sglang_disk; it always flushes the radix cache).
+  /update_weights_from_disk (actors.weights.sglang_disk; it always flushes the radix cache);
+- adapter: the server runs with --enable-lora; each update's adapter, which arrives as the disk way's
+  tensors do (a few MB), is written in PEFT's layout and loaded with /load_lora_adapter under a
+  versioned name that later requests name (actors.generator.sglang.adapters, which also says what
+  becomes of the requests in flight). Merged weights over the weight group would move the whole
+  model per update: a LoRA job does not take them.
 
 ``interrupt_on_update`` (rollout.interrupt_on_update) on the disk path: true aborts the requests in
 flight (abort_all_requests) and generate_group resubmits prompt + tokens so far, recomputed under
@@ -19,6 +25,7 @@ import socket
 
 import torch
 
+from actors.generator.sglang.adapters import AdapterSwap
 from actors.generator.sglang.client import SGLangClient
 from actors.generator.sglang.protocol import SGLangError, SGLangLaunchError
 from actors.generator.sglang.server import ServerProcess, SGLangLaunch
@@ -30,7 +37,10 @@ class SGLangGeneratorBackend(SGLangClient):
     launched it (`launch`; else `url` names a running one). start() returns once /health is 200."""
 
     def __init__(self, url: str | None = None, *, launch: SGLangLaunch | None = None, model_path: str,
-                 weights: str = "distributed", tp_size: int = 1, interrupt_on_update: bool = True, **kwargs):
+                 weights: str = "distributed", tp_size: int = 1, interrupt_on_update: bool = True,
+                 lora=None, **kwargs):
+        """``lora``: a LoRA job's policies.model.lora.LoraSettings; its server must run with --enable-lora
+        and this rank and target modules (a launched one does: see make_sglang_backend)."""
         if (url is None) == (launch is None):
             raise ValueError("the sglang backend needs a url or a launch config (one of them)")
         if url is None:
@@ -44,9 +54,14 @@ class SGLangGeneratorBackend(SGLangClient):
         self.disk = DiskWeights(model_path)
         if not isinstance(interrupt_on_update, bool):
             raise ValueError(f"interrupt_on_update={interrupt_on_update!r}: must be true or false")
-        if weights == "distributed" and not interrupt_on_update:
+        if weights == "distributed" and not interrupt_on_update and lora is None:
             raise ValueError("interrupt_on_update=False needs weights='disk': a distributed update pauses "
                              "generation, which interrupts it")
+        self.adapters = None
+        if lora is not None:  # the adapter way: tensors over a channel (not "distributed"), loaded from files
+            weights = "adapter"
+            self.adapters = AdapterSwap(lora, base_model=model_path,
+                                        retire_timeout=kwargs.get("request_timeout", 3600.0))
         self.weights_mode, self.tp_size = weights, tp_size
         self.interrupt_on_update = interrupt_on_update
 
@@ -93,10 +108,20 @@ class SGLangGeneratorBackend(SGLangClient):
         return {"sglang_url": self.url, "sglang_tp_size": self.tp_size, "weights": self.weights_mode}
 
     async def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        """The disk way (the write runs in a thread, so the generator keeps answering)."""
-        await self.disk.load(self, weights, version, abort_all_requests=self.interrupt_on_update)
+        """The disk or the adapter way (the files are written in a thread, so the generator keeps answering)."""
+        from policies.model.lora import is_adapter_state
+        if is_adapter_state(weights) != (self.adapters is not None):
+            got = "a LoRA adapter" if is_adapter_state(weights) else f"full weights ({next(iter(weights), '')!r}, ...)"
+            want = "LoRA adapters (model.lora is set)" if self.adapters else "full weights (model.lora is not set)"
+            raise ValueError(f"weights v{version} for the sglang server at {self.url}: got {got}, but it takes {want}")
+        if self.adapters is not None:
+            await self.adapters.load(self, weights, version, interrupt=self.interrupt_on_update)
+        else:
+            await self.disk.load(self, weights, version, abort_all_requests=self.interrupt_on_update)
 
     async def close(self) -> None:
+        if self.adapters is not None:  # first: its retirements use the connection
+            self.adapters.close()
         await super().close()
         if self._server is not None:
             await self._server.stop()
@@ -105,14 +130,15 @@ class SGLangGeneratorBackend(SGLangClient):
 
 def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, request_timeout: float,
                         interrupt_on_update: bool, dtype: str | None = None, bind: str = "127.0.0.1",
-                        api_key: str | None = None) -> SGLangGeneratorBackend:
+                        api_key: str | None = None, lora=None) -> SGLangGeneratorBackend:
     """The backend the generator section's ``sglang_*`` settings describe (``settings``: that section,
     e.g. the launcher's actors.generator): a server at sglang_url, else one launched here serving
     ``model_path`` as version ``step`` in ``dtype``, listening on ``bind`` (beyond loopback only with
-    ``api_key``), on the GPUs of this process's CUDA_VISIBLE_DEVICES (the launcher's placement)."""
+    ``api_key``), on the GPUs of this process's CUDA_VISIBLE_DEVICES (the launcher's placement).
+    ``lora`` (model.lora): the adapter way, a launched server gets --enable-lora with its rank and modules."""
     kw = dict(model_path=model_path, request_timeout=request_timeout, health_timeout=settings.sglang_health_timeout,
               weights=settings.sglang_weights, tp_size=settings.sglang_tp_size,
-              interrupt_on_update=interrupt_on_update, api_key=api_key)
+              interrupt_on_update=interrupt_on_update, api_key=api_key, lora=lora)
     if settings.sglang_url:
         return SGLangGeneratorBackend(settings.sglang_url, **kw)
     with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
@@ -121,5 +147,7 @@ def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, requ
     launch = SGLangLaunch(model_path=model_path, port=port, random_seed=seed, tp_size=settings.sglang_tp_size,
                           initial_version=step, extra_args=list(settings.sglang_args), command=settings.sglang_command,
                           dtype=dtype, host=bind, api_key=api_key,
-                          mem_fraction_static=settings.sglang_mem_fraction_static)
+                          mem_fraction_static=settings.sglang_mem_fraction_static,
+                          lora_rank=lora.r if lora is not None else None,
+                          lora_target_modules=tuple(lora.target_modules) if lora is not None else ())
     return SGLangGeneratorBackend(launch=launch, **kw)

@@ -21,8 +21,9 @@ import orjson
 from actors.generator.sglang.protocol import (DEFAULT_GROUP, PAUSE_MODES, MalformedReply, Sample, SGLangError,
                                     SGLangProtocolError, SGLangRefused, SGLangTimeout, SGLangUnreachable,
                                     _concat, _resume_params, check_prompts, check_tensor_meta,
-                                    generate_body, normalize_sampling, parse_generate_reply, parse_version,
-                                    reply_message, update_bucket_body)
+                                    generate_body, load_lora_body, normalize_sampling, parse_generate_reply,
+                                    parse_version, reply_message, unload_lora_body, update_bucket_body,
+                                    weight_version_body)
 
 log = logging.getLogger("actors.generator.sglang.client")
 # names the file holding the job's SGLang API key (the launcher writes it; the path is no secret)
@@ -71,6 +72,12 @@ class SGLangClient:
         self._http: httpx2.AsyncClient | None = None
         self._update_lock = asyncio.Lock()
         self.version = 0  # the server's weight version: read at start, then from its replies
+        # LoRA: the adapter every /generate names (None: the base weights), each loaded adapter's policy
+        # version, and how many of our requests in flight name each one (actors.generator.sglang.adapters)
+        self.lora_name: str | None = None
+        self._adapter_versions: dict[str, int] = {}
+        self._using: dict[str, int] = {}
+        self._unused = asyncio.Condition()
 
     # ---- lifecycle
 
@@ -145,7 +152,7 @@ class SGLangClient:
             raise SGLangProtocolError(self.url, phase, "reply", f"not JSON: "
                                       f"{resp.content[:200]!r}") from None
         if isinstance(obj, dict) and obj.get("success") is False:
-            raise SGLangRefused(self.url, phase, resp.status_code, str(obj.get("message", obj)))
+            raise SGLangRefused(self.url, phase, resp.status_code, reply_message(resp.content))
         return obj
 
     # ---- health and info
@@ -227,18 +234,37 @@ class SGLangClient:
 
     async def _generate_raw(self, prompts: list[list[int]], params: dict | list[dict], n: int,
                             rids: Sequence[str] | None, timeout: float | None) -> list[Sample]:
-        body = generate_body(prompts, params, n, rids)
-        resp = await self._request("POST", "/generate", "generate", body,
-                                   self.request_timeout if timeout is None else timeout)
+        lora = self.lora_name  # read at submission: a resubmission after a swap names the new adapter
+        body = generate_body(prompts, params, n, rids, lora)
+        if lora is not None:
+            self._using[lora] = self._using.get(lora, 0) + 1
+        try:
+            resp = await self._request("POST", "/generate", "generate", body,
+                                       self.request_timeout if timeout is None else timeout)
+        finally:
+            if lora is not None:
+                await self._release(lora)
         if resp.status_code != 200:
             raise SGLangRefused(self.url, "generate", resp.status_code, reply_message(resp.content))
         try:
-            return parse_generate_reply(orjson.loads(resp.content), len(prompts) * n)
+            samples = parse_generate_reply(orjson.loads(resp.content), len(prompts) * n)
         except orjson.JSONDecodeError:
             raise SGLangProtocolError(self.url, "generate", "reply",
                                       f"not JSON: {resp.content[:200]!r}") from None
         except MalformedReply as e:
             raise SGLangProtocolError(self.url, "generate", e.field, e.problem) from None
+        version = self._adapter_versions.get(lora) if lora is not None else None
+        if version is not None:  # SGLang fixes a request's adapter at admission: its tokens are that adapter's
+            for s in samples:
+                s.versions = [version] * len(s.output_ids)
+        return samples
+
+    async def _release(self, lora: str) -> None:
+        self._using[lora] -= 1
+        if not self._using[lora]:
+            del self._using[lora]
+            async with self._unused:
+                self._unused.notify_all()
 
     async def generate_resumable(self, input_ids: list[list[int]], n: int, sampling: dict,
                                  rids: Sequence[str] | None = None, *, max_resumes: int = 100,
@@ -366,3 +392,42 @@ class SGLangClient:
             await self._post("/update_weights_from_disk", body, "update_weights_from_disk",
                              self.update_timeout if timeout is None else timeout)
             self.version = version
+
+    # ---- LoRA adapters (SGLang launched with --enable-lora)
+
+    async def load_lora_adapter(self, name: str, path: str, *, timeout: float | None = None) -> None:
+        """The server reads the PEFT directory ``path`` (it must see it) and serves it as ``name``."""
+        await self._post("/load_lora_adapter", load_lora_body(name, path), "load_lora_adapter",
+                         self.update_timeout if timeout is None else timeout)
+
+    async def unload_lora_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """SGLang answers once no request that names ``name`` runs any more."""
+        await self._post("/unload_lora_adapter", unload_lora_body(name), "unload_lora_adapter",
+                         self.update_timeout if timeout is None else timeout)
+
+    async def update_weight_version(self, version: int, *, abort_all_requests: bool,
+                                    timeout: float | None = None) -> None:
+        """The version /model_info and later replies report; abort_all_requests ends those in flight."""
+        await self._post("/update_weight_version", weight_version_body(version, abort_all_requests),
+                         "update_weight_version", timeout)
+        self.version = version
+
+    def use_adapter(self, name: str | None, version: int | None = None) -> str | None:
+        """From now on every /generate (resubmissions too) names adapter ``name`` whose tokens are policy
+        ``version``; returns the adapter named before."""
+        old, self.lora_name = self.lora_name, name
+        if name is not None:
+            self._adapter_versions[name] = version
+        return old
+
+    async def until_unused(self, name: str, timeout: float) -> bool:
+        """Wait until no request of ours names adapter ``name`` (False when ``timeout`` ran out first)."""
+        try:
+            async with self._unused:
+                await asyncio.wait_for(self._unused.wait_for(lambda: name not in self._using), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def forget_adapter(self, name: str) -> None:
+        self._adapter_versions.pop(name, None)

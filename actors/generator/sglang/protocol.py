@@ -24,6 +24,11 @@ SAMPLING_KEYS = frozenset(
      "stop_token_ids", "ignore_eos", "sampling_seed"}
 )
 # dtype names SGLang's receiver resolves with getattr(torch, name), with their sizes.
+# --lora-target-modules choices (sglang.srt.utils.common.SUPPORTED_LORA_TARGET_MODULES, 0.5.23)
+LORA_TARGET_MODULES = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj", "wq_b",
+    "wk", "weights_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj", "embed_tokens",
+    "lm_head", "qkvr", "wo_ud"})
 DTYPE_BYTES = {
     "float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1,
     "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
@@ -163,8 +168,9 @@ def check_prompts(input_ids: Any, rids: Sequence[str] | None = None) -> list[lis
 
 
 def generate_body(prompts: list[list[int]], sampling_params: dict | list[dict], n: int,
-                  rids: Sequence[str] | None = None) -> dict:
-    """POST /generate body: always a batch, so the reply is always a list (index i*n + j)."""
+                  rids: Sequence[str] | None = None, lora_path: str | None = None) -> dict:
+    """POST /generate body: always a batch, so the reply is always a list (index i*n + j).
+    ``lora_path``: the loaded adapter's name (lora_name) every sample runs with; None = the base."""
     if isinstance(sampling_params, dict):
         sp: dict | list[dict] = {**sampling_params, "n": n}
     else:
@@ -174,7 +180,26 @@ def generate_body(prompts: list[list[int]], sampling_params: dict | list[dict], 
     body = {"input_ids": prompts, "sampling_params": sp, "return_logprob": True}
     if rids is not None:
         body["rid"] = list(rids)
+    if lora_path is not None:
+        body["lora_path"] = lora_path
     return body
+
+
+def load_lora_body(lora_name: str, lora_path: str) -> dict:
+    """POST /load_lora_adapter (LoadLoRAAdapterReqInput): a PEFT directory the server reads itself.
+    Not pinned: pinning only keeps it in the GPU pool, and ours is the one every request names."""
+    return {"lora_name": lora_name, "lora_path": lora_path, "pinned": False}
+
+
+def unload_lora_body(lora_name: str) -> dict:
+    """POST /unload_lora_adapter (UnloadLoRAAdapterReqInput)."""
+    return {"lora_name": lora_name}
+
+
+def weight_version_body(version: int, abort_all_requests: bool) -> dict:
+    """POST /update_weight_version (UpdateWeightVersionReqInput): with abort_all_requests the requests in
+    flight end now with their partial output (finish_reason abort)."""
+    return {"new_version": str(version), "abort_all_requests": abort_all_requests}
 
 
 def parse_version(value: Any, field: str) -> int:
@@ -328,6 +353,8 @@ def reply_message(content: bytes) -> str:
             return err
         if "message" in obj:
             return str(obj["message"])
+        if obj.get("error_message"):  # LoRAUpdateOutput
+            return str(obj["error_message"])
         if "detail" in obj:
             return str(obj["detail"])
     return str(obj)[:2000]

@@ -25,6 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from actors.children import die_with_parent
+from actors.generator.sglang.protocol import LORA_TARGET_MODULES
 
 log = logging.getLogger("actors.generator.sglang.server")
 # set in the server's and in the learner's environment before any process group is built
@@ -46,6 +47,8 @@ class SGLangLaunch:
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     initial_version: int = 0  # sent as --weight-version so replies carry an integer version
+    lora_rank: int | None = None  # a LoRA job: --enable-lora --max-lora-rank R --lora-target-modules M..
+    lora_target_modules: tuple[str, ...] = ()
     command: list[str] | None = None  # default [python, -m, sglang.launch_server]
     log_file: str | None = None  # also append the server's output here
     log_lines: int = 40  # how many last lines an error quotes
@@ -68,6 +71,14 @@ class SGLangLaunch:
         if self.host not in ("127.0.0.1", "localhost", "::1") and not self.api_key:
             raise ValueError(f"SGLangLaunch.host={self.host!r}: a server reachable beyond loopback needs an "
                              "api_key (its HTTP port has endpoints that unpickle)")
+        if self.lora_rank is not None:
+            if self.lora_rank < 1 or not self.lora_target_modules:
+                raise ValueError(f"SGLangLaunch: LoRA needs a rank >= 1 and target modules, got rank "
+                                 f"{self.lora_rank} and {list(self.lora_target_modules)}")
+            bad = sorted(set(self.lora_target_modules) - LORA_TARGET_MODULES)
+            if bad:
+                raise ValueError(f"model.lora.target_modules: SGLang 0.5.23 serves no adapter on {bad} "
+                                 f"(--lora-target-modules takes {', '.join(sorted(LORA_TARGET_MODULES))})")
         if not all(isinstance(a, str) for a in self.extra_args):
             raise ValueError(f"SGLangLaunch.extra_args must be strings, got {self.extra_args!r}")
 
@@ -85,6 +96,9 @@ def launch_argv(cfg: SGLangLaunch) -> list[str]:
         argv += ["--dtype", cfg.dtype]
     if cfg.api_key:
         argv += ["--api-key", cfg.api_key]
+    if cfg.lora_rank is not None:  # sizes the adapter memory pool; no adapter at start (each update loads one)
+        argv += ["--enable-lora", "--max-lora-rank", str(cfg.lora_rank),
+                 "--lora-target-modules", *cfg.lora_target_modules]
     return argv + list(cfg.extra_args)
 
 

@@ -16,7 +16,7 @@ def torch_backend(cfg: ExperimentConfig, start: Start, tok):
     from policies.model.loading import load_model
     model = load_model(start.model_path, dtype=dtype_for(cfg, "generator"), device=device_for(cfg))
     return TorchBackend(model, stop_token_ids=tuple(stop_ids(tok)), interrupt_on_update=cfg.rollout.interrupt_on_update,
-                        version=start.step)
+                        version=start.step, lora=cfg.model.lora)
 
 
 def sglang_backend(cfg: ExperimentConfig, start: Start, bus_address: str):
@@ -32,7 +32,7 @@ def sglang_backend(cfg: ExperimentConfig, start: Start, bus_address: str):
     return make_sglang_backend(cfg.actors.generator, model_path=start.model_path, step=start.step, seed=cfg.seed,
                                request_timeout=cfg.rollout.request_timeout,
                                interrupt_on_update=cfg.rollout.interrupt_on_update, dtype=dtype, bind=bind,
-                               api_key=key)
+                               api_key=key, lora=cfg.model.lora)
 
 
 def sim_generators(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_kwargs: dict,

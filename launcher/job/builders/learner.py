@@ -16,9 +16,10 @@ log = logging.getLogger("launcher.job.builders.learner")
 
 def sglang_weight_sync(cfg: ExperimentConfig):
     """The learner's weight-update session with SGLang servers (None unless their weights go
-    over torch.distributed): nccl where the learner runs on CUDA, gloo elsewhere."""
+    over torch.distributed; a LoRA job's servers load adapters from files): nccl where the learner runs
+    on CUDA, gloo elsewhere."""
     g = cfg.actors.generator
-    if g.backend != "sglang" or g.sglang_weights != "distributed":
+    if g.backend != "sglang" or g.sglang_weights != "distributed" or cfg.model.lora is not None:
         return None
     from actors.weights.sglang_distributed import SGLangWeightSync
     backend = "nccl" if device_for(cfg) == "cuda" else "gloo"
