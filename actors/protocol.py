@@ -22,10 +22,14 @@ sampler      -> generator    GENERATE            {step, qid, epoch, prompt_ids, 
                                                   problem: {prompt, extra}}
 generator    -> verifier     SCORE               {step, qid, epoch, texts, answers, problem, rollout_ref, generator, stats}
 generator    -> sampler      GENERATED           {step, qid, epoch, verifier}
+rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens, max_turns, deadline_s, epoch}
+                                                  -> {base_url, api_key} (actors.rollout: a workflow's session)
+rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}],
+                                                  turns, completion_tokens, last_text, finish}
 verifier     -> packer       SCORED              {step, qid, epoch, rewards, correct, reward_errors, rollout_ref,
                                                   generator, stats}
 packer       -> sampler      ACCEPTED            {step, qid}
-packer, generator, verifier
+packer, generator, verifier, rollout
              -> sampler      REJECTED            {step, qid, reason, epoch (generator, verifier)}
 packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats} -> None, or
                                                   {later: true} where the learner already holds max_pending steps
@@ -52,6 +56,12 @@ WEIGHTS_VERSION  broadcaster    {version, generators: the names that serve it}
 RUN_FINISHED     learner        {step}
 JOINED, LEFT     the broker     {name, role, host, pid, capabilities} (LEFT also: reason, "bye" | "expired")
 
+With ``rollout.workflow`` set the sampler deals GENERATE to rollout workers instead of generators: a
+rollout worker runs the G sessions of a prompt against generators (OPEN_SESSION, the workflow,
+CLOSE_SESSION) and then plays the generator's part in the trip above: SCORE to a verifier (its body
+also carries ``rewards``, the workflows' own, None where the verifier scores the last text), GENERATED
+to the sampler (actors.rollout).
+
 Each message that changes what an actor does is served only from its sender's role (left column), as
 registered with the broker, and each topic is published only by its owner: the broker enforces both
 (``bus.trust.SENDERS`` and ``TOPIC_OWNERS``), and on a keyed bus a role is what the member's key allows.
@@ -69,6 +79,8 @@ SCORED = "scored"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 TRAIN = "train"
+OPEN_SESSION = "open_session"
+CLOSE_SESSION = "close_session"
 PUBLISH_WEIGHTS = "publish_weights"
 UPDATE_WEIGHTS = "update_weights"
 BROADCASTER_STATE = "broadcaster_state"
@@ -89,6 +101,7 @@ LEFT = "left"
 # roles (the names of the single-instance actors are their roles)
 GENERATOR = "generator"
 VERIFIER = "verifier"
+ROLLOUT = "rollout"  # rollout workers: run rollout.workflow's sessions (actors.rollout)
 
 # well-known names of the single-instance actors
 SAMPLER = "sampler"
@@ -98,5 +111,5 @@ BROADCASTER = "broadcaster"
 LAUNCHER = "launcher"
 
 # the roles of the actor processes, in placement order (the broadcaster runs in the learner's process)
-ROLES = (SAMPLER, GENERATOR, VERIFIER, PACKER, LEARNER)
-SCALABLE_ROLES = (GENERATOR, VERIFIER)  # the only roles that may run more than one instance
+ROLES = (SAMPLER, GENERATOR, VERIFIER, PACKER, LEARNER, ROLLOUT)
+SCALABLE_ROLES = (GENERATOR, VERIFIER, ROLLOUT)  # the only roles that may run more than one instance
