@@ -20,8 +20,9 @@ TRACEBACK_CHARS = 4000
 def worker_main(conn: Connection, spec: str, memory_limit_mb: int | None, timeout: float) -> None:
     limit_worker(memory_limit_mb)
     try:
+        import openai  # noqa: F401  (imported once, before the first sample's deadline runs)
         fn = load_workflow(spec)
-    except WorkflowError as e:
+    except (WorkflowError, ImportError) as e:
         conn.send((FATAL, str(e)))
         return
     asyncio.run(_serve(conn, fn, timeout))

@@ -88,7 +88,7 @@ class RolloutConfig(Checked):
             "what it kept (verl's max_num_gen_batches)")
     workflow: str | None = opt(
         None, check=lambda v: v is None or (":" in v and bool(v.rpartition(":")[2])),
-        expect="'package.module:function' or 'path/to/file.py:function' (or null)",
+        expect="'package.module:function' or 'path/to/file.py:function'",
         doc="an async def workflow(problem: dict, client: openai.AsyncOpenAI) -> float | None run by rollout "
             "workers (actors.rollout) for each of the G samples, in a session of its own on a generator; it returns "
             "the reward, or None for the verifier to score the last assistant text. null = the single-turn path "
