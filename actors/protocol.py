@@ -45,6 +45,11 @@ launcher     -> learner      LEARNER_STATE       {qids?} -> {step, version, tota
                                                   (every step's qids: actors.learner.trained_log.read_trained(run_dir))
 launcher     -> learner      LEARNER_METRICS     {since, limit?} -> {step, total_steps, records (at most limit)}
 anyone       -> launcher     CONFIG              {} -> {config, model_path, step}
+rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens (the trajectory's completion tokens), deadline_s
+                                                  (seconds from now), max_turns?, epoch} -> {base_url, api_key}: an
+                                                  OpenAI endpoint for one trajectory (actors.generator.openai_api)
+rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}], turns,
+                                                  completion_tokens, last_text, finish: stop|length|budget|deadline}
 
 topic            publisher      body
 METRICS          learner        the step's record: {step, version, the packer's stats, the loss etc., qids, times}
@@ -78,6 +83,9 @@ CHECKPOINT = "checkpoint"
 LEARNER_STATE = "learner_state"
 LEARNER_METRICS = "learner_metrics"
 CONFIG = "config"
+# requests from rollout workers (multi-turn sessions on a generator's OpenAI endpoint)
+OPEN_SESSION = "open_session"
+CLOSE_SESSION = "close_session"
 
 # pub/sub topics
 METRICS = "metrics"
@@ -89,6 +97,7 @@ LEFT = "left"
 # roles (the names of the single-instance actors are their roles)
 GENERATOR = "generator"
 VERIFIER = "verifier"
+ROLLOUT = "rollout"  # rollout workers: run workflows against the generators' sessions
 
 # well-known names of the single-instance actors
 SAMPLER = "sampler"

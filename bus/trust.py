@@ -38,6 +38,8 @@ SENDERS: dict[str, tuple[str, ...]] = {
     "publish_weights": ("learner",),
     "update_weights": ("broadcaster",),
     "checkpoint": ("launcher",),
+    "open_session": ("rollout",),
+    "close_session": ("rollout",),
 }
 
 # topic -> the roles that may publish it (the broker's own topics: see bus.broker.BROKER_TOPICS)
