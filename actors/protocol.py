@@ -22,10 +22,6 @@ sampler      -> generator    GENERATE            {step, qid, epoch, prompt_ids, 
                                                   problem: {prompt, extra}}
 generator    -> verifier     SCORE               {step, qid, epoch, texts, answers, problem, rollout_ref, generator, stats}
 generator    -> sampler      GENERATED           {step, qid, epoch, verifier}
-rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens, max_turns, deadline_s, epoch}
-                                                  -> {base_url, api_key} (actors.rollout: a workflow's session)
-rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}],
-                                                  turns, completion_tokens, last_text, finish}
 verifier     -> packer       SCORED              {step, qid, epoch, rewards, correct, reward_errors, rollout_ref,
                                                   generator, stats}
 packer       -> sampler      ACCEPTED            {step, qid}
@@ -49,6 +45,11 @@ launcher     -> learner      LEARNER_STATE       {qids?} -> {step, version, tota
                                                   (every step's qids: actors.learner.trained_log.read_trained(run_dir))
 launcher     -> learner      LEARNER_METRICS     {since, limit?} -> {step, total_steps, records (at most limit)}
 anyone       -> launcher     CONFIG              {} -> {config, model_path, step}
+rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens (the trajectory's completion tokens), deadline_s
+                                                  (seconds from now), max_turns?, epoch} -> {base_url, api_key}: an
+                                                  OpenAI endpoint for one trajectory (actors.generator.openai_api)
+rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}], turns,
+                                                  completion_tokens, last_text, finish: stop|length|budget|deadline}
 
 topic            publisher      body
 METRICS          learner        the step's record: {step, version, the packer's stats, the loss etc., qids, times}
@@ -79,8 +80,6 @@ SCORED = "scored"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 TRAIN = "train"
-OPEN_SESSION = "open_session"
-CLOSE_SESSION = "close_session"
 PUBLISH_WEIGHTS = "publish_weights"
 UPDATE_WEIGHTS = "update_weights"
 BROADCASTER_STATE = "broadcaster_state"
@@ -90,6 +89,9 @@ CHECKPOINT = "checkpoint"
 LEARNER_STATE = "learner_state"
 LEARNER_METRICS = "learner_metrics"
 CONFIG = "config"
+# requests from rollout workers (multi-turn sessions on a generator's OpenAI endpoint)
+OPEN_SESSION = "open_session"
+CLOSE_SESSION = "close_session"
 
 # pub/sub topics
 METRICS = "metrics"

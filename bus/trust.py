@@ -20,8 +20,8 @@ KEY_ROLES: dict[str, tuple[str, ...]] = {
     "generator": ("generator", TOOL),
     "verifier": ("verifier", TOOL),
     "packer": ("packer", TOOL),
-    "learner": ("learner", "broadcaster", TOOL),
-    "rollout": ("rollout", TOOL),  # runs users' workflows: it may open sessions, never train or publish  # the broadcaster runs in the learner's process
+    "learner": ("learner", "broadcaster", TOOL),  # the broadcaster runs in the learner's process
+    "rollout": ("rollout", TOOL),  # runs users' workflows: it may open sessions, never train or publish
 }
 
 # names that are a role: taken only by a member registered with that role

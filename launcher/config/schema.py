@@ -149,6 +149,9 @@ class GeneratorConfig(RoleConfig):
     sglang_mem_fraction_static: float | None = opt(
         None, check=lambda v: v is None or 0 < v < 1, expect="in (0, 1) or null",
         doc="SGLang's --mem-fraction-static: the share of its GPU's memory it takes; null = SGLang's default")
+    openai_port: int = opt(0, check=lambda v: 0 <= v <= 65535, expect="in [0, 65535] (0 = pick a free port)",
+                           doc="the port of each generator's OpenAI-compatible endpoint (multi-turn sessions of "
+                               "rollout workers) on its host; a fixed port fits one generator per host")
     sglang_master_address: str | None = opt(
         None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
                   "address on the route to the first server")
