@@ -77,6 +77,8 @@ def test_a_workflow_is_checked_at_launch_and_errors_name_the_key(wf, tmp_path):
             check_workflow(cfg)
     with pytest.raises(ConfigError, match=r"^rollout\.workflow: expected .*package.module:function.*got .no_colon."):
         from_dict(ExperimentConfig, {"rollout": {"workflow": "no_colon"}})
+    with pytest.raises(ConfigError, match=r"^rollout\.workflow_timeout: expected less than rollout\.request_timeout"):
+        from_dict(ExperimentConfig, {"rollout": {"workflow": f"{wf}:mixed", "workflow_timeout": 900}})
     cfg = from_dict(ExperimentConfig, {})
     assert cfg.rollout.workflow is None  # the single-turn path stays the default
     from launcher.job.plan import job_roles
@@ -180,3 +182,22 @@ async def test_a_workflow_failing_fails_its_sample_only_and_many_run_at_once(wf)
         assert (await pool.run({"kind": "ok"}, "u", "k")).reward == 1.5
     finally:
         pool.close()
+
+
+def test_rollout_workers_are_placed_only_with_a_workflow_and_their_key_opens_sessions_only(wf, tmp_path):
+    from bus import trust
+    from launcher.job.plan import process_specs
+    from launcher.job.start import Start
+    plain = from_dict(ExperimentConfig, {"model": {"device": "cpu"}})
+    agentic = from_dict(ExperimentConfig, {"model": {"device": "cpu"}, "rollout": {"workflow": f"{wf}:mixed"},
+                                           "actors": {"rollout": {"count": 2}}})
+    start = Start(0, "/models/x")
+    assert not [s for s in process_specs(plain, tmp_path / "c.yaml", "tcp://127.0.0.1:1", start, None)
+                if s.role == "rollout"]
+    specs = [s for s in process_specs(agentic, tmp_path / "c.yaml", "tcp://127.0.0.1:1", start, None)
+             if s.role == "rollout"]
+    assert [s.name for s in specs] == ["rollout-0", "rollout-1"]
+    assert specs[0].argv[specs[0].argv.index("actor"):][:4] == ["actor", "rollout", "--name", "rollout-0"]
+    assert trust.KEY_ROLES["rollout"] == ("rollout", trust.TOOL)
+    may = {t for t, roles in trust.SENDERS.items() if "rollout" in roles}
+    assert may == {"open_session", "close_session", "score", "generated", "rejected"}

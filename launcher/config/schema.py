@@ -287,6 +287,11 @@ class ExperimentConfig(Checked):
             raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "
                               "actors.generator.sglang_weights disk (a distributed update pauses generation, "
                               "interrupting it), got distributed")
+        r = self.rollout
+        if r.workflow is not None and r.workflow_timeout >= r.request_timeout:
+            raise ConfigError(f"rollout.workflow_timeout: expected less than rollout.request_timeout "
+                              f"({r.request_timeout:g} s: the sampler deals a prompt held longer again), "
+                              f"got {r.workflow_timeout:g}")
         if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
         if self.tensors.bind is not None and not self.bus.keys_dir and not is_loopback_host(self.tensors.bind):
