@@ -25,7 +25,7 @@ generator    -> sampler      GENERATED           {step, qid, epoch, verifier}
 verifier     -> packer       SCORED              {step, qid, epoch, rewards, correct, reward_errors, rollout_ref,
                                                   generator, stats}
 packer       -> sampler      ACCEPTED            {step, qid}
-packer, generator, verifier
+packer, generator, verifier, rollout
              -> sampler      REJECTED            {step, qid, reason, epoch (generator, verifier)}
 packer       -> learner      TRAIN               {step, batch_ref (None: no group kept), stats} -> None, or
                                                   {later: true} where the learner already holds max_pending steps
@@ -45,12 +45,23 @@ launcher     -> learner      LEARNER_STATE       {qids?} -> {step, version, tota
                                                   (every step's qids: actors.learner.trained_log.read_trained(run_dir))
 launcher     -> learner      LEARNER_METRICS     {since, limit?} -> {step, total_steps, records (at most limit)}
 anyone       -> launcher     CONFIG              {} -> {config, model_path, step}
+rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens (the trajectory's completion tokens), deadline_s
+                                                  (seconds from now), max_turns?, epoch} -> {base_url, api_key}: an
+                                                  OpenAI endpoint for one trajectory (actors.generator.openai_api)
+rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}], turns,
+                                                  completion_tokens, last_text, finish: stop|length|budget|deadline}
 
 topic            publisher      body
 METRICS          learner        the step's record: {step, version, the packer's stats, the loss etc., qids, times}
 WEIGHTS_VERSION  broadcaster    {version, generators: the names that serve it}
 RUN_FINISHED     learner        {step}
 JOINED, LEFT     the broker     {name, role, host, pid, capabilities} (LEFT also: reason, "bye" | "expired")
+
+With ``rollout.workflow`` set the sampler deals GENERATE to rollout workers instead of generators: a
+rollout worker runs the G sessions of a prompt against generators (OPEN_SESSION, the workflow,
+CLOSE_SESSION) and then plays the generator's part in the trip above: SCORE to a verifier (its body
+also carries ``rewards``, the workflows' own, None where the verifier scores the last text), GENERATED
+to the sampler (actors.rollout).
 
 Each message that changes what an actor does is served only from its sender's role (left column), as
 registered with the broker, and each topic is published only by its owner: the broker enforces both
@@ -78,6 +89,9 @@ CHECKPOINT = "checkpoint"
 LEARNER_STATE = "learner_state"
 LEARNER_METRICS = "learner_metrics"
 CONFIG = "config"
+# requests from rollout workers (multi-turn sessions on a generator's OpenAI endpoint)
+OPEN_SESSION = "open_session"
+CLOSE_SESSION = "close_session"
 
 # pub/sub topics
 METRICS = "metrics"
@@ -89,6 +103,7 @@ LEFT = "left"
 # roles (the names of the single-instance actors are their roles)
 GENERATOR = "generator"
 VERIFIER = "verifier"
+ROLLOUT = "rollout"  # rollout workers: run rollout.workflow's sessions (actors.rollout)
 
 # well-known names of the single-instance actors
 SAMPLER = "sampler"
@@ -98,5 +113,5 @@ BROADCASTER = "broadcaster"
 LAUNCHER = "launcher"
 
 # the roles of the actor processes, in placement order (the broadcaster runs in the learner's process)
-ROLES = (SAMPLER, GENERATOR, VERIFIER, PACKER, LEARNER)
-SCALABLE_ROLES = (GENERATOR, VERIFIER)  # the only roles that may run more than one instance
+ROLES = (SAMPLER, GENERATOR, VERIFIER, PACKER, LEARNER, ROLLOUT)
+SCALABLE_ROLES = (GENERATOR, VERIFIER, ROLLOUT)  # the only roles that may run more than one instance

@@ -33,7 +33,7 @@ class Verifier(Actor):
     async def on_stop(self) -> None:
         self.pool.close()
 
-    @handler(P.SCORE, from_roles=(P.GENERATOR,))
+    @handler(P.SCORE, from_roles=(P.GENERATOR, P.ROLLOUT))
     async def on_score(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"], body.get("epoch"))  # a job incarnation's copy is not another's
         if key not in self._active:
@@ -42,15 +42,22 @@ class Verifier(Actor):
 
     async def _score(self, key: tuple[int, str], body: dict) -> None:
         try:
-            texts = body["texts"]
+            # a rollout worker's SCORE carries its workflows' rewards: only those left None are scored here
+            given = body.get("rewards") or [None] * len(body["texts"])
+            todo = [i for i, r in enumerate(given) if r is None]
+            texts = [body["texts"][i] for i in todo]
             if self.reward_cfg.fns:
-                rewards, errors = await self._user_rewards(key, body)
-                correct = [r > 0 for r in rewards]
+                scored, errors = await self._user_rewards(key, {**body, "texts": texts})
+                verdicts = [r > 0 for r in scored]
             else:
-                correct = await self.pool.score(texts, [body["answers"]] * len(texts))
-                rewards, errors = [reward(c, self.reward_cfg) for c in correct], 0
+                verdicts = await self.pool.score(texts, [body["answers"]] * len(texts))
+                scored, errors = [reward(c, self.reward_cfg) for c in verdicts], 0
             if self.reward_cfg.overlong is not None:  # DAPO's soft punishment by each response's length
-                rewards = [r + length_term(n, self.reward_cfg) for r, n in zip(rewards, body["stats"]["response_tokens"])]
+                lengths = body["stats"]["response_tokens"]
+                scored = [r + length_term(lengths[i], self.reward_cfg) for r, i in zip(scored, todo)]
+            rewards, correct = [float(r) if r is not None else 0.0 for r in given], [r is not None and r > 0 for r in given]
+            for i, r, c in zip(todo, scored, verdicts):
+                rewards[i], correct[i] = r, c
             await self.deliver(P.PACKER, P.SCORED, {
                 "step": body["step"], "qid": body["qid"], "rewards": rewards, "correct": correct,
                 "reward_errors": errors, "rollout_ref": body["rollout_ref"], "generator": body["generator"],

@@ -21,6 +21,7 @@ KEY_ROLES: dict[str, tuple[str, ...]] = {
     "verifier": ("verifier", TOOL),
     "packer": ("packer", TOOL),
     "learner": ("learner", "broadcaster", TOOL),  # the broadcaster runs in the learner's process
+    "rollout": ("rollout", TOOL),  # runs users' workflows: it may open sessions, never train or publish
 }
 
 # names that are a role: taken only by a member registered with that role
@@ -29,11 +30,13 @@ NAMED_ROLES = frozenset({"sampler", "packer", "learner", "broadcaster", "launche
 # message type -> the only roles whose messages of that type the broker routes
 SENDERS: dict[str, tuple[str, ...]] = {
     "generate": ("sampler",),
-    "score": ("generator",),
-    "generated": ("generator",),
+    "score": ("generator", "rollout"),
+    "generated": ("generator", "rollout"),
     "scored": ("verifier",),
     "accepted": ("packer",),
-    "rejected": ("packer", "generator", "verifier"),
+    "rejected": ("packer", "generator", "verifier", "rollout"),
+    "open_session": ("rollout",),
+    "close_session": ("rollout",),
     "train": ("packer",),
     "publish_weights": ("learner",),
     "update_weights": ("broadcaster",),

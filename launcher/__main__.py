@@ -57,7 +57,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     actor.add_argument("--keys", help="this host's bus key directory (the launcher ships it; default bus.keys_dir)")
 
     att = sub.add_parser("attach", help="add an actor (a generator) to a running job")
-    att.add_argument("role", choices=["generator", "verifier"])
+    att.add_argument("role", choices=["generator", "verifier", "rollout"])
     att.add_argument("--bus", required=True, type=bus_address, help="the job's bus, tcp://HOST:PORT")
     att.add_argument("--backend", choices=["torch", "sglang"])
     att.add_argument("--name")

@@ -119,7 +119,7 @@ def test_missing_required_field_and_top_level_type():
     ("model:\n  device: gpu\n", "model.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"),
     ("train:\n  on_learner_death: retry\n", "train.on_learner_death: expected one of 'stop', 'restart', got 'retry'"),
     ("actors:\n  learner:\n    count: 2\n",
-     "actors.learner.count: expected 1 (only generator and verifier may run several), got 2"),
+     "actors.learner.count: expected 1 (only generator, verifier and rollout may run several), got 2"),
     ("actors:\n  learner:\n    ranks: 0\n", "actors.learner.ranks: expected an integer >= 1, got 0"),
     ("actors:\n  learner:\n    ranks: two\n", "actors.learner.ranks: expected an integer >= 1, got 'two'"),
     ("actors:\n  learner:\n    dist_port: 70000\n",

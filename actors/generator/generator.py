@@ -5,6 +5,12 @@ tensors over a tensor channel (chosen by the packer's locality: shared memory on
 the texts to a verifier, and applies weight updates between decode steps. Its messages are delivered
 (acknowledged, sent again if lost); a second copy of a prompt or a weight update is ignored.
 
+Every generator also serves an OpenAI-compatible endpoint (openai_api.py) for multi-turn rollouts: a
+rollout worker opens a session per trajectory (OPEN_SESSION), its agent talks to the endpoint with any
+OpenAI client, and CLOSE_SESSION returns exactly what was sampled (sessions.py). A session's turns go
+through the same ``Backend.generate_group``, so a weight update reaches a running turn as it reaches a
+single-turn rollout (interrupt_on_update), and nothing waits for a whole trajectory between its turns.
+
 No rollout waits forever: a group the backend has not finished within ``generate_timeout`` fails
 (REJECTED, so the sampler deals it again), and a backend that reports itself ``failed`` makes the
 generator leave the bus, so the sampler deals everything it held to the others.
@@ -14,12 +20,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+from collections import OrderedDict
 from typing import Protocol
 
 import torch
 
 from actors import protocol as P
 from actors.base import Actor, handler
+from actors.generator.chat_template import ChatTemplate
+from actors.generator.openai_api import OpenAIServer
+from actors.generator.sessions import Session
 from policies.infer.sampling import Sample  # the one sample type of every backend
 from tensors.packed import PackedBatch
 
@@ -78,7 +89,8 @@ class Generator(Actor):
 
     def __init__(self, name: str, bus_address: str, *, backend: Backend, tokenizer,
                  transfer_timeout: float = 60.0, rollout_ttl: float = 900.0, deliver_timeout: float = 30.0,
-                 generate_timeout: float = 3600.0, **bus_kwargs):
+                 generate_timeout: float = 3600.0, openai_port: int | None = 0, **bus_kwargs):
+        """``openai_port``: the OpenAI endpoint's port on this generator's host (0: a free one; None: none)."""
         caps = {"backend": type(backend).__name__, **getattr(backend, "capabilities", {})}
         super().__init__(name, self.role, bus_address, capabilities=caps, **bus_kwargs)
         self.backend, self.tokenizer = backend, tokenizer
@@ -91,22 +103,80 @@ class Generator(Actor):
         self._updated_to: int | None = None  # version of the last weight update applied
         self._verifiers = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        self.openai = None if openai_port is None else OpenAIServer(
+            self._generate_one, host=self.channels.host, bind=self.channels.options.bind, port=openai_port,
+            turn_timeout=generate_timeout)
+        self._template: ChatTemplate | None | bool = False  # made at the first session (False: not yet)
+        self._closed: OrderedDict[str, dict] = OrderedDict()  # recently closed: a second CLOSE gets the reply
 
     async def start(self) -> None:
-        """The backend first (a launched SGLang server answers /health, within its deadline), then
-        the bus: registered, a generator is dealt prompts and sent weights at once."""
+        """The backend first (a launched SGLang server answers /health, within its deadline), then the
+        OpenAI endpoint, then the bus: registered, a generator is dealt prompts and sent weights at once."""
         if not self._started:
             await self.backend.start()
         try:
+            if not self._started and self.openai is not None:
+                await self.openai.start()
             await super().start()
         except BaseException:
+            if self.openai is not None:
+                await self.openai.close()
             await self.backend.close()
             raise
 
     async def on_stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        if self.openai is not None:
+            await self.openai.close()
         await self.backend.close()
+
+    # ------------------------------------------------------------------ multi-turn sessions
+    async def _generate_one(self, rid: str, prompt_ids: list[int], sampling: dict) -> Sample:
+        return (await self.backend.generate_group(rid, prompt_ids, 1, sampling))[0]
+
+    def _chat_template(self) -> ChatTemplate | None:
+        if self._template is False:
+            try:
+                self._template = ChatTemplate(self.tokenizer)
+            except (ValueError, AttributeError) as exc:
+                log.warning("%s: /v1/chat/completions refuses every request: %s", self.name, exc)
+                self._template = None
+        return self._template
+
+    @handler(P.OPEN_SESSION, from_roles=(P.ROLLOUT,))
+    async def on_open_session(self, body: dict, src: str) -> dict:
+        if self.openai is None:
+            raise RuntimeError(f"{self.name} serves no OpenAI endpoint (started with openai_port=None)")
+        sid = body.get("sid")
+        if not isinstance(sid, str) or not 0 < len(sid) <= 256:
+            raise ValueError(f"OPEN_SESSION sid={sid!r}: expected a string of 1 to 256 characters")
+        if sid in self.openai.sessions:
+            if self.openai.opened.get(sid) == body:  # a second copy (the first reply was lost)
+                return self.openai.reply(sid)
+            raise ValueError(f"OPEN_SESSION: session {sid!r} is already open on {self.name} with other settings")
+        deadline = body.get("deadline_s")
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline) \
+                or deadline <= 0:
+            raise ValueError(f"OPEN_SESSION deadline_s={deadline!r}: expected seconds > 0")
+        session = Session(sid, self._chat_template(), self.tokenizer, sampling=body.get("sampling") or {},
+                          max_tokens=body.get("max_tokens"), deadline=self.openai.clock() + deadline,
+                          max_turns=body.get("max_turns"))
+        self._closed.pop(sid, None)
+        return self.openai.open(session, body)
+
+    @handler(P.CLOSE_SESSION, from_roles=(P.ROLLOUT,))
+    async def on_close_session(self, body: dict, src: str) -> dict:
+        sid = body.get("sid")
+        if self.openai is not None and sid in self.openai.sessions:
+            self._closed[sid] = self.openai.close_session(sid)
+            while len(self._closed) > 256:
+                self._closed.popitem(last=False)
+            return self._closed[sid]
+        if sid in self._closed:  # a second copy (the first reply was lost)
+            return self._closed[sid]
+        raise ValueError(f"CLOSE_SESSION: no open session {sid!r} on {self.name} (never opened, closed long ago, "
+                         "or forgotten past its deadline)")
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:

@@ -47,6 +47,7 @@ class SamplerConfig:
     deliver_timeout: float = 30.0  # how long a prompt is sent again to a generator that does not acknowledge
     report_every: float = 15.0  # seconds between "waiting for ..." progress lines
     max_refills: int = 0  # rollout.dynamic_sampling: prompts dealt per step in place of dropped groups, at most
+    deal_to: str = P.GENERATOR  # rollout.workflow set: P.ROLLOUT, the rollout workers that run it (actors.rollout)
 
 
 def refill_index(n_problems: int, seed: int, step: int, k: int) -> int:
@@ -74,7 +75,7 @@ class PromptSampler(Actor):
         self.version = start_batch  # the policy version the generators run (== the learner's steps trained)
         self.owed: dict[tuple[int, str], _Owed] = {}
         self.queue: deque[tuple[int, str]] = deque()
-        self.generators = LoadBook()  # name -> prompts in flight there
+        self.generators = LoadBook()  # name -> prompts in flight there (generators, or rollout workers: cfg.deal_to)
         # the job's incarnation (actors.protocol): one sampler lives exactly as long as one, and a restart
         # or --resume starts a new one; every prompt carries it, and replies of another are refused
         self.epoch = secrets.token_hex(8)
@@ -90,6 +91,9 @@ class PromptSampler(Actor):
         self.bus.subscribe(P.LEFT, self._on_left)
         self.bus.subscribe(P.JOINED, self._on_joined)
         await self._ask_version()  # the broadcaster may have announced before we subscribed
+        if self.cfg.deal_to == P.ROLLOUT:
+            for a in await self.bus.actors(role=P.ROLLOUT):
+                self._hold_book(a.name)
         await self._pump()
         self._watchdog = asyncio.create_task(self._watch())
         self._reconciler = asyncio.create_task(self._reconcile())
@@ -106,6 +110,16 @@ class PromptSampler(Actor):
         """After a broker restart everyone joins again: an announcement made meanwhile may be lost."""
         if body.get("name") in (self.name, P.BROADCASTER):
             await self._ask_version()
+        if self.cfg.deal_to == P.ROLLOUT and body.get("role") == P.ROLLOUT:
+            self._hold_book(body["name"])
+            await self._deal()
+
+    def _hold_book(self, name: str) -> None:
+        """Rollout workers are dealt to from the moment they register (they run no weights of their own: the
+        generators they pick serve the announced version)."""
+        if name not in self.generators:
+            self.generators[name] = sum(o.holder == name for o in self.owed.values())
+            log.info("rollout worker %s is dealt prompts", name)
 
     async def on_stop(self) -> None:
         for task in (self._watchdog, self._reconciler):
@@ -258,6 +272,8 @@ class PromptSampler(Actor):
         self.version = version
         self.accepted = {k: b for k, b in self.accepted.items() if k[0] >= version}  # steps < version are trained
         current = set(body.get("generators", ()))
+        if self.cfg.deal_to != P.GENERATOR:
+            current = set(self.generators)  # the holders are rollout workers: JOINED and LEFT keep the book
         for gone in set(self.generators) - current:
             del self.generators[gone]  # prompts it holds stay with it; `left` re-deals them if it dies
         for name in current - set(self.generators):
@@ -276,7 +292,7 @@ class PromptSampler(Actor):
             self.queue.extendleft(sorted(lost, reverse=True))
             await self._deal()
 
-    @handler(P.GENERATED, from_roles=(P.GENERATOR,))
+    @handler(P.GENERATED, from_roles=(P.GENERATOR, P.ROLLOUT))
     async def on_generated(self, body: dict, src: str) -> None:
         """The prompt moves from generator ``src`` to the verifier it names, if that one is still there.
 
@@ -330,7 +346,7 @@ class PromptSampler(Actor):
                 self._refill(key[0])
         await self._deal()
 
-    @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER))
+    @handler(P.REJECTED, from_roles=(P.PACKER, P.GENERATOR, P.VERIFIER, P.ROLLOUT))
     async def on_rejected(self, body: dict, src: str) -> None:
         key = (int(body["step"]), body["qid"])
         if not self._this_epoch(body, src):

@@ -185,7 +185,7 @@ def cmd_attach(args) -> int:
                        bus_kwargs(cfg, args.role))
     except (OSError, ValueError) as exc:  # e.g. the job's model directory is not on this host
         return _die(f"could not build a {args.role} from the job's model {reply['model_path']}: {exc}")
-    _announce_first_work(actors[0], P.GENERATE if args.role == "generator" else P.SCORE)
+    _announce_first_work(actors[0], P.SCORE if args.role == "verifier" else P.GENERATE)
     print(f"[attach] {name} joining {args.bus}", flush=True)
     from actors.base import run
     if run(*actors, leave_after=args.leave_after):

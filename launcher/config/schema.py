@@ -89,6 +89,21 @@ class RolloutConfig(Checked):
         10, check=at_least_one, expect=">= 1",
         doc="at most this many times batch_prompts prompts are dealt for one step; past it the step trains on "
             "what it kept (verl's max_num_gen_batches)")
+    workflow: str | None = opt(
+        None, check=lambda v: v is None or (":" in v and bool(v.rpartition(":")[2])),
+        expect="'package.module:function' or 'path/to/file.py:function'",
+        doc="an async def workflow(problem: dict, client: openai.AsyncOpenAI) -> float | None run by rollout "
+            "workers (actors.rollout) for each of the G samples, in a session of its own on a generator; it returns "
+            "the reward, or None for the verifier to score the last assistant text. null = the single-turn path "
+            "(actors.rollout.builtin:boba is the same recipe as a workflow)")
+    max_turns: int = opt(8, check=at_least_one, expect=">= 1", doc="a workflow's model calls per session, at most")
+    max_trajectory_tokens: int = opt(
+        4096, check=at_least_one, expect=">= 1",
+        doc="tokens a workflow's session may sample in all its turns (prompts and tool output not counted)")
+    workflow_timeout: float = opt(
+        300.0, check=positive, expect="> 0 (seconds)",
+        doc="one sample's deadline: a workflow past it fails that sample (its worker process is killed if it "
+            "does not give way), never the job")
 
 
 @dataclass
@@ -137,6 +152,9 @@ class GeneratorConfig(RoleConfig):
     sglang_mem_fraction_static: float | None = opt(
         None, check=lambda v: v is None or 0 < v < 1, expect="in (0, 1) or null",
         doc="SGLang's --mem-fraction-static: the share of its GPU's memory it takes; null = SGLang's default")
+    openai_port: int = opt(0, check=lambda v: 0 <= v <= 65535, expect="in [0, 65535] (0 = pick a free port)",
+                           doc="the port of each generator's OpenAI-compatible endpoint (multi-turn sessions of "
+                               "rollout workers) on its host; a fixed port fits one generator per host")
     sglang_master_address: str | None = opt(
         None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
                   "address on the route to the first server")
@@ -157,6 +175,15 @@ class LearnerConfig(RoleConfig):
 
 
 @dataclass
+class RolloutWorkerConfig(RoleConfig):
+    workers: int = opt(2, check=at_least_one, expect=">= 1",
+                       doc="processes per rollout worker that run the workflows (each runs many sessions on one "
+                           "event loop)")
+    memory_limit_mb: int | None = opt(4096, check=lambda v: v is None or v >= 64, expect=">= 64 or null",
+                                      doc="address-space limit of each workflow process (like the verifier's)")
+
+
+@dataclass
 class ActorsConfig(Checked):
     """One entry per role of `actors.protocol.ROLES` (the broadcaster runs in the learner's process)."""
     sampler: RoleConfig = field(default_factory=RoleConfig)
@@ -164,6 +191,7 @@ class ActorsConfig(Checked):
     verifier: RoleConfig = field(default_factory=RoleConfig)
     packer: RoleConfig = field(default_factory=RoleConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutWorkerConfig = field(default_factory=RolloutWorkerConfig)  # placed only with rollout.workflow
     gpus_per_host: int | None = opt(None, check=lambda v: v is None or v >= 0, expect=">= 0 or null",
                                     doc="GPUs of each host without a hostfile gpus=; null = detected on this "
                                         "machine (CUDA_VISIBLE_DEVICES, nvidia-smi), a remote host's slots")
@@ -172,7 +200,7 @@ class ActorsConfig(Checked):
         for role in ROLES:
             n = getattr(self, role).count
             if role not in SCALABLE_ROLES and n != 1:
-                raise FieldError(f"{role}.count", "1 (only generator and verifier may run several)", n)
+                raise FieldError(f"{role}.count", "1 (only generator, verifier and rollout may run several)", n)
         if self.generator.per_process > 1 and self.generator.backend != "sim":
             raise FieldError("generator.per_process", "1 unless generator.backend is sim",
                              self.generator.per_process)
@@ -263,6 +291,11 @@ class ExperimentConfig(Checked):
             raise ConfigError("rollout.interrupt_on_update: false with actors.generator.backend sglang needs "
                               "actors.generator.sglang_weights disk (a distributed update pauses generation, "
                               "interrupting it), got distributed")
+        r = self.rollout
+        if r.workflow is not None and r.workflow_timeout >= r.request_timeout:
+            raise ConfigError(f"rollout.workflow_timeout: expected less than rollout.request_timeout "
+                              f"({r.request_timeout:g} s: the sampler deals a prompt held longer again), "
+                              f"got {r.workflow_timeout:g}")
         if self.actors.learner.ranks > 1 and self.ppo.bf16 is True:
             raise ConfigError(RANKS_BF16.format(ranks=self.actors.learner.ranks, bf16=self.ppo.bf16))
         if self.tensors.bind is not None and not self.bus.keys_dir and not is_loopback_host(self.tensors.bind):
@@ -332,6 +365,7 @@ def check_trainable(cfg: ExperimentConfig) -> None:
     if cfg.eval.every and cfg.data.test is None:
         raise ConfigError(f"eval.every: {cfg.eval.every} needs data.test (the problems to evaluate on), got None")
     check_reward_fns(cfg)
+    check_workflow(cfg)
     if cfg.logging.wandb:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -346,6 +380,17 @@ def check_reward_fns(cfg: ExperimentConfig) -> None:
             load_reward_fn(f.fn)
         except RewardFnError as e:
             raise ConfigError(f"reward.fns[{i}].fn: {e}") from None
+
+
+def check_workflow(cfg: ExperimentConfig) -> None:
+    """rollout.workflow imports and is an async function of (problem, client); raises `ConfigError`."""
+    if cfg.rollout.workflow is None:
+        return
+    from actors.rollout.workflow import WorkflowError, load_workflow
+    try:
+        load_workflow(cfg.rollout.workflow)
+    except WorkflowError as e:
+        raise ConfigError(f"rollout.workflow: {e}") from None
 
 
 def describe_mode(cfg: ExperimentConfig) -> str:

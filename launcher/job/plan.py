@@ -28,15 +28,20 @@ def bus_kwargs(cfg: ExperimentConfig, role: str) -> dict:
             **client_kwargs(cfg.bus.keys_dir, role)}
 
 
+def job_roles(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The roles a job runs: every role of actors.protocol.ROLES, rollout workers only with rollout.workflow."""
+    return tuple(r for r in P.ROLES if r != P.ROLLOUT or cfg.rollout.workflow is not None)
+
+
 def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start: Start,
                   hosts: list[Host] | None, dist_port: int | None = None) -> list[ProcessSpec]:
     """Every actor process; with actors.learner.ranks > 1 also the learner ranks > 0 (named learner-rank-R,
     role learner), each with its group's environment. `dist_port`: the group's port (config or picked).
     In a GPU job (launcher.job.placement) every learner rank and generator also gets its own devices."""
-    counts = {role: getattr(cfg.actors, role).count for role in P.ROLES}
+    counts = {role: getattr(cfg.actors, role).count for role in job_roles(cfg)}
     per_process = cfg.actors.generator.per_process  # simulated generators share processes
     counts["generator"] = -(-counts["generator"] // per_process)
-    pinned = {role: getattr(cfg.actors, role).hosts for role in P.ROLES if getattr(cfg.actors, role).hosts}
+    pinned = {role: getattr(cfg.actors, role).hosts for role in counts if getattr(cfg.actors, role).hosts}
     specs = []
     placed = place(counts, hosts, pinned)
     learner_host = next(h for r, _, h in placed if r == "learner")
@@ -58,7 +63,7 @@ def process_specs(cfg: ExperimentConfig, config_path: Path, address: str, start:
     key_env = {API_KEY_FILE_ENV: str(key_file)} if key_file else {}
     for role, index, host in placed:
         first = index * per_process if role == "generator" else index
-        name = f"{role}-{first}" if role in ("generator", "verifier") else role
+        name = f"{role}-{first}" if role in P.SCALABLE_ROLES else role
         argv = actor_argv(role, name, address, config_path, start)
         if role == "generator" and per_process > 1:
             argv += ["--instances", str(min(per_process, cfg.actors.generator.count - first))]

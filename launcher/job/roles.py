@@ -9,11 +9,11 @@ import torch
 
 from actors.base import Actor
 from launcher.config.schema import ExperimentConfig
-from launcher.job.builders import generator, learner, packer, sampler, verifier
+from launcher.job.builders import generator, learner, packer, rollout, sampler, verifier
 from launcher.job.start import Start
 
 BUILDERS = {"sampler": sampler.build, "generator": generator.build, "verifier": verifier.build,
-            "packer": packer.build, "learner": learner.build}
+            "packer": packer.build, "learner": learner.build, "rollout": rollout.build}
 
 
 def tensor_options(cfg: ExperimentConfig, bus_address: str, role: str):

@@ -23,7 +23,8 @@ from bus.errors import BusError
 from launcher.config import ExperimentConfig, config_to_yaml, describe_mode, describe_recipe, dump_config
 from launcher.config.schema import wandb_options
 from launcher.job.hosts import Host
-from launcher.job.plan import PROJECT_DIR, broker_spec, bus_kwargs, check_nccl_parity, process_specs, write_sglang_key
+from launcher.job.plan import (PROJECT_DIR, broker_spec, bus_kwargs, check_nccl_parity, job_roles, process_specs,
+                               write_sglang_key)
 from launcher.job.metrics import MetricsWriter
 from launcher.job.progress import Progress
 from launcher.job.start import Start, resolve_start, run_dir
@@ -250,7 +251,7 @@ class Job:
     async def _every_role_registered(self, poll: float) -> None:
         """Return once an actor of every role (sampler, generator, verifier, packer, learner) has registered,
         though it may have frozen or left since (a generator frozen as it joins is what must be caught)."""
-        while not self.finished.is_set() and not set(P.ROLES) <= self.joined_roles:
+        while not self.finished.is_set() and not set(job_roles(self.cfg)) <= self.joined_roles:
             await asyncio.sleep(poll)
 
     async def _on_joined(self, topic: str, body: dict, src: str) -> None:

@@ -43,15 +43,16 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return module, name
 
 
-def load_reward_fn(spec: str) -> RewardCallable:
-    """Import the function `spec` names and check it takes (prompt, response, reference, extra)."""
+def import_function(spec: str, prefix: str = "boba_reward") -> Callable:
+    """The callable ``spec`` names (``package.module:function`` or ``path/to/file.py:function``); a file is
+    loaded once as module ``<prefix>_<hash>``. Raises RewardFnError saying why not (users' workflows too)."""
     module_name, name = parse_spec(spec)
     try:
         if is_file_spec(spec):
             path = Path(module_name).expanduser()
             if not path.is_file():
                 raise RewardFnError(f"{spec!r}: no such file {str(path)!r}")
-            mod_id = f"boba_reward_{abs(hash(str(path.resolve()))):x}"
+            mod_id = f"{prefix}_{abs(hash(str(path.resolve()))):x}"
             module = sys.modules.get(mod_id)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(mod_id, path)
@@ -69,6 +70,12 @@ def load_reward_fn(spec: str) -> RewardCallable:
         raise RewardFnError(f"{spec!r}: {module_name!r} has no attribute {name!r}")
     if not callable(fn):
         raise RewardFnError(f"{spec!r}: {name!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def load_reward_fn(spec: str) -> RewardCallable:
+    """Import the function `spec` names and check it takes (prompt, response, reference, extra)."""
+    fn = import_function(spec)
     try:
         inspect.signature(fn).bind("prompt", "response", "reference", {})
     except TypeError as e:

@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection, wait
 
 from policies.verify.answer_guard import GuardConfig
 from policies.verify.math_equal import Reference, final_answer, gold_answers
+from policies.verify.worker_limits import limit_worker, pick_start_method
 
 OK, WRONG, TIMEOUT, ERROR = 1, 0, 2, 3
 _MAX_START_FAILURES = 3  # workers dying before they are ready, in a row, before we give up
@@ -118,9 +119,10 @@ class VerifierPool:
             raise ValueError(f"VerifierPool: interrupt_at must be in (0, 1) or None, got {interrupt_at!r}")
         if chunk_size < 1:
             raise ValueError(f"VerifierPool: chunk_size must be >= 1, got {chunk_size!r}")
-        method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if method == "fork":
-            raise ValueError("VerifierPool: start_method 'fork' is unsafe in a threaded parent; use forkserver or spawn")
+        try:
+            method = pick_start_method(start_method)
+        except ValueError as e:
+            raise ValueError(f"VerifierPool: {e}") from None
         self.workers, self.timeout, self.guard = workers, float(timeout), guard
         self.reward_fns = tuple((str(spec), float(w)) for spec, w in reward_fns)
         self._chunk, self._start_timeout, self._mem_mb = chunk_size, start_timeout, memory_limit_mb
@@ -443,15 +445,7 @@ class _SoftTimeout(BaseException):
 
 def _worker_main(conn: Connection, soft_timeout: float, memory_limit_mb: int | None,
                  reward_fns: tuple[tuple[str, float], ...] = ()) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if memory_limit_mb:
-        try:
-            import resource
-
-            limit = memory_limit_mb * 2**20
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        except (ImportError, ValueError, OSError):
-            pass
+    limit_worker(memory_limit_mb)
     from policies.verify.math_equal import match_answer
 
     match_answer("\\frac{1}{2}", ["x^2"])  # warm up the LaTeX parser and sympy

@@ -45,12 +45,16 @@ def sim_generators(cfg: ExperimentConfig, start: Start, name: str, bus_address: 
     prefix, _, first = name.rpartition("-")
     if instances > 1 and not first.isdigit():
         raise ValueError(f"--instances {instances} needs a name ending in a number, got {name!r}")
+    port = cfg.actors.generator.openai_port
+    if instances > 1 and port:
+        raise ValueError(f"actors.generator.openai_port: {port} cannot serve {instances} generators of one process; "
+                         "use 0 (a free port each)")
     names = [name] if instances == 1 else [f"{prefix}-{int(first) + i}" for i in range(instances)]
     out: list[Actor] = []
     for n in names:
         backend = SimBackend(cfg.sim, tok, name=n, version=start.step, seed=zlib.crc32(f"{cfg.seed}:{n}".encode()),
                              interrupt_on_update=cfg.rollout.interrupt_on_update, report_dir=run_dir(cfg) / "sim")
-        out.append(SimGenerator(n, bus_address, backend=backend, tokenizer=tok, **bus_kwargs))
+        out.append(SimGenerator(n, bus_address, backend=backend, tokenizer=tok, openai_port=port, **bus_kwargs))
     return out
 
 
@@ -67,4 +71,4 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
         backend = torch_backend(cfg, start, tok)
     # a group is given up (REJECTED, dealt again) no later than the sampler would deal it again itself
     return [Generator(name, bus_address, backend=backend, tokenizer=tok, generate_timeout=cfg.rollout.request_timeout,
-                      **bus_kwargs)]
+                      openai_port=cfg.actors.generator.openai_port, **bus_kwargs)]

@@ -31,6 +31,7 @@ def build(cfg: ExperimentConfig, start: Start, name: str, bus_address: str, bus_
     sc = SamplerConfig(batch_prompts=cfg.rollout.batch_prompts, group_size=cfg.rollout.group_size,
                        max_staleness=cfg.rollout.max_staleness, total_batches=cfg.train.steps, seed=cfg.seed,
                        sampling=sampling_params(cfg, stop_ids(tok)),
-                       request_timeout=cfg.rollout.request_timeout, max_refills=max_refills(cfg))
+                       request_timeout=cfg.rollout.request_timeout, max_refills=max_refills(cfg),
+                       deal_to="rollout" if cfg.rollout.workflow else "generator")
     return [PromptSampler(bus_address, problems=problems, prompt_ids=prompt_ids, cfg=sc,
                           start_batch=start.step, name=name, **bus_kwargs)]
