@@ -78,16 +78,20 @@ async def test_hostile_snippets_are_refused_and_the_next_run_works():
             srv.accept()
     await assert_next_run_works()
 
-    # writes outside the scratch directory: a world-writable directory of the test's, /tmp, /dev/shm
+    # writes outside the scratch directory: a world-writable directory of the test's, /tmp, /dev/shm (hidden
+    # under empty tmpfs), /run/lock (read-only like every other mount)
     outside = Path(tempfile.mkdtemp(prefix="sandbox-test-", dir="/tmp"))
     try:
         outside.chmod(0o777)
         name = f"sandbox-{uuid.uuid4().hex}"
         targets = [outside / name, Path("/tmp") / name, Path("/dev/shm") / name]
+        if Path("/run/lock").is_dir() and Path("/run/lock").stat().st_mode & 0o002:   # world-writable, not hidden
+            targets.append(Path("/run/lock") / name)
         code = "\n".join(f"try:\n    open({str(t)!r}, 'w').write('x')\n    print('wrote', {str(t)!r})\n"
-                         f"except OSError as e:\n    print('refused', e.errno)" for t in targets)
-        r = await run_python(code)
-        assert r.stdout.splitlines() == ["refused 30"] * 3, r  # EROFS: read-only outside the scratch dir
+                         f"except OSError as e:\n    print('refused')" for t in targets)
+        code += "\nimport os\nprint(os.listdir('/tmp') == [os.path.basename(os.getcwd())], os.listdir('/dev/shm'))"
+        r = await run_python(code)   # ... and the host's files there are out of sight
+        assert r.stdout.splitlines() == ["refused"] * len(targets) + ["True []"], r
         assert not any(t.exists() for t in targets)
     finally:
         for t in outside.iterdir():

@@ -7,9 +7,9 @@ it imports nothing of ours.
 
 As root: new network, mount and PID namespaces (the snippet's process is PID 1 of its own namespace, so when
 it ends, or is killed, every process it started dies with it; a loopback that is down is its only network);
-inside, a size-capped tmpfs as the scratch directory, the interpreter's directories exposed through a
-private tmpfs where a mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount
-remounted read-only and nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then
+inside, a size-capped tmpfs as the scratch directory, empty tmpfs over /tmp, /var/tmp and /dev/shm (the
+host's shared files out of sight), the interpreter's directories exposed through a private tmpfs where a
+mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount remounted read-only and nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then
 rlimits, no supplementary groups, the sandbox's own uid/gid, no_new_privs, and exec.
 Not root: rlimits and no_new_privs only (the caller logs that once).
 """
@@ -29,6 +29,7 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 KEEP_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
               "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 SNIPPET = "snippet.py"
+HIDE = ("/tmp", "/var/tmp", "/dev/shm")   # shared, world-writable: an empty read-only tmpfs over each
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _notes = None
@@ -118,7 +119,11 @@ def jail(cfg: dict) -> None:
     """In the new namespaces, as root: the file system the snippet sees."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     expose(cfg["expose"])
+    for path in HIDE:
+        if os.path.isdir(path) and not os.path.islink(path):
+            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
     uid, scratch = cfg["uid"], cfg["scratch"]
+    os.makedirs(scratch, 0o700, exist_ok=True)   # under a hidden directory it is made again, empty
     mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
           f"size={cfg['disk_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
     try:
@@ -145,7 +150,8 @@ def run_snippet(cfg: dict, code: bytes, isolated: bool) -> None:
     """Set up, drop privileges, exec: never returns (a failure exits 126 with a note saying why)."""
     try:
         uid = cfg["uid"]
-        if isolated:
+        if isolated:   # PID 1 dies with the jail's parent side (set again after setuid, which clears it)
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
             jail(cfg)
         scratch = cfg["scratch"]
         path = os.path.join(scratch, SNIPPET)
@@ -165,7 +171,7 @@ def run_snippet(cfg: dict, code: bytes, isolated: bool) -> None:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        if isolated:  # after setuid, which clears it: PID 1 dies with this process
+        if isolated:
             _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
         python = cfg["python"]
         os.execve(python, [python, "-I", "-B", SNIPPET], cfg["env"])
@@ -174,14 +180,25 @@ def run_snippet(cfg: dict, code: bytes, isolated: bool) -> None:
         os._exit(126)
 
 
-def relay(pid: int) -> None:
-    """Wait for the snippet (PID 1 of its namespace) and end the way it ended; SIGTERM kills it."""
-    def stop(signum, frame):
+_child: list[int] = []
+_stop: list[bool] = []
+
+
+def _on_term(signum, frame) -> None:
+    """SIGTERM (the caller's timeout): kill the snippet's PID 1, which ends its whole namespace."""
+    _stop.append(True)
+    for pid in _child:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    signal.signal(signal.SIGTERM, stop)
+
+
+def relay(pid: int) -> None:
+    """Wait for the snippet (PID 1 of its namespace) and end the way it ended."""
+    _child.append(pid)
+    if _stop:
+        _on_term(signal.SIGTERM, None)
     _, status, ru = os.wait4(pid, 0)
     note(cpu_s=ru.ru_utime + ru.ru_stime)
     if os.WIFSIGNALED(status):
@@ -208,9 +225,11 @@ def main() -> None:
         except OSError as e:
             note(missing=f"namespaces (network, mounts, processes): {e.strerror}")
     if isolated:
+        signal.signal(signal.SIGTERM, _on_term)   # from here on a SIGTERM is never lost
         pid = os.fork()
         if pid:
             relay(pid)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run_snippet(cfg, code, isolated)
 
 
