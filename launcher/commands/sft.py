@@ -1,4 +1,5 @@
-"""`python -m launcher sft`: supervised fine-tuning on (prompt, response) pairs, on the same packed batches as RL.
+"""`python -m launcher sft`: supervised fine-tuning on (prompt, response) pairs or multi-turn conversations
+(`messages` rows: loss on the assistant turns only), on the same packed batches as RL.
 
 `train_sft` is also the main job's SFT stage (configs/demo.yaml `sft.*`)."""
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 from launcher.commands.inputs import add_model_flags, failed, load_inputs
 from launcher.config.flags import add_flags, settings_from
 from launcher.config.schema import ExperimentConfig
-from policies.data.dataset import load_sft_pairs
-from policies.data.prompts import DIRECTIVE, build_prompt
+from policies.data.dataset import SFTChat, load_sft_pairs
+from policies.data.prompts import DIRECTIVE, build_prompt, chat_sft_ids
 from policies.model.loading import compile_layers
 from policies.train.ppo import SFTConfig, make_optimizer, sft_step
 from tensors.packed import PackedBatch
@@ -23,11 +24,17 @@ log = logging.getLogger("launcher.commands.sft")
 
 
 def sft_sequences(tokenizer, pairs, directive: str = DIRECTIVE) -> list[dict]:
-    """Chat-formatted prompt (no loss) + response ending in the end-of-turn token (loss)."""
+    """Chat-formatted prompt (no loss) + response ending in the end-of-turn token (loss); a conversation
+    (`SFTChat`) as it is, with loss on its assistant turns only."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     end = end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
     seqs = []
-    for prompt, response in pairs:
+    for pair in pairs:
+        if isinstance(pair, SFTChat):
+            ids, mask = chat_sft_ids(tokenizer, pair.messages, end)
+            seqs.append({"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask)})
+            continue
+        prompt, response = pair
         p = build_prompt(tokenizer, prompt, directive)
         r = tokenizer.encode(response, add_special_tokens=False) + [end]
         seqs.append({"input_ids": torch.tensor(p + r), "loss_mask": torch.tensor([False] * len(p) + [True] * len(r))})

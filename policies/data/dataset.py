@@ -25,11 +25,11 @@ from typing import Any
 
 import orjson
 
-from policies.data.records import DatasetError, Layout, LoadStats, Problem, Records, RowError, SFTPair
+from policies.data.records import DatasetError, Layout, LoadStats, Problem, Records, RowError, SFTChat, SFTPair
 from policies.data.rows import Parse, problem_parser, read_rows, sft_pair
 from policies.data.table_data import TABLE_SUFFIXES, load_table_problems
 
-__all__ = ["DatasetError", "Layout", "LoadStats", "Problem", "Records", "SFTPair", "TABLE_SUFFIXES",
+__all__ = ["DatasetError", "Layout", "LoadStats", "Problem", "Records", "SFTChat", "SFTPair", "TABLE_SUFFIXES",
            "load_problems", "load_sft_pairs", "write_jsonl"]
 
 
@@ -65,7 +65,8 @@ def load_problems(path: str | os.PathLike, *, skip_malformed: bool = False, layo
 
 
 def load_sft_pairs(path: str | os.PathLike, *, skip_malformed: bool = False) -> Records:
-    """(prompt, response) pairs from JSONL (`prompt`/`question`/`problem`, `response`/`completion`)."""
+    """(prompt, response) pairs from JSONL (`prompt`/`question`/`problem`, `response`/`completion`); a line
+    with `messages` (OpenAI's chat shape, ending in an assistant turn) is an `SFTChat` instead."""
     return _read_jsonl(path, sft_pair, skip_malformed=skip_malformed)
 
 

@@ -41,6 +41,32 @@ def build_prompt(tokenizer: Any, problem_prompt: str, directive: str, force_newl
     return ids
 
 
+def chat_sft_ids(tokenizer: Any, messages: list[dict], end_id: int) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation through the chat template, and the loss mask: True on each assistant
+    turn's text and its end-of-turn token `end_id` (what the policy samples), False on everything else
+    (system and user turns, tool outputs, the template's role headers).
+
+    Each assistant turn is found as the template's rendering of the turns up to it minus the rendering of
+    those before it with the generation prompt; a template that does not render a conversation as a
+    prefix of its continuation (one that rewrites earlier turns) is a ValueError."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _ids(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True))
+        full = _ids(tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tokenize=True))
+        if prefix[:len(ids)] != ids or full[:len(prefix)] != prefix:
+            raise ValueError(f"the chat template renders messages[:{i}] differently once turn {i} follows: "
+                             "cannot mask the assistant turns")
+        turn = full[len(prefix):]
+        if end_id in turn:   # the end-of-turn token ends the sampled text; what the template adds after it does not
+            turn = turn[:turn.index(end_id) + 1]
+        mask += [False] * (len(prefix) - len(ids)) + [True] * len(turn)
+        ids = prefix + turn
+    return ids, mask
+
+
 def stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|endoftext|>"):

@@ -1,6 +1,6 @@
 """What a data file loads into, and the errors a load raises.
 
-`Problem` (a prompt with its reference answers) and `SFTPair` are the records; `Records` is the list a
+`Problem` (a prompt with its reference answers), `SFTPair` and `SFTChat` are the records; `Records` is the list a
 loader returns, carrying the `LoadStats` of the load; `Layout` says where a row keeps its fields.
 A row's fault is a `RowError` (without file:line); the loop that reads the rows (policies.data.rows)
 turns it into a `DatasetError` naming file:line, or skips and counts the row.
@@ -38,6 +38,12 @@ class Problem:
 class SFTPair(NamedTuple):
     prompt: str
     response: str
+
+
+class SFTChat(NamedTuple):
+    """A multi-turn conversation (`messages`: {role, content} dicts, roles system/user/assistant, the last
+    an assistant turn): SFT trains on the assistant turns only."""
+    messages: list[dict]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 from policies.data.answers import AnswerFieldError, reference_answers
-from policies.data.records import DatasetError, Layout, LoadStats, Problem, Records, RowError, SFTPair
+from policies.data.records import DatasetError, Layout, LoadStats, Problem, Records, RowError, SFTChat, SFTPair
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,34 @@ def problem_parser(name: str, layout: Layout | None, unit: str = "line") -> Pars
     return parse
 
 
-def sft_pair(obj: dict, where: str, n: int) -> SFTPair:
-    """A row -> `SFTPair` (`prompt`/`question`/`problem`, `response`/`completion`)."""
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def sft_pair(obj: dict, where: str, n: int) -> SFTPair | SFTChat:
+    """A row -> `SFTPair` (`prompt`/`question`/`problem`, `response`/`completion`), or `SFTChat` when the
+    row has `messages` (a conversation in OpenAI's chat shape)."""
+    if "messages" in obj:
+        return sft_chat(obj["messages"])
     return SFTPair(_text(obj, PROMPT_KEYS, "prompt"), _text(obj, RESPONSE_KEYS, "response"))
+
+
+def sft_chat(messages: Any) -> SFTChat:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"'messages' must be a non-empty list of {{role, content}} objects, got {messages!r:.60}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise RowError(f"messages[{i}]: expected an object with 'role' and 'content', got {m!r:.60}")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise RowError(f"messages[{i}].role: expected one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RowError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise RowError("messages: the last turn must be the assistant's (what SFT trains on), "
+                       f"got {out[-1]['role']!r}")
+    return SFTChat(out)
 
 
 def _plain(v: Any) -> Any:
