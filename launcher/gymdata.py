@@ -120,7 +120,7 @@ def _boxed(answer: str) -> str:
 
 
 def worked_solution(source: str, entry: dict) -> str:
-    """A step-by-step response to a reasoning-gym entry, ending in \\boxed{answer}; NotWorkable where none is faithful."""
+    """A step-by-step response to a reasoning-gym entry, ending in \\boxed{answer}; NotWorkable if none is faithful."""
     md, answer = entry["metadata"], str(entry["answer"])
     if source in ("chain_sum", "basic_arithmetic"):
         lines, value = arithmetic_steps(md["expression"])
@@ -194,23 +194,27 @@ def mixed_rows(n: int, mix: tuple[Source, ...], seed: int) -> list[dict]:
 
 
 def heldout_rows(n: int, seed: int) -> list[dict]:
-    """Half (rounded up) from the project's six templates, half from the held-out gsm_symbolic templates."""
+    """Half (rounded up) from the project's six templates, half from the held-out gsm_symbolic templates,
+    alternating (so that the first N of the file, `eval --limit N`, hold both)."""
     ours = [{"prompt": p.question, "answer": str(p.answer), "source": "mathdata", "template": p.kind,
              "metadata": {"expr": p.expr, "steps": p.steps}, "response": sft_response(p)}
             for p in generate_problems((n + 1) // 2, seed)]
     gsm = gym_rows(Source("gsm_symbolic", 1.0), seed, frozenset(HELDOUT_GSM_TEMPLATES))
-    return ours + [next(gsm) for _ in range(n // 2)]
+    theirs = [next(gsm) for _ in range(n // 2)]
+    return [row for pair in zip(ours, theirs) for row in pair] + ours[len(theirs):]
 
 
 def _problem(split: str, i: int, row: dict) -> dict:
-    return {"query_id": f"{split}-{i}", "prompt": row["prompt"], "answer": row["answer"], "source": row["source"],
+    qid = f"{split}-{row['source']}-{i}" if split == "heldout" else f"{split}-{i}"
+    return {"query_id": qid, "prompt": row["prompt"], "answer": row["answer"], "source": row["source"],
             "template": row["template"], "metadata": row["metadata"]}
 
 
 def make_gym_dataset(out_dir: str | Path, n_train: int, n_test: int, n_sft: int = 200, n_heldout: int = 96, *,
                      seed: int = 0, mix: tuple[Source, ...] = MIX) -> dict[str, Path]:
-    """Write train.jsonl, test.jsonl, heldout.jsonl (query_id, prompt, answer, source, template, metadata),
-    sft.jsonl (prompt, response, source, template) and manifest.json (what made them).
+    """Write train.jsonl, test.jsonl, heldout.jsonl (query_id, prompt, answer, source, template, metadata;
+    the held-out parts also alone in heldout-templates.jsonl and heldout-gsm.jsonl),
+    sft.jsonl (prompt, response, answer, source, template) and manifest.json (what made them).
 
     train, test and sft are cut from one pool of distinct prompts from `mix`; heldout shares no
     generator or template with them.
@@ -221,12 +225,16 @@ def make_gym_dataset(out_dir: str | Path, n_train: int, n_test: int, n_sft: int 
     out = Path(out_dir)
     pool = mixed_rows(n_train + n_test + n_sft, mix, seed)
     train, test, sft = pool[:n_train], pool[n_train:n_train + n_test], pool[n_train + n_test:]
-    held = heldout_rows(n_heldout, seed)
+    held = [_problem("heldout", i, r) for i, r in enumerate(heldout_rows(n_heldout, seed))]
     paths = {
         "train": write_jsonl(out / "train.jsonl", (_problem("train", i, r) for i, r in enumerate(train))),
         "test": write_jsonl(out / "test.jsonl", (_problem("test", i, r) for i, r in enumerate(test))),
-        "heldout": write_jsonl(out / "heldout.jsonl", (_problem("heldout", i, r) for i, r in enumerate(held))),
-        "sft": write_jsonl(out / "sft.jsonl", ({"prompt": r["prompt"], "response": r["response"],
+        "heldout": write_jsonl(out / "heldout.jsonl", held),
+        # its two parts on their own, for a column each: the project's six templates, the gsm_symbolic ones
+        "heldout-templates": write_jsonl(out / "heldout-templates.jsonl",
+                                         (r for r in held if r["source"] == "mathdata")),
+        "heldout-gsm": write_jsonl(out / "heldout-gsm.jsonl", (r for r in held if r["source"] == "gsm_symbolic")),
+        "sft": write_jsonl(out / "sft.jsonl", ({"prompt": r["prompt"], "response": r["response"], "answer": r["answer"],
                                                 "source": r["source"], "template": r["template"]} for r in sft)),
     }
     manifest = {"seed": seed, "mix": [{"name": s.name, "weight": s.weight, "config": s.config} for s in mix],

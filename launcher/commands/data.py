@@ -8,7 +8,8 @@ from launcher.gymdata import HELDOUT_GSM_TEMPLATES, MIX, Source
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", help="where train.jsonl, test.jsonl, heldout.jsonl, sft.jsonl and manifest.json go")
+    p.add_argument("out_dir", help="where train.jsonl, test.jsonl, sft.jsonl, heldout.jsonl (and its two parts, "
+                                   "heldout-templates.jsonl and heldout-gsm.jsonl) and manifest.json go")
     p.add_argument("--train", type=int, default=512, help="RL problems")
     p.add_argument("--test", type=int, default=96, help="in-distribution test problems")
     p.add_argument("--sft", type=int, default=200, help="worked solutions for SFT")
