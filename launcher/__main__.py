@@ -8,7 +8,7 @@ import os
 import sys
 
 DERIVED = {"sft": "launcher.commands.sft", "eval": "launcher.commands.evaluate", "filter": "launcher.commands.difficulty"}
-COMMANDS = ("run", "actor", "attach", "status", "keys", "plot", "sft", "eval", "filter", "main", "config")
+COMMANDS = ("run", "actor", "attach", "status", "keys", "plot", "sft", "eval", "filter", "main", "config", "data")
 
 
 OUR_PACKAGES = ("actors", "bus", "launcher", "policies", "tensors")
@@ -91,8 +91,14 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     main.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for the whole demo")
     main.add_argument("--model", default="smollm2", help="smollm2 | tiny (a smoke run) | an HF directory")
     main.add_argument("--test-problems", type=int, default=96)
+    main.add_argument("--data", help="a directory of `python -m launcher data` (made there when missing) instead of "
+                                     "the built-in arithmetic problems")
     main.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of configs/demo.yaml (e.g. -o train.steps=2)")
+
+    data = sub.add_parser("data", help="train / SFT / test / held-out problems from reasoning-gym's generators")
+    if command in (None, "data"):
+        importlib.import_module("launcher.commands.data").add_data_flags(data)
 
     cfg = sub.add_parser("config", help="print the effective config")
     _common_config(cfg)

@@ -3,6 +3,8 @@
 One-step problems with small numbers (add, subtract, multiply, divide) are within reach of a 135M
 instruct model; two-step ones mostly are not, so rewards vary within a group and RL has a signal.
 Every problem carries the arithmetic expression it was built from, so tests can check the answer.
+`./run.sh`'s main job trains and tests on these; in `python -m launcher data`'s files (launcher.gymdata)
+the six templates are held out: never trained on, half of the held-out column.
 
 ``python -m launcher.mathdata OUT_DIR --train 512 --test 64 --sft 200 --seed 0``
 """

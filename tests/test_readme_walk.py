@@ -135,7 +135,7 @@ def test_every_readme_command_works_in_order_on_a_fresh_clone(tmp_path):
                 args = [a for a in argv[3:] if a != "&"]
                 if args == ["--help"]:
                     assert "sft" in walk.sub(argv), line  # outside the launcher's process: its entry point
-                elif args[:1] in (["config"], ["eval"], ["filter"], ["keys"]):
+                elif args[:1] in (["config"], ["eval"], ["filter"], ["keys"], ["data"]):
                     check_promise(clone, args, walk.launcher(args))
                 elif args[:1] == ["sft"]:  # 25 optimiser steps: parsed here; --model tiny: test_first_hour.py
                     assert "tiny" in walk.launcher(["sft", "--help"])
@@ -193,3 +193,5 @@ def check_promise(clone: Path, args: list[str], out: str) -> None:
         assert all({"prompt", "answer"} <= set(r) for r in rows), rows[:2]
     elif args[:1] == ["keys"]:
         assert any((clone / "keys").iterdir()), out
+    elif args[:1] == ["data"]:  # python -m launcher data DIR: reasoning-gym's problems in four splits
+        assert all((clone / args[1] / f"{s}.jsonl").is_file() for s in ("train", "test", "sft", "heldout")), out

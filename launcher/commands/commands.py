@@ -57,15 +57,24 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 MATH_DATA_DIR = "arith"  # configs/tiny.yaml and example.yaml read data/arith/{train,test}.jsonl
+GYM_DATA_DIR = "gym"     # configs/gym.yaml reads data/gym/{train,test}.jsonl (python -m launcher data)
 
 
 def make_math_data(cfg: ExperimentConfig) -> None:
-    """Write the arithmetic problems a config names under .../arith/ when they are not there yet, as
-    `python -m launcher.mathdata DIR` does: a fresh clone's first `--config configs/tiny.yaml` runs."""
+    """Write the problems a config names under .../arith/ (or .../gym/) when they are not there yet, as
+    `python -m launcher.mathdata DIR` (`python -m launcher data DIR`) does: a fresh clone's first
+    `--config configs/tiny.yaml` (configs/gym.yaml) runs."""
     train = Path(cfg.data.train) if cfg.data.train else None
-    if train is None or train.exists() or train.parent.name != MATH_DATA_DIR or train.name != "train.jsonl":
+    if train is None or train.exists() or train.parent.name not in (MATH_DATA_DIR, GYM_DATA_DIR) \
+            or train.name != "train.jsonl":
         return
     if cfg.data.test is not None and Path(cfg.data.test) != train.parent / "test.jsonl":
+        return
+    if train.parent.name == GYM_DATA_DIR:
+        from launcher.gymdata import make_gym_dataset
+        make_gym_dataset(train.parent, 512, 96, seed=0)
+        print(f"[launcher] {train} was missing: wrote reasoning-gym's problems there "
+              f"(python -m launcher data {train.parent} --seed 0)", flush=True)
         return
     from launcher.mathdata import make_dataset
     make_dataset(train.parent, 512, 64)
@@ -282,6 +291,11 @@ def cmd_eval(args) -> int:
 def cmd_filter(args) -> int:
     from launcher.commands.difficulty import run_filter_command
     return run_filter_command(args)
+
+
+def cmd_data(args) -> int:
+    from launcher.commands.data import run_data_command
+    return run_data_command(args)
 
 
 def cmd_main(args) -> int:

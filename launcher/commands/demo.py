@@ -47,8 +47,11 @@ def run_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(DEMO_CONFIG, [f"run_dir={out / 'rl'}", *args.overrides])
-    data = out / "data"
-    if not (data / "train.jsonl").exists():
+    data = Path(args.data) if args.data else out / "data"
+    if args.data and not (data / "train.jsonl").exists():  # reasoning-gym's problems (python -m launcher data)
+        from launcher.gymdata import make_gym_dataset
+        make_gym_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
+    elif not (data / "train.jsonl").exists():
         make_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
     test = load_problems(data / "test.jsonl")
     torch.manual_seed(cfg.seed)

@@ -12,7 +12,8 @@ the weighted sum. A function that raises, or returns something that is not a fin
 that response: it gets `reward.on_error` and the failure is counted in the step's `reward_errors`.
 
 `boxed` is the built-in check as a function (1.0 when the last \\boxed{} matches the reference, else
-0.0), for mixing the usual verdict with one's own terms.
+0.0), for mixing the usual verdict with one's own terms; `policies.verify.gym_score:reasoning_gym` is
+reasoning-gym's own scorers as one (+1 / -1), for rows `python -m launcher data` wrote.
 """
 from __future__ import annotations
 
