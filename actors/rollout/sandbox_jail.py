@@ -9,8 +9,9 @@ As root: new network, mount and PID namespaces (the snippet's process is PID 1 o
 it ends, or is killed, every process it started dies with it; a loopback that is down is its only network);
 inside, a size-capped tmpfs as the scratch directory, empty tmpfs over /tmp, /var/tmp and /dev/shm (the
 host's shared files out of sight), the interpreter's directories exposed through a private tmpfs where a
-mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount remounted read-only and nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then
-rlimits, no supplementary groups, the sandbox's own uid/gid, no_new_privs, and exec.
+mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount remounted read-only and
+nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then rlimits, no
+supplementary groups, the sandbox's own uid/gid, no_new_privs, and exec.
 Not root: rlimits and no_new_privs only (the caller logs that once).
 """
 from __future__ import annotations
