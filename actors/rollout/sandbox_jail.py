@@ -195,9 +195,12 @@ def _on_term(signum, frame) -> None:
             pass
 
 
-def relay(pid: int) -> None:
-    """Wait for the snippet (PID 1 of its namespace) and end the way it ended."""
+def relay(pid: int, deadline_s: int) -> None:
+    """Wait for the snippet (PID 1 of its namespace) and end the way it ended; past `deadline_s` kill it
+    (the caller's timeout comes first; this one holds when the caller died and cannot send it)."""
     _child.append(pid)
+    signal.signal(signal.SIGALRM, _on_term)
+    signal.alarm(deadline_s)
     if _stop:
         _on_term(signal.SIGTERM, None)
     _, status, ru = os.wait4(pid, 0)
@@ -229,7 +232,7 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _on_term)   # from here on a SIGTERM is never lost
         pid = os.fork()
         if pid:
-            relay(pid)
+            relay(pid, cfg["deadline_s"])
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run_snippet(cfg, code, isolated)
 
