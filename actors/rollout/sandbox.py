@@ -154,11 +154,12 @@ async def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512
                   "rlimits, timeout and no_new_privs only")
     uid = _claim_uid() if root else None
     scratch = tempfile.mkdtemp(prefix="sandbox-", dir=_scratch_base(root))
-    prefixes = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
-                                                      os.path.dirname(os.path.realpath(sys.executable)))})
+    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
+                                           os.path.dirname(os.path.realpath(sys.executable)))}
+    prefixes = sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
     notes_r, notes_w = os.pipe()
     cfg = {"uid": uid, "scratch": scratch, "python": sys.executable, "expose": prefixes, "disk_mb": disk_mb,
-           "notes_fd": notes_w, "env": _env(scratch),
+           "notes_fd": notes_w, "env": _env(scratch), "deadline_s": int(timeout_s + 2 * _GRACE_S) + 1,
            "limits": {"as": memory_mb << 20, "cpu": cpu_s, "nproc": max_procs, "fsize": disk_mb << 20,
                       "nofile": 64}}
     try:
@@ -208,6 +209,9 @@ async def _supervise(proc, code: bytes, timeout_s: float, cpu_s: int, output_lim
     finally:
         for t in tasks:
             t.cancel()
+        if proc.returncode is None:   # cancelled (the sample's deadline) or not ended by SIGKILL: no orphans
+            _kill(proc, signal.SIGTERM)
+            asyncio.get_running_loop().call_later(_GRACE_S, _kill, proc, signal.SIGKILL)
     cpu_used, errors = 0.0, []
     for n in _read_notes(notes_fd):
         if "missing" in n:

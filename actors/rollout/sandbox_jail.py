@@ -9,8 +9,9 @@ As root: new network, mount and PID namespaces (the snippet's process is PID 1 o
 it ends, or is killed, every process it started dies with it; a loopback that is down is its only network);
 inside, a size-capped tmpfs as the scratch directory, empty tmpfs over /tmp, /var/tmp and /dev/shm (the
 host's shared files out of sight), the interpreter's directories exposed through a private tmpfs where a
-mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount remounted read-only and nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then
-rlimits, no supplementary groups, the sandbox's own uid/gid, no_new_privs, and exec.
+mode-0700 parent (e.g. /root) hides them, a fresh /proc, and every other mount remounted read-only and
+nosuid (a per-mount flag of this namespace: the host's mounts are untouched). Then rlimits, no
+supplementary groups, the sandbox's own uid/gid, no_new_privs, and exec.
 Not root: rlimits and no_new_privs only (the caller logs that once).
 """
 from __future__ import annotations
@@ -194,9 +195,12 @@ def _on_term(signum, frame) -> None:
             pass
 
 
-def relay(pid: int) -> None:
-    """Wait for the snippet (PID 1 of its namespace) and end the way it ended."""
+def relay(pid: int, deadline_s: int) -> None:
+    """Wait for the snippet (PID 1 of its namespace) and end the way it ended; past `deadline_s` kill it
+    (the caller's timeout comes first; this one holds when the caller died and cannot send it)."""
     _child.append(pid)
+    signal.signal(signal.SIGALRM, _on_term)
+    signal.alarm(deadline_s)
     if _stop:
         _on_term(signal.SIGTERM, None)
     _, status, ru = os.wait4(pid, 0)
@@ -228,7 +232,7 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _on_term)   # from here on a SIGTERM is never lost
         pid = os.fork()
         if pid:
-            relay(pid)
+            relay(pid, cfg["deadline_s"])
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run_snippet(cfg, code, isolated)
 
