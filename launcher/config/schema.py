@@ -137,6 +137,10 @@ class GeneratorConfig(RoleConfig):
     sglang_mem_fraction_static: float | None = opt(
         None, check=lambda v: v is None or 0 < v < 1, expect="in (0, 1) or null",
         doc="SGLang's --mem-fraction-static: the share of its GPU's memory it takes; null = SGLang's default")
+    sglang_adapter_dir: str | None = opt(
+        None, doc="a LoRA job's (model.lora): where each generator writes the adapters its server loads, in a "
+                  "directory of its own; null = a temporary directory on the generator's host. A server at "
+                  "sglang_url on another host needs a directory both see")
     sglang_master_address: str | None = opt(
         None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
                   "address on the route to the first server")
