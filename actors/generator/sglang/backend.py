@@ -140,7 +140,7 @@ def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, requ
     kw = dict(model_path=model_path, request_timeout=request_timeout, health_timeout=settings.sglang_health_timeout,
               weights=settings.sglang_weights, tp_size=settings.sglang_tp_size,
               interrupt_on_update=interrupt_on_update, api_key=api_key, lora=lora,
-              adapter_dir=settings.sglang_adapter_dir)
+              adapter_dir=settings.sglang_adapter_dir if lora is not None else None)
     if settings.sglang_url:
         return SGLangGeneratorBackend(settings.sglang_url, **kw)
     with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
