@@ -22,6 +22,10 @@ rank 0 per tensor in list order, each TP rank in a process of its own as SGLang'
 (the tensors are kept in `weights`; `--dump-weights DIR` also writes them at
 end_weight_update). Those processes start with the first group, so the server itself still
 starts in a fraction of a second.
+
+LoRA (--enable-lora --max-lora-rank --lora-target-modules; /load_lora_adapter, /unload_lora_adapter,
+/generate's lora_path, /update_weight_version) lives in tests/fake_sglang_lora.py: a request with an
+adapter generates from base + adapter, the effective weights it computes from the PEFT files.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ ROUTES = {
     "/update_weights_from_tensor": ("POST",), "/update_weights_from_disk": ("POST",),
     "/update_weight_version": ("POST",), "/load_lora_adapter": ("POST",), "/unload_lora_adapter": ("POST",),
 }
-FAKE_ROUTES = {"/_fake/calls": ("GET",), "/_fake/launch": ("GET",), "/_fake/loras": ("GET",)}  # introspection for tests; not SGLang's
+# introspection for tests; not SGLang's
+FAKE_ROUTES = {"/_fake/calls": ("GET",), "/_fake/launch": ("GET",), "/_fake/loras": ("GET",)}
 # what /_fake/launch reports of the server's environment (the launcher's placement and NCCL settings)
 LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NCCL_CUMEM_ENABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 

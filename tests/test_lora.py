@@ -111,6 +111,15 @@ def test_lora_rl_trains_the_adapter_publishes_it_generates_on_base_plus_adapter_
     print(f"resumed vs uninterrupted adapter after {STEPS} steps: max |diff| {gap:.2e}")
     assert gap <= RESUME_ATOL
 
+    # `eval --adapter DIR` merges as PEFT does
+    import argparse
+    from launcher.commands.evaluate import _adapter, merge_adapter
+    args = argparse.Namespace(model="tiny", adapter=str(ckpt / "adapter"))
+    evaluated = tiny_model(seed=0)
+    merge_adapter(evaluated, *_adapter(args)[1:])
+    want = peft_merged(base, ckpt / "adapter")
+    assert max(float((evaluated.state_dict()[k] - want[k]).abs().max()) for k in want) <= MERGE_ATOL
+
     # a generator made without lora= refuses an adapter by name; a LoRA setting that names no layer is named
     with pytest.raises(ValueError, match="without lora="):
         GenerationEngine(tiny_model(seed=0)).update_weights(a, 9)

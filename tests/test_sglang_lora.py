@@ -183,7 +183,7 @@ async def test_adapter_updates_reach_sglang_as_files_and_generation_runs_on_base
     assert not root.exists()
 
 
-def test_a_lora_job_launches_its_servers_with_enable_lora_and_forms_no_weight_group():
+def test_a_lora_job_launches_its_servers_with_enable_lora_and_forms_no_weight_group(tmp_path):
     from actors.generator.sglang.backend import make_sglang_backend
     from launcher.config import load_config
     from launcher.job.builders.learner import sglang_weight_sync
@@ -194,13 +194,16 @@ def test_a_lora_job_launches_its_servers_with_enable_lora_and_forms_no_weight_gr
             "model.lora={r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj]}"]
     cfg = load_config(None, over)  # no pause needed: requests in flight keep the adapter they named
     assert sglang_weight_sync(cfg) is None
+    cfg.actors.generator.sglang_adapter_dir = str(tmp_path / "shared")
     b = make_sglang_backend(cfg.actors.generator, model_path="/m", step=3, seed=cfg.seed, request_timeout=60,
                             interrupt_on_update=False, lora=cfg.model.lora)
     argv = launch_argv(b._server.cfg)
     assert argv[argv.index("--enable-lora"):][:8] == ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules",
                                                       "q_proj", "k_proj", "v_proj", "o_proj"]
     assert b.capabilities["weights"] == "adapter" and b.adapters.lora == cfg.model.lora
+    assert b.adapters.root.parent == tmp_path / "shared"  # sglang_adapter_dir: a directory of its own in it
     b.adapters.close()
+    assert not b.adapters.root.exists()
     spec = ProcessSpec("generator-0", "generator", [], None, {"CUDA_VISIBLE_DEVICES": "1"})
     assert gpu_note(cfg, spec, None).endswith("(tp 1, --enable-lora --max-lora-rank 8)")
     with pytest.raises(ValueError, match=r"model.lora.target_modules: SGLang 0.5.23 serves no adapter on \['attn'\]"):

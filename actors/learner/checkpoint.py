@@ -111,7 +111,9 @@ def _save_adapter(model, optimizer, out: Path) -> None:
     full = full_precision_state(model, optimizer)
     state = lora.split_state(full)[1] if full is not None else lora.adapter_state(model)
     base = getattr(model.config, "_name_or_path", None) or None
-    lora.save_adapter(out, state, lora.settings_of(model), base_model=str(base) if base else None)
+    if base and Path(base).exists():  # a directory relative to the launch: absolute, for PEFT and `eval`
+        base = str(Path(base).resolve())
+    lora.save_adapter(out, state, lora.settings_of(model), base_model=base)
 
 
 def restore_adapter(ckpt: Path, model) -> None:

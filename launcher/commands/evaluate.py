@@ -1,4 +1,8 @@
-"""`python -m launcher eval`: pass@1 of a model over k samples per problem (policies.infer.evaluate)."""
+"""`python -m launcher eval`: pass@1 of a model over k samples per problem (policies.infer.evaluate).
+
+A LoRA adapter (PEFT's layout: a LoRA run's checkpoints/step-N/adapter) is evaluated on its base, merged:
+`--adapter DIR` with `--model BASE`, or `--model DIR` alone when DIR holds adapter_config.json (the base
+is the one it names)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +23,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_flags(p, EvalConfig, *FLAGS)
     add_flags(p, ExperimentConfig, "seed")
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout) to merge into --model")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--out", help="write the results as JSON here")
     add_problem_flags(p)
@@ -29,13 +34,50 @@ def sample_and_score(args, flags: tuple[str, ...], label: str = "eval"):
     --limit), then pass@1 -> (model path, settings, problems, result), or the exit code of a bad input."""
     try:
         s = settings_from(args, EvalConfig, *flags)
+        adapter = _adapter(args)
         path, model, tok, probs = load_inputs(args, problems, s.dtype)
+        if adapter is not None:
+            path = f"{path} + {adapter[0]}"
+            merge_adapter(model, adapter[1], adapter[2])
     except (ValueError, OSError) as exc:
         return failed(exc)
     probs = probs[:args.limit] if getattr(args, "limit", None) else probs
     torch.manual_seed(args.seed)
     return path, s, probs, evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt,
                                     label=label)
+
+
+def _adapter(args):
+    """(dir, tensors, settings) of the adapter to merge, or None; with an adapter directory as --model,
+    args.model becomes the base it names. LoraError (a ValueError) names what is wrong."""
+    from policies.model.loading import model_path
+    from policies.model.lora import LoraError, is_adapter_dir, load_adapter
+    where = getattr(args, "adapter", None)
+    if where is None and args.model not in ("smollm2", "tiny") and is_adapter_dir(args.model):
+        where = args.model
+        base = load_adapter(where)[2]
+        if not base:
+            raise LoraError(f"--model {where}: a LoRA adapter whose adapter_config.json names no base model "
+                            "(base_model_name_or_path): give the base as --model and the adapter as --adapter")
+        args.model = base
+    elif where is not None and not is_adapter_dir(where):
+        raise LoraError(f"--adapter {where}: not a LoRA adapter directory (no adapter_config.json)")
+    if where is None:
+        return None
+    if is_adapter_dir(model_path(args.model)):
+        raise LoraError(f"--model {args.model}: an adapter, not a base model")
+    state, settings, _ = load_adapter(where)
+    return str(where), state, settings
+
+
+def merge_adapter(model, state, settings) -> None:
+    """The base model's targets set to base + scale * B @ A in place (LoraError naming a mismatch)."""
+    from policies.model.lora import merged_weights
+    merged = merged_weights(model.state_dict(), state, settings)
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, t in merged.items():
+            own[name].copy_(t)
 
 
 def run_eval_command(args) -> int:

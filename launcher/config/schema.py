@@ -155,6 +155,10 @@ class GeneratorConfig(RoleConfig):
     openai_port: int = opt(0, check=lambda v: 0 <= v <= 65535, expect="in [0, 65535] (0 = pick a free port)",
                            doc="the port of each generator's OpenAI-compatible endpoint (multi-turn sessions of "
                                "rollout workers) on its host; a fixed port fits one generator per host")
+    sglang_adapter_dir: str | None = opt(
+        None, doc="a LoRA job's (model.lora): where each generator writes the adapters its server loads, in a "
+                  "directory of its own; null = a temporary directory on the generator's host. A server at "
+                  "sglang_url on another host needs a directory both see")
     sglang_master_address: str | None = opt(
         None, doc="the learner's address the servers reach for the weight-update rendezvous; null = its "
                   "address on the route to the first server")

@@ -69,6 +69,8 @@ class World:
         dst = dict(into.named_parameters()) if into is not None else {}
         with torch.no_grad():
             for name, p in self.model.named_parameters():
+                if not p.requires_grad:  # frozen (a LoRA run's base): `into` holds it already, it never changes
+                    continue
                 whole = p.full_tensor() if isinstance(p, DTensor) else p
                 if into is not None:
                     dst[name].copy_(whole)

@@ -45,15 +45,17 @@ class AdapterSwap:
     """One generator's adapters on its server: write, load, switch, retire.
 
     ``lora``: the job's policies.model.lora.LoraSettings (r, alpha, target_modules), which the server
-    was launched with; ``root``: where the adapter directories go (the server must read it; default a
-    temporary directory on this host, where a launched server runs); ``retire_timeout``: how long an
-    old adapter waits for our requests that name it before it is unloaded anyway."""
+    was launched with; the adapter directories go to a new directory of this generator's own (removed on
+    close) in ``parent`` (the server must read it; default the system's temporary directory, on the host
+    where a launched server runs); ``retire_timeout``: how long an old adapter waits for our requests
+    that name it before it is unloaded anyway."""
 
-    def __init__(self, lora, *, root: str | Path | None = None, base_model: str | None = None,
+    def __init__(self, lora, *, parent: str | Path | None = None, base_model: str | None = None,
                  retire_timeout: float = 3600.0):
         self.lora, self.base_model, self.retire_timeout = lora, base_model, retire_timeout
-        self._own_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="sglang-adapters-")) if root is None else Path(root)
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="sglang-adapters-", dir=parent))
         self.applied: int | None = None  # the version whose adapter every request names now
         self._old: list[str] = []  # adapters switched away from, retired once the version call went through
         self._retiring: set[asyncio.Task] = set()
@@ -119,5 +121,4 @@ class AdapterSwap:
     def close(self) -> None:
         for task in list(self._retiring):
             task.cancel()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -38,9 +38,10 @@ class SGLangGeneratorBackend(SGLangClient):
 
     def __init__(self, url: str | None = None, *, launch: SGLangLaunch | None = None, model_path: str,
                  weights: str = "distributed", tp_size: int = 1, interrupt_on_update: bool = True,
-                 lora=None, **kwargs):
+                 lora=None, adapter_dir: str | None = None, **kwargs):
         """``lora``: a LoRA job's policies.model.lora.LoraSettings; its server must run with --enable-lora
-        and this rank and target modules (a launched one does: see make_sglang_backend)."""
+        and this rank and target modules (a launched one does: see make_sglang_backend) and read
+        ``adapter_dir`` (where the adapters are written; None = the system's temporary directory)."""
         if (url is None) == (launch is None):
             raise ValueError("the sglang backend needs a url or a launch config (one of them)")
         if url is None:
@@ -60,7 +61,7 @@ class SGLangGeneratorBackend(SGLangClient):
         self.adapters = None
         if lora is not None:  # the adapter way: tensors over a channel (not "distributed"), loaded from files
             weights = "adapter"
-            self.adapters = AdapterSwap(lora, base_model=model_path,
+            self.adapters = AdapterSwap(lora, parent=adapter_dir, base_model=model_path,
                                         retire_timeout=kwargs.get("request_timeout", 3600.0))
         self.weights_mode, self.tp_size = weights, tp_size
         self.interrupt_on_update = interrupt_on_update
@@ -138,7 +139,8 @@ def make_sglang_backend(settings, *, model_path: str, step: int, seed: int, requ
     ``lora`` (model.lora): the adapter way, a launched server gets --enable-lora with its rank and modules."""
     kw = dict(model_path=model_path, request_timeout=request_timeout, health_timeout=settings.sglang_health_timeout,
               weights=settings.sglang_weights, tp_size=settings.sglang_tp_size,
-              interrupt_on_update=interrupt_on_update, api_key=api_key, lora=lora)
+              interrupt_on_update=interrupt_on_update, api_key=api_key, lora=lora,
+              adapter_dir=settings.sglang_adapter_dir if lora is not None else None)
     if settings.sglang_url:
         return SGLangGeneratorBackend(settings.sglang_url, **kw)
     with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:

@@ -412,12 +412,11 @@ class SGLangClient:
                          "update_weight_version", timeout)
         self.version = version
 
-    def use_adapter(self, name: str | None, version: int | None = None) -> str | None:
+    def use_adapter(self, name: str, version: int) -> str | None:
         """From now on every /generate (resubmissions too) names adapter ``name`` whose tokens are policy
         ``version``; returns the adapter named before."""
         old, self.lora_name = self.lora_name, name
-        if name is not None:
-            self._adapter_versions[name] = version
+        self._adapter_versions[name] = version
         return old
 
     async def until_unused(self, name: str, timeout: float) -> bool:
