@@ -138,3 +138,66 @@ async def test_a_session_over_the_bus_records_exactly_what_the_agent_was_sampled
         recompute = {v: packed_logprobs(m, torch.tensor(ids), cu, temperature=1.0)[0] for v, m in refs.items()}
     want = torch.where(versions == 0, recompute[0], recompute[1])
     assert (got[mask] - want[mask]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("kind", ["sim", "sglang"])
+async def test_sessions_work_on_the_sim_and_sglang_backends(kind):
+    """The same session path over the simulated backend and an SGLang server (the fake, over HTTP): each
+    turn's tokens with the backend's logprobs and versions, the budget held where a backend ignores
+    max_new_tokens (sim)."""
+    import sys
+    from pathlib import Path
+
+    import openai
+
+    from actors.generator.generator import Generator
+    from actors.generator.sim import SimBackend
+    from policies.cost_model import CostModel
+    from policies.model.loading import load_tokenizer, tiny_dir
+
+    tok = load_tokenizer(tiny_dir())
+    fake = None
+    if kind == "sim":
+        backend = SimBackend(CostModel(decode_step_s=0.0005, response_median=40.0, response_sigma=0.0,
+                                       prefill_s_per_token=0.0), tok)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from fake_sglang import FakeSGLang
+
+        from actors.generator.sglang.client import SGLangClient
+        fake = FakeSGLang(weight_version="0", token_delay=0.001, vocab_size=len(tok))
+        await fake.start()
+        backend = SGLangClient(fake.url, request_timeout=20, control_timeout=5, update_timeout=5)
+    gen = Generator("generator-0", "tcp://127.0.0.1:9", backend=backend, tokenizer=tok)  # no bus needed here
+    await backend.start()
+    await gen.openai.start()
+    try:
+        opened = await gen.on_open_session({"sid": "s", "sampling": {"max_new_tokens": 5}, "max_tokens": 8,
+                                            "deadline_s": 30.0}, "rollout-0")
+        client = openai.AsyncOpenAI(base_url=opened["base_url"], api_key=opened["api_key"], max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        got = []
+        for _ in range(2):
+            r = await client.chat.completions.create(model="p", messages=messages, logprobs=True)
+            got.append(r)
+            messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                         {"role": "user", "content": "and?"}]
+        with pytest.raises(openai.BadRequestError, match="token budget") as e:
+            await client.chat.completions.create(model="p", messages=messages)
+        assert e.value.code == "session_budget"
+        out = await gen.on_close_session({"sid": "s"}, "rollout-0")
+    finally:
+        await gen.openai.close()
+        await backend.close()
+        if fake is not None:
+            await fake.stop()
+    assert [r.usage.completion_tokens for r in got] == [5, 3] and out["finish"] == "budget"
+    assert got[1].choices[0].finish_reason == "length"
+    (seg,) = out["segments"]
+    mask = seg["loss_mask"]
+    assert sum(mask) == 8 and len(seg["input_ids"]) == got[1].usage.prompt_tokens + 3
+    sampled_lp = [lp for lp, m in zip(seg["logprobs"], mask) if m]
+    assert sampled_lp == pytest.approx([t.logprob for r in got for t in r.choices[0].logprobs.content])
+    assert [v for v, m in zip(seg["versions"], mask) if m] == [0] * 8
+    if kind == "sglang":
+        assert all(lp < 0 for lp in sampled_lp) and len(fake.calls) >= 2
