@@ -246,6 +246,18 @@ async def test_a_weight_update_reaches_a_turn_as_interrupt_on_update_says_and_ne
         await asyncio.wait_for(backend.update_weights(weights, 2), 5)  # between turns: at once
         await client.chat.completions.create(model="p", messages=m)
         out = await gen.on_close_session({"sid": "s"}, "rollout-0")
+        if not interrupt:  # closing a session stops its turn in flight and frees the engine's rows
+            opened = await gen.on_open_session({"sid": "s2", "sampling": {"max_new_tokens": 30}, "max_tokens": 200,
+                                                "deadline_s": 60.0}, "rollout-0")
+            client = openai.AsyncOpenAI(base_url=opened["base_url"], api_key=opened["api_key"], max_retries=0)
+            turn = asyncio.ensure_future(client.chat.completions.create(model="p", messages=m))
+            while backend.engine.num_active == 0:
+                await asyncio.sleep(0.005)
+            assert (await gen.on_close_session({"sid": "s2"}, "rollout-0"))["turns"] == 0
+            with pytest.raises(openai.BadRequestError, match="closed while this turn ran"):
+                await turn
+            await asyncio.sleep(0.2)
+            assert backend.engine.num_active == 0
     finally:
         await gen.openai.close()
         await backend.close()
