@@ -1,8 +1,8 @@
 """Sessions of the OpenAI endpoint as plain logic: a turn that continues the previous one is prompted with
-the previous ids + the sampled ids + the new part's tokens (checked token by token on SmolLM2's ChatML
-template (the tiny test model's copy and the converted model's own), and on a second template whose end of turn is the stop token
-itself); a rewritten history starts a new segment; the token budget, deadline and max turns; a retry is
-answered once."""
+the previous ids + the sampled ids + the new part's tokens, checked token by token on SmolLM2's ChatML
+template (the tiny test model's copy and the converted model's own) and on a second template whose end of
+turn is the stop token itself; a rewritten history starts a new segment; the token budget, deadline and max
+turns; a retry is answered once."""
 from __future__ import annotations
 
 import copy
