@@ -201,3 +201,24 @@ def test_rollout_workers_are_placed_only_with_a_workflow_and_their_key_opens_ses
     assert trust.KEY_ROLES["rollout"] == ("rollout", trust.TOOL)
     may = {t for t, roles in trust.SENDERS.items() if "rollout" in roles}
     assert may == {"open_session", "close_session", "score", "generated", "rejected"}
+
+
+async def test_the_builtin_boba_workflow_asks_once_on_the_single_turn_chat_and_leaves_the_score_to_the_verifier():
+    from actors.rollout.actor import RolloutSettings, problem_for
+    from actors.rollout.builtin import boba
+    calls = []
+
+    class Completions:
+        async def create(self, **kw):
+            calls.append(kw)
+
+    class Client:
+        chat = type("Chat", (), {"completions": Completions()})()
+
+    s = RolloutSettings(max_turns=1, max_trajectory_tokens=8, workflow_timeout=5.0, directive="Box it.",
+                        system_prompt="Be brief.")
+    problem = problem_for({"qid": "q#1", "answers": ["4"], "problem": {"prompt": "2+2?", "extra": {"k": 1}}}, s)
+    assert problem == {"id": "q#1", "prompt": "2+2?", "answers": ["4"], "extra": {"k": 1},
+                       "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? Box it."}]}
+    assert await boba(problem, Client()) is None
+    assert [c["messages"] for c in calls] == [problem["messages"]]

@@ -148,10 +148,10 @@ class RolloutWorker(Actor):
         s = self.settings
         sid = secrets.token_hex(12)
         try:
-            opened = await self.bus.request(gen, P.OPEN_SESSION, {
+            opened = await self.request_until(gen, P.OPEN_SESSION, {  # a second copy gets the same session
                 "sid": sid, "sampling": body["sampling"], "max_tokens": s.max_trajectory_tokens,
                 "max_turns": s.max_turns, "deadline_s": s.workflow_timeout, "epoch": body.get("epoch")},
-                timeout=s.deliver_timeout)
+                within=s.deliver_timeout)
         except Exception as exc:
             raise SessionFailed(f"{gen} opened no session: {exc}") from exc
         outcome = await self.pool.run(problem, opened["base_url"], opened["api_key"])
