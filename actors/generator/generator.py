@@ -133,7 +133,13 @@ class Generator(Actor):
 
     # ------------------------------------------------------------------ multi-turn sessions
     async def _generate_one(self, rid: str, prompt_ids: list[int], sampling: dict) -> Sample:
-        return (await self.backend.generate_group(rid, prompt_ids, 1, sampling))[0]
+        """One turn of a session; a backend that ignores max_new_tokens (sim: the cost model's lengths) is cut
+        to it, so a session's token budget holds on every backend."""
+        s = (await self.backend.generate_group(rid, prompt_ids, 1, sampling))[0]
+        cap = sampling["max_new_tokens"]
+        if len(s.output_ids) > cap:
+            s = Sample(s.output_ids[:cap], s.logprobs[:cap], s.versions[:cap], "length", s.rid, s.index)
+        return s
 
     def _chat_template(self) -> ChatTemplate | None:
         if self._template is False:
