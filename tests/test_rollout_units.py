@@ -222,3 +222,16 @@ async def test_the_builtin_boba_workflow_asks_once_on_the_single_turn_chat_and_l
                        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? Box it."}]}
     assert await boba(problem, Client()) is None
     assert [c["messages"] for c in calls] == [problem["messages"]]
+
+
+def test_each_kind_of_workflow_failure_is_logged_once_and_every_one_counted(caplog):
+    from actors.rollout.actor import RolloutWorker
+    w = RolloutWorker.__new__(RolloutWorker)
+    w.name, w.workflow_errors, w._reported = "rollout-0", 0, set()
+    tb = "Traceback (most recent call last):\n  File \"a.py\", line 1\n{}"
+    with caplog.at_level("WARNING", logger="actors.rollout"):
+        for err in ["KeyError: 'x'", "KeyError: 'x'", "ValueError: y", "KeyError: 'x'"]:
+            w._report("0:q", tb.format(err))
+    assert w.workflow_errors == 4
+    assert [r.getMessage().count("Traceback") for r in caplog.records] == [1, 1]
+    assert "KeyError: 'x'" in caplog.records[0].getMessage() and "ValueError: y" in caplog.records[1].getMessage()

@@ -64,6 +64,7 @@ class RolloutWorker(Actor):
         self._turn = itertools.count()
         self._verifiers = itertools.count()
         self.workflow_errors = 0
+        self._reported: set[str] = set()  # the failures' causes logged so far
 
     async def on_start(self) -> None:
         await self.pool.start()
@@ -106,10 +107,7 @@ class RolloutWorker(Actor):
                 raise failed
             for t in trajs:
                 if t.error is not None:
-                    self.workflow_errors += 1
-                    if self.workflow_errors <= 5 or self.workflow_errors % 100 == 0:  # each cause once, not a flood
-                        log.warning("%s: a workflow sample of %s failed (%d so far):\n%s", self.name, rid,
-                                    self.workflow_errors, t.error)
+                    self._report(rid, t.error)
             batch, report = group_batch(trajs), group_report(trajs, version=int(body["step"]))
             desc = None
             if batch is not None:
@@ -141,6 +139,15 @@ class RolloutWorker(Actor):
                 log.error("could not tell %s that %s failed: %s", sampler, rid, exc2)
         finally:
             self._active.discard(rid)
+
+    def _report(self, rid: str, error: str) -> None:
+        """Count a failed sample; log each kind of failure (its traceback's last line) once, in full."""
+        self.workflow_errors += 1
+        cause = error.strip().splitlines()[-1] if error.strip() else "?"
+        if cause not in self._reported and len(self._reported) < 100:
+            self._reported.add(cause)
+            log.warning("%s: a workflow sample of %s failed (%d failed so far; this cause is logged once, every "
+                        "failure counted in the step's workflow_errors):\n%s", self.name, rid, self.workflow_errors, error)
 
     async def _sample(self, gen: str, body: dict, problem: dict) -> Trajectory:
         """One sample: its session opened, its workflow run, the session closed. A workflow's failure is
