@@ -235,3 +235,24 @@ def test_each_kind_of_workflow_failure_is_logged_once_and_every_one_counted(capl
     assert w.workflow_errors == 4
     assert [r.getMessage().count("Traceback") for r in caplog.records] == [1, 1]
     assert "KeyError: 'x'" in caplog.records[0].getMessage() and "ValueError: y" in caplog.records[1].getMessage()
+
+
+def test_group_advantages_count_trajectories_not_segments():
+    from policies.train.advantages import group_advantages
+    # trajectory A: two segments (a rewritten history), reward 1; trajectory B: one segment, reward -1
+    trajs = [Trajectory([seg([1], [([2], [])]), seg([3], [([4], [])])], 1.0, turns=2),
+             Trajectory([seg([1], [([5], [])])], -1.0, turns=1)]
+    rep = group_report(trajs, 0)
+    group = ScoredGroup("q", group_batch(trajs), rep["rewards"], [True, True, False], rep["stats"])
+    other = ScoredGroup("r", group_batch(trajs[1:]), [-1.0], [False], group_report(trajs[1:], 0)["stats"])
+    packed, _ = pack_step(0, [group, other], drop_uniform=False)
+    assert packed.seqs["seq_weights"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    mask, cu = packed.loss_mask, packed.cu_seqlens
+    raw = torch.where(mask, torch.repeat_interleave(packed.seqs["rewards"], packed.seqlens), 0.0)
+    grpo = group_advantages(raw, mask, cu, packed.seqs["group_ids"], "grpo", seq_weights=packed.seqs["seq_weights"])
+    # over trajectories: mean 0, std 1 (over segments it would be mean 1/3, and A would count twice)
+    assert grpo[mask].tolist() == pytest.approx([1.0, 1.0, -1.0, 0.0], abs=1e-4)
+    rloo = group_advantages(raw, mask, cu, packed.seqs["group_ids"], "rloo", seq_weights=packed.seqs["seq_weights"])
+    assert rloo[mask].tolist() == pytest.approx([2.0, 2.0, -2.0, 0.0])  # n = 2 trajectories: R - mean, x 2/1
+    single, _ = pack_step(0, [other], drop_uniform=False)
+    assert "seq_weights" not in single.seqs  # one sequence per sample: batches as before
