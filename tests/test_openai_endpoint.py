@@ -201,3 +201,68 @@ async def test_sessions_work_on_the_sim_and_sglang_backends(kind):
     assert [v for v, m in zip(seg["versions"], mask) if m] == [0] * 8
     if kind == "sglang":
         assert all(lp < 0 for lp in sampled_lp) and len(fake.calls) >= 2
+
+
+@pytest.mark.parametrize("interrupt", [True, False])
+async def test_a_weight_update_reaches_a_turn_as_interrupt_on_update_says_and_never_waits_for_a_trajectory(
+        interrupt):
+    """interrupt_on_update true: a turn in flight goes on under the new weights (its tokens carry both
+    versions); false: the update waits for the running turn only (one version per turn), and an update
+    between two turns of an open session applies at once."""
+    import time
+
+    import openai
+
+    from actors.generator.generator import Generator
+    from actors.generator.torch_backend import TorchBackend
+    from policies.model.loading import load_tokenizer, tiny_dir, tiny_model
+
+    tok = load_tokenizer(tiny_dir())
+    backend = TorchBackend(tiny_model(seed=0), interrupt_on_update=interrupt, update_wait_timeout=30.0)
+    step = backend.engine.step
+
+    def slow_step(*a):  # ~20 ms a token, so an update lands mid-turn
+        time.sleep(0.02)
+        return step(*a)
+    backend.engine.step = slow_step
+    weights = dict(tiny_model(seed=1).state_dict())
+    gen = Generator("generator-0", "tcp://127.0.0.1:9", backend=backend, tokenizer=tok)
+    await backend.start()
+    await gen.openai.start()
+    try:
+        opened = await gen.on_open_session({"sid": "s", "sampling": {"max_new_tokens": 30}, "max_tokens": 200,
+                                            "deadline_s": 60.0}, "rollout-0")
+        client = openai.AsyncOpenAI(base_url=opened["base_url"], api_key=opened["api_key"], max_retries=0)
+        m = [{"role": "user", "content": "hi"}]
+        turn = asyncio.ensure_future(client.chat.completions.create(model="p", messages=m))
+        while backend.engine.num_active == 0:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(backend.update_weights(weights, 1), 30)
+        if interrupt:
+            assert not turn.done()  # applied mid-turn
+        r = await turn
+        m += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "go"}]
+        await asyncio.wait_for(backend.update_weights(weights, 2), 5)  # between turns: at once
+        await client.chat.completions.create(model="p", messages=m)
+        out = await gen.on_close_session({"sid": "s"}, "rollout-0")
+        if not interrupt:  # closing a session stops its turn in flight and frees the engine's rows
+            opened = await gen.on_open_session({"sid": "s2", "sampling": {"max_new_tokens": 30}, "max_tokens": 200,
+                                                "deadline_s": 60.0}, "rollout-0")
+            client = openai.AsyncOpenAI(base_url=opened["base_url"], api_key=opened["api_key"], max_retries=0)
+            turn = asyncio.ensure_future(client.chat.completions.create(model="p", messages=m))
+            while backend.engine.num_active == 0:
+                await asyncio.sleep(0.005)
+            assert (await gen.on_close_session({"sid": "s2"}, "rollout-0"))["turns"] == 0
+            with pytest.raises(openai.BadRequestError, match="closed while this turn ran"):
+                await turn
+            await asyncio.sleep(0.2)
+            assert backend.engine.num_active == 0
+    finally:
+        await gen.openai.close()
+        await backend.close()
+    (seg,) = out["segments"]
+    sampled = [v for v, k in zip(seg["versions"], seg["loss_mask"]) if k]
+    first, second = sampled[:r.usage.completion_tokens], sampled[r.usage.completion_tokens:]
+    assert set(second) == {2}
+    assert set(first) == ({0, 1} if interrupt else {0})

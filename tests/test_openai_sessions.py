@@ -1,8 +1,8 @@
 """Sessions of the OpenAI endpoint as plain logic: a turn that continues the previous one is prompted with
-the previous ids + the sampled ids + the new part's tokens (checked token by token on SmolLM2's ChatML
-template, which the tiny test model shares, and on a second template whose end of turn is the stop token
-itself); a rewritten history starts a new segment; the token budget, deadline and max turns; a retry is
-answered once."""
+the previous ids + the sampled ids + the new part's tokens, checked token by token on SmolLM2's ChatML
+template (the tiny test model's copy and the converted model's own) and on a second template whose end of
+turn is the stop token itself; a rewritten history starts a new segment; the token budget, deadline and max
+turns; a retry is answered once."""
 from __future__ import annotations
 
 import copy
@@ -23,6 +23,16 @@ PLAIN_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nb
 def tok():
     from policies.model.loading import load_tokenizer, tiny_dir
     return load_tokenizer(tiny_dir())
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    """SmolLM2-135M-Instruct's own tokenizer where a run converted it (never converted here)."""
+    from policies.model.loading import SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer
+    try:
+        return load_tokenizer(check_model_dir(cache_root() / SMOLLM2_NAME))
+    except ModelPathError as e:
+        pytest.skip(f"SmolLM2 not converted: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +64,13 @@ def split_chars(tok, text):
     return [t for c in text for t in enc(tok, c)]
 
 
-@pytest.mark.parametrize("template", ["smollm2", "plain"])
-def test_a_continued_chat_is_the_previous_ids_the_sampled_ids_and_the_new_tokens(tok, plain_tok, template):
-    t = tok if template == "smollm2" else plain_tok
+@pytest.mark.parametrize("template", ["tiny", "smollm2", "plain"])
+def test_a_continued_chat_is_the_previous_ids_the_sampled_ids_and_the_new_tokens(request, template):
+    t = request.getfixturevalue({"tiny": "tok", "smollm2": "smollm2_tok", "plain": "plain_tok"}[template])
     tpl = ChatTemplate(t)
-    stop = t.convert_tokens_to_ids("<|im_end|>" if template == "smollm2" else "<|endoftext|>")
-    assert tpl.end_of_turn == ("<|im_end|>\n" if template == "smollm2" else "<|endoftext|>")
+    chatml = template != "plain"
+    stop = t.convert_tokens_to_ids("<|im_end|>" if chatml else "<|endoftext|>")
+    assert tpl.end_of_turn == ("<|im_end|>\n" if chatml else "<|endoftext|>")
     m1 = [{"role": "user", "content": "What is 2+3?"}]
     for reply_ids, finish in [(enc(t, "Let me call the tool.") + [stop], "stop"),   # as the template writes it
                               (split_chars(t, "Let me call the tool.") + [stop], "stop"),  # no re-tokenising

@@ -131,7 +131,7 @@ class Generator(Actor):
             await self.openai.close()
         await self.backend.close()
 
-    # ------------------------------------------------------------------ multi-turn sessions
+    # ---------------------------------------------------------------- multi-turn sessions
     async def _generate_one(self, rid: str, prompt_ids: list[int], sampling: dict) -> Sample:
         """One turn of a session; a backend that ignores max_new_tokens (sim: the cost model's lengths) is cut
         to it, so a session's token budget holds on every backend."""
@@ -176,7 +176,7 @@ class Generator(Actor):
         sid = body.get("sid")
         if self.openai is not None and sid in self.openai.sessions:
             self._closed[sid] = self.openai.close_session(sid)
-            while len(self._closed) > 256:
+            while len(self._closed) > 64:  # replies can be large; a lost one is asked again at once
                 self._closed.popitem(last=False)
             return self._closed[sid]
         if sid in self._closed:  # a second copy (the first reply was lost)

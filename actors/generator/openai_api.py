@@ -63,7 +63,7 @@ class OpenAIServer:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.bind, self.port)
+            site = web.TCPSite(runner, self.bind, self.port, shutdown_timeout=2.0)  # turns are cancelled first
             await site.start()
         except OSError as exc:
             await runner.cleanup()

@@ -104,7 +104,10 @@ class Session:
             raise ValueError(f"sampling={sampling!r}: expected a map (GENERATE's sampling keys)")
         self.sid, self.template, self.tok = sid, template, tokenizer
         self.sampling, self.max_tokens, self.deadline, self.max_turns = dict(sampling), max_tokens, deadline, max_turns
-        self.per_turn = int(sampling.get("max_new_tokens") or max_tokens)
+        per_turn = sampling.get("max_new_tokens") or max_tokens
+        if isinstance(per_turn, bool) or not isinstance(per_turn, int) or per_turn < 1:
+            raise ValueError(f"sampling.max_new_tokens={per_turn!r}: expected a turn's token limit, an int >= 1")
+        self.per_turn = per_turn
         self.model = model
         self.segments: list[Segment] = []
         self.turns = 0
