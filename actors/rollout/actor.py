@@ -76,6 +76,8 @@ class RolloutWorker(Actor):
             log.info("no answer from the broadcaster (%s); waiting for its announcement", exc)
 
     async def on_stop(self) -> None:
+        for task in list(self._background):  # groups cut short are the sampler's to deal again, never scored
+            task.cancel()
         self.pool.close()
 
     async def _on_version(self, topic: str, body: dict, src: str) -> None:
