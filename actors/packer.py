@@ -92,16 +92,32 @@ def pack_step(step: int, groups: list[ScoredGroup], *, drop_uniform: bool) -> tu
     empty = sum(g.rollout is None for g in kept)  # all its workflows failed: it trains nothing, and is no drop
     kept = [g for g in kept if g.rollout is not None]
     parts = []
-    for gid, g in enumerate(kept):
+    weights = [seq_weights(g) for g in kept]
+    several = any(w is not None for w in weights)  # a trajectory of several sequences: weigh them (advantages)
+    for gid, (g, w) in enumerate(zip(kept, weights)):
         n = g.rollout.num_seqs
-        b = g.rollout.with_fields(seqs={"rewards": torch.tensor(g.rewards, dtype=torch.float32),
-                                        "group_ids": torch.full((n,), gid, dtype=torch.int64)})
+        seqs = {"rewards": torch.tensor(g.rewards, dtype=torch.float32),
+                "group_ids": torch.full((n,), gid, dtype=torch.int64)}
+        if several:
+            seqs["seq_weights"] = torch.tensor(w or [1.0] * n, dtype=torch.float32)
+        b = g.rollout.with_fields(seqs=seqs)
         parts.append(PackedBatch(b.cu_seqlens, b.tokens, b.seqs, {"qids": [g.qid] * n}, frozenset({"qids"})))
     packed = PackedBatch.concat(parts) if parts else None
     stats = batch_stats(step, groups, dropped=len(groups) - len(kept) - empty)
     if drop_uniform:
         stats["dropped_qids"] = sorted({g.qid for g in groups if g.rollout is not None} - {g.qid for g in kept})
     return packed, stats
+
+
+def seq_weights(group: ScoredGroup) -> list[float] | None:
+    """Each sequence's share of its trajectory (1 / the trajectory's sequences) where a rollout worker's
+    trajectory spans several (a rewritten history, actors.rollout.trajectory), so that group advantages
+    count trajectories, not segments (policies.train.advantages); None where every sample is one sequence."""
+    traj_of = group.stats.get("traj_of")
+    if not traj_of or len(set(traj_of)) == len(traj_of):
+        return None
+    counts = collections.Counter(traj_of)
+    return [1.0 / counts[t] for t in traj_of]
 
 
 ROLLOUT_TOKENS = {"input_ids": torch.int64, "loss_mask": torch.bool, "logprobs": torch.float32,

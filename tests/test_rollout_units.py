@@ -201,3 +201,58 @@ def test_rollout_workers_are_placed_only_with_a_workflow_and_their_key_opens_ses
     assert trust.KEY_ROLES["rollout"] == ("rollout", trust.TOOL)
     may = {t for t, roles in trust.SENDERS.items() if "rollout" in roles}
     assert may == {"open_session", "close_session", "score", "generated", "rejected"}
+
+
+async def test_the_builtin_boba_workflow_asks_once_on_the_single_turn_chat_and_leaves_the_score_to_the_verifier():
+    from actors.rollout.actor import RolloutSettings, problem_for
+    from actors.rollout.builtin import boba
+    calls = []
+
+    class Completions:
+        async def create(self, **kw):
+            calls.append(kw)
+
+    class Client:
+        chat = type("Chat", (), {"completions": Completions()})()
+
+    s = RolloutSettings(max_turns=1, max_trajectory_tokens=8, workflow_timeout=5.0, directive="Box it.",
+                        system_prompt="Be brief.")
+    problem = problem_for({"qid": "q#1", "answers": ["4"], "problem": {"prompt": "2+2?", "extra": {"k": 1}}}, s)
+    assert problem == {"id": "q#1", "prompt": "2+2?", "answers": ["4"], "extra": {"k": 1},
+                       "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? Box it."}]}
+    assert await boba(problem, Client()) is None
+    assert [c["messages"] for c in calls] == [problem["messages"]]
+
+
+def test_each_kind_of_workflow_failure_is_logged_once_and_every_one_counted(caplog):
+    from actors.rollout.actor import RolloutWorker
+    w = RolloutWorker.__new__(RolloutWorker)
+    w.name, w.workflow_errors, w._reported = "rollout-0", 0, set()
+    tb = "Traceback (most recent call last):\n  File \"a.py\", line 1\n{}"
+    with caplog.at_level("WARNING", logger="actors.rollout"):
+        for err in ["KeyError: 'x'", "KeyError: 'x'", "ValueError: y", "KeyError: 'x'"]:
+            w._report("0:q", tb.format(err))
+    assert w.workflow_errors == 4
+    assert [r.getMessage().count("Traceback") for r in caplog.records] == [1, 1]
+    assert "KeyError: 'x'" in caplog.records[0].getMessage() and "ValueError: y" in caplog.records[1].getMessage()
+
+
+def test_group_advantages_count_trajectories_not_segments():
+    from policies.train.advantages import group_advantages
+    # trajectory A: two segments (a rewritten history), reward 1; trajectory B: one segment, reward -1
+    trajs = [Trajectory([seg([1], [([2], [])]), seg([3], [([4], [])])], 1.0, turns=2),
+             Trajectory([seg([1], [([5], [])])], -1.0, turns=1)]
+    rep = group_report(trajs, 0)
+    group = ScoredGroup("q", group_batch(trajs), rep["rewards"], [True, True, False], rep["stats"])
+    other = ScoredGroup("r", group_batch(trajs[1:]), [-1.0], [False], group_report(trajs[1:], 0)["stats"])
+    packed, _ = pack_step(0, [group, other], drop_uniform=False)
+    assert packed.seqs["seq_weights"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    mask, cu = packed.loss_mask, packed.cu_seqlens
+    raw = torch.where(mask, torch.repeat_interleave(packed.seqs["rewards"], packed.seqlens), 0.0)
+    grpo = group_advantages(raw, mask, cu, packed.seqs["group_ids"], "grpo", seq_weights=packed.seqs["seq_weights"])
+    # over trajectories: mean 0, std 1 (over segments it would be mean 1/3, and A would count twice)
+    assert grpo[mask].tolist() == pytest.approx([1.0, 1.0, -1.0, 0.0], abs=1e-4)
+    rloo = group_advantages(raw, mask, cu, packed.seqs["group_ids"], "rloo", seq_weights=packed.seqs["seq_weights"])
+    assert rloo[mask].tolist() == pytest.approx([2.0, 2.0, -2.0, 0.0])  # n = 2 trajectories: R - mean, x 2/1
+    single, _ = pack_step(0, [other], drop_uniform=False)
+    assert "seq_weights" not in single.seqs  # one sequence per sample: batches as before

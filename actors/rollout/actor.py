@@ -64,6 +64,7 @@ class RolloutWorker(Actor):
         self._turn = itertools.count()
         self._verifiers = itertools.count()
         self.workflow_errors = 0
+        self._reported: set[str] = set()  # the failures' causes logged so far
 
     async def on_start(self) -> None:
         await self.pool.start()
@@ -75,6 +76,8 @@ class RolloutWorker(Actor):
             log.info("no answer from the broadcaster (%s); waiting for its announcement", exc)
 
     async def on_stop(self) -> None:
+        for task in list(self._background):  # groups cut short are the sampler's to deal again, never scored
+            task.cancel()
         self.pool.close()
 
     async def _on_version(self, topic: str, body: dict, src: str) -> None:
@@ -106,10 +109,7 @@ class RolloutWorker(Actor):
                 raise failed
             for t in trajs:
                 if t.error is not None:
-                    self.workflow_errors += 1
-                    if self.workflow_errors <= 5 or self.workflow_errors % 100 == 0:  # each cause once, not a flood
-                        log.warning("%s: a workflow sample of %s failed (%d so far):\n%s", self.name, rid,
-                                    self.workflow_errors, t.error)
+                    self._report(rid, t.error)
             batch, report = group_batch(trajs), group_report(trajs, version=int(body["step"]))
             desc = None
             if batch is not None:
@@ -142,16 +142,25 @@ class RolloutWorker(Actor):
         finally:
             self._active.discard(rid)
 
+    def _report(self, rid: str, error: str) -> None:
+        """Count a failed sample; log each kind of failure (its traceback's last line) once, in full."""
+        self.workflow_errors += 1
+        cause = error.strip().splitlines()[-1] if error.strip() else "?"
+        if cause not in self._reported and len(self._reported) < 100:
+            self._reported.add(cause)
+            log.warning("%s: a workflow sample of %s failed (%d failed so far; this cause is logged once, every "
+                        "failure counted in the step's workflow_errors):\n%s", self.name, rid, self.workflow_errors, error)
+
     async def _sample(self, gen: str, body: dict, problem: dict) -> Trajectory:
         """One sample: its session opened, its workflow run, the session closed. A workflow's failure is
         the Trajectory's ``error``; a session's raises SessionFailed."""
         s = self.settings
         sid = secrets.token_hex(12)
         try:
-            opened = await self.bus.request(gen, P.OPEN_SESSION, {
+            opened = await self.request_until(gen, P.OPEN_SESSION, {  # a second copy gets the same session
                 "sid": sid, "sampling": body["sampling"], "max_tokens": s.max_trajectory_tokens,
                 "max_turns": s.max_turns, "deadline_s": s.workflow_timeout, "epoch": body.get("epoch")},
-                timeout=s.deliver_timeout)
+                within=s.deliver_timeout)
         except Exception as exc:
             raise SessionFailed(f"{gen} opened no session: {exc}") from exc
         outcome = await self.pool.run(problem, opened["base_url"], opened["api_key"])

@@ -67,11 +67,12 @@ def group_report(trajectories: list[Trajectory], version: int) -> dict:
     """Per sequence of ``group_batch``: ``rewards`` (the workflow's, None where the verifier scores), ``texts``
     (the trajectory's last assistant text, what the verifier scores), and ``stats`` in the shape of
     actors.generator.generator.rollout_stats (``version``: where no token has one) plus the workflow counts."""
-    rewards, texts, truncated, lengths, per_seq, versions = [], [], [], [], [], []
-    for t in trajectories:
+    rewards, texts, truncated, lengths, per_seq, versions, traj_of = [], [], [], [], [], [], []
+    for k, t in enumerate(trajectories):
         if not t.ok:
             continue
         for s in t.segments:
+            traj_of.append(k)
             sampled = [v for v, m in zip(s["versions"], s["loss_mask"]) if m]
             rewards.append(t.reward)
             texts.append(t.last_text or "")
@@ -86,5 +87,6 @@ def group_report(trajectories: list[Trajectory], version: int) -> dict:
         "interrupted": sum(n > 1 for n in per_seq), "versions_per_seq": max(per_seq, default=1),
         "trajectories": len(ok), "workflow_errors": sum(t.error is not None for t in trajectories),
         "turns": [t.turns for t in ok], "segments": len(rewards),
+        "traj_of": traj_of,  # each sequence's trajectory (its index in the group): the packer's seq_weights
     }
     return {"rewards": rewards, "texts": texts, "stats": stats}

@@ -9,7 +9,8 @@ again; the packer drops any duplicate that the dead peer had already sent on. Pr
 the broadcaster for the policy version it may have missed. A holder that died while the broker was
 down never gets a `left` (the new broker never knew it): the sampler reconciles what it dealt with the
 broker's actor list, and a holder missing from it for longer than a re-registration takes is treated
-as gone (`_reconcile`).
+as gone (`_reconcile`). With rollout.workflow set it deals to rollout workers (actors.rollout), which take
+the generators' place in all of the above, from the moment they register.
 """
 from __future__ import annotations
 

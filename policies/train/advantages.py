@@ -97,9 +97,11 @@ def normalize_masked(x: Tensor, mask: Tensor, eps: float = NORM_EPS) -> Tensor:
     return torch.where(mask, (x.double() - mean) / (std + eps), 0.0).float()
 
 
-def _group_stats(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor):
+def _group_stats(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor,
+                 seq_weights: Tensor | None = None):
     """For the response tokens: positions, and their group's size, mean and std (biased) of the
-    sequences' returns (each sequence's first response-token advantage)."""
+    sequences' returns (each sequence's first response-token advantage). ``seq_weights``: each sequence's
+    share of its trajectory (1 / its segments, actors.rollout), so a group's statistics count trajectories."""
     group_ids = group_ids.to(adv.device)
     if group_ids.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"group_ids: expected {cu_seqlens.numel() - 1} sequence group ids, got {group_ids.numel()}")
@@ -111,18 +113,19 @@ def _group_stats(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: 
     first = rank == 0
     returns = adv[pos[first]].double()
     g_of = gidx[seq[first]]
-    n = torch.zeros(n_groups, dtype=torch.float64, device=adv.device).index_add_(0, g_of, torch.ones_like(returns))
-    mean = torch.zeros_like(n).index_add_(0, g_of, returns) / n.clamp(min=1)
-    var = torch.zeros_like(n).index_add_(0, g_of, (returns - mean[g_of]).pow(2)) / n.clamp(min=1)
+    w = torch.ones_like(returns) if seq_weights is None else seq_weights.to(adv.device).double()[seq[first]]
+    n = torch.zeros(n_groups, dtype=torch.float64, device=adv.device).index_add_(0, g_of, w)
+    mean = torch.zeros_like(n).index_add_(0, g_of, returns * w) / n.clamp(min=1e-12)
+    var = torch.zeros_like(n).index_add_(0, g_of, w * (returns - mean[g_of]).pow(2)) / n.clamp(min=1e-12)
     tok_g = gidx[seq]
     return pos, n[tok_g], mean[tok_g], var.sqrt()[tok_g]
 
 
 def normalize_groups(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor,
-                     eps: float = NORM_EPS) -> Tensor:
+                     eps: float = NORM_EPS, seq_weights: Tensor | None = None) -> Tensor:
     """(A - mean_g) / (std_g + eps) on response tokens, with a group's mean/std (biased) over its
     sequences' returns (each sequence's first response-token advantage); 0 elsewhere."""
-    return group_advantages(adv, loss_mask, cu_seqlens, group_ids, "grpo", eps)
+    return group_advantages(adv, loss_mask, cu_seqlens, group_ids, "grpo", eps, seq_weights)
 
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -130,14 +133,14 @@ ESTIMATORS = ("boba", *GROUP_ESTIMATORS)
 
 
 def group_advantages(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, group_ids: Tensor | None, mode: str,
-                     eps: float = NORM_EPS) -> Tensor:
+                     eps: float = NORM_EPS, seq_weights: Tensor | None = None) -> Tensor:
     """Returns `adv` [T] turned into `mode`'s advantages against their group (module doc); 0 off the mask."""
     if mode not in GROUP_ESTIMATORS:
         raise ValueError(f"advantage={mode!r}: must be one of {', '.join(ESTIMATORS)}")
     if group_ids is None:
         raise ValueError(f"advantage={mode!r}: needs the batch's group_ids (which prompt each sequence answers)")
     out = torch.zeros(adv.numel(), dtype=torch.float32, device=adv.device)
-    pos, n, mean, std = _group_stats(adv, loss_mask, cu_seqlens, group_ids)
+    pos, n, mean, std = _group_stats(adv, loss_mask, cu_seqlens, group_ids, seq_weights)
     if pos.numel() == 0:
         return out
     centred = adv[pos].double() - mean
@@ -164,14 +167,14 @@ def _mode(normalize: bool | str, group_ids: Tensor | None) -> str:
 
 
 def normalize_advantages(adv: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, normalize: bool | str = True,
-                         group_ids: Tensor | None = None) -> Tensor:
+                         group_ids: Tensor | None = None, seq_weights: Tensor | None = None) -> Tensor:
     """Raw advantages (``advantages_for(..., normalize="none")``) normalised as ``normalize`` asks (module doc):
     a caller that reports the raw ones and trains on the normalised ones computes them once."""
     mode = _mode(normalize, group_ids)
     if mode == "batch":
         return normalize_masked(adv, loss_mask)
     if mode == "group":
-        return normalize_groups(adv, loss_mask, cu_seqlens, group_ids)
+        return normalize_groups(adv, loss_mask, cu_seqlens, group_ids, seq_weights=seq_weights)
     return adv
 
 
@@ -196,9 +199,10 @@ def advantages_for(seq_rewards: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, *
 
 
 def estimate_advantages(raw: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, estimator: str = "boba",
-                        normalize: bool | str = True, group_ids: Tensor | None = None) -> Tensor:
+                        normalize: bool | str = True, group_ids: Tensor | None = None,
+                        seq_weights: Tensor | None = None) -> Tensor:
     """`ppo.advantage` on raw returns (``advantages_for(..., normalize="none")``): boba's normalisation
-    as ``normalize`` asks, or a group estimator (module doc)."""
+    as ``normalize`` asks, or a group estimator (module doc); ``seq_weights``: see ``_group_stats``."""
     if estimator == "boba":
-        return normalize_advantages(raw, loss_mask, cu_seqlens, normalize, group_ids)
-    return group_advantages(raw, loss_mask, cu_seqlens, group_ids, estimator)
+        return normalize_advantages(raw, loss_mask, cu_seqlens, normalize, group_ids, seq_weights)
+    return group_advantages(raw, loss_mask, cu_seqlens, group_ids, estimator, seq_weights=seq_weights)

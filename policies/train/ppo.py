@@ -209,6 +209,12 @@ def _group_ids(batch) -> Tensor | None:
         return None
 
 
+def _seq_weights(batch) -> Tensor | None:
+    """Each sequence's share of its trajectory where a rollout worker's trajectory spans several sequences
+    (actors.packer: ``seq_weights``); None: one sequence per sample."""
+    return batch.seqs.get("seq_weights") if hasattr(batch, "seqs") else None
+
+
 def _aggregation_weights(cfg: PPOConfig, train_mask: Tensor, pos: Tensor, cu: Tensor) -> Tensor | None:
     """The minibatch's per-token loss weights [T] (ppo.loss_agg); None for token_mean, which divides by
     the minibatch's loss tokens as boba always has."""
@@ -294,7 +300,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: P
                              normalize=False, logprobs=prox, ref_logprobs=ref, kl_coef=cfg.kl_coef,
                              kl_estimator=cfg.kl_estimator)
     adv = estimate_advantages(raw_adv, f["loss_mask"], f["cu_seqlens"], cfg.advantage, cfg.normalize_advantages,
-                              groups)
+                              groups, _seq_weights(batch))
     # ppo.mismatch: each token's weight pi_prox/pi_behav as corrected, and the tokens that stay in the loss
     imp_w, train_mask = mismatch_weights(prox, behav, f["loss_mask"], f["cu_seqlens"], mode=cfg.mismatch,
                                          level=cfg.mismatch_level, threshold=cfg.mismatch_threshold,
