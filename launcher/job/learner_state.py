@@ -31,6 +31,10 @@ def learner_state(cfg: ExperimentConfig, start: Start):
     if cfg.model.lora is not None:  # only the adapter trains (the optimizer takes what requires grad)
         from policies.model.lora import wrap
         wrap(model, cfg.model.lora)
+        if bf16:  # the frozen base computes in bf16 too; it needs no fp32 masters, it never moves
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     opt = make_optimizer(model, cfg.ppo)
     if cfg.ppo.gradient_checkpointing:
         from policies.model.loading import checkpoint_layers

@@ -184,6 +184,19 @@ def merged_weights(base_state: dict[str, Tensor], adapter: dict[str, Tensor], lo
     return out
 
 
+class BaseCopy:
+    """A copy of the base weights that `lora` targets (a generator's, taken before anything changes them):
+    `merged(adapter)` is their effective weights under an adapter, in their dtype."""
+
+    def __init__(self, model: nn.Module, lora: LoraSettings):
+        targets = set(target_weight_names(model, lora))
+        self.lora = lora
+        self.base = {n: t.detach().clone() for n, t in model.state_dict().items() if n in targets}
+
+    def merged(self, adapter: dict[str, Tensor]) -> dict[str, Tensor]:
+        return merged_weights(self.base, adapter, self.lora)
+
+
 # ----------------------------------------------------------------------------- PEFT's layout on disk
 
 def save_adapter(out_dir: str | os.PathLike, state: dict[str, Tensor], lora_cfg: LoraSettings, *,
