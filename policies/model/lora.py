@@ -175,6 +175,8 @@ def merged_weights(base_state: dict[str, Tensor], adapter: dict[str, Tensor], lo
             raise LoraError(f"adapter tensor {key!r}: the base has no weight {name!r}")
         base = base_state[name]
         a, b = adapter[key].to(base.device, torch.float32), adapter[b_key].to(base.device, torch.float32)
+        if a.shape[0] != lora.r:  # the scale is alpha / r: another r would scale it wrongly
+            raise LoraError(f"adapter {key!r}: rank {a.shape[0]}, model.lora.r is {lora.r}")
         if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(base.shape):
             raise LoraError(f"adapter {key!r}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not fit {name!r} "
                             f"{tuple(base.shape)}")
