@@ -87,7 +87,8 @@ def rl_step(step: int, problems: list[Problem], prompt_ids: list[list[int]], *, 
         train = train_ppo_batch(model, optimizer, packed, ppo, lr=scheduled_lr(ppo, step, total_steps),
                                 recompute=recompute, ref_model=ref_model)
     t4 = time.perf_counter()
-    # 5. update (broadcaster -> generator): the learner's full state dict; version = steps trained
+    # 5. update (broadcaster -> generator): the learner's full state dict (LoRA: the adapter, which the engine
+    # merges into its base); version = steps trained
     engine.update_weights(snapshot(model), step + 1)
     t5 = time.perf_counter()
     metrics = {"step": step, "version": step + 1, **stats,

@@ -84,6 +84,8 @@ def test_lora_rl_trains_the_adapter_publishes_it_generates_on_base_plus_adapter_
         print(f"step {i}: generator vs base + adapter max |diff| {diff:.2e}; smallest target move {moved:.2e}")
         assert diff <= MERGE_ATOL and moved > 1e3 * MERGE_ATOL
         assert all(torch.equal(gen[k], base_state[k]) for k in base_state if k not in targets)
+        eff = lora.effective_state(model)  # what the periodic eval copies from the learner
+        assert max(float((eff[k] - want[k]).abs().max()) for k in base_state) <= MERGE_ATOL
         assert all(v == i for s in res.samples for v in s.versions)
         if i == 0:  # the checkpoint a resumed run starts from (after 1 of STEPS steps)
             ckpt = checkpoint.save(tmp_path / "run", 1, model, tok, opt)
@@ -123,5 +125,7 @@ def test_lora_rl_trains_the_adapter_publishes_it_generates_on_base_plus_adapter_
     # a generator made without lora= refuses an adapter by name; a LoRA setting that names no layer is named
     with pytest.raises(ValueError, match="without lora="):
         GenerationEngine(tiny_model(seed=0)).update_weights(a, 9)
+    with pytest.raises(ValueError, match="rank 4, model.lora.r is 8"):  # the scale would be wrong
+        lora.BaseCopy(base, lora.LoraSettings(r=8, alpha=8.0, target_modules=LORA.target_modules)).merged(a)
     with pytest.raises(lora.LoraError, match="model.lora.target_modules"):
         lora.wrap(tiny_model(seed=0), lora.LoraSettings(target_modules=("nope_proj",)))

@@ -158,8 +158,8 @@ class Learner(Actor):
         return path
 
     def weights(self) -> dict:
-        """What the generators load: the model's full state dict, by reference (the seam the simulated
-        learner replaces with a token payload)."""
+        """What the generators load: the model's full state dict, or a LoRA run's adapter only, by reference
+        (`snapshot`; the seam the simulated learner replaces with a token payload)."""
         return snapshot(self.model)
 
     async def publish_weights(self, version: int) -> dict:

@@ -31,6 +31,14 @@ def learner_state(cfg: ExperimentConfig, start: Start):
     if cfg.model.lora is not None:  # only the adapter trains (the optimizer takes what requires grad)
         from policies.model.lora import wrap
         wrap(model, cfg.model.lora)
+        trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model.lora: r %d alpha %g on %s: %.2f M of %.2f M parameters train", cfg.model.lora.r,
+                 cfg.model.lora.alpha, ",".join(cfg.model.lora.target_modules), trains / 1e6,
+                 sum(p.numel() for p in model.parameters()) / 1e6)
+        if bf16:  # the frozen base computes in bf16 too; it needs no fp32 masters, it never moves
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     opt = make_optimizer(model, cfg.ppo)
     if cfg.ppo.gradient_checkpointing:
         from policies.model.loading import checkpoint_layers

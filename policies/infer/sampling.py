@@ -22,7 +22,7 @@ Conventions
   waits for the running rows to end before updating (`step(admit=False)` starts no new group).
 - LoRA (`lora=`): the engine keeps a copy of the base weights that the adapter targets, and an update
   that is an adapter (policies.model.lora.is_adapter_state) sets each target to base + (alpha / r) * B @ A
-  (`merged_weights`) through the same in-place copy as full weights: the fused decoder reads them as ever.
+  (`BaseCopy.merged`) through the same in-place copy as full weights: the fused decoder reads them as ever.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from policies.infer.hf_decoder import make_decoder
 from policies.infer.llama_infer import KVCache
 from policies.infer.token_draw import sample_tokens
-from policies.model.lora import LoraError, LoraSettings, is_adapter_state, merged_weights, target_weight_names
+from policies.model.lora import BaseCopy, LoraSettings, is_adapter_state
 
 log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length", "abort"]
@@ -187,11 +187,7 @@ class GenerationEngine:
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GenerationEngine {name}={value!r}: must be an int >= 1")
-        self.lora = lora
-        # the base weights an adapter modifies, copied before the decoder re-homes them (cast on merge)
-        targets = set(target_weight_names(model, lora)) if lora is not None else set()
-        self._lora_base = None if lora is None else {
-            n: t.detach().clone() for n, t in model.state_dict().items() if n in targets}
+        self._lora_base = BaseCopy(model, lora) if lora is not None else None  # before the decoder re-homes
         self.decoder = make_decoder(model, fuse=fuse_projections, hf_fallback=hf_fallback)
         here = self.decoder.device
         if device is not None:
@@ -324,10 +320,7 @@ class GenerationEngine:
             if self._lora_base is None:
                 raise ValueError("update_weights: got a LoRA adapter, but this engine was made without lora= "
                                  "(model.lora unset on the generator's side?)")
-            try:
-                named_tensors = merged_weights(self._lora_base, named_tensors, self.lora)
-            except LoraError as exc:
-                raise ValueError(f"update_weights: {exc}") from None
+            named_tensors = self._lora_base.merged(named_tensors)  # a LoraError (ValueError) names a bad tensor
         targets = dict(self.model.named_parameters(remove_duplicate=False))
         targets.update(dict(self.model.named_buffers()))
         unknown = [k for k in named_tensors if k not in targets]
