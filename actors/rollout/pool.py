@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import os
 from dataclasses import dataclass, field
 
 from actors.rollout.worker import FATAL, READY, worker_main
@@ -64,7 +65,9 @@ class WorkflowPool:
     def _spawn(self, i: int) -> _Proc:
         loop = asyncio.get_running_loop()
         ours, theirs = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, args=(theirs, self.spec, self.memory_limit_mb, self.timeout),
+        # the environment of now, not the forkserver's (started by whoever used one first in this process)
+        proc = self._ctx.Process(target=worker_main, args=(theirs, self.spec, self.memory_limit_mb, self.timeout,
+                                                           dict(os.environ)),
                                  name="rollout-workflow", daemon=True)
         proc.start()
         theirs.close()

@@ -7,6 +7,7 @@ that blocks the loop is the parent's to kill (actors.rollout.pool). Imports noth
 from __future__ import annotations
 
 import asyncio
+import os
 import traceback
 from multiprocessing.connection import Connection
 
@@ -17,7 +18,10 @@ READY, FATAL = "ready", "fatal"
 TRACEBACK_CHARS = 4000
 
 
-def worker_main(conn: Connection, spec: str, memory_limit_mb: int | None, timeout: float) -> None:
+def worker_main(conn: Connection, spec: str, memory_limit_mb: int | None, timeout: float,
+                environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # the rollout worker's, as a workflow reading its settings from it expects
     limit_worker(memory_limit_mb)
     try:
         import openai  # noqa: F401  (imported once, before the first sample's deadline runs)
