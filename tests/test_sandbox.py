@@ -9,6 +9,8 @@ import asyncio
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -171,3 +173,16 @@ async def test_a_cancelled_run_leaves_no_process():
         await asyncio.sleep(0.1)
     assert sandbox_pids() == []
     await assert_next_run_works()
+
+
+@root_only
+def test_an_interpreter_in_a_hidden_directory_stays_reachable(tmp_path):
+    # a venv under /tmp (as a fresh clone there has) behind a 0700 parent: /tmp is covered in the jail
+    home = tmp_path / "private"
+    home.mkdir(mode=0o700)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home / "venv")], check=True, timeout=60)
+    script = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); from actors.rollout.sandbox import run_python; "
+              "r = asyncio.run(run_python('import sys; print(sys.prefix)')); print(r.reason, r.stdout.strip())")
+    out = subprocess.run([str(home / "venv/bin/python"), "-c", script, str(Path(sandbox.__file__).parents[2])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["ok", str(home / "venv")], out.stdout + out.stderr

@@ -108,21 +108,26 @@ def expose(paths: list[str]) -> None:
                 hidden.setdefault(parent, []).append(p)
                 break
     for parent, targets in hidden.items():
-        fds = [os.open(t, os.O_PATH | os.O_DIRECTORY) for t in targets]
-        mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
-        for t, fd in zip(targets, fds):
-            os.makedirs(t, 0o755, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", t, None, MS_BIND)
-            os.close(fd)
+        cover(parent, targets, MS_NOSUID | MS_NODEV)
+
+
+def cover(parent: str, keep: list[str], flags: int) -> None:
+    """A small empty tmpfs over `parent`, with just `keep` (directories below it) bound back in place."""
+    fds = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in keep]
+    mount("tmpfs", parent, "tmpfs", flags, "size=64k,mode=0755")
+    for k, fd in zip(keep, fds):
+        os.makedirs(k, 0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", k, None, MS_BIND)
+        os.close(fd)
 
 
 def jail(cfg: dict) -> None:
     """In the new namespaces, as root: the file system the snippet sees."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     expose(cfg["expose"])
-    for path in HIDE:
+    for path in HIDE:  # an interpreter there (a venv in /tmp) stays reachable, read-only like the rest
         if os.path.isdir(path) and not os.path.islink(path):
-            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+            cover(path, [p for p in cfg["expose"] if p.startswith(path + "/")], MS_NOSUID | MS_NODEV | MS_NOEXEC)
     uid, scratch = cfg["uid"], cfg["scratch"]
     os.makedirs(scratch, 0o700, exist_ok=True)   # under a hidden directory it is made again, empty
     mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
