@@ -142,15 +142,17 @@ def make_dataset(out_dir: str | Path, n_train: int, n_test: int, n_sft: int = 20
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launcher.mathdata", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, *, make=make_dataset, prog: str = "python -m launcher.mathdata",
+         description: str = __doc__.split("\n")[0]) -> int:
+    """The command line of `make` (make_dataset, or a writer with its arguments, e.g. examples/tool_math)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("out_dir")
     ap.add_argument("--train", type=int, default=512)
     ap.add_argument("--test", type=int, default=64)
     ap.add_argument("--sft", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for split, path in make_dataset(a.out_dir, a.train, a.test, a.sft, seed=a.seed).items():
+    for split, path in make(a.out_dir, a.train, a.test, a.sft, seed=a.seed).items():
         print(f"{split}: {path}")
     return 0
 

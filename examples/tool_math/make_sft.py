@@ -12,11 +12,11 @@ problems) and sft_tool.jsonl: the sft split as conversations in the workflow's f
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from examples.tool_math.workflow import first_messages
+from launcher import mathdata
 from launcher.mathdata import MathProblem, generate_problems, make_dataset
 from policies.data.dataset import write_jsonl
 
@@ -39,16 +39,8 @@ def make_tool_sft(out_dir: str | Path, n_train: int, n_test: int, n_sft: int, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m examples.tool_math.make_sft", description=__doc__.split("\n")[0])
-    ap.add_argument("out_dir")
-    ap.add_argument("--train", type=int, default=512)
-    ap.add_argument("--test", type=int, default=64)
-    ap.add_argument("--sft", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    for split, path in make_tool_sft(a.out_dir, a.train, a.test, a.sft, seed=a.seed).items():
-        print(f"{split}: {path}")
-    return 0
+    return mathdata.main(argv, make=make_tool_sft, prog="python -m examples.tool_math.make_sft",
+                         description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
