@@ -30,6 +30,21 @@ async def broker(request):
     await b.stop()
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer: the converted copy when an earlier run made it (never converted here), else the GGUF."""
+    from policies.model.loading import (SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer,
+                                        smollm2_gguf_path)
+    try:
+        return load_tokenizer(check_model_dir(cache_root() / SMOLLM2_NAME))
+    except ModelPathError:
+        pass
+    try:
+        return load_tokenizer(smollm2_gguf_path())
+    except ModelPathError as e:
+        pytest.skip(f"SmolLM2 not installed: {e}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

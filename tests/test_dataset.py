@@ -119,18 +119,9 @@ def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
 
 # --- the chat prompt, with the real SmolLM2 tokenizer ------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from policies.model.loading import (SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer,
-                                 smollm2_gguf_path)
-    try:   # the converted safetensors copy when some earlier run made it; never convert here
-        return load_tokenizer(check_model_dir(cache_root() / SMOLLM2_NAME))
-    except ModelPathError:
-        pass
-    try:
-        return load_tokenizer(smollm2_gguf_path())
-    except ModelPathError as e:
-        pytest.skip(f"SmolLM2 not installed: {e}")
+@pytest.fixture
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_build_prompt_applies_chat_template_and_directive(tokenizer):

@@ -49,18 +49,9 @@ async def test_workflow_runs_the_code_and_feeds_its_output_back():
     assert client.seen[1][-1] == {"role": "user", "content": "Output: ZeroDivisionError: division by zero"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from policies.model.loading import (SMOLLM2_NAME, ModelPathError, cache_root, check_model_dir, load_tokenizer,
-                                        smollm2_gguf_path)
-    try:   # the converted copy when an earlier run made it; never convert here
-        return load_tokenizer(check_model_dir(cache_root() / SMOLLM2_NAME))
-    except ModelPathError:
-        pass
-    try:
-        return load_tokenizer(smollm2_gguf_path())
-    except ModelPathError as e:
-        pytest.skip(f"SmolLM2 not installed: {e}")
+@pytest.fixture
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_tool_sft_data_has_loss_on_assistant_turns_only(tmp_path, tokenizer):
