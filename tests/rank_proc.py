@@ -1,9 +1,9 @@
 """One learner rank training the equality test's PPO batch over a real gloo group.
 
 `MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n BOBA_LEARNER_SECRET=.. python tests/rank_proc.py OUT N_SEQS
-MINIBATCHES link|group`: rank 0 sends the step's command and batch (over the command link, or the group as on
+MINIBATCHES link|group [SLOW_S]`: rank 0 sends the step's command and batch (over the command link, or the group as on
 GPU) as the learner does and writes its metrics, weights and gathered optimizer state after the step to OUT;
-rank 1 serves as a launched rank does. `setup()` is the batch and
+rank 1 serves as a launched rank does (SLOW_S: a busy one, asking for each command that late). `setup()` is the batch and
 model the one-rank run uses too.
 """
 from __future__ import annotations
@@ -50,7 +50,9 @@ if __name__ == "__main__":
     import copy
     from actors.learner.ranks import join, serve
     from policies.train.data_parallel import World, whole_optimizer_state
+    import time
     n_seqs, minibatches, batch_over = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    slow_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     ranks = join("cpu", timeout=60.0, batch_over=batch_over)
     model, _, batch = setup(n_seqs, minibatches)
     whole = copy.deepcopy(model)
@@ -58,6 +60,9 @@ if __name__ == "__main__":
     opt = make_optimizer(model, CFG)  # over the shards
     cfg = config(n_seqs, minibatches)
     if ranks.rank > 0:  # as a launched rank does: whatever rank 0 says, with the batch it sends
+        if slow_s:
+            pull = ranks.next_command
+            ranks.next_command = lambda: (time.sleep(slow_s), pull())[1]
         serve(ranks, world, optimizer=opt, ppo=cfg, recompute=True)
         sys.exit(0)
     # rank 0, as RankedLearner does: the step's command and batch, its share, the weights, the optimizer state
@@ -67,7 +72,7 @@ if __name__ == "__main__":
     ranks.post({"op": "optimizer"})
     whole_opt = make_optimizer(whole, CFG)
     gathered = whole_optimizer_state(whole, whole_opt, world.full_optimizer_state(opt))  # what a checkpoint writes
-    ranks.post({"op": "stop"})
+    ranks.stop()
     # what this rank holds of AdamW's state: its shards only
     held = sum(t.to_local().numel() for st in opt.state.values() for k, t in st.items() if k == "exp_avg")
     torch.save({"stats": stats, "weights": whole.state_dict(), "optimizer": gathered, "held": held}, sys.argv[1])

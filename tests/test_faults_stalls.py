@@ -23,8 +23,15 @@ def test_a_generator_frozen_as_it_joins_stops_the_run_before_step_0(tmp_path, jo
     before step 0 (the only generator frozen as it joins) used to wait for ever."""
     train = dataset(tmp_path)
     job = jobs(job_args(tmp_path / "run", train, **{"train.steps": 3, "train.step_timeout": 8}))
-    gen = job.wait_actors({"generator-0"})["generator-0"]
-    os.kill(gen.pid, signal.SIGSTOP)
+    # the sampler held from its start (before it registers) until the generator froze: no prompt can
+    # reach the generator first, however fast it generates or slowly this test polls the bus
+    sampler = _spawned(job, "launcher actor sampler ")
+    os.kill(sampler, signal.SIGSTOP)
+    try:
+        gen = job.wait_actors({"generator-0"})["generator-0"]
+        os.kill(gen.pid, signal.SIGSTOP)
+    finally:
+        os.kill(sampler, signal.SIGCONT)
     frozen_at = time.monotonic()
     rc = job.finish(60)
     took = time.monotonic() - frozen_at
@@ -42,6 +49,17 @@ def test_a_generator_frozen_as_it_joins_stops_the_run_before_step_0(tmp_path, jo
     assert took < 60
     print(f"frozen at join: stopped {failed_at - armed_at:.1f} s after every role joined, exited {took:.1f} s after "
           f"the freeze: {stopped.group(0)[:200]}")
+
+
+def _spawned(job, command: str, timeout: float = 60.0) -> int:
+    """The pid of the job's process whose command line holds `command`, as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [pid for pid, cmd in commands_of(job.proc.pid).items() if command in cmd]
+        if found:
+            return found[0]
+        time.sleep(0.005)
+    raise AssertionError(f"no process {command!r} within {timeout} s:\n{job.tail()}")
 
 
 def test_a_generator_that_dies_while_the_broker_is_down_has_its_prompts_dealt_again(tmp_path, jobs):

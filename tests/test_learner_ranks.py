@@ -52,15 +52,17 @@ def _rank_env(addr: str) -> dict:
             "BOBA_TORCH_THREADS": "1", "BOBA_LEARNER_SECRET": os.urandom(32).hex()}
 
 
-@pytest.mark.parametrize("n_seqs,minibatches,batch_over,attacked",
-                         [(10, 2, "link", True), (1, 1, "group", False)])
+@pytest.mark.parametrize("n_seqs,minibatches,batch_over,attacked,slow_s",
+                         [(10, 2, "link", True, 0.0), (1, 1, "group", False, 2.0)])
 def test_two_ranks_train_a_batch_to_the_weights_and_metrics_of_one(tmp_path, n_seqs, minibatches, batch_over,
-                                                                   attacked):
+                                                                   attacked, slow_s):
     """Rank 0 sends the step and its batch as the learner does: over the command link (CPU) or the group
     (GPU's path, here on gloo). Attacked: the ranks on simulated host A, a keyless client on host B keeps
-    writing stop commands into their store; the ranks ignore it and train as one rank does."""
+    writing stop commands into their store; the ranks ignore it and train as one rank does. Slow: rank 1
+    asks for each command 2 s late, and still gets the last one (stop) from a rank 0 that is done."""
     out = tmp_path / "rank0.pt"
-    argv = [sys.executable, str(HERE / "rank_proc.py"), str(out), str(n_seqs), str(minibatches), batch_over]
+    argv = [sys.executable, str(HERE / "rank_proc.py"), str(out), str(n_seqs), str(minibatches), batch_over,
+            str(slow_s)]
     net = attacker = None
     if attacked and simhosts.skip_reason() is None:
         net = simhosts.SimHosts(2, tmp_path, sshd=False).__enter__()

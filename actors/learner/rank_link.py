@@ -99,7 +99,13 @@ class CommandOutbox:
                          readers=self.readers)
         self._seq += 1
 
-    def close(self) -> None:
+    def close(self, drain: float = 0.0) -> None:
+        """Close once every rank pulled every command and the last reply left for the kernel, or after
+        `drain` s: closing under a rank still polling for the last command (stop) fails that rank."""
+        deadline = time.monotonic() + drain
+        last = f"cmd-{self._seq - 1}"
+        while time.monotonic() < deadline and (len(self._outbox) or not self._outbox.delivered(last)):
+            time.sleep(0.01)
         self._outbox.close()
 
 

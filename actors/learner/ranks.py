@@ -76,6 +76,12 @@ class Ranks:
         if tensors is not None:
             broadcast_batch(frames[0], tensors, self.device, self.timeout)
 
+    def stop(self) -> None:
+        """Rank 0: tell the other ranks to stop, and close the link once they pulled it (at most 10 s):
+        a rank 0 that exits right after posting would close it under a rank still polling for the command."""
+        self.post({"op": "stop"})
+        self.link.close(drain=min(self.timeout, 10.0))
+
     def next_command(self) -> tuple[dict, object]:
         """Ranks > 0: rank 0's next command and its batch (None without one), however long rank 0 takes to
         post it; RankError once rank 0 is gone (dead, frozen past the timeout, or not holding the secret)."""
@@ -213,7 +219,7 @@ class RankedLearner(Learner):
     async def on_stop(self) -> None:
         await super().on_stop()
         try:
-            self.ranks.post({"op": "stop"})
+            await asyncio.to_thread(self.ranks.stop)
         except (RuntimeError, dist.DistError) as exc:  # the others are gone already
             log.info("could not tell the other learner ranks to stop: %s", exc)
 

@@ -141,6 +141,12 @@ class Outbox:
             return None
         return sum(n for n, t in zip(*sent) if t is None or t.done)
 
+    def delivered(self, tid: str) -> bool:
+        """Whether the last reply for ``tid`` was sent and zmq has passed all of its bytes on."""
+        with self._lock:
+            sent = self._sent.get(tid)
+        return sent is not None and all(t is None or t.done for t in sent[1])
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
