@@ -90,9 +90,11 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     main.add_argument("--out", default="runs/main")
     main.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for the whole demo")
     main.add_argument("--model", default="smollm2", help="smollm2 | tiny (a smoke run) | an HF directory")
-    main.add_argument("--test-problems", type=int, default=96)
-    main.add_argument("--data", help="a directory of `python -m launcher data` (made there when missing) instead of "
-                                     "the built-in arithmetic problems")
+    main.add_argument("--test-problems", type=int, default=96, help="in distribution (when the data is made)")
+    main.add_argument("--heldout-problems", type=int, default=96,
+                      help="held out: half the project's six templates, half gsm_symbolic's held-out ones")
+    main.add_argument("--data", help="a data directory (`python -m launcher data`; made there when missing; "
+                                     "default OUT/data)")
     main.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of configs/demo.yaml (e.g. -o train.steps=2)")
 

@@ -120,3 +120,31 @@ def test_gym_config_loads_with_the_reward_fn():
     cfg = load_config("configs/gym.yaml", [])
     assert cfg.reward.fns[0].fn == "policies.verify.gym_score:reasoning_gym" and cfg.reward.fns[0].weight == 5.0
     check_reward_fns(cfg)
+
+
+def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, monkeypatch, capsys):
+    """The main job's table: pass@1 in distribution, held out, and each held-out part on its own (the
+    six templates' target is read there). A model right on every templated problem and wrong on every
+    gsm_symbolic one scores 1 and 0 on the parts, their mean on the whole split."""
+    from launcher.commands import demo
+    from policies.infer.evaluate import EvalConfig
+    splits = {"test": load_problems(data / "a" / "test.jsonl")[:4],
+              "heldout": load_problems(data / "a" / "heldout.jsonl")[:6]}
+
+    def evaluate(model, tok, problems, cfg, seed, label):
+        per = [{"id": p.id, "correct": cfg.k if p.extra["source"] == "mathdata" else 0, "k": cfg.k} for p in problems]
+        return {"pass@1": sum(q["correct"] / q["k"] for q in per) / len(per), "problems": len(per), "k": cfg.k,
+                "truncation_rate": 0.0, "temperature": cfg.temperature, "top_p": cfg.top_p, "per_problem": per}
+
+    monkeypatch.setattr(demo, "evaluate", evaluate)
+    monkeypatch.setattr(demo, "load_model", lambda path, dtype: None)
+    monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
+    r = demo._eval("model-dir", splits, EvalConfig(k=2), 0, "after RL")
+    assert r["heldout"]["mathdata"] == 1.0 and r["heldout"]["gsm_symbolic"] == 0.0
+    assert r["heldout"]["pass@1"] == 0.5 and r["test"]["pass@1"] == 0.0  # test: no templated problem in it
+    table = demo._table({"base": r, "rl": r}).splitlines()
+    assert table[2] == ("| model | in distribution (test) | held out | held out: six templates | held out: gsm_symbolic"
+                        " | truncated (test) |")
+    assert table[4] == "| base | 0.000 | 0.500 | 1.000 | 0.000 | 0.00 |"
+    # a data directory without a held-out split (python -m launcher.mathdata, a user's own): one column
+    assert demo._table({"base": {"test": r["test"]}}).splitlines()[2] == "| model | in distribution (test) | truncated (test) |"

@@ -1,8 +1,10 @@
 """The main job (`./run.sh`): the whole recipe end to end on one CPU machine, inside a time budget.
 
-Build a local arithmetic dataset, evaluate the base model, SFT it on ~200 worked solutions, evaluate,
-run the asynchronous RL loop through all six actors for as many steps as the budget allows,
-evaluate again, and print the before/after table with the plot's path.
+Make the data (reasoning-gym's generators, launcher.gymdata), evaluate the base model, SFT it on ~200
+worked solutions, evaluate, run the asynchronous RL loop through all six actors for as many steps as
+the budget allows, evaluate again, and print the before/after table with the plot's path. Every
+evaluation has two columns: the test split (in distribution) and the held-out split (templates no
+stage trains on), the latter also by part, so the table says whether the skill was learned or the phrasing.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from actors.learner import checkpoint
 from policies.data.dataset import load_problems, load_sft_pairs
 from launcher.config import load_config
 from policies.infer.evaluate import EvalConfig, evaluate
-from launcher.mathdata import make_dataset
+from launcher.gymdata import make_gym_dataset
 from launcher.plot import plot_run
 from launcher.job.start import base_model_path
 from launcher.job.run import run_job
@@ -31,14 +33,41 @@ log = logging.getLogger("launcher.commands.demo")
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def _eval(path: str, problems, s: EvalConfig, seed: int, label: str) -> dict:
+HELDOUT_PARTS = {"mathdata": "held out: six templates", "gsm_symbolic": "held out: gsm_symbolic"}
+
+
+def _eval(path: str, splits: dict, s: EvalConfig, seed: int, label: str) -> dict:
+    """pass@1 on each split ({"test": problems, "heldout": problems}), the held-out one also by part."""
     model, tok = load_model(path, dtype=resolve_dtype(s.dtype, "cpu")), load_tokenizer(path)
-    t0 = time.monotonic()
-    r = evaluate(model, tok, problems, s, seed=seed, label=label)
-    r["seconds"] = time.monotonic() - t0
-    print(f"[main] {label}: pass@1 {r['pass@1']:.3f} over {r['problems']} problems x {s.k} "
-          f"(truncated {r['truncation_rate']:.2f}, {r['seconds']:.0f} s)", flush=True)
-    return r
+    out = {}
+    for split, problems in splits.items():
+        t0 = time.monotonic()
+        r = evaluate(model, tok, problems, s, seed=seed, label=f"{label}, {split}")
+        r["seconds"] = time.monotonic() - t0
+        source = {p.id: p.extra.get("source") for p in problems}
+        for part in sorted(set(source.values()) & set(HELDOUT_PARTS)) if split == "heldout" else ():
+            mine = [q for q in r["per_problem"] if source[q["id"]] == part]
+            r[part] = sum(q["correct"] / q["k"] for q in mine) / len(mine)
+        print(f"[main] {label}, {split}: pass@1 {r['pass@1']:.3f} over {r['problems']} problems x {s.k} "
+              f"(truncated {r['truncation_rate']:.2f}, {r['seconds']:.0f} s)"
+              + "".join(f"; {HELDOUT_PARTS[k]} {r[k]:.3f}" for k in HELDOUT_PARTS if k in r), flush=True)
+        out[split] = r
+    return out
+
+
+def _table(results: dict) -> str:
+    parts = [k for k in HELDOUT_PARTS if any(k in r.get("heldout", {}) for r in results.values())]
+    cols = ["in distribution (test)"] + (["held out"] if any("heldout" in r for r in results.values()) else [])
+    cols += [HELDOUT_PARTS[k] for k in parts]
+    first = next(iter(results.values()))
+    lines = [f"pass@1, {first['test']['k']} samples per problem, T {first['test']['temperature']}, top-p "
+             f"{first['test']['top_p']}; " + ", ".join(f"{k}: {r['problems']} problems" for k, r in first.items()),
+             "", "| model | " + " | ".join(cols) + " | truncated (test) |", "|---" * (len(cols) + 2) + "|"]
+    for name, r in results.items():
+        cells = [r["test"]["pass@1"]] + ([r["heldout"]["pass@1"]] if "heldout" in r else [])
+        cells += [r["heldout"][k] for k in parts]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {r['test']['truncation_rate']:.2f} |")
+    return "\n".join(lines)
 
 
 def run_demo(args) -> int:
@@ -48,16 +77,18 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(DEMO_CONFIG, [f"run_dir={out / 'rl'}", *args.overrides])
     data = Path(args.data) if args.data else out / "data"
-    if args.data and not (data / "train.jsonl").exists():  # reasoning-gym's problems (python -m launcher data)
-        from launcher.gymdata import make_gym_dataset
-        make_gym_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
-    elif not (data / "train.jsonl").exists():
-        make_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, seed=cfg.seed)
-    test = load_problems(data / "test.jsonl")
+    if not (data / "train.jsonl").exists():
+        make_gym_dataset(data, n_train=512, n_test=args.test_problems, n_sft=200, n_heldout=args.heldout_problems,
+                         seed=cfg.seed)
+        print(f"[main] data: reasoning-gym's problems in {data} (what made them: {data / 'manifest.json'})",
+              flush=True)
+    # a directory of other problems (python -m launcher.mathdata, a user's own) may have no held-out split
+    splits = {name: load_problems(data / f"{name}.jsonl") for name in ("test", "heldout")
+              if name == "test" or (data / f"{name}.jsonl").exists()}
     torch.manual_seed(cfg.seed)
     cfg.model.path = args.model
     base = base_model_path(cfg)  # "tiny" (a smoke run: every stage in seconds, learns nothing) lands in the run dir
-    results = {"base": _eval(base, test, cfg.eval, cfg.seed, "base model")}
+    results = {"base": _eval(base, splits, cfg.eval, cfg.seed, "base model")}
 
     sft_dir = out / "sft-model"
     if not (sft_dir / "config.json").exists():
@@ -69,10 +100,10 @@ def run_demo(args) -> int:
         print(f"[main] SFT: {len(hist)} steps on {len(pairs)} samples, loss {hist[0]['loss']:.3f} -> "
               f"{hist[-1]['loss']:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         del model
-    results["sft"] = _eval(str(sft_dir), test, cfg.eval, cfg.seed, "after SFT")
+    results["sft"] = _eval(str(sft_dir), splits, cfg.eval, cfg.seed, "after SFT")
 
     # RL gets what is left of the budget, minus the final evaluation (about as long as the last one).
-    rl_budget = budget - (time.monotonic() - t_start) - 1.3 * results["sft"]["seconds"] - 30
+    rl_budget = budget - (time.monotonic() - t_start) - 1.3 * sum(r["seconds"] for r in results["sft"].values()) - 30
     cfg.model.path = str(sft_dir)
     cfg.data.train = str(data / "train.jsonl")
     print(f"[main] RL: up to {cfg.train.steps} steps within {max(0, rl_budget) / 60:.1f} min", flush=True)
@@ -80,15 +111,13 @@ def run_demo(args) -> int:
         asyncio.run(run_job(cfg, hosts=None, resume=False, echo=False, deadline=rl_budget))
     ckpt = checkpoint.latest(out / "rl")
     if ckpt is not None:
-        results["rl"] = _eval(str(ckpt / "model"), test, cfg.eval, cfg.seed, f"after RL ({ckpt.name})")
+        results["rl"] = _eval(str(ckpt / "model"), splits, cfg.eval, cfg.seed, f"after RL ({ckpt.name})")
     plot = plot_run(out / "rl") if (out / "rl" / "metrics.jsonl").exists() else None
 
-    print("\n| model | pass@1 | truncated | problems x k |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['pass@1']:.3f} | {r['truncation_rate']:.2f} | {r['problems']} x {r['k']} |")
+    print("\n" + _table(results))
     print(f"\nplot: {plot}\nresults: {out / 'results.json'}\ntotal time: "
           f"{(time.monotonic() - t_start) / 60:.1f} min")
     (out / "results.json").write_text(json.dumps(
-        {k: {kk: vv for kk, vv in v.items() if kk != "per_problem"} for k, v in results.items()}, indent=1))
+        {stage: {split: {k: v for k, v in r.items() if k != "per_problem"} for split, r in by_split.items()}
+         for stage, by_split in results.items()}, indent=1))
     return 0
