@@ -122,16 +122,19 @@ def test_gym_config_loads_with_the_reward_fn():
     check_reward_fns(cfg)
 
 
-def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, monkeypatch, capsys):
+def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, tmp_path, monkeypatch):
     """The main job's table: pass@1 in distribution, held out, and each held-out part on its own (the
     six templates' target is read there). A model right on every templated problem and wrong on every
-    gsm_symbolic one scores 1 and 0 on the parts, their mean on the whole split."""
+    gsm_symbolic one scores 1 and 0 on the parts, their mean on the whole split. Run again on the same
+    model, files and settings, the main job reuses the measurement; another model is measured."""
     from launcher.commands import demo
     from policies.infer.evaluate import EvalConfig
-    splits = {"test": load_problems(data / "a" / "test.jsonl")[:4],
-              "heldout": load_problems(data / "a" / "heldout.jsonl")[:6]}
+    files = {"test": data / "a" / "test.jsonl", "heldout": data / "a" / "heldout.jsonl"}
+    splits = {name: (f, load_problems(f)[:4 if name == "test" else 6]) for name, f in files.items()}
+    calls = []
 
     def evaluate(model, tok, problems, cfg, seed, label):
+        calls.append(label)
         per = [{"id": p.id, "correct": cfg.k if p.extra["source"] == "mathdata" else 0, "k": cfg.k} for p in problems]
         return {"pass@1": sum(q["correct"] / q["k"] for q in per) / len(per), "problems": len(per), "k": cfg.k,
                 "truncation_rate": 0.0, "temperature": cfg.temperature, "top_p": cfg.top_p, "per_problem": per}
@@ -139,7 +142,11 @@ def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, mon
     monkeypatch.setattr(demo, "evaluate", evaluate)
     monkeypatch.setattr(demo, "load_model", lambda path, dtype: None)
     monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
-    r = demo._eval("model-dir", splits, EvalConfig(k=2), 0, "after RL")
+    cache = tmp_path / "evaluations.json"
+    for model in ("model-a", "model-a", "model-b"):
+        (tmp_path / model).mkdir(exist_ok=True)
+        r = demo._eval(str(tmp_path / model), splits, EvalConfig(k=2), 0, model, cache)
+    assert calls == ["model-a, test", "model-a, heldout", "model-b, test", "model-b, heldout"]
     assert r["heldout"]["mathdata"] == 1.0 and r["heldout"]["gsm_symbolic"] == 0.0
     assert r["heldout"]["pass@1"] == 0.5 and r["test"]["pass@1"] == 0.0  # test: no templated problem in it
     table = demo._table({"base": r, "rl": r}).splitlines()

@@ -19,6 +19,7 @@ import torch
 from actors.learner import checkpoint
 from policies.data.dataset import load_problems, load_sft_pairs
 from launcher.config import load_config
+from policies.settings import to_dict
 from policies.infer.evaluate import EvalConfig, evaluate
 from launcher.gymdata import make_gym_dataset
 from launcher.plot import plot_run
@@ -36,11 +37,29 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 HELDOUT_PARTS = {"mathdata": "held out: six templates", "gsm_symbolic": "held out: gsm_symbolic"}
 
 
-def _eval(path: str, splits: dict, s: EvalConfig, seed: int, label: str) -> dict:
-    """pass@1 on each split ({"test": problems, "heldout": problems}), the held-out one also by part."""
-    model, tok = load_model(path, dtype=resolve_dtype(s.dtype, "cpu")), load_tokenizer(path)
+def _stamp(path: str | Path) -> list:
+    """What identifies a file's or model directory's contents cheaply: path, size, mtime."""
+    p = Path(path).resolve()
+    f = p / "model.safetensors" if p.is_dir() else p
+    st = f.stat() if f.exists() else None
+    return [str(p), st and st.st_size, st and st.st_mtime_ns]
+
+
+def _eval(path: str, splits: dict, s: EvalConfig, seed: int, label: str, cache: Path) -> dict:
+    """pass@1 on each split ({"test": (file, problems), "heldout": ...}), the held-out one also by part.
+    A result already in `cache` for the same model, file, settings and seed is reused: a main job run
+    again (interrupted, or with a longer --minutes) spends its time on what is not done yet."""
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    model = tok = None
     out = {}
-    for split, problems in splits.items():
+    for split, (file, problems) in splits.items():
+        key = json.dumps([_stamp(path), _stamp(file), to_dict(s), seed])
+        if key in known:
+            out[split] = known[key]
+            print(f"[main] {label}, {split}: pass@1 {out[split]['pass@1']:.3f} (measured before: {cache})", flush=True)
+            continue
+        if model is None:
+            model, tok = load_model(path, dtype=resolve_dtype(s.dtype, "cpu")), load_tokenizer(path)
         t0 = time.monotonic()
         r = evaluate(model, tok, problems, s, seed=seed, label=f"{label}, {split}")
         r["seconds"] = time.monotonic() - t0
@@ -51,7 +70,8 @@ def _eval(path: str, splits: dict, s: EvalConfig, seed: int, label: str) -> dict
         print(f"[main] {label}, {split}: pass@1 {r['pass@1']:.3f} over {r['problems']} problems x {s.k} "
               f"(truncated {r['truncation_rate']:.2f}, {r['seconds']:.0f} s)"
               + "".join(f"; {HELDOUT_PARTS[k]} {r[k]:.3f}" for k in HELDOUT_PARTS if k in r), flush=True)
-        out[split] = r
+        out[split] = known[key] = r
+        cache.write_text(json.dumps(known))
     return out
 
 
@@ -83,12 +103,13 @@ def run_demo(args) -> int:
         print(f"[main] data: reasoning-gym's problems in {data} (what made them: {data / 'manifest.json'})",
               flush=True)
     # a directory of other problems (python -m launcher.mathdata, a user's own) may have no held-out split
-    splits = {name: load_problems(data / f"{name}.jsonl") for name in ("test", "heldout")
+    splits = {name: (data / f"{name}.jsonl", load_problems(data / f"{name}.jsonl")) for name in ("test", "heldout")
               if name == "test" or (data / f"{name}.jsonl").exists()}
+    cache = out / "evaluations.json"
     torch.manual_seed(cfg.seed)
     cfg.model.path = args.model
     base = base_model_path(cfg)  # "tiny" (a smoke run: every stage in seconds, learns nothing) lands in the run dir
-    results = {"base": _eval(base, splits, cfg.eval, cfg.seed, "base model")}
+    results = {"base": _eval(base, splits, cfg.eval, cfg.seed, "base model", cache)}
 
     sft_dir = out / "sft-model"
     if not (sft_dir / "config.json").exists():
@@ -100,7 +121,7 @@ def run_demo(args) -> int:
         print(f"[main] SFT: {len(hist)} steps on {len(pairs)} samples, loss {hist[0]['loss']:.3f} -> "
               f"{hist[-1]['loss']:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         del model
-    results["sft"] = _eval(str(sft_dir), splits, cfg.eval, cfg.seed, "after SFT")
+    results["sft"] = _eval(str(sft_dir), splits, cfg.eval, cfg.seed, "after SFT", cache)
 
     # RL gets what is left of the budget, minus the final evaluation (about as long as the last one).
     rl_budget = budget - (time.monotonic() - t_start) - 1.3 * sum(r["seconds"] for r in results["sft"].values()) - 30
@@ -111,7 +132,7 @@ def run_demo(args) -> int:
         asyncio.run(run_job(cfg, hosts=None, resume=False, echo=False, deadline=rl_budget))
     ckpt = checkpoint.latest(out / "rl")
     if ckpt is not None:
-        results["rl"] = _eval(str(ckpt / "model"), splits, cfg.eval, cfg.seed, f"after RL ({ckpt.name})")
+        results["rl"] = _eval(str(ckpt / "model"), splits, cfg.eval, cfg.seed, f"after RL ({ckpt.name})", cache)
     plot = plot_run(out / "rl") if (out / "rl" / "metrics.jsonl").exists() else None
 
     print("\n" + _table(results))
