@@ -52,7 +52,7 @@ def rank_main(out: str) -> None:
     ranks.post({"op": "train", "step": 0, "lr": CFG.lr}, batch)
     train_ppo_batch(model, opt, batch, CFG, recompute=True, ref_model=None, lr=CFG.lr, world=world)
     world.gather_weights(whole)
-    ranks.post({"op": "stop"})
+    ranks.stop()
     n_opt = sum(len(g["params"]) for g in opt.param_groups)
     base_moved = max(float((whole.state_dict()[k] - v).abs().max()) for k, v in base.items())
     torch.save({"adapter": {k: v.clone() for k, v in snapshot(whole).items()}, "n_opt": n_opt,
