@@ -154,4 +154,5 @@ def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, tmp
                         " | truncated (test) |")
     assert table[4] == "| base | 0.000 | 0.500 | 1.000 | 0.000 | 0.00 |"
     # a data directory without a held-out split (python -m launcher.mathdata, a user's own): one column
-    assert demo._table({"base": {"test": r["test"]}}).splitlines()[2] == "| model | in distribution (test) | truncated (test) |"
+    alone = demo._table({"base": {"test": r["test"]}}).splitlines()
+    assert alone[2] == "| model | in distribution (test) | truncated (test) |"

@@ -86,7 +86,8 @@ def _table(results: dict) -> str:
     for name, r in results.items():
         cells = [r["test"]["pass@1"]] + ([r["heldout"]["pass@1"]] if "heldout" in r else [])
         cells += [r["heldout"][k] for k in parts]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {r['test']['truncation_rate']:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells)
+                     + f" | {r['test']['truncation_rate']:.2f} |")
     return "\n".join(lines)
 
 
