@@ -1,15 +1,16 @@
 """One learner rank training the equality test's PPO batch over a real gloo group.
 
 `MASTER_ADDR=.. MASTER_PORT=.. RANK=r WORLD_SIZE=n BOBA_LEARNER_SECRET=.. python tests/rank_proc.py OUT N_SEQS
-MINIBATCHES link|group [SLOW_S]`: rank 0 sends the step's command and batch (over the command link, or the group as on
-GPU) as the learner does and writes its metrics, weights and gathered optimizer state after the step to OUT;
-rank 1 serves as a launched rank does (SLOW_S: a busy one, asking for each command that late). `setup()` is the batch and
-model the one-rank run uses too.
+MINIBATCHES link|group [SLOW_S]`: rank 0 sends the step's command and batch (over the command link, or the
+group as on GPU) as the learner does and writes its metrics, weights and gathered optimizer state after the
+step to OUT; rank 1 serves as a launched rank does (SLOW_S: a busy one, asking for each command that late).
+`setup()` is the batch and model the one-rank run uses too.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,7 +51,6 @@ if __name__ == "__main__":
     import copy
     from actors.learner.ranks import join, serve
     from policies.train.data_parallel import World, whole_optimizer_state
-    import time
     n_seqs, minibatches, batch_over = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     slow_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     ranks = join("cpu", timeout=60.0, batch_over=batch_over)

@@ -95,8 +95,7 @@ async def test_hostile_snippets_are_refused_and_the_next_run_works():
                  "os.listdir('/dev/shm'))")
         r = await run_python(code)   # ... and the host's files there are out of sight: only the scratch
         # directory, and the interpreter's own directory where it lives under /tmp (a fresh clone's venv)
-        interpreter = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
-        shown = sorted({Path(p).parts[2] for p in interpreter if p.startswith("/tmp/")})
+        shown = sorted({Path(p).parts[2] for p in sandbox.interpreter_prefixes() if p.startswith("/tmp/")})
         assert r.stdout.splitlines() == ["refused"] * len(targets) + [f"{shown} []"], r
         assert not any(t.exists() for t in targets)
     finally:

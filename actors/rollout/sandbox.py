@@ -137,6 +137,13 @@ def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
         pass
 
 
+def interpreter_prefixes() -> list[str]:
+    """The directories the jail must expose for this interpreter to run (none inside another)."""
+    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
+                                           os.path.dirname(os.path.realpath(sys.executable)))}
+    return sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
+
+
 async def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_procs: int = 16,
                      cpu_s: int | None = None, output_limit: int = 8192, disk_mb: int = 32) -> ToolResult:
     """Run `code` with `python -I` in the sandbox (see the module docstring); `cpu_s` defaults to the
@@ -154,9 +161,7 @@ async def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512
                   "rlimits, timeout and no_new_privs only")
     uid = _claim_uid() if root else None
     scratch = tempfile.mkdtemp(prefix="sandbox-", dir=_scratch_base(root))
-    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
-                                           os.path.dirname(os.path.realpath(sys.executable)))}
-    prefixes = sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
+    prefixes = interpreter_prefixes()
     notes_r, notes_w = os.pipe()
     cfg = {"uid": uid, "scratch": scratch, "python": sys.executable, "expose": prefixes, "disk_mb": disk_mb,
            "notes_fd": notes_w, "env": _env(scratch), "deadline_s": int(timeout_s + 2 * _GRACE_S) + 1,
