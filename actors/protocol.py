@@ -48,8 +48,10 @@ anyone       -> launcher     CONFIG              {} -> {config, model_path, step
 rollout      -> generator    OPEN_SESSION        {sid, sampling, max_tokens (the trajectory's completion tokens), deadline_s
                                                   (seconds from now), max_turns?, epoch} -> {base_url, api_key}: an
                                                   OpenAI endpoint for one trajectory (actors.generator.openai_api)
-rollout      -> generator    CLOSE_SESSION       {sid} -> {segments: [{input_ids, loss_mask, logprobs, versions}], turns,
-                                                  completion_tokens, last_text, finish: stop|length|budget|deadline}
+rollout      -> generator    CLOSE_SESSION       {sid} -> {segments_ref (a tensor channel's PackedBatch: one sequence
+                                                  of input_ids, loss_mask, logprobs, versions per segment; null: no
+                                                  turn), sequences, turns, completion_tokens, last_text,
+                                                  finish: stop|length|budget|deadline}
 
 topic            publisher      body
 METRICS          learner        the step's record: {step, version, the packer's stats, the loss etc., qids, times}

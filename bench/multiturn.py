@@ -7,7 +7,7 @@ ids) and prompts (the project's arithmetic data, as the sampler and a rollout wo
   max_new_tokens = --new-tokens; all prompts at once;
 - multi: G sessions per prompt (OPEN_SESSION over the bus from a rollout-role client, as a rollout worker
   opens them), each driven by the `openai` package's AsyncOpenAI: the question, then "check your answer"
-  follow-ups, --turns chat turns in all, CLOSE_SESSION; the same sampled-token budget per trajectory
+  follow-ups, --turns chat turns in all, CLOSE_SESSION and its tokens over a tensor channel; the same sampled-token budget per trajectory
   (session max_tokens = --new-tokens, each turn --new-tokens // --turns); all sessions at once.
 Sampled tokens are the completions' tokens (what the loss mask covers); a turn may stop early on a stop
 token. The arms alternate (single first, the order flipped each round) so drift hits both alike; the
@@ -38,6 +38,7 @@ from actors import protocol as P  # noqa: E402
 from actors.rollout.actor import RolloutSettings, problem_for  # noqa: E402
 from bus.broker import Broker  # noqa: E402
 from bus.client import BusClient  # noqa: E402
+from tensors.channels import Channels, TensorOptions  # noqa: E402
 from launcher.config.yaml_io import load_config  # noqa: E402
 from launcher.job.builders.generator import build as build_generator  # noqa: E402
 from launcher.job.builders.sampler import sampling_params  # noqa: E402
@@ -72,13 +73,19 @@ async def agent(url: str, key: str, messages: list[dict], turns: int) -> None:
                          {"role": "user", "content": CHECK}]
 
 
+RX: Channels | None = None  # the rollout side's tensor channels (made in run)
+
+
 async def session(rollout: BusClient, gen: str, messages: list[dict], sampling: dict, budget: int,
                   turns: int) -> dict:
     sid = f"multi-{next(_rids)}"
     opened = await rollout.request(gen, P.OPEN_SESSION, {"sid": sid, "sampling": sampling, "max_tokens": budget,
                                                          "max_turns": turns, "deadline_s": 3600.0}, timeout=30)
     await agent(opened["base_url"], opened["api_key"], messages, turns)
-    return await rollout.request(gen, P.CLOSE_SESSION, {"sid": sid}, timeout=30)
+    closed = await rollout.request(gen, P.CLOSE_SESSION, {"sid": sid}, timeout=30)
+    if closed["segments_ref"] is not None:  # the trajectory's tokens, as a rollout worker takes them
+        await RX.recv(closed["segments_ref"], timeout=30)
+    return closed
 
 
 async def multi_turn(rollout: BusClient, gen: str, chats: list[list[dict]], group: int, sampling: dict,
@@ -111,6 +118,8 @@ async def run(args) -> None:
     start = Start(0, base_model_path(cfg))
     (gen,) = build_generator(cfg, start, "generator-0", broker.address, bus_kwargs(cfg, P.GENERATOR))
     rollout = BusClient(broker.address, "rollout-0", P.ROLLOUT, **bus_kwargs(cfg, P.ROLLOUT))
+    global RX
+    RX = Channels(TensorOptions(host=gen.channels.host))
     try:
         await gen.start()
         await rollout.connect(timeout=30)
@@ -132,6 +141,7 @@ async def run(args) -> None:
                 results[arm].append(r := await arms[arm](prompts, chats, args.group))
                 print(f"  round {rnd}: {line(arm, r)}", flush=True)
     finally:
+        await RX.close()
         await rollout.close()
         await gen.stop()
         await broker.stop()

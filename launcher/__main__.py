@@ -93,6 +93,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     main.add_argument("--test-problems", type=int, default=96, help="in distribution (when the data is made)")
     main.add_argument("--heldout-problems", type=int, default=96,
                       help="held out: half the project's six templates, half gsm_symbolic's held-out ones")
+    main.add_argument("--base-k", type=int, default=1,
+                      help="samples per problem for the base model's row (SFT and RL: eval.k)")
     main.add_argument("--data", help="a data directory (`python -m launcher data`; made there when missing; "
                                      "default OUT/data)")
     main.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

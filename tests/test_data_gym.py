@@ -154,5 +154,8 @@ def test_the_main_job_reports_each_held_out_part_beside_the_test_split(data, tmp
                         " | truncated (test) |")
     assert table[4] == "| base | 0.000 | 0.500 | 1.000 | 0.000 | 0.00 |"
     # a data directory without a held-out split (python -m launcher.mathdata, a user's own): one column
+    assert table[0].startswith("pass@1, 2 samples per problem, T 1.0")
+    one = {split: {**x, "k": 1} for split, x in r.items()}   # the base row with fewer samples: the header says so
+    assert demo._table({"base": one, "rl": r}).startswith("pass@1, base 1, rl 2 samples per problem")
     alone = demo._table({"base": {"test": r["test"]}}).splitlines()
     assert alone[2] == "| model | in distribution (test) | truncated (test) |"

@@ -13,6 +13,7 @@ import torch
 from actors import protocol as P
 from bus.client import BusClient
 from bus.errors import RemoteError
+from tensors.channels import Channels, TensorOptions
 
 pytestmark = pytest.mark.timeout(120)
 HB = 0.2
@@ -110,6 +111,10 @@ async def test_a_session_over_the_bus_records_exactly_what_the_agent_was_sampled
 
         out = await rollout.request("generator-0", P.CLOSE_SESSION, {"sid": sid}, timeout=10)
         assert await rollout.request("generator-0", P.CLOSE_SESSION, {"sid": sid}, timeout=10) == out
+        rx = Channels(TensorOptions(host="127.0.0.1"))  # the tokens come over a tensor channel, once
+        segments = [{k: v.tolist() for k, v in s.items()}
+                    for s in (await rx.recv(out["segments_ref"], timeout=5)).sequences()]
+        await rx.close()
         with pytest.raises(RemoteError, match="no open session 'nope'"):
             await rollout.request("generator-0", P.CLOSE_SESSION, {"sid": "nope"}, timeout=5)
         with pytest.raises(openai.NotFoundError):
@@ -119,10 +124,10 @@ async def test_a_session_over_the_bus_records_exactly_what_the_agent_was_sampled
         await gen.stop()
 
     # the trajectory (3 turns) is one segment; the concurrent request (a rewritten history) a second one
-    assert out["turns"] == 4 and len(out["segments"]) == 2
-    seg = out["segments"][0]
+    assert out["turns"] == 4 and out["sequences"] == len(segments) == 2
+    seg = segments[0]
     (_, p1, c1, lp1), (_, p2, c2, lp2), (_, p3, c3, _) = replies
-    assert out["completion_tokens"] == c1 + c2 + c3 + sum(out["segments"][1]["loss_mask"])
+    assert out["completion_tokens"] == c1 + c2 + c3 + sum(segments[1]["loss_mask"])
     assert seg["loss_mask"] == [False] * p1 + [True] * c1 + [False] * (p2 - p1 - c1) + [True] * c2 + \
         [False] * (p3 - p2 - c2) + [True] * c3
     ids = seg["input_ids"]
@@ -185,7 +190,7 @@ async def test_sessions_work_on_the_sim_and_sglang_backends(kind):
         with pytest.raises(openai.BadRequestError, match="token budget") as e:
             await client.chat.completions.create(model="p", messages=messages)
         assert e.value.code == "session_budget"
-        out = await gen.on_close_session({"sid": "s"}, "rollout-0")
+        out = gen.openai.close_session("s")  # in process: the segments as lists
     finally:
         await gen.openai.close()
         await backend.close()
@@ -245,7 +250,7 @@ async def test_a_weight_update_reaches_a_turn_as_interrupt_on_update_says_and_ne
         m += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "go"}]
         await asyncio.wait_for(backend.update_weights(weights, 2), 5)  # between turns: at once
         await client.chat.completions.create(model="p", messages=m)
-        out = await gen.on_close_session({"sid": "s"}, "rollout-0")
+        out = gen.openai.close_session("s")
         if not interrupt:  # closing a session stops its turn in flight and frees the engine's rows
             opened = await gen.on_open_session({"sid": "s2", "sampling": {"max_new_tokens": 30}, "max_tokens": 200,
                                                 "deadline_s": 60.0}, "rollout-0")

@@ -118,6 +118,8 @@ def test_trajectories_become_sequences_with_exactly_the_sampled_tokens_in_the_lo
     assert group_batch([trajs[2]]) is None
     with pytest.raises(ValueError, match=r"segments\[0\]: 3 input_ids but loss_mask \(2\)"):
         check_segments([{"input_ids": [1, 2, 3], "loss_mask": [0, 1], "logprobs": [0] * 3, "versions": [0] * 3}])
+    with pytest.raises(ValueError, match="1 came, the generator closed the session with 2"):
+        check_segments([two_turns], 2)   # the tensor channel delivered fewer sequences than the bus said
 
 
 def test_the_packer_gives_every_segment_its_trajectory_reward_and_takes_an_empty_group():

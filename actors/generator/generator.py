@@ -175,14 +175,28 @@ class Generator(Actor):
     async def on_close_session(self, body: dict, src: str) -> dict:
         sid = body.get("sid")
         if self.openai is not None and sid in self.openai.sessions:
-            self._closed[sid] = self.openai.close_session(sid)
-            while len(self._closed) > 64:  # replies can be large; a lost one is asked again at once
+            self._closed[sid] = await self._hand_over(self.openai.close_session(sid), src)
+            while len(self._closed) > 64:  # a lost reply is asked again at once
                 self._closed.popitem(last=False)
             return self._closed[sid]
         if sid in self._closed:  # a second copy (the first reply was lost)
             return self._closed[sid]
         raise ValueError(f"CLOSE_SESSION: no open session {sid!r} on {self.name} (never opened, closed long ago, "
                          "or forgotten past its deadline)")
+
+    async def _hand_over(self, result: dict, src: str) -> dict:
+        """CLOSE_SESSION's reply: the session's segments go to the rollout worker that closed it as one
+        PackedBatch over a tensor channel (``segments_ref``; None when no turn was sampled), the rest on the bus."""
+        segments = result.pop("segments")
+        result["sequences"] = len(segments)
+        result["segments_ref"] = None
+        if segments:
+            peers = [a for a in await self.bus.actors(role=P.ROLLOUT) if a.name == src]
+            if not peers:
+                raise RuntimeError(f"CLOSE_SESSION from {src}, which is not a registered rollout worker")
+            result["segments_ref"] = await self.channels.send(PackedBatch.from_sequences(segments), peers,
+                                                              timeout=self.rollout_ttl)
+        return result
 
     @handler(P.GENERATE, from_roles=(P.SAMPLER,))
     async def on_generate(self, body: dict, src: str) -> None:

@@ -6,7 +6,8 @@ version last announced is picked for the group (its G sessions share the prompt'
 engine caches prefixes), OPEN_SESSION for each sample, the workflow runs in a worker process (pool.py)
 with a client bound to the session, CLOSE_SESSION returns what the policy sampled. The group's tensors go
 to the packer over a tensor channel, SCORE (with the workflows' rewards) to a verifier, GENERATED to the
-sampler. A workflow's failure fails its sample only (trajectory.py); a session the generator cannot open
+sampler. A session's tokens come back over a tensor channel, the rest of its reply over the bus. A workflow's
+failure fails its sample only (trajectory.py); a session the generator cannot open
 or close fails the group (REJECTED: the sampler deals it again), since the environment, not the user's
 code, failed.
 """
@@ -166,7 +167,9 @@ class RolloutWorker(Actor):
         outcome = await self.pool.run(problem, opened["base_url"], opened["api_key"])
         try:
             closed = await self.request_until(gen, P.CLOSE_SESSION, {"sid": sid}, within=s.deliver_timeout)
-            segments = check_segments(closed["segments"])
+            ref = closed.get("segments_ref")
+            got = None if ref is None else await self.channels.recv(ref, timeout=s.deliver_timeout)
+            segments = check_segments([] if got is None else got.sequences(), closed.get("sequences", 0))
         except Exception as exc:
             raise SessionFailed(f"{gen} did not close session {sid}: {exc}") from exc
         error = outcome.error

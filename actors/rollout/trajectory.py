@@ -25,7 +25,7 @@ TRUNCATED = ("length", "budget", "deadline")  # session finishes that cut the tr
 
 @dataclass
 class Trajectory:
-    segments: list[dict] = field(default_factory=list)  # CLOSE_SESSION's, one per sequence
+    segments: list[dict] = field(default_factory=list)  # one per sequence: SEGMENT_FIELDS (tensors or lists)
     reward: float | None = None  # the workflow's; None: the verifier scores last_text
     error: str | None = None  # why the sample failed; None if it did not
     turns: int = 0
@@ -37,11 +37,13 @@ class Trajectory:
         return self.error is None and bool(self.segments)
 
 
-def check_segments(segments: list[dict]) -> list[dict]:
+def check_segments(segments: list[dict], expected: int | None = None) -> list[dict]:
     """Raises ValueError naming the segment and field that a PackedBatch cannot take (a generator of another
-    version, a truncated reply); returns the segments."""
+    version, a truncated reply), or saying that ``expected`` segments did not all come; returns the segments."""
     if not isinstance(segments, list):
         raise ValueError(f"segments: expected a list, got {type(segments).__name__}")
+    if expected is not None and len(segments) != expected:
+        raise ValueError(f"segments: {len(segments)} came, the generator closed the session with {expected}")
     for i, seg in enumerate(segments):
         missing = [f for f in SEGMENT_FIELDS if f not in seg]
         if missing:
@@ -55,11 +57,7 @@ def check_segments(segments: list[dict]) -> list[dict]:
 
 def group_batch(trajectories: list[Trajectory]) -> PackedBatch | None:
     """The finished trajectories' segments as one PackedBatch, in order (None: none finished)."""
-    seqs = [{"input_ids": torch.tensor(s["input_ids"], dtype=torch.int64),
-             "loss_mask": torch.tensor(s["loss_mask"], dtype=torch.bool),
-             "logprobs": torch.tensor(s["logprobs"], dtype=torch.float32),
-             "versions": torch.tensor(s["versions"], dtype=torch.int32)}
-            for t in trajectories if t.ok for s in t.segments]
+    seqs = [{f: s[f] for f in SEGMENT_FIELDS} for t in trajectories if t.ok for s in t.segments]
     return PackedBatch.from_sequences(seqs) if seqs else None
 
 
@@ -73,11 +71,12 @@ def group_report(trajectories: list[Trajectory], version: int) -> dict:
             continue
         for s in t.segments:
             traj_of.append(k)
-            sampled = [v for v, m in zip(s["versions"], s["loss_mask"]) if m]
+            mask = torch.as_tensor(s["loss_mask"], dtype=torch.bool)
+            sampled = torch.as_tensor(s["versions"])[mask].tolist()
             rewards.append(t.reward)
             texts.append(t.last_text or "")
             truncated.append(t.finish in TRUNCATED)
-            lengths.append(sum(bool(m) for m in s["loss_mask"]))
+            lengths.append(int(mask.sum()))
             per_seq.append(len(set(sampled)) or 1)
             versions += sampled
     ok = [t for t in trajectories if t.ok]

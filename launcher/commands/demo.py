@@ -9,8 +9,10 @@ stage trains on), the latter also by part, so the table says whether the skill w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -80,7 +82,9 @@ def _table(results: dict) -> str:
     cols = ["in distribution (test)"] + (["held out"] if any("heldout" in r for r in results.values()) else [])
     cols += [HELDOUT_PARTS[k] for k in parts]
     first = next(iter(results.values()))
-    lines = [f"pass@1, {first['test']['k']} samples per problem, T {first['test']['temperature']}, top-p "
+    ks = {name: r["test"]["k"] for name, r in results.items()}
+    k = f"{first['test']['k']}" if len(set(ks.values())) == 1 else ", ".join(f"{n} {v}" for n, v in ks.items())
+    lines = [f"pass@1, {k} samples per problem, T {first['test']['temperature']}, top-p "
              f"{first['test']['top_p']}; " + ", ".join(f"{k}: {r['problems']} problems" for k, r in first.items()),
              "", "| model | " + " | ".join(cols) + " | truncated (test) |", "|---" * (len(cols) + 2) + "|"]
     for name, r in results.items():
@@ -92,6 +96,9 @@ def _table(results: dict) -> str:
 
 
 def run_demo(args) -> int:
+    if args.base_k < 1:
+        print(f"error: --base-k {args.base_k}: expected an int >= 1", file=sys.stderr)
+        return 2
     t_start = time.monotonic()
     budget = args.minutes * 60
     out = Path(args.out)
@@ -110,7 +117,9 @@ def run_demo(args) -> int:
     torch.manual_seed(cfg.seed)
     cfg.model.path = args.model
     base = base_model_path(cfg)  # "tiny" (a smoke run: every stage in seconds, learns nothing) lands in the run dir
-    results = {"base": _eval(base, splits, cfg.eval, cfg.seed, "base model", cache)}
+    # the base row is a reference (the base model hardly ever writes \boxed{}): --base-k samples leave RL the time
+    results = {"base": _eval(base, splits, dataclasses.replace(cfg.eval, k=args.base_k), cfg.seed, "base model",
+                             cache)}
 
     sft_dir = out / "sft-model"
     if not (sft_dir / "config.json").exists():

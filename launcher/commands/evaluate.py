@@ -2,7 +2,8 @@
 
 A LoRA adapter (PEFT's layout: a LoRA run's checkpoints/step-N/adapter) is evaluated on its base, merged:
 `--adapter DIR` with `--model BASE`, or `--model DIR` alone when DIR holds adapter_config.json (the base
-is the one it names)."""
+is the one it names). `--workflow SPEC` samples each answer through a multi-turn workflow, as RL with
+rollout.workflow does (actors.rollout.evaluate); --max-new-tokens is then per turn."""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,11 @@ import torch
 
 from launcher.commands.inputs import add_model_flags, add_problem_flags, failed, load_inputs, problems
 from launcher.config.flags import add_flags, settings_from
-from launcher.config.schema import ExperimentConfig
+from launcher.config.schema import ExperimentConfig, RolloutConfig
 from policies.infer.evaluate import EvalConfig, evaluate
 
 FLAGS = ("k", "temperature", "top_p", "max_new_tokens", "force_newline", "dtype")
+WORKFLOW_FLAGS = ("workflow", "max_turns", "max_trajectory_tokens", "workflow_timeout")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout) to merge into --model")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--out", help="write the results as JSON here")
+    add_flags(p, RolloutConfig, *WORKFLOW_FLAGS)
     add_problem_flags(p)
 
 
@@ -34,6 +37,7 @@ def sample_and_score(args, flags: tuple[str, ...], label: str = "eval"):
     --limit), then pass@1 -> (model path, settings, problems, result), or the exit code of a bad input."""
     try:
         s = settings_from(args, EvalConfig, *flags)
+        w = _workflow(args)
         adapter = _adapter(args)
         path, model, tok, probs = load_inputs(args, problems, s.dtype)
         if adapter is not None:
@@ -43,8 +47,29 @@ def sample_and_score(args, flags: tuple[str, ...], label: str = "eval"):
         return failed(exc)
     probs = probs[:args.limit] if getattr(args, "limit", None) else probs
     torch.manual_seed(args.seed)
-    return path, s, probs, evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt,
-                                    label=label)
+    if w is None:
+        return path, s, probs, evaluate(model, tok, probs, s, seed=args.seed, system_prompt=args.system_prompt,
+                                        label=label)
+    from actors.rollout.evaluate import evaluate_workflow
+    try:
+        return path, s, probs, evaluate_workflow(
+            model, tok, probs, s, w.workflow, max_turns=w.max_turns, max_tokens=w.max_trajectory_tokens,
+            timeout=w.workflow_timeout, seed=args.seed, system_prompt=args.system_prompt, label=label)
+    except RuntimeError as exc:  # the workflow processes did not start
+        return failed(exc)
+
+
+def _workflow(args) -> RolloutConfig | None:
+    """The --workflow settings, the workflow imported and checked (WorkflowError names it), or None."""
+    if getattr(args, "workflow", None) is None:
+        return None
+    from actors.rollout.workflow import WorkflowError, load_workflow
+    w = settings_from(args, RolloutConfig, *WORKFLOW_FLAGS)
+    try:
+        load_workflow(w.workflow)
+    except WorkflowError as exc:
+        raise ValueError(f"--workflow: {exc}") from None
+    return w
 
 
 def _adapter(args):
@@ -85,9 +110,10 @@ def run_eval_command(args) -> int:
     if isinstance(done, int):
         return done
     path, s, _, result = done
-    print(f"{'model':<40} {'problems':>8} {'k':>4} {'pass@1':>8} {'truncated':>9}")
-    print(f"{path[-40:]:<40} {result['problems']:>8} {s.k:>4} {result['pass@1']:>8.3f} "
-          f"{result['truncation_rate']:>9.3f}")
+    multi = "turns" in result  # --workflow: turns per sample and failed workflows too
+    print(f"{'model':<40} {'problems':>8} {'k':>4} {'pass@1':>8} {'truncated':>9}" + (" turns failed" if multi else ""))
+    print(f"{path[-40:]:<40} {result['problems']:>8} {s.k:>4} {result['pass@1']:>8.3f} {result['truncation_rate']:>9.3f}"
+          + (f" {result['turns']:>5.2f} {result['workflow_errors']:>6}" if multi else ""))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": path, **result}, indent=1))

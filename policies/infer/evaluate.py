@@ -76,17 +76,28 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: EvalConfig, *, seed
     """pass@1, the truncation rate and each problem's count of correct samples (`per_problem`)."""
     texts, truncated = sample_answers(model, tokenizer, problems, cfg, seed=seed, directive=directive,
                                       system_prompt=system_prompt, label=label)
+    return summarise(problems, texts, truncated, cfg, pool=pool)
+
+
+def summarise(problems: list[Problem], texts: list[list[str | None]], truncated: list[list[bool]], cfg: EvalConfig,
+              *, pool: VerifierPool | None = None, judged: list[bool | None] | None = None) -> dict:
+    """The result of `evaluate` from k texts per problem; `judged` (flat, k per problem) holds verdicts
+    already known (a workflow's reward), None where the verifier scores the text."""
     from policies.verify.verifier import VerifierPool
     k = cfg.k
-    own_pool = pool is None
-    pool = pool or VerifierPool(workers=2, timeout=5.0)
+    flat = [t for row in texts for t in row]
+    judged = judged or [None] * len(flat)
+    ask = [i for i, v in enumerate(judged) if v is None]
+    own_pool = pool is None and bool(ask)
+    pool = pool or (VerifierPool(workers=2, timeout=5.0) if ask else None)
     try:
-        flat = [t for row in texts for t in row]
-        refs = [p.answers for p in problems for _ in range(k)]
-        correct = pool.score_sync(flat, refs)
+        scored = pool.score_sync([flat[i] for i in ask], [problems[i // k].answers for i in ask]) if ask else []
     finally:
         if own_pool:
             pool.close()
+    correct = list(judged)
+    for i, c in zip(ask, scored):
+        correct[i] = c
     per_problem = []
     for i, p in enumerate(problems):
         c = correct[i * k:(i + 1) * k]
