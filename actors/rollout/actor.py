@@ -6,10 +6,9 @@ version last announced is picked for the group (its G sessions share the prompt'
 engine caches prefixes), OPEN_SESSION for each sample, the workflow runs in a worker process (pool.py)
 with a client bound to the session, CLOSE_SESSION returns what the policy sampled. The group's tensors go
 to the packer over a tensor channel, SCORE (with the workflows' rewards) to a verifier, GENERATED to the
-sampler. A session's tokens come back over a tensor channel, the rest of its reply over the bus. A workflow's
-failure fails its sample only (trajectory.py); a session the generator cannot open
-or close fails the group (REJECTED: the sampler deals it again), since the environment, not the user's
-code, failed.
+sampler. A session's tokens come back over a tensor channel, the rest of its reply over the bus. A
+workflow's failure fails its sample only (trajectory.py); a session the generator cannot open or close
+fails the group (REJECTED: the sampler deals it again), since the environment, not the user's code, failed.
 """
 from __future__ import annotations
 
