@@ -7,8 +7,9 @@ ids) and prompts (the project's arithmetic data, as the sampler and a rollout wo
   max_new_tokens = --new-tokens; all prompts at once;
 - multi: G sessions per prompt (OPEN_SESSION over the bus from a rollout-role client, as a rollout worker
   opens them), each driven by the `openai` package's AsyncOpenAI: the question, then "check your answer"
-  follow-ups, --turns chat turns in all, CLOSE_SESSION and its tokens over a tensor channel; the same sampled-token budget per trajectory
-  (session max_tokens = --new-tokens, each turn --new-tokens // --turns); all sessions at once.
+  follow-ups, --turns chat turns in all, CLOSE_SESSION and its tokens over a tensor channel; the same
+  sampled-token budget per trajectory (session max_tokens = --new-tokens, each turn --new-tokens // --turns);
+  all sessions at once.
 Sampled tokens are the completions' tokens (what the loss mask covers); a turn may stop early on a stop
 token. The arms alternate (single first, the order flipped each round) so drift hits both alike; the
 summary takes medians.

@@ -68,7 +68,8 @@ async def _sample(model, tokenizer, problems, cfg: EvalConfig, spec: str, s: Rol
         nonlocal done
         async with room:
             sid = secrets.token_hex(8)
-            opened = server.open(Session(sid, template, tokenizer, sampling=sampling, max_tokens=s.max_trajectory_tokens,
+            opened = server.open(Session(sid, template, tokenizer, sampling=sampling,
+                                         max_tokens=s.max_trajectory_tokens,
                                          deadline=server.clock() + s.workflow_timeout, max_turns=s.max_turns))
             try:
                 outcome = await pool.run(problem, opened["base_url"], opened["api_key"])

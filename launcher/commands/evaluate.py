@@ -112,8 +112,9 @@ def run_eval_command(args) -> int:
     path, s, _, result = done
     multi = "turns" in result  # --workflow: turns per sample and failed workflows too
     print(f"{'model':<40} {'problems':>8} {'k':>4} {'pass@1':>8} {'truncated':>9}" + (" turns failed" if multi else ""))
-    print(f"{path[-40:]:<40} {result['problems']:>8} {s.k:>4} {result['pass@1']:>8.3f} {result['truncation_rate']:>9.3f}"
-          + (f" {result['turns']:>5.2f} {result['workflow_errors']:>6}" if multi else ""))
+    extra = f" {result['turns']:>5.2f} {result['workflow_errors']:>6}" if multi else ""
+    print(f"{path[-40:]:<40} {result['problems']:>8} {s.k:>4} {result['pass@1']:>8.3f} "
+          f"{result['truncation_rate']:>9.3f}{extra}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": path, **result}, indent=1))
