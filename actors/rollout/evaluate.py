@@ -19,6 +19,7 @@ from actors.generator.sessions import Session
 from actors.generator.torch_backend import TorchBackend
 from actors.rollout.actor import RolloutSettings, problem_for
 from actors.rollout.pool import Outcome, WorkflowPool
+from actors.rollout.trajectory import TRUNCATED
 from policies.data.prompts import DIRECTIVE, stop_ids
 from policies.infer.evaluate import MAX_ACTIVE_SEQUENCES, EvalConfig, summarise
 
@@ -30,15 +31,15 @@ def evaluate_workflow(model, tokenizer, problems, cfg: EvalConfig, spec: str, *,
                       directive: str = DIRECTIVE, system_prompt: str | None = None, pool=None,
                       label: str = "eval") -> dict:
     """`policies.infer.evaluate.evaluate`'s result for a workflow, plus the mean turns per sample and the
-    count of failed workflows; raises WorkflowError when the workflow cannot be loaded."""
+    count of failed workflows; raises RuntimeError when the workflow processes cannot start (the workflow
+    does not import in them)."""
     settings = RolloutSettings(max_turns=max_turns, max_trajectory_tokens=max_tokens, workflow_timeout=timeout,
                                directive=directive, system_prompt=system_prompt)
     runs = asyncio.run(_sample(model, tokenizer, problems, cfg, spec, settings, workers, memory_limit_mb, seed,
                                label))
-    k = cfg.k
-    texts = [[closed.get("last_text") for _, closed in runs[i * k:(i + 1) * k]] for i in range(len(problems))]
-    truncated = [[closed.get("finish") in ("length", "budget", "deadline") for _, closed in runs[i * k:(i + 1) * k]]
-                 for i in range(len(problems))]
+    rows = [runs[i * cfg.k:(i + 1) * cfg.k] for i in range(len(problems))]
+    texts = [[closed.get("last_text") for _, closed in row] for row in rows]
+    truncated = [[closed.get("finish") in TRUNCATED for _, closed in row] for row in rows]
     judged = [False if o.error is not None or (o.reward is None and closed.get("last_text") is None)
               else None if o.reward is None else o.reward > 0 for o, closed in runs]
     result = summarise(problems, texts, truncated, cfg, pool=pool, judged=judged)
