@@ -153,8 +153,10 @@ async def test_without_root_it_runs_with_limits_and_says_so_once(monkeypatch, ca
     monkeypatch.setattr(sandbox, "_said", set())
     with caplog.at_level(logging.WARNING, logger="actors.rollout.sandbox"):
         r1 = await run_python("print('hi')")
-        r2 = await run_python("while True:\n    pass", timeout_s=1.0)
-    assert (r1.stdout, r1.reason, r2.reason) == ("hi\n", "ok", "timeout")
+        # each limit far from the other, so that which one ends the loop is not a race
+        r2 = await run_python("while True:\n    pass", timeout_s=1.0, cpu_s=60)
+        r3 = await run_python("while True:\n    pass", timeout_s=60.0, cpu_s=1)
+    assert (r1.stdout, r1.reason, r2.reason, r3.reason) == ("hi\n", "ok", "timeout", "cpu")
     said = [m for m in caplog.messages if "not root" in m]
     assert len(said) == 1 and "namespaces" in said[0]
 
