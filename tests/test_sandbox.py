@@ -112,7 +112,7 @@ async def test_hostile_snippets_are_refused_and_the_next_run_works():
     assert sandbox_pids() == []
     # a fork bomb that swallows the refusal (and leaves the process group) ends at the timeout
     r = await run_python("import os\nwhile True:\n    try:\n        os.fork() or os.setsid()\n"
-                         "    except OSError:\n        pass", timeout_s=1.5)
+                         "    except OSError:\n        pass", timeout_s=1.5, cpu_s=60)
     assert r.reason == "timeout", r
     assert sandbox_pids() == []
     await assert_next_run_works()
@@ -124,7 +124,7 @@ async def test_hostile_snippets_are_refused_and_the_next_run_works():
 
 
 async def test_infinite_loop_and_huge_output_end_early():
-    r = await run_python("while True:\n    pass", timeout_s=1.0)
+    r = await run_python("while True:\n    pass", timeout_s=1.0, cpu_s=60)  # the CPU limit far: no race
     assert (r.reason, r.exit) == ("timeout", -9), r
     await assert_next_run_works()
     r = await run_python("while True:\n    print('y' * 1000)", output_limit=5000, timeout_s=60)
